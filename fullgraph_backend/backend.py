@@ -1,0 +1,142 @@
+"""``backend="fullgraph"``: graph in -> passes -> Inductor -> graph runner.
+
+Registered through the ``torch_dynamo_backends`` entry point only (registering again on import
+would make Dynamo's lookup fail with a duplicate name).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from fullgraph_backend import compat
+from fullgraph_backend.attention.registry import AttentionImpl, resolve_impl
+from fullgraph_backend.config import FullgraphConfig
+from fullgraph_backend.cuda_graph import CudaGraphs, EmulatedGraphs, graphs_for
+from fullgraph_backend.forward_context import ForwardContext, current_forward_context
+from fullgraph_backend.graph_runner import GraphedPiece, GraphRunner
+from fullgraph_backend.padding import BatchSignature, is_module_state
+from passes import PassManager, eliminate_dead_code, find_batch_mixing, split_at_attention, swap_attention
+
+log = logging.getLogger("fullgraph")
+
+
+def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None,
+              mode: str | None = None) -> GraphRunner:
+    """The Dynamo backend: swap attention, compile once with Inductor, return a graph runner."""
+    if mode not in (None, "default"):
+        raise ValueError(f"backend='fullgraph' takes no mode={mode!r}; choose graphs with "
+                         f"options={{'cudagraph_mode': 'full' | 'piecewise' | 'none'}}")
+    config = FullgraphConfig.from_options(options)
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        raise RuntimeError("backend='fullgraph' compiles inference: call the model under torch.inference_mode() "
+                           "or torch.no_grad(), or freeze it with model.requires_grad_(False)")
+    ctx = current_forward_context()
+    device = ctx.device if ctx else _device_of(example_inputs)
+    impl = resolve_impl(ctx.attention_impl if ctx and config.attention_impl == "auto" else config.attention_impl,
+                        device)
+    max_num_seqs = _max_num_seqs(config, ctx)
+    gm = compat.copy_dynamo_graph(gm)
+    results = PassManager([("swap_attention", lambda g: swap_attention(g, ctx, impl)),
+                           ("eliminate_dead_code", eliminate_dead_code)], config.dump_dir).run(gm)
+    swap = results[0].report
+    has_attention = bool(swap.swapped)
+    log.info("fullgraph: %s", results[0].summary.replace("\n", "; "))
+    extra_args = tuple(swap.inputs.values())
+    example_inputs = [*example_inputs, *extra_args]
+    signature = BatchSignature.of(gm)
+
+    mixing = find_batch_mixing(gm, signature.symbol) if signature.symbol is not None else []
+    pad = signature.paddable and not mixing
+    if signature.symbol is not None and not pad:
+        why = "; ".join(mixing) or signature.why_not_paddable
+        log.warning("fullgraph: not padding this graph (%s): one CUDA graph per exact batch size", why)
+    use_graphs = config.cudagraph_mode != "none" and (signature.is_static or signature.symbol is not None)
+    if config.cudagraph_mode != "none" and not use_graphs:
+        log.warning("fullgraph: no CUDA graphs for this graph: %s", signature.why_not_paddable)
+
+    sizes = _capture_sizes(config, ctx if has_attention else None)
+    graphs = graphs_for(device)
+    max_size = sizes[-1] if sizes else None
+    compile_fn = _compiler(config.compiler)
+    if config.cudagraph_mode == "piecewise" and has_attention:
+        impl_target = getattr(impl.op, "_opoverload", impl.op)
+        split, attention_parts = split_at_attention(gm, lambda n: n.op == "call_function" and n.target is impl_target)
+        pieces = _compile_pieces(split, attention_parts, gm, example_inputs, compile_fn, graphs, max_size)
+        fn: Callable = split
+    else:
+        piece = GraphedPiece(compile_fn(gm, example_inputs), signature, graphs, max_size)
+        fn, pieces = piece, [piece]
+    return GraphRunner(fn, pieces, signature, extra_args, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
+                       ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,
+                       max_num_seqs=max_num_seqs)
+
+
+def _device_of(example_inputs: list) -> torch.device:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _max_num_seqs(config: FullgraphConfig, ctx: ForwardContext | None) -> int | None:
+    if ctx is None:
+        return config.max_num_seqs
+    if config.max_num_seqs is not None and config.max_num_seqs > ctx.max_num_seqs:
+        raise ValueError(f"max_num_seqs={config.max_num_seqs} exceeds the forward context's "
+                         f"max_num_seqs={ctx.max_num_seqs}; build the ForwardContext with the larger value")
+    return config.max_num_seqs or ctx.max_num_seqs
+
+
+def _capture_sizes(config: FullgraphConfig, ctx: ForwardContext | None) -> tuple[int, ...]:
+    """Capture sizes, cut to what the context's token buffers hold."""
+    sizes = config.capture_sizes
+    if ctx is not None and sizes and sizes[-1] > ctx.max_num_tokens:
+        kept = tuple(s for s in sizes if s <= ctx.max_num_tokens)
+        log.info("fullgraph: capturing sizes up to max_num_tokens=%d of the forward context (%d of %d sizes)",
+                 ctx.max_num_tokens, len(kept), len(sizes))
+        sizes = kept
+    return sizes
+
+
+def _compiler(name: str) -> Callable[[torch.fx.GraphModule, list], Callable]:
+    if name == "eager":
+        return lambda gm, example_inputs: gm
+    return compat.compile_fx
+
+
+def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm: torch.fx.GraphModule,
+                    example_inputs: list, compile_fn: Callable, graphs: CudaGraphs | EmulatedGraphs,
+                    max_size: int | None) -> list[GraphedPiece]:
+    """Compile every non-attention submodule of ``split`` and wrap it in a :class:`GraphedPiece`.
+
+    Runs ``split`` on fake inputs so each piece is compiled with fake inputs of its own,
+    symbolic in the batch dim as the whole graph was. The backend's fake mode (not the one
+    Dynamo traced with) memoises the example inputs with their symbolic sizes.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state_names = {n.name for n in placeholders if is_module_state(n)}
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    pieces: list[GraphedPiece] = []
+
+    class PieceCompiler(torch.fx.Interpreter):
+        def get_attr(self, target, args, kwargs):
+            return fake_mode.from_tensor(super().get_attr(target, args, kwargs))
+
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node.op == "call_module" and node.target not in attention_parts:
+                args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
+                state = [isinstance(a, torch.fx.Node) and a.name in state_names for a in node.args]
+                signature = BatchSignature(args, list(compat.outputs_as_tuple(out)), state)
+                piece = GraphedPiece(compile_fn(self.fetch_attr(node.target), args), signature, graphs, max_size,
+                                     single_output=not isinstance(out, (tuple, list)))
+                split.__dict__[node.target] = piece  # the split module's code calls self.<target>(...)
+                pieces.append(piece)
+            return out
+
+    with fake_mode:
+        PieceCompiler(split).run(*fake_inputs)
+    return pieces

@@ -1,0 +1,59 @@
+"""Every torch-version difference the package handles, in one place (torch >= 2.11)."""
+from __future__ import annotations
+
+import torch
+
+
+def weak_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor aliasing ``t``'s memory without keeping it alive.
+
+    Captured graphs hand out outputs that live in the shared pool; holding them strongly would
+    stop smaller captures from reusing that memory (cudagraph trees do the same). The private
+    constructor exists unchanged in 2.11 through 2.14.
+    """
+    storage = t.untyped_storage()
+    weak = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), t.device, storage.nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(weak, t.storage_offset(), t.size(), t.stride())
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+    """Inductor once, symbolic in the batch dim, with Inductor's own CUDA graphs off.
+
+    ``compile_fx`` may mutate ``gm`` (pytorch#138980): callers pass a graph they own.
+    2.13+ adds ``compile_region_name``; the positional form works in 2.11 too.
+    """
+    from torch._inductor.compile_fx import compile_fx as inductor_compile
+
+    return inductor_compile(gm, example_inputs, config_patches={"triton.cudagraphs": False})
+
+
+def outputs_as_tuple(out: object) -> tuple:
+    """Dynamo graphs return a tuple; compiled Inductor code may return a list."""
+    return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
+def guard_source(source) -> object:
+    """A Dynamo source's GuardSource: a method in 2.11, a property in later versions."""
+    value = source.guard_source
+    return value() if callable(value) else value
+
+
+def copy_dynamo_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a Dynamo graph module that passes can change freely.
+
+    Dynamo keeps reading its own graph after the backend returns (its placeholders must keep
+    their ``grapharg``), so passes must not edit it in place. AOTAutograd recognises a Dynamo
+    graph by ``meta["dynamo_compile_id"]``, ``_param_name_to_source`` and each placeholder's
+    ``_dynamo_source`` attribute, which ``Graph.graph_copy`` does not carry over.
+    """
+    graph = torch.fx.Graph()
+    mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, mapping))
+    for old, new in mapping.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = torch.fx.GraphModule(gm, graph)
+    copy.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    return copy

@@ -1,0 +1,67 @@
+"""The backend's one configuration object, built from ``torch.compile(..., options={...})``."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+
+CUDAGRAPH_MODES = ("full", "piecewise", "none")
+COMPILERS = ("inductor", "eager")
+
+
+def default_capture_sizes() -> tuple[int, ...]:
+    """1, 2, 4, then 8..256 in steps of 8, then 272..512 in steps of 16 (vLLM's ladder)."""
+    return (1, 2, 4, *range(8, 257, 8), *range(272, 513, 16))
+
+
+@dataclass(frozen=True)
+class FullgraphConfig:
+    """Options of ``backend="fullgraph"``; every field is an accepted ``options`` key.
+
+    - ``capture_sizes``: padded batch sizes (tokens) to capture; larger batches run the compiled
+      graph without CUDA graphs.
+    - ``cudagraph_mode``: ``full`` (one graph per size), ``piecewise`` (graphs between attention
+      calls, attention eager: the baseline), ``none`` (compiled code, no graphs).
+    - ``attention_impl``: ``auto`` or an implementation name (see ``impl_names()``).
+    - ``max_num_seqs``: most requests per step; uniform-decode graphs are captured up to the
+      first capture size that holds it. Defaults to the forward context's.
+    - ``compiler``: ``inductor``, or ``eager`` to run the transformed FX graph as is (debugging,
+      fast CPU tests).
+    - ``dump_dir``: folder for graph dumps (before/after every pass).
+    """
+
+    capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)
+    cudagraph_mode: str = "full"
+    attention_impl: str = "auto"
+    max_num_seqs: int | None = None
+    compiler: str = "inductor"
+    dump_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        from fullgraph_backend.attention.registry import impl_names
+
+        sizes = self.capture_sizes
+        if isinstance(sizes, int) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            raise ValueError(f"capture_sizes must be a sequence of positive ints, got {sizes!r}")
+        object.__setattr__(self, "capture_sizes", tuple(sorted(set(sizes))))
+        _check_choice("cudagraph_mode", self.cudagraph_mode, CUDAGRAPH_MODES)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
+        if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):
+            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "FullgraphConfig":
+        """Build from ``torch.compile`` options; an unknown key is an error naming the close ones."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        for key in options:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ValueError(f"unknown fullgraph option {key!r}{did_you_mean}; known options: {sorted(known)}")
+        return cls(**options)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

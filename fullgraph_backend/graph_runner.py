@@ -1,0 +1,212 @@
+"""The graph runner: pad a call to its capture size, replay that size's graph, slice the outputs.
+
+``GraphRunner`` is the callable the backend returns. It owns the graph keys and the capture
+loop; each compiled piece (the whole graph in ``full`` mode, the parts between attention calls
+in ``piecewise`` mode) is a :class:`GraphedPiece` holding its static input buffers and one
+captured call per key. Outputs of a replay live in the shared graph pool and stay valid only
+until the next call of any compiled model on this device.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fullgraph_backend.compat import outputs_as_tuple
+from fullgraph_backend.cuda_graph import CapturedCall, CudaGraphs, EmulatedGraphs, frozen_gc
+from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
+from fullgraph_backend.padding import ArgKind, BatchSignature
+
+log = logging.getLogger("fullgraph")
+
+Key = tuple  # (padded size or None for a static graph, BatchKind)
+
+
+class GraphedPiece:
+    """A compiled callable captured once per key, reading its inputs from static buffers.
+
+    The runner sets ``mode`` and ``size`` before calling it: ``eager`` calls straight through;
+    ``warmup``, ``capture`` and ``replay`` first copy the batched args into the buffers viewed at
+    ``size`` (rows past the real count keep stale, finite values), and replace the size arg.
+    """
+
+    def __init__(self, fn: Callable, signature: BatchSignature, graphs: CudaGraphs | EmulatedGraphs,
+                 max_size: int | None, single_output: bool = False) -> None:
+        self.fn, self.sig, self.graphs = fn, signature, graphs
+        self.single_output = single_output  # fn returns one value, not a tuple
+        specs = signature.inputs
+        self._copied = [i for i, s in enumerate(specs) if s.kind in (ArgKind.BATCHED, ArgKind.COPIED)]
+        self._sizes = [i for i, s in enumerate(specs) if s.kind is ArgKind.SIZE]
+        self._static = [i for i, s in enumerate(specs) if s.kind is ArgKind.STATIC]
+        self._max_size = max_size
+        self._buffers: dict[int, torch.Tensor] = {}  # allocated on first use, outside any fake mode
+        self._views: dict[int | None, dict[int, torch.Tensor]] = {}
+        self.calls: dict[Key, CapturedCall] = {}
+        self._static_ptrs: dict[Key, list[int]] = {}
+        self.mode, self.key = "eager", None
+
+    def __call__(self, *args):
+        if self.mode == "eager":
+            return self.fn(*args)
+        staged = self._stage(list(args), self.key[0])
+        if self.mode == "warmup":
+            return self._as_fn_returns(self.graphs.warmup(self.fn, staged))
+        if self.mode == "capture":
+            self.calls[self.key] = call = self.graphs.capture(self.fn, staged)
+            self._static_ptrs[self.key] = [staged[i].data_ptr() for i in self._static]
+            return self._as_fn_returns(call.outputs)
+        call = self.calls[self.key]
+        if [args[i].data_ptr() for i in self._static] != self._static_ptrs[self.key]:
+            self._raise_moved(args)
+        call.replay()
+        return self._as_fn_returns(call.outputs)
+
+    def _as_fn_returns(self, outputs: tuple):
+        return outputs[0] if self.single_output else outputs
+
+    def _stage(self, args: list, size: int | None) -> list:
+        views = self._views.get(size)
+        if views is None:
+            if not self._buffers:
+                self._buffers = {i: self.sig.allocate(self.sig.inputs[i], self._max_size) for i in self._copied}
+            views = self._views[size] = {i: self.sig.view(self.sig.inputs[i], self._buffers[i], size)
+                                         for i in self._copied}
+        for i in self._copied:
+            src, dst = args[i], views[i]
+            for d in self.sig.inputs[i].batch_dims:  # capture loops stage real args at smaller sizes too
+                rows = min(src.shape[d], dst.shape[d])
+                src, dst = src.narrow(d, 0, rows), dst.narrow(d, 0, rows)
+            dst.copy_(src)
+            args[i] = views[i]
+        for i in self._sizes:
+            args[i] = size
+        return args
+
+    def _raise_moved(self, args) -> None:
+        moved = [i for i, p in zip(self._static, self._static_ptrs[self.key]) if args[i].data_ptr() != p]
+        raise RuntimeError(
+            f"fullgraph: {len(moved)} graph input(s) without a batch dim (weights or buffers, arg positions "
+            f"{moved[:8]}) are not at the addresses captured in the CUDA graph, so a replay would read stale "
+            f"memory. This happens after model.to(...), load_state_dict(assign=True) or replacing a parameter. "
+            f"Update weights in place (param.data.copy_(...)), or call torch._dynamo.reset() and compile again.")
+
+
+@dataclass
+class CaptureRecord:
+    """One row of the capture table."""
+
+    size: int | None
+    kind: str
+    warmup_ms: float
+    capture_ms: float
+    pool_mib: float
+
+
+class GraphRunner:
+    """The callable the backend returns: picks the graph key, captures, replays, falls back.
+
+    Keys are ``(padded size, batch kind)``. Padded graphs are captured for every capture size on
+    the first call, largest first; graphs whose ops mix rows across the batch dim are keyed by
+    exact size and captured on first sight of each size. A batch beyond the largest capture
+    size runs the compiled code without graphs (logged once).
+    """
+
+    def __init__(self, fn: Callable, pieces: list[GraphedPiece], signature: BatchSignature,
+                 extra_args: tuple[torch.Tensor, ...], *,
+                 capture_sizes: tuple[int, ...], pad: bool, use_graphs: bool, ctx: ForwardContext | None,
+                 decode_variant: bool, max_num_seqs: int | None) -> None:
+        self.fn, self.pieces, self.sig = fn, pieces, signature
+        self.extra_args = extra_args  # the forward-context buffers the attention swap made graph inputs
+        self.capture_sizes, self.pad, self.use_graphs = capture_sizes, pad, use_graphs
+        self.ctx, self.decode_variant = ctx, decode_variant
+        self.max_num_seqs = max_num_seqs
+        self.capture_table: list[CaptureRecord] = []
+        self._said: set[str] = set()
+
+    def __call__(self, *args):
+        args = args + self.extra_args
+        n = self.sig.batch_size(args)
+        kind = self._check_context(n)
+        key = self._key(n, kind)
+        if key is None:
+            return self._run("eager", None, args)
+        if key not in self.pieces[0].calls:
+            self._capture(self._keys_to_capture(key), args)
+        out = self._run("replay", key, args)
+        return out if n is None else self.sig.slice_outputs(out, n)
+
+    # ---- keys ----------------------------------------------------------------------------
+    def _check_context(self, n: int | None) -> BatchKind:
+        if self.ctx is None:
+            return BatchKind.MIXED
+        active = current_forward_context()
+        if active is not self.ctx:
+            raise RuntimeError("fullgraph: this model was compiled against another ForwardContext (or none is "
+                               "active); call it inside `with use_forward_context(ctx)` with the context it was "
+                               "compiled with, or torch._dynamo.reset() and compile again")
+        if n is not None and n != active.num_tokens:
+            raise RuntimeError(f"fullgraph: the model got {n} tokens but ctx.prepare(...) described "
+                               f"{active.num_tokens}; prepare the metadata for this batch first")
+        return active.batch_kind if self.decode_variant else BatchKind.MIXED
+
+    def _key(self, n: int | None, kind: BatchKind) -> Key | None:
+        if not self.use_graphs:
+            return None
+        if n is None:
+            return (None, kind)
+        sizes = self.capture_sizes
+        if not sizes or n > sizes[-1]:
+            self._say_once("beyond", f"batch of {n} is beyond the largest capture size "
+                                     f"{sizes[-1] if sizes else 0}: running the compiled graph without CUDA graphs")
+            return None
+        return (sizes[bisect.bisect_left(sizes, n)] if self.pad else n, kind)
+
+    def _keys_to_capture(self, key: Key) -> list[Key]:
+        if not self.pad:
+            return [key]
+        kinds = [BatchKind.MIXED]
+        if self.decode_variant:
+            kinds.append(BatchKind.DECODE)
+        seqs = self.max_num_seqs or self.capture_sizes[-1]
+        decode_limit = self.capture_sizes[min(bisect.bisect_left(self.capture_sizes, seqs),
+                                              len(self.capture_sizes) - 1)]
+        return [(size, kind) for size in reversed(self.capture_sizes) for kind in kinds
+                if kind is BatchKind.MIXED or size <= decode_limit]
+
+    # ---- capture and run -----------------------------------------------------------------
+    def _run(self, mode: str, key: Key | None, args) -> tuple:
+        for piece in self.pieces:
+            piece.mode, piece.key = mode, key
+        try:
+            return outputs_as_tuple(self.fn(*args))
+        finally:
+            for piece in self.pieces:
+                piece.mode = "eager"
+
+    def _capture(self, keys: list[Key], args) -> None:
+        """Warm up and capture ``keys`` in order (largest first) with benign attention metadata."""
+        start = time.perf_counter()
+        with frozen_gc():
+            for size, kind in keys:
+                tokens = size if size is not None else self.ctx and self.ctx.num_tokens  # static graph: as traced
+                metadata = self.ctx.capture_metadata(tokens, kind) if self.ctx else contextlib.nullcontext()
+                with metadata:
+                    t0 = time.perf_counter()
+                    self._run("warmup", (size, kind), args)
+                    t1 = time.perf_counter()
+                    self._run("capture", (size, kind), args)
+                    t2 = time.perf_counter()
+                pool = sum(p.calls[(size, kind)].pool_bytes for p in self.pieces) / 2**20
+                self.capture_table.append(CaptureRecord(size, kind.value, (t1 - t0) * 1e3, (t2 - t1) * 1e3, pool))
+        log.info("fullgraph: captured %d graph key(s) x %d piece(s) in %.2f s", len(keys), len(self.pieces),
+                 time.perf_counter() - start)
+
+    def _say_once(self, topic: str, message: str) -> None:
+        if topic not in self._said:
+            self._said.add(topic)
+            log.warning("fullgraph: %s", message)

@@ -1,0 +1,103 @@
+"""Find ops that mix rows across the batch dimension, where padding would change the result.
+
+Padding a batch to a capture size is only safe when every real row is computed from real rows
+alone. This analysis walks the Dynamo graph with the fake tensors Dynamo recorded and flags
+reductions, contractions, normalisations and reorderings over a dimension whose size depends
+on the batch symbol, and arithmetic that reads the batch size as a value. It is conservative
+about the ops it knows and silent about ones it does not, so it is a guard, not a proof.
+"""
+from __future__ import annotations
+
+import operator
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+# op name -> position of its ``dim`` argument (None: reduces every dim when dim is absent)
+_DIM_ARG = {
+    "sum": 1, "mean": 1, "amax": 1, "amin": 1, "max": 1, "min": 1, "prod": 1, "std": 1, "var": 1,
+    "norm": 2, "logsumexp": 1, "softmax": 1, "log_softmax": 1, "cumsum": 1, "cumprod": 1, "argmax": 1,
+    "argmin": 1, "any": 1, "all": 1, "sort": 1, "argsort": 1, "median": 1, "nansum": 1, "nanmean": 1,
+    "var_mean": 1, "std_mean": 1, "count_nonzero": 1, "flip": 1, "cummax": 1, "cummin": 1, "topk": 2,
+    "roll": 2, "logcumsumexp": 1,
+}
+_ALWAYS_GLOBAL = {"unique", "unique_consecutive", "nonzero", "histc", "bincount"}
+_MATMULS = {"matmul", "mm", "bmm", "baddbmm", "addmm"}
+_ARITH = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+          torch.add, torch.sub, torch.mul, torch.div}
+
+
+def find_batch_mixing(gm: torch.fx.GraphModule, batch_symbol: sympy.Symbol) -> list[str]:
+    """Reasons (one per offending node) why padding the batch dim would change results."""
+    reasons = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        why = _mixes(node, batch_symbol)
+        if why:
+            reasons.append(f"{node.name} ({_name(node)}): {why}")
+    return reasons
+
+
+def _name(node: torch.fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _fake(arg):
+    return arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else arg
+
+
+def _depends(size, symbol) -> bool:
+    return isinstance(size, torch.SymInt) and symbol in size.node.expr.free_symbols
+
+
+def _batch_dims(t, symbol) -> set[int]:
+    return {i for i, s in enumerate(t.shape) if _depends(s, symbol)} if isinstance(t, torch.Tensor) else set()
+
+
+def _arg(node, pos, name, default=None):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[pos] if len(node.args) > pos else default
+
+
+def _mixes(node: torch.fx.Node, symbol) -> str | None:
+    name = _name(node)
+    x = _fake(node.args[0]) if node.args else None
+    bdims = _batch_dims(x, symbol)
+    if name in _ALWAYS_GLOBAL and bdims:
+        return "its result depends on every row"
+    if name in _DIM_ARG and bdims:
+        dims = _arg(node, _DIM_ARG[name], "dims" if name in ("flip", "roll") else "dim")
+        if isinstance(dims, torch.fx.Node):  # max(a, b), min(a, b): elementwise
+            return None
+        if dims is None:
+            return "reduces over all dims, the batch dim included"
+        dims = {d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)}
+        if dims & bdims:
+            return f"reduces or reorders along batch dim(s) {sorted(dims & bdims)}"
+    if name in _MATMULS or node.target is operator.matmul:
+        a, b = _fake(node.args[-2]), _fake(node.args[-1])
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            contracted = [a.shape[-1], b.shape[-2] if b.dim() > 1 else b.shape[0]]
+            if any(_depends(s, symbol) for s in contracted):
+                return "contracts over the batch dim"
+    if node.target is F.scaled_dot_product_attention:
+        k = _fake(_arg(node, 1, "key"))
+        if k is not None and _depends(k.shape[-2], symbol):
+            return "attends across the batch dim (it is the key sequence dim)"
+    if node.target is F.layer_norm:
+        normalized = _arg(node, 1, "normalized_shape")
+        if any(d in bdims for d in range(x.dim() - len(normalized), x.dim())):
+            return "normalises over the batch dim"
+    if node.target is F.group_norm and bdims - {0}:
+        return "normalises over the batch dim"
+    if node.target is F.batch_norm:
+        if _arg(node, 5, "training", False) and bdims - {1}:
+            return "normalises with batch statistics"
+    if node.target in _ARITH:
+        values = [_fake(a) for a in node.args]
+        if any(isinstance(v, torch.Tensor) for v in values) and any(_depends(v, symbol) for v in values):
+            return "uses the batch size as a value"
+    return None
