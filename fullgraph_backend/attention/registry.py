@@ -1,0 +1,65 @@
+"""The attention implementations, by name, and the choice behind ``attention_impl="auto"``.
+
+Every implementation is a ``torch.library`` op with one signature::
+
+    impl(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping,
+         scale: float, sliding_window: int) -> out   # mutates kv_cache
+
+so the attention-swap pass and the eager path call them the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionImpl:
+    """One implementation: its op, where it runs, and whether decode graphs differ from mixed."""
+
+    name: str
+    op: Callable[..., torch.Tensor]
+    device_types: tuple[str, ...]
+    # True when the op runs another kernel in uniform-decode graphs, so those need their own key
+    decode_variant: bool = False
+    # returns why the impl cannot run in this environment, or None when it can
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+def _reference() -> AttentionImpl:
+    from fullgraph_backend.attention import reference
+
+    return AttentionImpl("reference", reference.reference_attention, ("cpu", "cuda"))
+
+
+# name -> factory; factories import lazily so an impl's optional dependency loads only on use
+_FACTORIES: dict[str, Callable[[], AttentionImpl]] = {"reference": _reference}
+
+
+def impl_names() -> list[str]:
+    """Every name ``attention_impl`` accepts."""
+    return ["auto", *_FACTORIES]
+
+
+def get_impl(name: str) -> AttentionImpl:
+    """The implementation called ``name`` (not ``auto``)."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown attention_impl {name!r}; choose one of {impl_names()}")
+    return _FACTORIES[name]()
+
+
+def resolve_impl(name: str, device: torch.device) -> AttentionImpl:
+    """Resolve ``auto`` for ``device`` and check that the chosen impl can run there."""
+    if name == "auto":
+        fast = device.type == "cuda" and "triton" in _FACTORIES and get_impl("triton").unavailable() is None
+        name = "triton" if fast else "reference"
+    impl = get_impl(name)
+    if device.type not in impl.device_types:
+        raise ValueError(f"attention_impl={name!r} does not run on {device.type}; "
+                         f"use attention_impl='auto' or one of {impl_names()}")
+    reason = impl.unavailable()
+    if reason:
+        raise ValueError(f"attention_impl={name!r} cannot run here: {reason}")
+    return impl
