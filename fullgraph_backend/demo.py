@@ -1,0 +1,116 @@
+"""The demo job: one model decoded greedily in several execution modes, timed side by side.
+
+Each mode starts from the same prompts and an identical KV cache, prefills every request in one
+mixed step, then decodes; the greedy tokens of every compiled mode are compared with eager's.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fullgraph_backend.forward_context import ForwardContext, use_forward_context
+
+MODES = ("eager", "none", "piecewise", "full")
+
+
+@dataclass
+class ModeResult:
+    """What one mode did: setup (compile + capture) time, step times, graphs, tokens."""
+
+    mode: str
+    setup_s: float
+    step_ms: list[float]
+    graphs: int
+    tokens: list[list[int]] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.step_ms)
+
+
+class CaptureCounter:
+    """A ``backend=`` callable wrapping ``fullgraph`` that keeps the runners it returns."""
+
+    def __init__(self, options: dict) -> None:
+        self.options, self.runners = options, []
+
+    def __call__(self, gm, example_inputs):
+        from fullgraph_backend.backend import fullgraph
+
+        runner = fullgraph(gm, example_inputs, options=self.options)
+        self.runners.append(runner)
+        return runner
+
+    @property
+    def graphs(self) -> int:
+        return sum(len(p.calls) for r in self.runners for p in r.pieces)
+
+
+def block_tables(ctx: ForwardContext, batch: int) -> list[list[int]]:
+    """Give request ``i`` its own contiguous run of blocks, enough for max_model_len."""
+    per_seq = ctx.max_blocks_per_seq
+    if 1 + batch * per_seq > ctx.num_blocks:
+        raise ValueError(f"{batch} requests of max_model_len={ctx.max_model_len} need {batch * per_seq} blocks, "
+                         f"the cache has {ctx.num_blocks - 1}")
+    return [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+
+
+def greedy_decode(model, ctx: ForwardContext, prompts: torch.Tensor, steps: int) -> tuple[list[float], list]:
+    """Prefill ``prompts [batch, len]`` in one step, then decode ``steps`` tokens greedily.
+
+    Returns the per-decode-step times (ms, synchronised) and the tokens ``[batch][steps]``.
+    """
+    batch, length = prompts.shape
+    tables = block_tables(ctx, batch)
+    device = ctx.device
+    times, tokens = [], []
+    with use_forward_context(ctx), torch.inference_mode():
+        positions = ctx.prepare([length] * batch, [length] * batch, tables)
+        ids = prompts.reshape(-1).to(device)
+        torch._dynamo.mark_dynamic(ids, 0)
+        torch._dynamo.mark_dynamic(positions, 0)
+        logits = model(ids, positions)
+        last = logits.view(batch, length, -1)[:, -1].argmax(-1)
+        for step in range(steps):
+            tokens.append(last.tolist())
+            positions = ctx.prepare([1] * batch, [length + step + 1] * batch, tables)
+            ids = last.clone()
+            _sync(device)
+            start = time.perf_counter()
+            logits = model(ids, positions)
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+            last = logits.argmax(-1)
+    return times, [list(t) for t in zip(*tokens)]
+
+
+def run_modes(build, ctx: ForwardContext, prompts: torch.Tensor, steps: int, modes: tuple[str, ...],
+              options: dict | None = None) -> list[ModeResult]:
+    """Decode the same prompts in every mode; ``build()`` returns a fresh eager model."""
+    results = []
+    initial = [c.clone() for c in ctx.kv_caches]
+    for mode in modes:
+        for cache, saved in zip(ctx.kv_caches, initial):
+            cache.copy_(saved)
+        torch._dynamo.reset()
+        model = build()
+        counter = None
+        start = time.perf_counter()
+        if mode != "eager":
+            counter = CaptureCounter({**(options or {}), "cudagraph_mode": mode})
+            model = torch.compile(model, backend=counter)
+            greedy_decode(model, ctx, prompts, 1)  # compile and capture happen here
+        setup = time.perf_counter() - start
+        for cache, saved in zip(ctx.kv_caches, initial):
+            cache.copy_(saved)
+        times, tokens = greedy_decode(model, ctx, prompts, steps)
+        results.append(ModeResult(mode, setup, times, counter.graphs if counter else 0, tokens))
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

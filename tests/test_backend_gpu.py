@@ -1,0 +1,128 @@
+"""GPU: the compiled tiny decoder against eager at every capture size up to 128 and between them.
+
+Run on the GPU machine: ``PYTHONPATH=. python -m pytest -m gpu tests/test_backend_gpu.py``.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fullgraph_backend import use_forward_context
+from fullgraph_backend.attention.registry import get_impl
+from fullgraph_backend.config import default_capture_sizes
+
+pytestmark = pytest.mark.gpu
+
+MAX_TOKENS = 128
+SIZES = [s for s in default_capture_sizes() if s <= MAX_TOKENS] + [7, 25, 45, 123]
+
+
+def _impls() -> list[str]:
+    return [name for name in ("reference", "triton") if _runs(name)]
+
+
+def _runs(name: str) -> bool:
+    try:
+        return get_impl(name).unavailable() is None
+    except ValueError:
+        return False
+
+
+def _batch(rng: random.Random, tokens: int, max_seqs: int, max_len: int):
+    """A mixed batch of ``tokens`` new tokens: random requests with random cached context."""
+    reqs = rng.randint(1, min(tokens, max_seqs))
+    cuts = sorted(rng.sample(range(1, tokens), reqs - 1)) if reqs > 1 else []
+    query = [b - a for a, b in zip([0, *cuts], [*cuts, tokens])]
+    seq = [q + rng.randint(0, max_len - q) for q in query]
+    return query, seq
+
+
+def _fresh(ctx):
+    for cache in ctx.kv_caches:
+        cache.normal_(0, 0.5)
+
+
+@pytest.fixture()
+def model_and_ctx():
+    from fullgraph_backend.models import build_model, get_config
+
+    torch._dynamo.reset()
+    config = get_config("tiny")
+    model = build_model(config, seed=0, dtype=torch.float32, device="cuda")
+    yield model, config
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["full", "piecewise"])
+@pytest.mark.parametrize("impl", _impls())
+def test_compiled_matches_eager_at_every_size(model_and_ctx, mode, impl):
+    model, config = model_and_ctx
+    ctx = config.forward_context(dtype=torch.float32, device="cuda", max_num_seqs=64, max_num_tokens=MAX_TOKENS,
+                                 max_model_len=256, attention_impl=impl)
+    compiled = torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode})
+    rng = random.Random(0)
+    sizes = SIZES[:]
+    rng.shuffle(sizes)
+    sizes.insert(0, 64)  # the first call compiles: symbolic sizes need >= 2 tokens
+    tables = [list(range(1 + i * ctx.max_blocks_per_seq, 1 + (i + 1) * ctx.max_blocks_per_seq)) for i in range(64)]
+    with use_forward_context(ctx), torch.inference_mode():
+        for n in sizes:
+            if n <= 64 and rng.random() < 0.5:  # uniform decode
+                query, seq = [1] * n, [rng.randint(1, 256) for _ in range(n)]
+            else:
+                query, seq = _batch(rng, n, 64, 256)
+            _fresh(ctx)
+            before = [c.clone() for c in ctx.kv_caches]
+            positions = ctx.prepare(query, seq, tables[: len(query)])
+            ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+            expected = model(ids, positions)
+            after_eager = [c.clone() for c in ctx.kv_caches]
+            for c, b in zip(ctx.kv_caches, before):
+                c.copy_(b)
+            got = compiled(ids, positions)
+            torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4, msg=f"size {n} ({mode}, {impl})")
+            for c, e in zip(ctx.kv_caches, after_eager):  # padded lanes may only touch the null block
+                torch.testing.assert_close(c[:, 1:], e[:, 1:], atol=1e-5, rtol=1e-5,
+                                           msg=f"KV cache after size {n}")
+
+
+def test_replay_with_moved_weights_raises(model_and_ctx):
+    model, config = model_and_ctx
+    ctx = config.forward_context(dtype=torch.float32, device="cuda", max_num_seqs=8, max_num_tokens=16,
+                                 max_model_len=64)
+    compiled = torch.compile(model, backend="fullgraph")
+    with use_forward_context(ctx), torch.inference_mode():
+        positions = ctx.prepare([3, 1], [3, 5], [[1], [2]])
+        ids = torch.randint(0, config.vocab_size, (4,), device="cuda")
+        torch._dynamo.mark_dynamic(ids, 0)
+        torch._dynamo.mark_dynamic(positions, 0)
+        compiled(ids, positions)
+    weight = next(model.parameters())
+    weight.data = weight.data.clone()  # outside inference mode, so Dynamo's guards still pass
+    with use_forward_context(ctx), torch.inference_mode():
+        with pytest.raises(RuntimeError, match="not at the addresses captured"):
+            compiled(ids, positions)
+
+
+def test_piecewise_matches_full(model_and_ctx):
+    model, config = model_and_ctx
+    ctx = config.forward_context(dtype=torch.float32, device="cuda", max_num_seqs=16, max_num_tokens=32,
+                                 max_model_len=64)
+    outputs = {}
+    for mode in ("full", "piecewise"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode})
+        torch.manual_seed(1)
+        for cache in ctx.kv_caches:
+            cache.zero_()
+        with use_forward_context(ctx), torch.inference_mode():
+            positions = ctx.prepare([5, 7, 1], [5, 9, 20], [[1], [2], [3, 4]])
+            ids = torch.randint(0, config.vocab_size, (13,), device="cuda")
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+            outputs[mode] = compiled(ids, positions).clone()
+    torch.testing.assert_close(outputs["piecewise"], outputs["full"], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,199 @@
+"""Decode-step benchmark: one model, several execution modes, side by side in one process.
+
+A reference decoder (random weights) with ``--context`` tokens already cached per request takes
+one decode step per call. Modes (``mode`` or ``mode:attention_impl``):
+  eager            plain PyTorch, attention through the same impl op
+  none             backend="fullgraph", Inductor, no CUDA graphs
+  piecewise        backend="fullgraph", graphs between attention calls, attention eager
+  full             backend="fullgraph", one CUDA graph per padded size
+  reduce-overhead  torch.compile(mode="reduce-overhead") on the same model (cudagraph trees)
+The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
+cache actually used, over the measured device-to-device copy bandwidth.
+
+Usage (GPU): python tools/bench_decode.py --out OUT_DIR [--batches 1,16,64] [--context 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fullgraph_backend import use_forward_context  # noqa: E402
+from fullgraph_backend.models import build_model, get_config  # noqa: E402
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus written."""
+    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 10 / 1e3
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 2 * 1024**3 / seconds
+
+
+def time_calls(fn, iters: int) -> tuple[float, float]:
+    """(median device ms per call over back-to-back calls, median wall ms of a synchronised call)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rounds = []
+    for _ in range(5):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        rounds.append(start.elapsed_time(end) / iters)
+    walls = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(rounds), statistics.median(walls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="qwen2.5-1.5b")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--context", type=int, default=1000)
+    parser.add_argument("--modes", default="eager,none,piecewise,full,reduce-overhead")
+    parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    config = get_config(args.model)
+    batches = [int(b) for b in args.batches.split(",")]
+    dtype = torch.bfloat16
+    header = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": getattr(__import__("triton"), "__version__", "?"), "date": datetime.date.today().isoformat(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "model": args.model,
+        "context": args.context, "dtype": str(dtype),
+    }
+    bandwidth = copy_bandwidth()
+    header["copy_bandwidth_TBs"] = round(bandwidth / 1e12, 3)
+    max_len = args.context + 1
+    ctx = config.forward_context(dtype=dtype, device="cuda", max_num_seqs=max(batches), max_num_tokens=max(batches),
+                                 max_model_len=max_len, attention_impl=args.attention_impl)
+    header["attention_impl"] = ctx.attention_impl
+    for cache in ctx.kv_caches:
+        cache.normal_(0, 0.1)
+    model = build_model(config, seed=0, dtype=dtype, device="cuda")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    per_seq = ctx.max_blocks_per_seq
+    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(max(batches))]
+    kv_token_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+    print(json.dumps(header), flush=True)
+
+    rows = []
+    for spec in args.modes.split(","):
+        mode, _, impl = spec.partition(":")
+        torch._dynamo.reset()
+        if impl:
+            ctx.attention_impl = impl
+        fn = _compiled(model, mode, impl or "auto")
+        t0 = time.perf_counter()
+        for batch in sorted(batches, reverse=True):  # largest first: the first call compiles symbolically
+            with use_forward_context(ctx), torch.inference_mode():
+                positions = ctx.prepare([1] * batch, [args.context + 1] * batch, tables[:batch])
+                ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
+                if batch > 1:
+                    torch._dynamo.mark_dynamic(ids, 0)
+                    torch._dynamo.mark_dynamic(positions, 0)
+                row = {"mode": spec, "batch": batch}
+                try:
+                    fn(ids, positions)
+                    torch.cuda.synchronize()
+                    row["setup_s"] = round(time.perf_counter() - t0, 1)
+                    gpu_ms, wall_ms = time_calls(lambda: fn(ids, positions), args.iters)
+                    floor = (weight_bytes + batch * (args.context + 1) * kv_token_bytes) / bandwidth * 1e3
+                    row.update(gpu_ms=round(gpu_ms, 4), wall_ms=round(wall_ms, 4), floor_ms=round(floor, 4),
+                               x_floor=round(gpu_ms / floor, 2))
+                except Exception as error:  # record and go on: one broken mode must not hide the others
+                    row["error"] = repr(error)[:400]
+            t0 = time.perf_counter()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ctx.attention_impl = header["attention_impl"]
+    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
+        json.dump({**header, "weight_GB": weight_bytes / 1e9, "rows": rows}, f, indent=1)
+    _print_table(header, rows, batches)
+    _plot(rows, batches, os.path.join(args.out, "bench_decode.png"), header)
+
+
+def _compiled(model, mode: str, impl: str):
+    if mode == "eager":
+        return model
+    if mode == "reduce-overhead":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl})
+
+
+def _print_table(header: dict, rows: list[dict], batches: list[int]) -> None:
+    print(f"\n{header['device']}, torch {header['torch']}, triton {header['triton']}, {header['date']}")
+    print(f"{header['model']}, {header['dtype']}, context {header['context']}, attention {header['attention_impl']}, "
+          f"copy bandwidth {header['copy_bandwidth_TBs']} TB/s")
+    print(f"command: {header['command']}")
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    print("| mode | " + " | ".join(f"batch {b} (ms, x floor)" for b in batches) + " |")
+    print("|---|" + "---|" * len(batches))
+    for mode in modes:
+        cells = []
+        for b in batches:
+            r = next((r for r in rows if r["mode"] == mode and r["batch"] == b), {})
+            cells.append(f"{r['gpu_ms']:.2f} ({r['x_floor']}x)" if "gpu_ms" in r else "error")
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    floors = [next((r["floor_ms"] for r in rows if r["batch"] == b and "floor_ms" in r), None) for b in batches]
+    print("| HBM floor | " + " | ".join(f"{f:.2f}" if f else "-" for f in floors) + " |")
+
+
+def _plot(rows: list[dict], batches: list[int], path: str, header: dict) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / (len(modes) + 1)
+    for i, mode in enumerate([*modes, "HBM floor"]):
+        values = []
+        for b in batches:
+            match = [r for r in rows if r["batch"] == b and "gpu_ms" in r]
+            r = next((r for r in match if r["mode"] == mode), None)
+            values.append(match[0]["floor_ms"] if mode == "HBM floor" and match else r["gpu_ms"] if r else 0)
+        ax.bar([j + i * width for j in range(len(batches))], values, width, label=mode)
+    ax.set_xticks([j + width * len(modes) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"{header['model']} decode, context {header['context']}, {header['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
