@@ -14,10 +14,11 @@ from fullgraph_backend import compat
 from fullgraph_backend.attention.registry import AttentionImpl, resolve_impl
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.cuda_graph import CudaGraphs, EmulatedGraphs, graphs_for
+from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.forward_context import ForwardContext, current_forward_context
 from fullgraph_backend.graph_runner import GraphedPiece, GraphRunner
 from fullgraph_backend.padding import BatchSignature, is_module_state
-from passes import PassManager, eliminate_dead_code, find_batch_mixing, split_at_attention, swap_attention
+from passes import PassManager, find_batch_mixing, split_at_attention, swap_attention
 
 log = logging.getLogger("fullgraph")
 
@@ -37,9 +38,9 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     impl = resolve_impl(ctx.attention_impl if ctx and config.attention_impl == "auto" else config.attention_impl,
                         device)
     max_num_seqs = _max_num_seqs(config, ctx)
+    dump = GraphDump.open(config, gm)  # writes nothing unless dumping (dump_dir / dump_compilation)
     gm = compat.copy_dynamo_graph(gm)
-    results = PassManager([("swap_attention", lambda g: swap_attention(g, ctx, impl)),
-                           ("eliminate_dead_code", eliminate_dead_code)], config.dump_dir).run(gm)
+    results = PassManager([("swap_attention", lambda g: swap_attention(g, ctx, impl))], dump.folder).run(gm)
     swap = results[0].report
     has_attention = bool(swap.swapped)
     log.info("fullgraph: %s", results[0].summary.replace("\n", "; "))
@@ -59,7 +60,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     sizes = _capture_sizes(config, ctx if has_attention else None)
     graphs = graphs_for(device)
     max_size = sizes[-1] if sizes else None
-    compile_fn = _compiler(config.compiler)
+    compile_fn = dump.compiler(_compiler(config))
     if config.cudagraph_mode == "piecewise" and has_attention:
         impl_target = getattr(impl.op, "_opoverload", impl.op)
         split, attention_parts = split_at_attention(gm, lambda n: n.op == "call_function" and n.target is impl_target)
@@ -70,7 +71,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
         fn, pieces = piece, [piece]
     return GraphRunner(fn, pieces, signature, extra_args, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
                        ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,
-                       max_num_seqs=max_num_seqs)
+                       max_num_seqs=max_num_seqs, on_capture=dump.write_capture_table)
 
 
 def _device_of(example_inputs: list) -> torch.device:
@@ -100,10 +101,10 @@ def _capture_sizes(config: FullgraphConfig, ctx: ForwardContext | None) -> tuple
     return sizes
 
 
-def _compiler(name: str) -> Callable[[torch.fx.GraphModule, list], Callable]:
-    if name == "eager":
+def _compiler(config: FullgraphConfig) -> Callable[[torch.fx.GraphModule, list], Callable]:
+    if config.compiler == "eager":
         return lambda gm, example_inputs: gm
-    return compat.compile_fx
+    return lambda gm, example_inputs: compat.compile_fx(gm, example_inputs, config.inductor_config)
 
 
 def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm: torch.fx.GraphModule,

@@ -23,15 +23,38 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--modes", default="eager,piecewise,full", help="comma list of eager,none,piecewise,full")
     demo.add_argument("--attention-impl", default="auto")
     demo.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
-    demo.add_argument("--dump-dir", default=None, help="write the backend's graph dumps here")
+    demo.add_argument("--dump-dir", default=None,
+                      help="dump every compilation here (graphs per pass, depyf, Inductor output, capture table); "
+                           "read it with `fullgraph dump DIR`")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("-v", "--verbose", action="store_true", help="log what the backend does")
+    dump = sub.add_parser("dump", help="overview of a dump folder: graphs, passes, swaps, captures, warnings")
+    dump.add_argument("dir", help="a folder written by dump_dir=..., dump_compilation(...) or demo --dump-dir")
+    dump.add_argument("--html", metavar="OUT.html", default=None,
+                      help="also write one static page with each graph before/after every pass, side by side")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         return _demo(args)
+    if args.command == "dump":
+        return _dump(args)
     return 2
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from fullgraph_backend.dump import DumpError, load_dump, print_overview, write_html
+
+    try:
+        dump = load_dump(args.dir)
+    except DumpError as e:
+        print(f"fullgraph dump: {e}", file=sys.stderr)
+        return 2
+    console = Console()
+    print_overview(dump, console)
+    if args.html:
+        console.print(f"wrote {write_html(dump, args.html)}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -54,9 +77,15 @@ def _demo(args: argparse.Namespace) -> int:
                                  max_model_len=args.prompt_len + args.steps + 2, attention_impl=args.attention_impl)
     generator = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=generator)
-    options = {"compiler": args.compiler, "dump_dir": args.dump_dir}
+    options = {"compiler": args.compiler}
+    around_compile = None
+    if args.dump_dir:  # every compile goes to the dump; the first call of each mode also gets depyf's files
+        from fullgraph_backend.dump import dump_compilation
+
+        options["dump_dir"] = args.dump_dir
+        around_compile = lambda mode: dump_compilation(args.dump_dir)  # noqa: E731
     results = run_modes(lambda: build_model(config, seed=args.seed, dtype=dtype, device=device), ctx, prompts,
-                        args.steps, modes, options)
+                        args.steps, modes, options, around_compile)
 
     console = Console()
     table = Table(title=f"fullgraph demo: {name}, {args.batch} x {args.prompt_len} prompt tokens, "
@@ -68,6 +97,8 @@ def _demo(args: argparse.Namespace) -> int:
         same = "-" if reference is None or r.mode == "eager" else ("yes" if r.tokens == reference else "NO")
         table.add_row(r.mode, f"{r.setup_s:.1f}", str(r.graphs), f"{r.median_ms:.2f}", same)
     console.print(table)
+    if args.dump_dir:
+        console.print(f"compilation dumped to {args.dump_dir}: see `fullgraph dump {args.dump_dir}`")
     if dtype == torch.float32 and any(r.tokens != reference for r in results if reference is not None):
         console.print("[red]greedy tokens differ from eager in float32[/red]")
         return 1

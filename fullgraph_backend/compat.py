@@ -16,7 +16,7 @@ def weak_tensor(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(weak, t.storage_offset(), t.size(), t.stride())
 
 
-def compile_fx(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | None = None) -> object:
     """Inductor once, symbolic in the batch dim, with Inductor's own CUDA graphs off.
 
     ``compile_fx`` may mutate ``gm`` (pytorch#138980): callers pass a graph they own.
@@ -24,7 +24,7 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list) -> object:
     """
     from torch._inductor.compile_fx import compile_fx as inductor_compile
 
-    return inductor_compile(gm, example_inputs, config_patches={"triton.cudagraphs": False})
+    return inductor_compile(gm, example_inputs, config_patches={**(patches or {}), "triton.cudagraphs": False})
 
 
 def outputs_as_tuple(out: object) -> tuple:
@@ -57,3 +57,49 @@ def copy_dynamo_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if hasattr(gm, "_param_name_to_source"):
         copy._param_name_to_source = gm._param_name_to_source
     return copy
+
+
+# ---- dump support (fullgraph_backend/dump) -------------------------------------------------
+def compile_id(gm: torch.fx.GraphModule) -> str | None:
+    """The Dynamo compile id (``"frame/recompile"``, e.g. ``"0/1"``) of the graph being compiled.
+
+    ``CompileContext.current_compile_id()`` exists from 2.11 through 2.14; Dynamo also stamps
+    its graphs with ``meta["dynamo_compile_id"]``. None outside Dynamo (a backend called by hand).
+    """
+    current = torch._guards.CompileContext.current_compile_id()
+    if current is None:
+        current = gm.meta.get("dynamo_compile_id")
+    return str(current) if current is not None else None
+
+
+def graph_break_reason(gm: torch.fx.GraphModule) -> str | None:
+    """Why Dynamo ended this graph early, or None when it ran to the frame's return.
+
+    Dynamo sets ``gm.compile_subgraph_reason`` (a ``GraphCompileReason``) in 2.11 through 2.14.
+    """
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not reason.graph_break:
+        return None
+    where = reason.user_stack[-1] if getattr(reason, "user_stack", None) else None
+    return f"{where.filename}:{where.lineno}: {reason.reason}" if where else str(reason.reason)
+
+
+def compilation_records() -> list:
+    """Dynamo's per-frame compilation records (``CompilationMetrics``), oldest first.
+
+    ``torch._dynamo.utils.get_compilation_metrics`` keeps the last 64 frames in 2.11 through 2.14;
+    the fields read here (compile_id, co_name, co_filename, co_firstlineno, fail_type,
+    fail_reason, recompile_reason) are in all of them.
+    """
+    return list(torch._dynamo.utils.get_compilation_metrics())
+
+
+def inductor_trace_patches(debug_dir: str) -> dict:
+    """``torch._inductor.config`` patches that make Inductor write its trace under ``debug_dir``.
+
+    Inductor then writes ``debug_dir/torchinductor/<graph>.<n>/`` with ``fx_graph_readable.py``,
+    ``fx_graph_transformed.py`` (post-grad graph), ``ir_pre_fusion.txt``, ``ir_post_fusion.txt``
+    and ``output_code.py``: what ``TORCH_COMPILE_DEBUG=1`` gives, for one compile only. Caches
+    are off too, since a cache hit skips Inductor's passes and its trace. Same keys in 2.11-2.14.
+    """
+    return {"trace.enabled": True, "trace.debug_dir": debug_dir, "force_disable_caches": True}

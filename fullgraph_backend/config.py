@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field, fields
 
 CUDAGRAPH_MODES = ("full", "piecewise", "none")
@@ -26,7 +27,11 @@ class FullgraphConfig:
       first capture size that holds it. Defaults to the forward context's.
     - ``compiler``: ``inductor``, or ``eager`` to run the transformed FX graph as is (debugging,
       fast CPU tests).
-    - ``dump_dir``: folder for graph dumps (before/after every pass).
+    - ``dump_dir``: folder for graph dumps, one subfolder per compiled graph (see
+      :mod:`fullgraph_backend.dump`). Defaults to the ``FULLGRAPH_DUMP_DIR`` environment variable,
+      read here and nowhere else.
+    - ``inductor_config``: extra ``torch._inductor.config`` patches for this compile, e.g.
+      ``{"coordinate_descent_tuning": True}``; ``triton.cudagraphs`` stays off (we capture).
     """
 
     capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)
@@ -34,7 +39,8 @@ class FullgraphConfig:
     attention_impl: str = "auto"
     max_num_seqs: int | None = None
     compiler: str = "inductor"
-    dump_dir: str | None = None
+    dump_dir: str | None = field(default_factory=lambda: os.environ.get("FULLGRAPH_DUMP_DIR") or None)
+    inductor_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from fullgraph_backend.attention.registry import impl_names
@@ -46,8 +52,18 @@ class FullgraphConfig:
         _check_choice("cudagraph_mode", self.cudagraph_mode, CUDAGRAPH_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
+        self._check_inductor_config()
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):
             raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
+
+    def _check_inductor_config(self) -> None:
+        import torch._inductor.config as inductor_config
+
+        if not isinstance(self.inductor_config, dict):
+            raise ValueError(f"inductor_config must be a dict of torch._inductor.config names, got {self.inductor_config!r}")
+        for key in self.inductor_config:
+            if key == "triton.cudagraphs" or key not in inductor_config._config:
+                raise ValueError(f"inductor_config: {key!r} is not a torch._inductor.config option this backend accepts")
 
     @classmethod
     def from_options(cls, options: dict | None) -> "FullgraphConfig":

@@ -5,9 +5,11 @@ mixed step, then decodes; the greedy tokens of every compiled mode are compared 
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 
@@ -69,7 +71,7 @@ def greedy_decode(model, ctx: ForwardContext, prompts: torch.Tensor, steps: int)
     times, tokens = [], []
     with use_forward_context(ctx), torch.inference_mode():
         positions = ctx.prepare([length] * batch, [length] * batch, tables)
-        ids = prompts.reshape(-1).to(device)
+        ids = prompts.reshape(-1).to(device, copy=True)  # an inference tensor, like the decode ids
         torch._dynamo.mark_dynamic(ids, 0)
         torch._dynamo.mark_dynamic(positions, 0)
         logits = model(ids, positions)
@@ -88,8 +90,13 @@ def greedy_decode(model, ctx: ForwardContext, prompts: torch.Tensor, steps: int)
 
 
 def run_modes(build, ctx: ForwardContext, prompts: torch.Tensor, steps: int, modes: tuple[str, ...],
-              options: dict | None = None) -> list[ModeResult]:
-    """Decode the same prompts in every mode; ``build()`` returns a fresh eager model."""
+              options: dict | None = None,
+              around_compile: Callable[[str], ContextManager] | None = None) -> list[ModeResult]:
+    """Decode the same prompts in every mode; ``build()`` returns a fresh eager model.
+
+    ``around_compile(mode)``, if given, is a context entered around each compiled mode's first
+    call, where compilation and capture happen (``fullgraph demo --dump-dir`` dumps there).
+    """
     results = []
     initial = [c.clone() for c in ctx.kv_caches]
     for mode in modes:
@@ -102,7 +109,8 @@ def run_modes(build, ctx: ForwardContext, prompts: torch.Tensor, steps: int, mod
         if mode != "eager":
             counter = CaptureCounter({**(options or {}), "cudagraph_mode": mode})
             model = torch.compile(model, backend=counter)
-            greedy_decode(model, ctx, prompts, 1)  # compile and capture happen here
+            with around_compile(mode) if around_compile else contextlib.nullcontext():
+                greedy_decode(model, ctx, prompts, 1)  # compile and capture happen here
         setup = time.perf_counter() - start
         for cache, saved in zip(ctx.kv_caches, initial):
             cache.copy_(saved)

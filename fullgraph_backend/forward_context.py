@@ -172,7 +172,7 @@ class ForwardContext:
             if len(blocks) < need or len(blocks) > self.max_blocks_per_seq:
                 raise ValueError(f"request {i}: seq_len {s} needs {need} blocks of {self.block_size}, "
                                  f"block table has {len(blocks)} (at most {self.max_blocks_per_seq})")
-            for b in blocks[:need]:
+            for b in blocks:  # every entry is read: kernels gather whole table rows
                 if not NULL_BLOCK < b < self.num_blocks:
                     raise ValueError(f"request {i}: block id {b} is outside 1..{self.num_blocks - 1} "
                                      f"(block {NULL_BLOCK} is reserved)")

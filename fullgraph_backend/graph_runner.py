@@ -119,14 +119,21 @@ class GraphRunner:
     def __init__(self, fn: Callable, pieces: list[GraphedPiece], signature: BatchSignature,
                  extra_args: tuple[torch.Tensor, ...], *,
                  capture_sizes: tuple[int, ...], pad: bool, use_graphs: bool, ctx: ForwardContext | None,
-                 decode_variant: bool, max_num_seqs: int | None) -> None:
+                 decode_variant: bool, max_num_seqs: int | None,
+                 on_capture: Callable[[list[CaptureRecord]], None] | None = None) -> None:
         self.fn, self.pieces, self.sig = fn, pieces, signature
+        self.on_capture = on_capture  # called with the capture table after each capture loop (the dump)
         self.extra_args = extra_args  # the forward-context buffers the attention swap made graph inputs
         self.capture_sizes, self.pad, self.use_graphs = capture_sizes, pad, use_graphs
         self.ctx, self.decode_variant = ctx, decode_variant
         self.max_num_seqs = max_num_seqs
         self.capture_table: list[CaptureRecord] = []
         self._said: set[str] = set()
+
+    @property
+    def __code__(self):
+        """depyf's dump (``fullgraph_backend.dump``) decompiles a compiled function's ``__code__``."""
+        return type(self).__call__.__code__
 
     def __call__(self, *args):
         args = args + self.extra_args
@@ -205,6 +212,8 @@ class GraphRunner:
                 self.capture_table.append(CaptureRecord(size, kind.value, (t1 - t0) * 1e3, (t2 - t1) * 1e3, pool))
         log.info("fullgraph: captured %d graph key(s) x %d piece(s) in %.2f s", len(keys), len(self.pieces),
                  time.perf_counter() - start)
+        if self.on_capture:
+            self.on_capture(self.capture_table)
 
     def _say_once(self, topic: str, message: str) -> None:
         if topic not in self._said:

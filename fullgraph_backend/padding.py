@@ -70,6 +70,7 @@ class BatchSignature:
         self.inputs = [self._spec(v, is_state) for v, is_state in zip(inputs, state)]
         self.outputs = [self._spec(v, False) for v in outputs]
         self.is_static = not symbols
+        self._concrete: dict[tuple, tuple[int, ...]] = {}
 
     @classmethod
     def of(cls, gm: torch.fx.GraphModule) -> "BatchSignature":
@@ -117,8 +118,11 @@ class BatchSignature:
         return None
 
     def at(self, values: tuple, size: int | None) -> tuple[int, ...]:
-        """Concrete sizes or strides at batch size ``size``."""
-        return tuple(int(e.subs(self.symbol, size)) if e.free_symbols else int(e) for e in values)
+        """Concrete sizes or strides at batch size ``size`` (memoised: sympy is slow per call)."""
+        key = (values, size)
+        if key not in self._concrete:
+            self._concrete[key] = tuple(int(e.subs(self.symbol, size)) if e.free_symbols else int(e) for e in values)
+        return self._concrete[key]
 
     def allocate(self, spec: ArgSpec, max_size: int | None) -> torch.Tensor:
         """A zeroed buffer that can be viewed, with the traced strides, at any size <= max_size."""
@@ -131,12 +135,13 @@ class BatchSignature:
         return buffer.as_strided(self.at(spec.shape, size), self.at(spec.stride, size))
 
     def slice_outputs(self, outputs: tuple, size: int) -> tuple:
-        """Cut padded outputs back to ``size`` rows along their batch dims."""
+        """Cut outputs computed at a padded size back to their shapes at batch size ``size``."""
         result = []
         for spec, out in zip(self.outputs, outputs):
             if spec.kind is ArgKind.BATCHED:
+                shape = self.at(spec.shape, size)
                 for d in spec.batch_dims:
-                    out = out.narrow(d, 0, size)
+                    out = out.narrow(d, 0, shape[d])
             elif spec.kind is ArgKind.SIZE:
                 out = size
             result.append(out)

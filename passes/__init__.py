@@ -1,8 +1,8 @@
 """FX graph passes run on the Dynamo graph before Inductor, each a small module with one job."""
-from passes.manager import PassManager, PassResult, eliminate_dead_code
+from passes.manager import PassManager, PassResult
 from passes.swap_attention import AttentionSwap, SwapReport, swap_attention
 from passes.split_attention import split_at_attention
 from passes.batch_mixing import find_batch_mixing
 
-__all__ = ["PassManager", "PassResult", "eliminate_dead_code", "AttentionSwap", "SwapReport", "swap_attention", "split_at_attention",
+__all__ = ["PassManager", "PassResult", "AttentionSwap", "SwapReport", "swap_attention", "split_at_attention",
            "find_batch_mixing"]

@@ -1,6 +1,8 @@
 """Run the graph passes in order, keep what each reported, and dump the graphs if asked."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -21,8 +23,9 @@ class PassResult:
 class PassManager:
     """Runs ``(name, fn)`` passes over a graph module in place; ``fn(gm)`` returns its report.
 
-    With ``dump_dir``, writes the graph as received (``00_dynamo_graph.py``), the graph after each
-    pass (``NN_<name>.py``) and ``passes.txt`` with every summary.
+    With ``dump_dir`` (the backend hands it one folder per compiled graph), writes the graph as
+    received (``00_dynamo_graph.py``), the graph after each pass (``NN_<name>.py``),
+    ``passes.txt`` with every summary and ``passes.json`` with every report as data.
     """
 
     def __init__(self, passes: list[tuple[str, Callable[[torch.fx.GraphModule], object]]],
@@ -39,6 +42,10 @@ class PassManager:
             results.append(PassResult(name, report, summary, gm.code))
             self._write(f"{i:02d}_{name}.py", gm.code)
         self._write("passes.txt", "\n\n".join(f"== {r.name}\n{r.summary}" for r in results) + "\n")
+        self._write("passes.json", json.dumps({
+            "input": "00_dynamo_graph.py",
+            "passes": [{"name": r.name, "graph": f"{i:02d}_{r.name}.py", "summary": r.summary,
+                        "report": _as_data(r.report)} for i, r in enumerate(results, start=1)]}, indent=1))
         return results
 
     def _write(self, name: str, text: str) -> None:
@@ -48,9 +55,14 @@ class PassManager:
                 f.write(text)
 
 
-def eliminate_dead_code(gm: torch.fx.GraphModule) -> str:
-    """Drop nodes nothing uses (Dynamo's leftover shape checks); mutating ops are kept."""
-    before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return f"removed {before - len(gm.graph.nodes)} dead node(s)"
+def _as_data(value: object) -> object:
+    """A pass report as JSON data: dataclasses by field, tensors as ``dtype[shape]``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _as_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+    if isinstance(value, dict):
+        return {str(k): _as_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_data(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)

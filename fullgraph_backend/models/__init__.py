@@ -1,0 +1,5 @@
+"""Reference decoders (Llama / Qwen2 family) on packed tokens, built from configs with random weights."""
+from fullgraph_backend.models.config import CONFIGS, DecoderConfig, RopeScaling, get_config
+from fullgraph_backend.models.decoder import Decoder, build_model
+
+__all__ = ["DecoderConfig", "RopeScaling", "CONFIGS", "get_config", "Decoder", "build_model"]
