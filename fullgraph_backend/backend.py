@@ -71,7 +71,8 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
         fn, pieces = piece, [piece]
     return GraphRunner(fn, pieces, signature, extra_args, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
                        ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,
-                       max_num_seqs=max_num_seqs, on_capture=dump.write_capture_table)
+                       max_num_seqs=max_num_seqs, on_capture=dump.write_capture_table,
+                       static_tokens=ctx.num_tokens if has_attention and signature.is_static else None)
 
 
 def _device_of(example_inputs: list) -> torch.device:

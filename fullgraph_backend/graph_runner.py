@@ -119,14 +119,17 @@ class GraphRunner:
     def __init__(self, fn: Callable, pieces: list[GraphedPiece], signature: BatchSignature,
                  extra_args: tuple[torch.Tensor, ...], *,
                  capture_sizes: tuple[int, ...], pad: bool, use_graphs: bool, ctx: ForwardContext | None,
-                 decode_variant: bool, max_num_seqs: int | None,
+                 decode_variant: bool, max_num_seqs: int | None, static_tokens: int | None = None,
                  on_capture: Callable[[list[CaptureRecord]], None] | None = None) -> None:
         self.fn, self.pieces, self.sig = fn, pieces, signature
         self.on_capture = on_capture  # called with the capture table after each capture loop (the dump)
         self.extra_args = extra_args  # the forward-context buffers the attention swap made graph inputs
         self.capture_sizes, self.pad, self.use_graphs = capture_sizes, pad, use_graphs
         self.ctx, self.decode_variant = ctx, decode_variant
-        self.max_num_seqs = max_num_seqs
+        self.static_tokens = static_tokens  # the token count a static (size-specialised) graph was traced at
+        # uniform-decode graphs exist up to the first capture size holding max_num_seqs requests
+        seqs = max_num_seqs or (capture_sizes[-1] if capture_sizes else 0)
+        self._decode_limit = next((s for s in capture_sizes if s >= seqs), capture_sizes[-1] if capture_sizes else 0)
         self.capture_table: list[CaptureRecord] = []
         self._said: set[str] = set()
 
@@ -143,7 +146,7 @@ class GraphRunner:
         if key is None:
             return self._run("eager", None, args)
         if key not in self.pieces[0].calls:
-            self._capture(self._keys_to_capture(key), args)
+            self._capture(self._all_keys() if self.pad and not self.capture_table else [key], args)
         out = self._run("replay", key, args)
         return out if n is None else self.sig.slice_outputs(out, n)
 
@@ -156,8 +159,9 @@ class GraphRunner:
             raise RuntimeError("fullgraph: this model was compiled against another ForwardContext (or none is "
                                "active); call it inside `with use_forward_context(ctx)` with the context it was "
                                "compiled with, or torch._dynamo.reset() and compile again")
-        if n is not None and n != active.num_tokens:
-            raise RuntimeError(f"fullgraph: the model got {n} tokens but ctx.prepare(...) described "
+        tokens = n if n is not None else self.static_tokens
+        if tokens is not None and tokens != active.num_tokens:
+            raise RuntimeError(f"fullgraph: the model got {tokens} tokens but ctx.prepare(...) described "
                                f"{active.num_tokens}; prepare the metadata for this batch first")
         return active.batch_kind if self.decode_variant else BatchKind.MIXED
 
@@ -171,19 +175,17 @@ class GraphRunner:
             self._say_once("beyond", f"batch of {n} is beyond the largest capture size "
                                      f"{sizes[-1] if sizes else 0}: running the compiled graph without CUDA graphs")
             return None
-        return (sizes[bisect.bisect_left(sizes, n)] if self.pad else n, kind)
-
-    def _keys_to_capture(self, key: Key) -> list[Key]:
         if not self.pad:
-            return [key]
-        kinds = [BatchKind.MIXED]
-        if self.decode_variant:
-            kinds.append(BatchKind.DECODE)
-        seqs = self.max_num_seqs or self.capture_sizes[-1]
-        decode_limit = self.capture_sizes[min(bisect.bisect_left(self.capture_sizes, seqs),
-                                              len(self.capture_sizes) - 1)]
+            return (n, kind)
+        size = sizes[bisect.bisect_left(sizes, n)]
+        # a decode batch past the decode graphs runs the mixed graph: correct for any batch
+        return (size, kind if size <= self._decode_limit else BatchKind.MIXED)
+
+    def _all_keys(self) -> list[Key]:
+        """Every padded key, largest size first (smaller captures reuse the pool's blocks)."""
+        kinds = [BatchKind.MIXED, BatchKind.DECODE] if self.decode_variant else [BatchKind.MIXED]
         return [(size, kind) for size in reversed(self.capture_sizes) for kind in kinds
-                if kind is BatchKind.MIXED or size <= decode_limit]
+                if kind is BatchKind.MIXED or size <= self._decode_limit]
 
     # ---- capture and run -----------------------------------------------------------------
     def _run(self, mode: str, key: Key | None, args) -> tuple:

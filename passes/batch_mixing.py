@@ -20,7 +20,7 @@ _DIM_ARG = {
     "norm": 2, "logsumexp": 1, "softmax": 1, "log_softmax": 1, "cumsum": 1, "cumprod": 1, "argmax": 1,
     "argmin": 1, "any": 1, "all": 1, "sort": 1, "argsort": 1, "median": 1, "nansum": 1, "nanmean": 1,
     "var_mean": 1, "std_mean": 1, "count_nonzero": 1, "flip": 1, "cummax": 1, "cummin": 1, "topk": 2,
-    "roll": 2, "logcumsumexp": 1,
+    "roll": 2, "logcumsumexp": 1, "normalize": 2, "vector_norm": 2, "quantile": 2, "nanquantile": 2,
 }
 _ALWAYS_GLOBAL = {"unique", "unique_consecutive", "nonzero", "histc", "bincount"}
 _MATMULS = {"matmul", "mm", "bmm", "baddbmm", "addmm"}
@@ -66,6 +66,13 @@ def _mixes(node: torch.fx.Node, symbol) -> str | None:
     name = _name(node)
     x = _fake(node.args[0]) if node.args else None
     bdims = _batch_dims(x, symbol)
+    out = node.meta.get("example_value")
+    tensors_in = [_fake(a) for a in node.all_input_nodes]
+    if (isinstance(out, torch.Tensor) and not _batch_dims(out, symbol)
+            and any(_batch_dims(t, symbol) for t in tensors_in)):
+        return "its output has no batch dim though an input has one (a reduction, gather or indexing across rows)"
+    if name == "einsum":
+        return _einsum_mixes(node, symbol)
     if name in _ALWAYS_GLOBAL and bdims:
         return "its result depends on every row"
     if name in _DIM_ARG and bdims:
@@ -88,16 +95,39 @@ def _mixes(node: torch.fx.Node, symbol) -> str | None:
         if k is not None and _depends(k.shape[-2], symbol):
             return "attends across the batch dim (it is the key sequence dim)"
     if node.target is F.layer_norm:
-        normalized = _arg(node, 1, "normalized_shape")
+        normalized = _fake(_arg(node, 1, "normalized_shape"))
         if any(d in bdims for d in range(x.dim() - len(normalized), x.dim())):
             return "normalises over the batch dim"
     if node.target is F.group_norm and bdims - {0}:
         return "normalises over the batch dim"
+    if node.target is F.instance_norm and bdims - {0, 1}:
+        return "normalises over the batch dim"
     if node.target is F.batch_norm:
         if _arg(node, 5, "training", False) and bdims - {1}:
             return "normalises with batch statistics"
+    if name == "tensordot":
+        dims = _arg(node, 2, "dims", 2)
+        a = _fake(node.args[0])
+        contracted = range(a.dim() - dims, a.dim()) if isinstance(dims, int) else dims[0]
+        if set(contracted) & bdims:
+            return "contracts over the batch dim"
     if node.target in _ARITH:
         values = [_fake(a) for a in node.args]
         if any(isinstance(v, torch.Tensor) for v in values) and any(_depends(v, symbol) for v in values):
             return "uses the batch size as a value"
+    return None
+
+
+def _einsum_mixes(node: torch.fx.Node, symbol) -> str | None:
+    """An einsum mixes rows when a batch-sized index of an operand is summed away."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    for subscripts, operand in zip(inputs.split(","), operands):
+        t = _fake(operand)
+        if "." in subscripts or not isinstance(t, torch.Tensor):
+            continue
+        if any(subscripts[d] not in output for d in _batch_dims(t, symbol)):
+            return "contracts over the batch dim"
     return None

@@ -7,6 +7,7 @@ one decode step per call. Modes (``mode`` or ``mode:attention_impl``):
   piecewise        backend="fullgraph", graphs between attention calls, attention eager
   full             backend="fullgraph", one CUDA graph per padded size
   reduce-overhead  torch.compile(mode="reduce-overhead") on the same model (cudagraph trees)
+A ``+tuned`` suffix (``full+tuned``) turns on Inductor's coordinate-descent tuning, as gpt-fast does.
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
@@ -145,11 +146,16 @@ def main() -> None:
 
 
 def _compiled(model, mode: str, impl: str):
+    mode, tuned = mode.removesuffix("+tuned"), mode.endswith("+tuned")
+    inductor_config = {"coordinate_descent_tuning": True} if tuned else {}
     if mode == "eager":
         return model
     if mode == "reduce-overhead":
+        if tuned:  # mode= and options= are exclusive; reduce-overhead is triton.cudagraphs=True
+            return torch.compile(model, options={"triton.cudagraphs": True, **inductor_config})
         return torch.compile(model, mode="reduce-overhead")
-    return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl})
+    return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl,
+                                                             "inductor_config": inductor_config})
 
 
 def _print_table(header: dict, rows: list[dict], batches: list[int]) -> None:

@@ -34,8 +34,34 @@ def _reference() -> AttentionImpl:
     return AttentionImpl("reference", reference.reference_attention, ("cpu", "cuda"))
 
 
+def _triton() -> AttentionImpl:
+    try:
+        from fullgraph_backend.attention import triton_paged
+    except ImportError as error:  # triton is an optional dependency
+        reason = f"triton cannot be imported ({error}); pip install 'fullgraph[triton]'"
+        return AttentionImpl("triton", _missing("triton", reason), ("cuda",), decode_variant=True,
+                             unavailable=lambda: reason)
+    return AttentionImpl("triton", triton_paged.triton_attention, ("cuda",), decode_variant=True)
+
+
+def _flash_attn() -> AttentionImpl:
+    from fullgraph_backend.attention import flash_attn
+
+    return AttentionImpl("flash_attn", flash_attn.flash_attn_attention, ("cuda",), decode_variant=True,
+                         unavailable=flash_attn.unavailable)
+
+
+def _missing(name: str, reason: str) -> Callable[..., torch.Tensor]:
+    def op(*args, **kwargs):
+        raise RuntimeError(f"attention_impl={name!r} cannot run here: {reason}")
+
+    return op
+
+
 # name -> factory; factories import lazily so an impl's optional dependency loads only on use
-_FACTORIES: dict[str, Callable[[], AttentionImpl]] = {"reference": _reference}
+_FACTORIES: dict[str, Callable[[], AttentionImpl]] = {
+    "reference": _reference, "triton": _triton, "flash_attn": _flash_attn,
+}
 
 
 def impl_names() -> list[str]:

@@ -1,0 +1,175 @@
+"""BatchSignature: which graph args are batched, static buffers viewed at every size, output slicing."""
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+import torch.nn as nn
+
+from fullgraph_backend import compat
+from fullgraph_backend.padding import ArgKind, BatchSignature
+
+
+def signature_of(fn, *args, dynamic=((0, 0),)):
+    """The BatchSignature of the graph Dynamo hands a backend, read while Dynamo is calling it, by placeholder name."""
+    found = []
+
+    def backend(gm, example_inputs):
+        gm = compat.copy_dynamo_graph(gm)
+        sig = BatchSignature.of(gm)
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        found.append((sig, names))
+        return gm.forward
+
+    for i, d in dynamic:
+        torch._dynamo.mark_dynamic(args[i], d)
+    with torch.inference_mode():
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    (sig, names), = found
+    return sig, dict(zip(names, sig.inputs))
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("shift", torch.ones(8))
+
+    def forward(self, x, scale):
+        return self.lin(x) * scale + self.shift, x.shape[0]
+
+
+def _kind(specs, fragment):
+    (spec,) = [s for name, s in specs.items() if fragment in name]
+    return spec
+
+
+def test_arg_kinds_of_a_dynamo_graph():
+    sig, specs = signature_of(_Model().eval(), torch.randn(5, 8), torch.randn(8))
+    assert sig.paddable and sig.why_not_paddable is None and not sig.is_static
+    assert isinstance(sig.symbol, sympy.Symbol)
+    assert _kind(specs, "weight").kind is ArgKind.STATIC
+    assert _kind(specs, "bias").kind is ArgKind.STATIC
+    assert _kind(specs, "x").kind is ArgKind.BATCHED
+    assert _kind(specs, "x").batch_dims == (0,)
+    assert _kind(specs, "x").shape == (sig.symbol, 8)
+    assert _kind(specs, "scale").kind is ArgKind.COPIED  # a tensor argument without batch dim
+    (size,) = [s for s in specs.values() if s.kind is ArgKind.SIZE]
+    assert [s.kind for s in sig.outputs] == [ArgKind.BATCHED, ArgKind.SIZE]
+
+
+def test_module_buffers_are_static():
+    """Buffers are module state like parameters: read in place (a model may update them in place)."""
+    sig, specs = signature_of(_Model().eval(), torch.randn(5, 8), torch.randn(8))
+    assert _kind(specs, "shift").kind is ArgKind.STATIC
+
+
+def test_module_buffers_are_static_after_dynamo_returns():
+    """The backend's own copy of the graph is read again later (e.g. piecewise pieces): the classification
+    must not depend on Dynamo's transient ``grapharg`` metadata."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(compat.copy_dynamo_graph(gm))
+        return gm.forward
+
+    x = torch.randn(5, 8)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.inference_mode():
+        torch.compile(_Model().eval(), backend=backend)(x, torch.randn(8))
+    sig = BatchSignature.of(graphs[0])
+    names = [n.name for n in graphs[0].graph.nodes if n.op == "placeholder"]
+    specs = dict(zip(names, sig.inputs))
+    assert _kind(specs, "shift").kind is ArgKind.STATIC
+    assert _kind(specs, "weight").kind is ArgKind.STATIC
+
+
+def test_batch_dim_not_first():
+    sig, specs = signature_of(lambda x: x * 2, torch.randn(4, 5, 8), dynamic=((0, 1),))
+    spec = _kind(specs, "x")
+    s = sig.symbol
+    assert spec.kind is ArgKind.BATCHED and spec.batch_dims == (1,)
+    assert spec.shape == (4, s, 8) and spec.stride == (8 * s, 8, 1)
+    assert sig.batch_size([torch.randn(4, 7, 8) if k.kind is ArgKind.BATCHED else 7 for k in sig.inputs]) == 7
+    buffer = sig.allocate(spec, 16)
+    views = {p: sig.view(spec, buffer, p) for p in (1, 3, 8, 16)}
+    for p, view in views.items():
+        assert view.shape == (4, p, 8) and view.stride() == (8 * p, 8, 1)
+        assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        x = torch.randn(4, p, 8)
+        view.copy_(x)
+        assert torch.equal(sig.view(spec, buffer, p), x)  # a fresh view at p reads what was written
+    assert buffer.numel() == 4 * 16 * 8  # one buffer, sized for the largest view
+
+
+def test_transposed_input_keeps_traced_strides():
+    base = torch.randn(8, 5)
+    sig, specs = signature_of(lambda x: x + 1, base.t())  # [s, 8] with strides (1, s)
+    spec = _kind(specs, "x")
+    s = sig.symbol
+    assert spec.batch_dims == (0,) and spec.stride == (1, s)
+    buffer = sig.allocate(spec, 32)
+    for p in (2, 7, 32):
+        view = sig.view(spec, buffer, p)
+        assert view.shape == (p, 8) and view.stride() == (1, p)
+        assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        x = torch.randn(8, p).t()
+        view.copy_(x)
+        assert torch.equal(sig.view(spec, buffer, p), x)
+
+
+def test_several_batched_inputs_share_the_symbol():
+    sig, specs = signature_of(lambda x, y: x + y.sum(-1, keepdim=True), torch.randn(5, 3), torch.randn(5, 4),
+                              dynamic=((0, 0), (1, 0)))
+    assert sig.paddable
+    assert {k: s.batch_dims for k, s in specs.items() if s.kind is ArgKind.BATCHED} == {"l_x_": (0,), "l_y_": (0,)}
+
+
+def test_two_dynamic_sizes_are_not_paddable():
+    sig, _ = signature_of(lambda x, y: (x * 2, y * 2), torch.randn(5, 3), torch.randn(6, 3), dynamic=((0, 0), (1, 0)))
+    assert not sig.paddable and sig.symbol is None
+    assert "2 dynamic sizes" in sig.why_not_paddable
+
+
+def test_derived_batch_dim_is_not_paddable():
+    sig, _ = signature_of(lambda x: x.reshape(-1), torch.randn(5, 3))
+    assert not sig.paddable
+    assert "not the batch size itself" in sig.why_not_paddable
+    assert sig.outputs[0].kind is ArgKind.BATCHED
+
+
+def test_static_graph():
+    sig, specs = signature_of(lambda x: x * 2, torch.randn(5, 3), dynamic=())
+    assert sig.is_static and sig.symbol is None
+    assert all(s.kind is ArgKind.COPIED for s in specs.values())
+    assert sig.batch_size([torch.randn(5, 3)]) is None
+
+
+def test_slice_outputs():
+    sig, _ = signature_of(lambda x, w: (x * 2, x.transpose(0, 1) + 1, w + 1, x.shape[0]),
+                          torch.randn(5, 3), torch.randn(4))
+    kinds = [s.kind for s in sig.outputs]
+    assert kinds == [ArgKind.BATCHED, ArgKind.BATCHED, ArgKind.COPIED, ArgKind.SIZE]
+    assert sig.outputs[1].batch_dims == (1,)
+    padded = (torch.randn(8, 3), torch.randn(3, 8), torch.randn(4), 8)
+    a, b, w, n = sig.slice_outputs(padded, 5)
+    assert a.shape == (5, 3) and torch.equal(a, padded[0][:5])
+    assert a.data_ptr() == padded[0].data_ptr()  # a view, no copy
+    assert b.shape == (3, 5) and torch.equal(b, padded[1][:, :5])
+    assert w is padded[2]
+    assert n == 5
+
+
+def test_slice_outputs_of_derived_batch_dim_keeps_every_row():
+    """An output of shape [3 * s] at size 5 has 15 rows; slicing must not cut it to 5."""
+    sig, _ = signature_of(lambda x: x.reshape(-1), torch.randn(5, 3))
+    (out,) = sig.slice_outputs((torch.randn(15),), 5)
+    assert out.shape == (15,)
+
+
+@pytest.mark.parametrize("size", [1, 5, 16])
+def test_at_substitutes_the_symbol(size):
+    sig, specs = signature_of(lambda x: x * 2, torch.randn(4, 5, 8), dynamic=((0, 1),))
+    spec = _kind(specs, "x")
+    assert sig.at(spec.shape, size) == (4, size, 8)
+    assert sig.at(spec.stride, size) == (8 * size, 8, 1)
