@@ -122,11 +122,9 @@ def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm:
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     pieces: list[GraphedPiece] = []
+    produced: dict = {}  # shared: lets a piece read an earlier piece's graph output in place
 
     class PieceCompiler(torch.fx.Interpreter):
-        def get_attr(self, target, args, kwargs):
-            return fake_mode.from_tensor(super().get_attr(target, args, kwargs))
-
         def run_node(self, node):
             out = super().run_node(node)
             if node.op == "call_module" and node.target not in attention_parts:
@@ -134,7 +132,7 @@ def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm:
                 state = [isinstance(a, torch.fx.Node) and a.name in state_names for a in node.args]
                 signature = BatchSignature(args, list(compat.outputs_as_tuple(out)), state)
                 piece = GraphedPiece(compile_fn(self.fetch_attr(node.target), args), signature, graphs, max_size,
-                                     single_output=not isinstance(out, (tuple, list)))
+                                     single_output=not isinstance(out, (tuple, list)), produced=produced)
                 split.__dict__[node.target] = piece  # the split module's code calls self.<target>(...)
                 pieces.append(piece)
             return out

@@ -24,6 +24,9 @@ class CapturedCall:
     replay: Callable[[], None]
     outputs: tuple
     pool_bytes: int = 0  # growth of the graph pool during this capture
+    # the outputs held strongly until every piece of the key is captured, so no later piece of the
+    # same key allocates over memory it reads in place
+    hold: tuple | None = None
 
 
 class CudaGraphs:
@@ -50,7 +53,7 @@ class CudaGraphs:
             out = outputs_as_tuple(fn(*args))
         graph.replay()
         weak = tuple(weak_tensor(o) if isinstance(o, torch.Tensor) else o for o in out)
-        return CapturedCall(graph.replay, weak, torch.cuda.memory_reserved(self.device) - before)
+        return CapturedCall(graph.replay, weak, torch.cuda.memory_reserved(self.device) - before, hold=out)
 
 
 class EmulatedGraphs:

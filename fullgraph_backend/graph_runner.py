@@ -28,17 +28,23 @@ Key = tuple  # (padded size or None for a static graph, BatchKind)
 
 
 class GraphedPiece:
-    """A compiled callable captured once per key, reading its inputs from static buffers.
+    """A compiled callable captured once per key, reading its inputs from fixed addresses.
 
-    The runner sets ``mode`` and ``size`` before calling it: ``eager`` calls straight through;
-    ``warmup``, ``capture`` and ``replay`` first copy the batched args into the buffers viewed at
-    ``size`` (rows past the real count keep stale, finite values), and replace the size arg.
+    The runner sets ``mode`` and ``key`` before calling it: ``eager`` calls straight through;
+    ``warmup``, ``capture`` and ``replay`` run at the key's padded size, with the size arg
+    replaced. A batched or per-call input is read from a static buffer (rows past the real count
+    keep stale, finite values), except one that is the output of a piece captured earlier for
+    the same key (piecewise mode): the graph reads that pool address in place, as vLLM's
+    piecewise graphs do, so a replay copies only what moved.
     """
 
     def __init__(self, fn: Callable, signature: BatchSignature, graphs: CudaGraphs | EmulatedGraphs,
-                 max_size: int | None, single_output: bool = False) -> None:
+                 max_size: int | None, single_output: bool = False,
+                 produced: dict[Key, set[int]] | None = None) -> None:
         self.fn, self.sig, self.graphs = fn, signature, graphs
         self.single_output = single_output  # fn returns one value, not a tuple
+        # addresses of outputs captured so far in the current key's capture pass, shared by the pieces
+        self._produced = produced if produced is not None else {}
         specs = signature.inputs
         self._copied = [i for i, s in enumerate(specs) if s.kind in (ArgKind.BATCHED, ArgKind.COPIED)]
         self._sizes = [i for i, s in enumerate(specs) if s.kind is ArgKind.SIZE]
@@ -46,6 +52,7 @@ class GraphedPiece:
         self._max_size = max_size
         self._buffers: dict[int, torch.Tensor] = {}  # allocated on first use, outside any fake mode
         self._views: dict[int | None, dict[int, torch.Tensor]] = {}
+        self._reads: dict[Key, dict[int, torch.Tensor]] = {}  # per key: what the graph reads for each input
         self.calls: dict[Key, CapturedCall] = {}
         self._static_ptrs: dict[Key, list[int]] = {}
         self.mode, self.key = "eager", None
@@ -53,36 +60,56 @@ class GraphedPiece:
     def __call__(self, *args):
         if self.mode == "eager":
             return self.fn(*args)
-        staged = self._stage(list(args), self.key[0])
+        key = self.key
         if self.mode == "warmup":
-            return self._as_fn_returns(self.graphs.warmup(self.fn, staged))
+            return self._as_fn_returns(self.graphs.warmup(self.fn, self._stage(args, self._staging(key[0]))))
         if self.mode == "capture":
-            self.calls[self.key] = call = self.graphs.capture(self.fn, staged)
-            self._static_ptrs[self.key] = [staged[i].data_ptr() for i in self._static]
+            produced = self._produced.setdefault(key, set())
+            reads = {i: args[i] if _same_place(args[i], view) and args[i].data_ptr() in produced else view
+                     for i, view in self._staging(key[0]).items()}
+            staged = self._stage(args, reads)
+            self.calls[key] = call = self.graphs.capture(self.fn, staged)
+            self._reads[key] = reads
+            self._static_ptrs[key] = [staged[i].data_ptr() for i in self._static]
+            produced.update(o.data_ptr() for o in call.outputs if isinstance(o, torch.Tensor))
             return self._as_fn_returns(call.outputs)
-        call = self.calls[self.key]
-        if [args[i].data_ptr() for i in self._static] != self._static_ptrs[self.key]:
+        call = self.calls[key]
+        if [args[i].data_ptr() for i in self._static] != self._static_ptrs[key]:
             self._raise_moved(args)
+        self._stage(args, self._reads[key])
         call.replay()
         return self._as_fn_returns(call.outputs)
+
+    def end_capture(self, key: Key) -> None:
+        """After every piece captured ``key``: let later captures reuse this key's output memory."""
+        self.calls[key].hold = None
+        self._produced.pop(key, None)
 
     def _as_fn_returns(self, outputs: tuple):
         return outputs[0] if self.single_output else outputs
 
-    def _stage(self, args: list, size: int | None) -> list:
+    def _staging(self, size: int | None) -> dict[int, torch.Tensor]:
+        """The static buffers viewed at ``size``, by input position."""
         views = self._views.get(size)
         if views is None:
             if not self._buffers:
                 self._buffers = {i: self.sig.allocate(self.sig.inputs[i], self._max_size) for i in self._copied}
             views = self._views[size] = {i: self.sig.view(self.sig.inputs[i], self._buffers[i], size)
                                          for i in self._copied}
+        return views
+
+    def _stage(self, args: tuple, reads: dict[int, torch.Tensor]) -> list:
+        """The args the graph sees: each input copied to where the graph reads it, unless it is there."""
+        args = list(args)
+        size = self.key[0]
         for i in self._copied:
-            src, dst = args[i], views[i]
-            for d in self.sig.inputs[i].batch_dims:  # capture loops stage real args at smaller sizes too
-                rows = min(src.shape[d], dst.shape[d])
-                src, dst = src.narrow(d, 0, rows), dst.narrow(d, 0, rows)
-            dst.copy_(src)
-            args[i] = views[i]
+            src, dst = args[i], reads[i]
+            if src.data_ptr() != dst.data_ptr():
+                for d in self.sig.inputs[i].batch_dims:  # capture loops stage real args at smaller sizes too
+                    rows = min(src.shape[d], dst.shape[d])
+                    src, dst = src.narrow(d, 0, rows), dst.narrow(d, 0, rows)
+                dst.copy_(src)
+            args[i] = reads[i]
         for i in self._sizes:
             args[i] = size
         return args
@@ -94,6 +121,10 @@ class GraphedPiece:
             f"{moved[:8]}) are not at the addresses captured in the CUDA graph, so a replay would read stale "
             f"memory. This happens after model.to(...), load_state_dict(assign=True) or replacing a parameter. "
             f"Update weights in place (param.data.copy_(...)), or call torch._dynamo.reset() and compile again.")
+
+
+def _same_place(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 @dataclass
@@ -210,6 +241,8 @@ class GraphRunner:
                     t1 = time.perf_counter()
                     self._run("capture", (size, kind), args)
                     t2 = time.perf_counter()
+                for piece in self.pieces:
+                    piece.end_capture((size, kind))
                 pool = sum(p.calls[(size, kind)].pool_bytes for p in self.pieces) / 2**20
                 self.capture_table.append(CaptureRecord(size, kind.value, (t1 - t0) * 1e3, (t2 - t1) * 1e3, pool))
         log.info("fullgraph: captured %d graph key(s) x %d piece(s) in %.2f s", len(keys), len(self.pieces),

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import use_forward_context  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
+from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
 
 def copy_bandwidth() -> float:
@@ -142,7 +143,7 @@ def main() -> None:
     with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
         json.dump({**header, "weight_GB": weight_bytes / 1e9, "rows": rows}, f, indent=1)
     _print_table(header, rows, batches)
-    _plot(rows, batches, os.path.join(args.out, "bench_decode.png"), header)
+    plot_decode({**header, "rows": rows}, os.path.join(args.out, "bench_decode.png"))
 
 
 def _compiled(model, mode: str, impl: str):
@@ -174,31 +175,6 @@ def _print_table(header: dict, rows: list[dict], batches: list[int]) -> None:
         print(f"| {mode} | " + " | ".join(cells) + " |")
     floors = [next((r["floor_ms"] for r in rows if r["batch"] == b and "floor_ms" in r), None) for b in batches]
     print("| HBM floor | " + " | ".join(f"{f:.2f}" if f else "-" for f in floors) + " |")
-
-
-def _plot(rows: list[dict], batches: list[int], path: str, header: dict) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / (len(modes) + 1)
-    for i, mode in enumerate([*modes, "HBM floor"]):
-        values = []
-        for b in batches:
-            match = [r for r in rows if r["batch"] == b and "gpu_ms" in r]
-            r = next((r for r in match if r["mode"] == mode), None)
-            values.append(match[0]["floor_ms"] if mode == "HBM floor" and match else r["gpu_ms"] if r else 0)
-        ax.bar([j + i * width for j in range(len(batches))], values, width, label=mode)
-    ax.set_xticks([j + width * len(modes) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
-    ax.set_ylabel("ms per decode step")
-    ax.set_title(f"{header['model']} decode, context {header['context']}, {header['device']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from plot_results import plot_dynamic  # tools/ is on the path when run as a script
+
 
 class Block(torch.nn.Module):
     def __init__(self, d: int = 512, heads: int = 8) -> None:
@@ -108,6 +110,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_dynamic_batch.json"), "w") as f:
         json.dump(result, f, indent=1)
+    plot_dynamic(result, os.path.join(args.out, "bench_dynamic_batch.png"))
     print(f"\n{result['device']}, torch {result['torch']}, {result['date']}, {result['calls']} calls, "
           f"{result['distinct_sizes']} distinct sizes\ncommand: {result['command']}")
     print("| mode | total s (incl. compile/capture) | steady median ms (last 100) |\n|---|---|---|")

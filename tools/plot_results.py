@@ -1,0 +1,62 @@
+"""Plots for docs/benchmarks.md, from the JSON the benchmark scripts write.
+
+Usage: python tools/plot_results.py RESULT.json OUT.png   (the kind is read from the JSON)
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_decode(result: dict, path: str) -> None:
+    """Grouped bars: ms per decode step by batch, one bar per mode, plus the HBM floor."""
+    rows = [r for r in result["rows"] if "gpu_ms" in r]
+    batches = sorted({r["batch"] for r in rows})
+    modes = [*dict.fromkeys(r["mode"] for r in rows), "HBM floor"]
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, mode in enumerate(modes):
+        values = []
+        for b in batches:
+            match = [r for r in rows if r["batch"] == b]
+            hit = [r for r in match if r["mode"] == mode]
+            values.append(match[0]["floor_ms"] if mode == "HBM floor" else hit[0]["gpu_ms"] if hit else 0)
+        ax.bar([j + i * width for j in range(len(batches))], values, width, label=mode)
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per decode step (log)")
+    ax.set_title(f"{result['model']} decode, context {result['context']}, {result['device']}, torch {result['torch']}")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_dynamic(result: dict, path: str) -> None:
+    """Two panels: steady median per call, and total time including compile and capture."""
+    modes = [m for m, e in result["modes"].items() if "steady_median_ms" in e]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    left.bar(modes, [result["modes"][m]["steady_median_ms"] for m in modes], color="tab:blue")
+    left.set_ylabel("steady median ms per call")
+    right.bar(modes, [result["modes"][m]["total_s"] for m in modes], color="tab:orange")
+    right.set_ylabel(f"total s for {result['calls']} calls")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.suptitle(f"{result['distinct_sizes']} distinct batch sizes, {result['device']}, torch {result['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    source, target = sys.argv[1:3]
+    with open(source) as f:
+        result = json.load(f)
+    (plot_dynamic if "modes" in result else plot_decode)(result, target)
+
+
+if __name__ == "__main__":
+    main()
