@@ -48,6 +48,10 @@ class CudaGraphs:
     def capture(self, fn: Callable, args: list) -> CapturedCall:
         """Capture ``fn(*args)``, replay it once so its outputs hold real values, hand them out weakly."""
         graph = torch.cuda.CUDAGraph()
+        # torch.cuda.graph empties the allocator's cache on entry; do it first so the difference
+        # below is the pool's growth, not the cache it released
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             out = outputs_as_tuple(fn(*args))

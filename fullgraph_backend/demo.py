@@ -26,7 +26,8 @@ class ModeResult:
     setup_s: float
     step_ms: list[float]
     graphs: int
-    tokens: list[list[int]] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)  # [batch][steps], greedy
+    logit_error: float | None = None  # max |logits - first mode's| / max |first mode's|, teacher-forced
 
     @property
     def median_ms(self) -> float:
@@ -60,33 +61,38 @@ def block_tables(ctx: ForwardContext, batch: int) -> list[list[int]]:
     return [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
 
 
-def greedy_decode(model, ctx: ForwardContext, prompts: torch.Tensor, steps: int) -> tuple[list[float], list]:
+def greedy_decode(model, ctx: ForwardContext, prompts: torch.Tensor, steps: int,
+                  forced: list[list[int]] | None = None) -> tuple[list[float], list[list[int]], list[torch.Tensor]]:
     """Prefill ``prompts [batch, len]`` in one step, then decode ``steps`` tokens greedily.
 
-    Returns the per-decode-step times (ms, synchronised) and the tokens ``[batch][steps]``.
+    With ``forced`` (``[batch][steps]`` tokens, e.g. eager's), each step is fed those tokens instead
+    of its own choice (teacher forcing), so logits stay comparable after a near-tie flips a token.
+    Returns the per-decode-step times (ms, synchronised), the greedy tokens ``[batch][steps]`` and
+    the logits of the prefill's last tokens and of every decode step (float32, on the CPU).
     """
     batch, length = prompts.shape
     tables = block_tables(ctx, batch)
     device = ctx.device
-    times, tokens = [], []
+    times, tokens, logits_seen = [], [], []
     with use_forward_context(ctx), torch.inference_mode():
         positions = ctx.prepare([length] * batch, [length] * batch, tables)
         ids = prompts.reshape(-1).to(device, copy=True)  # an inference tensor, like the decode ids
         torch._dynamo.mark_dynamic(ids, 0)
         torch._dynamo.mark_dynamic(positions, 0)
-        logits = model(ids, positions)
-        last = logits.view(batch, length, -1)[:, -1].argmax(-1)
+        logits = model(ids, positions).view(batch, length, -1)[:, -1]
         for step in range(steps):
-            tokens.append(last.tolist())
+            logits_seen.append(logits.to("cpu", torch.float32, copy=True))  # replays overwrite outputs
+            tokens.append(logits.argmax(-1).tolist())
+            feed = forced[step] if forced else tokens[-1]
             positions = ctx.prepare([1] * batch, [length + step + 1] * batch, tables)
-            ids = last.clone()
+            ids = torch.tensor(feed, device=device)
             _sync(device)
             start = time.perf_counter()
             logits = model(ids, positions)
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
-            last = logits.argmax(-1)
-    return times, [list(t) for t in zip(*tokens)]
+        logits_seen.append(logits.to("cpu", torch.float32, copy=True))  # replays overwrite outputs
+    return times, tokens, logits_seen
 
 
 def run_modes(build, ctx: ForwardContext, prompts: torch.Tensor, steps: int, modes: tuple[str, ...],
@@ -94,11 +100,14 @@ def run_modes(build, ctx: ForwardContext, prompts: torch.Tensor, steps: int, mod
               around_compile: Callable[[str], ContextManager] | None = None) -> list[ModeResult]:
     """Decode the same prompts in every mode; ``build()`` returns a fresh eager model.
 
-    ``around_compile(mode)``, if given, is a context entered around each compiled mode's first
-    call, where compilation and capture happen (``fullgraph demo --dump-dir`` dumps there).
+    The first mode's tokens (eager's, when listed first) are fed to every later mode, and each
+    later mode's logits are compared with the first's. ``around_compile(mode)``, if given, is a
+    context entered around each compiled mode's first call, where compilation and capture happen
+    (``fullgraph demo --dump-dir`` dumps there).
     """
-    results = []
+    results: list[ModeResult] = []
     initial = [c.clone() for c in ctx.kv_caches]
+    reference = None
     for mode in modes:
         for cache, saved in zip(ctx.kv_caches, initial):
             cache.copy_(saved)
@@ -114,8 +123,15 @@ def run_modes(build, ctx: ForwardContext, prompts: torch.Tensor, steps: int, mod
         setup = time.perf_counter() - start
         for cache, saved in zip(ctx.kv_caches, initial):
             cache.copy_(saved)
-        times, tokens = greedy_decode(model, ctx, prompts, steps)
-        results.append(ModeResult(mode, setup, times, counter.graphs if counter else 0, tokens))
+        forced = [list(t) for t in zip(*reference.tokens)] if reference else None
+        times, tokens, logits = greedy_decode(model, ctx, prompts, steps, forced)
+        result = ModeResult(mode, setup, times, counter.graphs if counter else 0, [list(t) for t in zip(*tokens)])
+        if reference is None:
+            reference, ref_logits = result, logits
+        else:
+            scale = max(float(r.abs().max()) for r in ref_logits)
+            result.logit_error = max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits)) / scale
+        results.append(result)
     return results
 
 
