@@ -15,8 +15,8 @@ from fullgraph_backend.attention.registry import AttentionImpl, resolve_impl
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.cuda_graph import CudaGraphs, EmulatedGraphs, graphs_for
 from fullgraph_backend.dump.writer import GraphDump
-from fullgraph_backend.forward_context import ForwardContext, current_forward_context
-from fullgraph_backend.graph_runner import GraphedPiece, GraphRunner
+from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
+from fullgraph_backend.graph_runner import GraphedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, is_module_state
 from passes import PassManager, find_batch_mixing, split_at_attention, swap_attention
 
@@ -61,15 +61,17 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     graphs = graphs_for(device)
     max_size = sizes[-1] if sizes else None
     compile_fn = dump.compiler(_compiler(config))
-    if config.cudagraph_mode == "piecewise" and has_attention:
+    paths: dict[BatchKind, Path] = {}
+    if config.cudagraph_mode in ("piecewise", "full_and_piecewise") and has_attention:
+        # split before compiling the whole graph: compile_fx may change the module it is given
         impl_target = getattr(impl.op, "_opoverload", impl.op)
         split, attention_parts = split_at_attention(gm, lambda n: n.op == "call_function" and n.target is impl_target)
-        pieces = _compile_pieces(split, attention_parts, gm, example_inputs, compile_fn, graphs, max_size)
-        fn: Callable = split
-    else:
+        paths[BatchKind.MIXED] = Path(split, _compile_pieces(split, attention_parts, gm, example_inputs, compile_fn,
+                                                             graphs, max_size))
+    if BatchKind.MIXED not in paths or config.cudagraph_mode == "full_and_piecewise":
         piece = GraphedPiece(compile_fn(gm, example_inputs), signature, graphs, max_size)
-        fn, pieces = piece, [piece]
-    return GraphRunner(fn, pieces, signature, extra_args, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
+        paths[BatchKind.DECODE if BatchKind.MIXED in paths else BatchKind.MIXED] = Path(piece, [piece])
+    return GraphRunner(paths, signature, extra_args, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
                        ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,
                        max_num_seqs=max_num_seqs, on_capture=dump.write_capture_table,
                        static_tokens=ctx.num_tokens if has_attention and signature.is_static else None)

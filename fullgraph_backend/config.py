@@ -5,7 +5,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields
 
-CUDAGRAPH_MODES = ("full", "piecewise", "none")
+CUDAGRAPH_MODES = ("full", "full_and_piecewise", "piecewise", "none")
 COMPILERS = ("inductor", "eager")
 
 
@@ -21,7 +21,8 @@ class FullgraphConfig:
     - ``capture_sizes``: padded batch sizes (tokens) to capture; larger batches run the compiled
       graph without CUDA graphs.
     - ``cudagraph_mode``: ``full`` (one graph per size), ``piecewise`` (graphs between attention
-      calls, attention eager: the baseline), ``none`` (compiled code, no graphs).
+      calls, attention eager: the baseline), ``full_and_piecewise`` (full graphs for uniform-decode
+      batches, pieces for mixed ones), ``none`` (compiled code, no graphs).
     - ``attention_impl``: ``auto`` or an implementation name (see ``impl_names()``).
     - ``max_num_seqs``: most requests per step; uniform-decode graphs are captured up to the
       first capture size that holds it. Defaults to the forward context's.

@@ -138,31 +138,51 @@ class CaptureRecord:
     pool_mib: float
 
 
+@dataclass
+class Path:
+    """One way to run the graph: ``fn`` calls the pieces (the whole graph, or the parts between
+    attention calls with attention eager in between)."""
+
+    fn: Callable
+    pieces: list[GraphedPiece]
+
+
 class GraphRunner:
     """The callable the backend returns: picks the graph key, captures, replays, falls back.
 
     Keys are ``(padded size, batch kind)``. Padded graphs are captured for every capture size on
     the first call, largest first; graphs whose ops mix rows across the batch dim are keyed by
     exact size and captured on first sight of each size. A batch beyond the largest capture
-    size runs the compiled code without graphs (logged once).
+    size runs the compiled code without graphs (logged once). ``paths`` maps a batch kind to how
+    it runs: ``full_and_piecewise`` gives uniform-decode batches the full graph and mixed
+    batches the pieces; every other mode has one path for both.
     """
 
-    def __init__(self, fn: Callable, pieces: list[GraphedPiece], signature: BatchSignature,
+    def __init__(self, paths: dict[BatchKind, Path], signature: BatchSignature,
                  extra_args: tuple[torch.Tensor, ...], *,
                  capture_sizes: tuple[int, ...], pad: bool, use_graphs: bool, ctx: ForwardContext | None,
                  decode_variant: bool, max_num_seqs: int | None, static_tokens: int | None = None,
                  on_capture: Callable[[list[CaptureRecord]], None] | None = None) -> None:
-        self.fn, self.pieces, self.sig = fn, pieces, signature
+        self.paths = {BatchKind.MIXED: paths[BatchKind.MIXED],
+                      BatchKind.DECODE: paths.get(BatchKind.DECODE, paths[BatchKind.MIXED])}
+        self.sig = signature
+        # decode batches get keys of their own when a kernel or the path differs for them
+        self.kinds_differ = decode_variant or self.paths[BatchKind.DECODE] is not self.paths[BatchKind.MIXED]
         self.on_capture = on_capture  # called with the capture table after each capture loop (the dump)
         self.extra_args = extra_args  # the forward-context buffers the attention swap made graph inputs
         self.capture_sizes, self.pad, self.use_graphs = capture_sizes, pad, use_graphs
-        self.ctx, self.decode_variant = ctx, decode_variant
+        self.ctx = ctx
         self.static_tokens = static_tokens  # the token count a static (size-specialised) graph was traced at
         # uniform-decode graphs exist up to the first capture size holding max_num_seqs requests
         seqs = max_num_seqs or (capture_sizes[-1] if capture_sizes else 0)
         self._decode_limit = next((s for s in capture_sizes if s >= seqs), capture_sizes[-1] if capture_sizes else 0)
         self.capture_table: list[CaptureRecord] = []
         self._said: set[str] = set()
+
+    @property
+    def pieces(self) -> list[GraphedPiece]:
+        """Every captured piece, of every path."""
+        return list({id(p): p for path in self.paths.values() for p in path.pieces}.values())
 
     @property
     def __code__(self):
@@ -176,7 +196,7 @@ class GraphRunner:
         key = self._key(n, kind)
         if key is None:
             return self._run("eager", None, args)
-        if key not in self.pieces[0].calls:
+        if key not in self.paths[key[1]].pieces[0].calls:
             self._capture(self._all_keys() if self.pad and not self.capture_table else [key], args)
         out = self._run("replay", key, args)
         return out if n is None else self.sig.slice_outputs(out, n)
@@ -194,7 +214,7 @@ class GraphRunner:
         if tokens is not None and tokens != active.num_tokens:
             raise RuntimeError(f"fullgraph: the model got {tokens} tokens but ctx.prepare(...) described "
                                f"{active.num_tokens}; prepare the metadata for this batch first")
-        return active.batch_kind if self.decode_variant else BatchKind.MIXED
+        return active.batch_kind if self.kinds_differ else BatchKind.MIXED
 
     def _key(self, n: int | None, kind: BatchKind) -> Key | None:
         if not self.use_graphs:
@@ -214,18 +234,19 @@ class GraphRunner:
 
     def _all_keys(self) -> list[Key]:
         """Every padded key, largest size first (smaller captures reuse the pool's blocks)."""
-        kinds = [BatchKind.MIXED, BatchKind.DECODE] if self.decode_variant else [BatchKind.MIXED]
+        kinds = [BatchKind.MIXED, BatchKind.DECODE] if self.kinds_differ else [BatchKind.MIXED]
         return [(size, kind) for size in reversed(self.capture_sizes) for kind in kinds
                 if kind is BatchKind.MIXED or size <= self._decode_limit]
 
     # ---- capture and run -----------------------------------------------------------------
     def _run(self, mode: str, key: Key | None, args) -> tuple:
-        for piece in self.pieces:
+        path = self.paths[key[1] if key else BatchKind.MIXED]
+        for piece in path.pieces:
             piece.mode, piece.key = mode, key
         try:
-            return outputs_as_tuple(self.fn(*args))
+            return outputs_as_tuple(path.fn(*args))
         finally:
-            for piece in self.pieces:
+            for piece in path.pieces:
                 piece.mode = "eager"
 
     def _capture(self, keys: list[Key], args) -> None:
@@ -241,9 +262,10 @@ class GraphRunner:
                     t1 = time.perf_counter()
                     self._run("capture", (size, kind), args)
                     t2 = time.perf_counter()
-                for piece in self.pieces:
+                pieces = self.paths[kind].pieces
+                for piece in pieces:
                     piece.end_capture((size, kind))
-                pool = sum(p.calls[(size, kind)].pool_bytes for p in self.pieces) / 2**20
+                pool = sum(p.calls[(size, kind)].pool_bytes for p in pieces) / 2**20
                 self.capture_table.append(CaptureRecord(size, kind.value, (t1 - t0) * 1e3, (t2 - t1) * 1e3, pool))
         log.info("fullgraph: captured %d graph key(s) x %d piece(s) in %.2f s", len(keys), len(self.pieces),
                  time.perf_counter() - start)

@@ -73,7 +73,7 @@ class Harness:
         return got, expected
 
 
-@pytest.mark.parametrize("mode", ["full", "piecewise", "none"])
+@pytest.mark.parametrize("mode", ["full", "full_and_piecewise", "piecewise", "none"])
 def test_compiled_equals_eager_in_shuffled_order(mode):
     h = Harness(mode)
     sizes = SIZES * 2
@@ -82,6 +82,18 @@ def test_compiled_equals_eager_in_shuffled_order(mode):
         got, expected = h.step(n)
         assert got.shape == expected.shape == (n, 64)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{mode}, {n} tokens")
+
+
+def test_full_and_piecewise_runs_decode_on_the_full_graph_and_mixed_on_pieces():
+    h = Harness("full_and_piecewise", capture_sizes=[2, 4, 8])
+    for n, decode in [(5, False), (3, True), (8, True), (6, False), (1, True)]:
+        got, expected = h.step(n, decode=decode)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{n} tokens, decode={decode}")
+    runner = h.backend.runners[0]
+    full, pieces = runner.paths[BatchKind.DECODE].pieces, runner.paths[BatchKind.MIXED].pieces
+    assert len(full) == 1 and len(pieces) == 3
+    assert set(full[0].calls) == {(s, BatchKind.DECODE) for s in (2, 4, 8)}
+    assert all(set(p.calls) == {(s, BatchKind.MIXED) for s in (2, 4, 8)} for p in pieces)
 
 
 def test_piecewise_reads_earlier_piece_outputs_in_place():
