@@ -1,4 +1,5 @@
-"""The ``fullgraph`` command line: ``fullgraph demo`` runs the main job."""
+"""The ``fullgraph`` command line: ``fullgraph demo`` runs the main job; ``fullgraph bench latency|serve``
+benchmarks the engine (``fullgraph_backend.engine``)."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     dump.add_argument("dir", help="a folder written by dump_dir=..., dump_compilation(...) or demo --dump-dir")
     dump.add_argument("--html", metavar="OUT.html", default=None,
                       help="also write one static page with each graph before/after every pass, side by side")
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -43,7 +45,90 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command == "dump":
         return _dump(args)
+    if args.command == "bench":
+        return _bench(args)
     return 2
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmark the engine: latency of generate, or serving under load")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    latency = kinds.add_parser("latency", help="average and percentile latency of one generate call")
+    latency.add_argument("--batch-size", type=int, default=8)
+    latency.add_argument("--input-len", type=int, default=32)
+    latency.add_argument("--output-len", type=int, default=128)
+    latency.add_argument("--num-iters", type=int, default=10)
+    latency.add_argument("--num-iters-warmup", type=int, default=2)
+    serve = kinds.add_parser("serve", help="Poisson arrivals in process; vLLM's Serving Benchmark Result block")
+    serve.add_argument("--request-rate", type=float, default=float("inf"),
+                       help="requests per second (inf: all at once)")
+    serve.add_argument("--num-prompts", type=int, default=100)
+    serve.add_argument("--random-input-len", type=int, default=1000)
+    serve.add_argument("--random-output-len", type=int, default=100)
+    serve.add_argument("--ignore-eos", action="store_true", help="generate --random-output-len tokens every time")
+    serve.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for p in (latency, serve):
+        p.add_argument("--model", default=None, help="named config or HF-format directory "
+                                                     "(default: qwen2.5-1.5b on CUDA, tiny on CPU)")
+        p.add_argument("-O", "--optimization-level", type=int, default=4, choices=range(5), metavar="{0..4}",
+                       help="-O0 eager, -O1 Inductor, -O2 piecewise graphs, -O3 full decode + piecewise mixed, "
+                            "-O4 one full graph for every batch (write -O4 or --optimization-level 4)")
+        p.add_argument("--cudagraph-mode", default=None, choices=["none", "piecewise", "full_and_piecewise", "full"],
+                       help="overrides the level's graph mode")
+        p.add_argument("--max-num-seqs", type=int, default=256)
+        p.add_argument("--max-num-batched-tokens", type=int, default=512)
+        p.add_argument("--max-model-len", type=int, default=None, help="default: input + output length")
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        p.add_argument("--num-kv-blocks", type=int, default=None)
+        p.add_argument("--compiler", default=None, choices=["inductor", "eager"])
+        p.add_argument("--capture-sizes", default=None, help="comma list of padded sizes to capture")
+        p.add_argument("--attention-impl", default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--output-json", default=None, help="also write the results here")
+        p.add_argument("-v", "--verbose", action="store_true", help="log what the backend does")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from fullgraph_backend.engine import LLM
+    from fullgraph_backend.engine import bench
+
+    serve = args.bench == "serve"
+    input_len, output_len = ((args.random_input_len, args.random_output_len) if serve
+                             else (args.input_len, args.output_len))
+    compile_options = {}
+    if args.compiler:
+        compile_options["compiler"] = args.compiler
+    if args.capture_sizes:
+        compile_options["capture_sizes"] = tuple(int(s) for s in args.capture_sizes.split(","))
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    llm = LLM(args.model or ("qwen2.5-1.5b" if cuda else "tiny"), optimization_level=args.optimization_level,
+              cudagraph_mode=args.cudagraph_mode, compile_options=compile_options or None,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len or input_len + output_len, dtype=args.dtype, device=args.device,
+              gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+              attention_impl=args.attention_impl, seed=args.seed)
+    device = llm.runner.device
+    print(f"model {llm.model_config.name}, {llm.runner.dtype}, {_device_name(device)}, torch {torch.__version__}")
+    print(f"startup: {llm.startup}")
+    if serve:
+        result = bench.bench_serve(llm, num_prompts=args.num_prompts, request_rate=args.request_rate,
+                                   input_len=input_len, output_len=output_len, ignore_eos=args.ignore_eos,
+                                   seed=args.seed, progress=not args.no_progress)
+        summary = result.metrics()
+        bench.print_serve_result(summary)
+    else:
+        result = bench.bench_latency(llm, batch_size=args.batch_size, input_len=input_len, output_len=output_len,
+                                     num_iters=args.num_iters, num_iters_warmup=args.num_iters_warmup, seed=args.seed)
+        summary = result.as_dict()
+        bench.print_latency(result)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"startup": vars(llm.startup), **summary}, f, indent=2)
+    return 0
 
 
 def _dump(args: argparse.Namespace) -> int:

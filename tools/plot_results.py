@@ -51,11 +51,37 @@ def plot_dynamic(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_serving(result: dict, path: str) -> None:
+    """Two panels, one bar group per request rate and one bar per -O level: median (P99 as a tick)
+    TPOT, and median TTFT."""
+    levels = list(result["levels"])
+    rates = list(next(iter(result["levels"].values()))["rates"]) if levels else []
+    width = 0.8 / max(len(levels), 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, level in enumerate(levels):
+        per_rate = [result["levels"][level]["rates"][r] for r in rates]
+        xs = [j + i * width for j in range(len(rates))]
+        left.bar(xs, [m["median_tpot_ms"] for m in per_rate], width, label=f"-O{level}")
+        left.scatter(xs, [m["p99_tpot_ms"] for m in per_rate], marker="_", s=200, color="black")
+        right.bar(xs, [m["median_ttft_ms"] for m in per_rate], width, label=f"-O{level}")
+    for ax, label in ((left, "median TPOT ms (tick: P99)"), (right, "median TTFT ms")):
+        ax.set_xticks([j + width * (len(levels) - 1) / 2 for j in range(len(rates))], [f"{r} req/s" for r in rates])
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']}, {result['num_prompts']} prompts, {result['input_len']} in / "
+                 f"{result['output_len']} out, {result['device']}, torch {result['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     source, target = sys.argv[1:3]
     with open(source) as f:
         result = json.load(f)
-    (plot_dynamic if "modes" in result else plot_decode)(result, target)
+    if result.get("kind") == "serving":
+        plot_serving(result, target)
+    else:
+        (plot_dynamic if "modes" in result else plot_decode)(result, target)
 
 
 if __name__ == "__main__":

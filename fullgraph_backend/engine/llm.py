@@ -1,0 +1,168 @@
+"""``LLM``: the offline engine on the fullgraph backend, with the interface vLLM users know.
+
+::
+
+    from fullgraph_backend.engine import LLM, SamplingParams
+    llm = LLM(model="qwen2.5-1.5b", optimization_level=4, max_num_seqs=256, max_model_len=4096,
+              dtype="auto", seed=0)
+    outs = llm.generate(prompt_token_ids, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    outs[0].token_ids
+
+Construction loads the model, sizes the KV cache, compiles and captures (``llm.startup`` says
+what that cost). ``generate`` runs a batch to completion; ``add_request`` / ``step`` drive the
+engine one step at a time (the serving benchmark does).
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from typing import Iterable, Sequence as Seq
+
+from rich.progress import Progress
+
+from fullgraph_backend.engine.block_manager import BlockManager
+from fullgraph_backend.engine.config import EngineConfig
+from fullgraph_backend.engine.kv_budget import num_kv_blocks
+from fullgraph_backend.engine.loader import load_model
+from fullgraph_backend.engine.model_runner import NUM_RESERVED_BLOCKS, ModelRunner, profile_activation_bytes
+from fullgraph_backend.engine.params import SamplingParams
+from fullgraph_backend.engine.scheduler import Scheduler
+from fullgraph_backend.engine.sequence import RequestOutput, Sequence
+
+log = logging.getLogger("fullgraph")
+
+
+class LLM:
+    """An engine: ``LLM(model, **options)``, options as :class:`EngineConfig` lists them."""
+
+    def __init__(self, model: str, **options) -> None:
+        self.config = c = EngineConfig.from_kwargs(model, **options)
+        device, dtype = c.torch_device, c.torch_dtype
+        loaded = load_model(c.model, dtype=dtype, device=device, seed=c.seed)
+        self.model_config = mc = loaded.model.config
+        self.eos_token_ids, self.tokenizer = loaded.eos_token_ids, loaded.tokenizer
+        self.max_model_len = c.max_model_len or min(2048, mc.max_position_embeddings)
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds {mc.name!r}'s max_position_embeddings "
+                             f"{mc.max_position_embeddings}")
+        limits = dict(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                      max_model_len=self.max_model_len, block_size=c.block_size, attention_impl=c.attention_impl)
+        activations = 0 if c.num_kv_blocks else profile_activation_bytes(loaded.model, **limits)
+        blocks = num_kv_blocks(mc, block_size=c.block_size, dtype=dtype, device=device, max_num_seqs=c.max_num_seqs,
+                               max_model_len=self.max_model_len, num_reserved=NUM_RESERVED_BLOCKS,
+                               override=c.num_kv_blocks, gpu_memory_utilization=c.gpu_memory_utilization,
+                               activation_bytes=activations)
+        self.runner = ModelRunner(loaded.model, level=c.optimization_level, cudagraph_mode=c.cudagraph_mode,
+                                  compile_options=c.compile_options, num_blocks=blocks, seed=c.seed, **limits)
+        self.block_manager = BlockManager(blocks, c.block_size, num_reserved=NUM_RESERVED_BLOCKS)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=c.max_num_seqs,
+                                   max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
+        self._next_id = 0
+        self.startup = self.runner.warm_up()
+        log.info("fullgraph engine: %s", self.startup)
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt: Seq[int] | str, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> int:
+        """Queue one request; returns its id. Bad input is a ValueError naming the problem."""
+        seq = self._make_sequence(prompt, params or SamplingParams(), arrival_time)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if self.scheduler.has_unfinished():  # cannot happen: add() rejects what can never fit
+                raise RuntimeError(f"the scheduler is stuck with {len(self.scheduler.waiting)} waiting requests")
+            return []
+        sampled = self.runner.execute(batch)
+        finished = self.scheduler.update(batch, sampled, time.perf_counter(), self.eos_token_ids)
+        outputs = []
+        for seq in finished:
+            self.runner.sampler.forget(seq.request_id)
+            outputs.append(RequestOutput.of(seq, self._decode(seq.output_token_ids)))
+        return outputs
+
+    def generate(self, prompts: Seq[Seq[int] | str] | Seq[int] | str,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run ``prompts`` (token-id lists, or strings where a tokenizer exists) to completion.
+
+        One ``SamplingParams`` for all, or one per prompt. Every prompt is checked before any
+        runs. Returns one :class:`RequestOutput` per prompt, in order. Not to be mixed with
+        requests queued by :meth:`add_request` (an error while any is unfinished).
+        ``use_tqdm`` (vLLM's name) shows a progress bar of finished requests.
+        """
+        if self.has_unfinished():
+            raise RuntimeError("generate() runs its own batch: finish the requests queued with add_request() first")
+        if isinstance(prompts, str) or (len(prompts) and not isinstance(prompts[0], str) and _is_token(prompts[0])):
+            prompts = [prompts]  # one prompt
+        prompts = list(prompts)
+        if not isinstance(sampling_params, (list, tuple)):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        now = time.perf_counter()
+        seqs = [self._make_sequence(p, sp, now) for p, sp in zip(prompts, params)]
+        for seq in seqs:
+            self.scheduler.check(seq)  # every request, before any is queued
+        for seq in seqs:
+            self.scheduler.add(seq)
+        done: dict[int, RequestOutput] = {}
+        with Progress(disable=not use_tqdm) as bar:
+            task = bar.add_task("generate", total=len(seqs))
+            while len(done) < len(seqs):
+                finished = self.step()
+                done.update((out.request_id, out) for out in finished)
+                bar.advance(task, len(finished))
+        return [done[s.request_id] for s in seqs]
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _make_sequence(self, prompt, params: SamplingParams, arrival_time: float | None) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = self._token_ids(prompt)
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens is longer than max_model_len={self.max_model_len}")
+        seq = Sequence(self._next_id, ids, params, time.perf_counter() if arrival_time is None else arrival_time)
+        self._next_id += 1
+        return seq
+
+    def _token_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; this model has none: pass token id lists")
+            prompt = self.tokenizer.encode(prompt)
+        try:
+            ids = [operator.index(t) for t in _as_list(prompt)]
+        except TypeError:
+            raise ValueError(f"a prompt must be a list of int token ids, got {prompt!r:.80}") from None
+        if not ids:
+            raise ValueError("empty prompt: a prompt needs at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}) ({len(bad)} such ids)")
+        return ids
+
+    def _decode(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
+
+
+def _is_token(value: object) -> bool:
+    try:
+        operator.index(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _as_list(prompt) -> Iterable:
+    return prompt.tolist() if hasattr(prompt, "tolist") else prompt

@@ -1,0 +1,210 @@
+"""Runs one scheduled step: metadata into the forward context, the model (eager or compiled), sampling.
+
+The runner owns the :class:`~fullgraph_backend.ForwardContext` (paged KV cache and static
+metadata) and the model, compiled with ``backend="fullgraph"`` per the optimization level. Two
+rules of the compiled model shape it:
+
+- The first compiled call needs >= 2 tokens, with the token inputs marked dynamic, or Dynamo
+  specialises the graph to that size. Dynamo also specialises size 1, so a step of one token
+  would compile a second graph: the runner pads such a step with a dummy one-token request that
+  writes only the scratch block (:data:`SCRATCH_BLOCK`), and the model never sees one token.
+- Outputs of a compiled call are overwritten by the next call: the rows to sample are indexed
+  out (a copy) and sampled before the next step. Logits are taken only at those rows.
+
+:meth:`warm_up` runs a dummy step at the token budget, where compilation and the capture of
+every graph key happen, then a dummy uniform-decode step, and reports what startup cost.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fullgraph_backend.backend import fullgraph
+from fullgraph_backend.engine.levels import backend_options
+from fullgraph_backend.engine.sampler import Sampler
+from fullgraph_backend.engine.scheduler import ScheduledBatch
+from fullgraph_backend.forward_context import ForwardContext, use_forward_context
+from fullgraph_backend.kv_cache import NULL_BLOCK
+from fullgraph_backend.models import Decoder
+
+SCRATCH_BLOCK = NULL_BLOCK + 1  # written by dummy requests only, never read by a real one
+NUM_RESERVED_BLOCKS = SCRATCH_BLOCK + 1
+
+
+@dataclass
+class StartupReport:
+    """What getting the engine ready cost (compile = first-call time minus warmup/capture time)."""
+
+    level: int
+    cudagraph_mode: str  # "eager" at -O0
+    compile_s: float = 0.0
+    capture_s: float = 0.0
+    num_graphs: int = 0
+    graph_mib: float = 0.0  # graph pool growth over all captures (0 on CPU: graphs are emulated)
+    kv_blocks: int = 0
+    kv_gib: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"-O{self.level} ({self.cudagraph_mode}): compile {self.compile_s:.1f} s, "
+                f"capture {self.capture_s:.2f} s, {self.num_graphs} graphs, graph memory {self.graph_mib:.0f} MiB, "
+                f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB)")
+
+
+class _KeepRunners:
+    """``backend=`` callable: the fullgraph backend with fixed options, keeping the runners it returns."""
+
+    def __init__(self, options: dict) -> None:
+        self.options, self.runners = options, []
+
+    def __call__(self, gm, example_inputs):
+        runner = fullgraph(gm, example_inputs, options=self.options)
+        self.runners.append(runner)
+        return runner
+
+
+class ModelRunner:
+    """Owns the forward context and the (compiled) model; ``execute(batch)`` runs one step."""
+
+    def __init__(self, model: Decoder, *, level: int, cudagraph_mode: str | None, compile_options: dict | None,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
+                 num_blocks: int, attention_impl: str, seed: int) -> None:
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.options = backend_options(level, cudagraph_mode, compile_options)
+        if self.options is not None:  # decode graphs up to the real request limit, not the context's extra lane
+            self.options.setdefault("max_num_seqs", max(max_num_seqs, 2))
+        self.level = level
+        self.ctx = make_context(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
+                                attention_impl=attention_impl)
+        self.eager_model = model
+        self._backend = _KeepRunners(self.options) if self.options is not None else None
+        self.model = torch.compile(model, backend=self._backend) if self._backend else model
+        self.sampler = Sampler(self.device, seed)
+        pin = self.device.type == "cuda"
+        self._ids = torch.zeros(self.ctx.max_num_tokens, dtype=torch.int64, pin_memory=pin)  # staging
+        self._ids_copied = torch.cuda.Event() if pin else None
+
+    @property
+    def compiled(self) -> bool:
+        return self._backend is not None
+
+    # ---- one step --------------------------------------------------------------------------
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run ``batch``; the sampled token of each request that samples this step, else None."""
+        samples = batch.samples
+        query_lens = list(batch.num_new)
+        seq_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
+        tables = [s.block_table for s in batch.seqs]
+        ids = [t for s, n in zip(batch.seqs, batch.num_new) for t in s.token_ids[s.num_computed: s.num_computed + n]]
+        rows = [end - 1 for end, sample in zip(itertools.accumulate(query_lens), samples) if sample]
+        if self.compiled and len(ids) == 1:  # see the module docstring: never one token
+            query_lens, seq_lens, tables, ids = query_lens + [1], seq_lens + [1], tables + [[SCRATCH_BLOCK]], ids + [0]
+        logits = self._forward(query_lens, seq_lens, tables, ids, rows)
+        if logits is None:
+            return [None] * len(samples)
+        picked = [(s.params, s.request_id) for s, sample in zip(batch.seqs, samples) if sample]
+        tokens = iter(self.sampler(logits, [p for p, _ in picked], [r for _, r in picked]).tolist())
+        return [next(tokens) if sample else None for sample in samples]
+
+    def _forward(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], ids: list[int],
+                 rows: list[int]) -> torch.Tensor | None:
+        """The model on one packed step; the logits at ``rows`` (a copy), or None when no rows."""
+        n = len(ids)
+        with use_forward_context(self.ctx), torch.inference_mode():
+            positions = self.ctx.prepare(query_lens, seq_lens, tables)
+            if self._ids_copied is not None:
+                self._ids_copied.synchronize()  # the previous step's copy may still read the staging
+            self._ids.numpy()[:n] = ids
+            input_ids = self._ids[:n].to(self.device, non_blocking=True, copy=True)
+            if self._ids_copied is not None:
+                self._ids_copied.record()
+            if self.compiled:
+                torch._dynamo.mark_dynamic(input_ids, 0)
+                torch._dynamo.mark_dynamic(positions, 0)
+            logits = self.model(input_ids, positions)
+            if not rows:
+                return None
+            # a copy, taken before the next call overwrites the logits
+            return logits.index_select(0, torch.tensor(rows, device=self.device))
+
+    # ---- startup ---------------------------------------------------------------------------
+    def warm_up(self) -> StartupReport:
+        """Compile and capture (compiled levels) with dummy steps; report the cost."""
+        report = StartupReport(self.level, self.options["cudagraph_mode"] if self.options else "eager",
+                               kv_blocks=self.ctx.num_blocks,
+                               kv_gib=sum(c.numel() * c.element_size() for c in self.ctx.kv_caches) / 2**30)
+        if not self.compiled:
+            return report
+        start = time.perf_counter()
+        self._forward(*dummy_step(self.ctx, self.ctx.max_num_tokens, mixed=True), rows=[])
+        self._sync()
+        first_call = time.perf_counter() - start
+        self._forward(*dummy_step(self.ctx, self.ctx.max_num_seqs, mixed=False), rows=[])  # eager attention kernels
+        self._sync()
+        table = [rec for r in self._backend.runners for rec in r.capture_table]
+        report.capture_s = sum(rec.warmup_ms + rec.capture_ms for rec in table) / 1e3
+        report.compile_s = first_call - report.capture_s
+        report.num_graphs = sum(len(p.calls) for r in self._backend.runners for p in r.pieces)
+        report.graph_mib = sum(rec.pool_mib for rec in table)
+        return report
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def dummy_step(ctx: ForwardContext, num_tokens: int,
+               mixed: bool) -> tuple[list[int], list[int], list[list[int]], list[int]]:
+    """A step of >= 2 tokens over dummy requests that all write the scratch block.
+
+    ``mixed``: requests of up to ``max_model_len`` tokens (prefills); else one token each.
+    Duplicate slots are fine: nothing real reads the scratch block.
+    """
+    num_tokens = min(num_tokens, ctx.max_num_tokens)
+    if mixed:
+        num_reqs = min(ctx.max_num_seqs, max(2, math.ceil(num_tokens / ctx.max_model_len)))
+        total = min(num_tokens, num_reqs * ctx.max_model_len)
+        query_lens = [total // num_reqs + (i < total % num_reqs) for i in range(num_reqs)]
+    else:
+        query_lens = [1] * max(2, min(ctx.max_num_seqs, num_tokens))
+    tables = [[SCRATCH_BLOCK] * math.ceil(q / ctx.block_size) for q in query_lens]
+    return query_lens, list(query_lens), tables, [0] * sum(query_lens)
+
+
+def make_context(model: Decoder, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 block_size: int, num_blocks: int, attention_impl: str) -> ForwardContext:
+    """The forward context of an engine: one more request and at least two tokens than the limits,
+    room for the one-token padding request."""
+    param = next(model.parameters())
+    return model.config.forward_context(
+        dtype=param.dtype, device=param.device, max_num_seqs=max_num_seqs + 1,
+        max_num_tokens=max(max_num_batched_tokens, 2), max_model_len=max_model_len, block_size=block_size,
+        num_blocks=num_blocks, attention_impl=attention_impl)
+
+
+def profile_activation_bytes(model: Decoder, **limits) -> int:
+    """Peak memory of one eager step at the token budget, on a throwaway cache of the reserved
+    blocks (CUDA; 0 elsewhere). ``limits``: :func:`make_context`'s arguments but ``num_blocks``."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 0
+    ctx = make_context(model, num_blocks=NUM_RESERVED_BLOCKS, **limits)
+    query_lens, seq_lens, tables, ids = dummy_step(ctx, ctx.max_num_tokens, mixed=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with use_forward_context(ctx), torch.inference_mode():
+        positions = ctx.prepare(query_lens, seq_lens, tables)
+        logits = model(torch.tensor(ids, device=device), positions)
+        logits[-len(query_lens):].float().softmax(-1)  # what sampling adds
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del ctx, logits, positions
+    torch.cuda.empty_cache()
+    return peak
+

@@ -1,0 +1,56 @@
+"""How to sample one request: ``SamplingParams``, validated on construction (vLLM's names)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling and stopping for one request.
+
+    - ``temperature``: 0 is greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
+    - ``top_p``: keep the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
+    - ``top_k``: keep the ``top_k`` most likely tokens (-1 = all).
+    - ``max_tokens``: stop after this many generated tokens (or at ``max_model_len``, whichever first).
+    - ``ignore_eos``: keep generating past the model's EOS token(s) (benchmarks).
+    - ``stop_token_ids``: extra token ids that end the request (the token is kept in the output).
+    - ``seed``: a per-request generator, so its samples do not depend on what it is batched with;
+      None draws from the engine's generator (seeded by ``LLM(seed=...)``).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
+            raise ValueError(f"top_k must be -1 (off) or a positive int, got {self.top_k!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        stops = tuple(self.stop_token_ids)
+        if not all(_is_int(s) and s >= 0 for s in stops):
+            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", stops)
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

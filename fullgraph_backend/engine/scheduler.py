@@ -1,0 +1,137 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Every step the scheduler walks the running requests first (each needs one token for a decode,
+or the next chunk of its prompt), then admits waiting requests, first come first served, while
+the token budget (``max_num_batched_tokens``), the request limit (``max_num_seqs``) and the KV
+cache allow. A prompt longer than what is left of the budget gets a chunk now and the rest in
+later steps, so steps mixing prefill chunks and decodes are the normal case. When a running
+request needs a block and none is free, the most recently admitted request is preempted: its
+blocks are freed and it waits at the front of the queue to be recomputed (vLLM's recompute
+preemption). A request that could never fit in the cache is rejected when it is added.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from fullgraph_backend.engine.block_manager import BlockManager
+from fullgraph_backend.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    """One step: ``num_new[i]`` tokens of ``seqs[i]``, starting at its ``num_computed``;
+    ``samples[i]``: whether it gets a new token (its every token is computed after the step)."""
+
+    seqs: list[Sequence]
+    num_new: list[int]
+    samples: list[bool]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request feeds exactly one token (a uniform-decode batch)."""
+        return all(n == 1 for n in self.num_new)
+
+
+class Scheduler:
+    """Decides, step by step, which tokens of which requests the model runs."""
+
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq`` (after :meth:`check`)."""
+        self.check(seq)
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """An error if the cache could never hold ``seq``, however long it waited."""
+        longest = min(seq.prompt_len + seq.params.max_tokens, self.max_model_len)
+        cached = max(seq.prompt_len, longest - 1)  # the last token is sampled, never fed
+        need = self.blocks.blocks_for(cached)
+        if need > self.blocks.num_usable:
+            raise ValueError(f"request {seq.request_id} can never fit in the KV cache: {cached} tokens need {need} "
+                             f"blocks of {self.blocks.block_size}, the cache has {self.blocks.num_usable}; lower "
+                             f"max_tokens, or give the cache more blocks (num_kv_blocks / gpu_memory_utilization)")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step's batch (blocks already allocated), or None when nothing can run."""
+        budget = self.max_num_batched_tokens
+        seqs, num_new = [], []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed + n):
+                self._preempt(self.running.pop())  # the latest admitted, possibly seq itself
+                preempted = True
+                if self.running[i:i + 1] != [seq]:
+                    break
+            else:
+                self.blocks.grow(seq, seq.num_computed + n)
+                seqs.append(seq)
+                num_new.append(n)
+                budget -= n
+                i += 1
+                continue
+            break
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed + n):
+                break  # first come, first served: later requests wait behind it
+            self.waiting.popleft()
+            self.blocks.grow(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            seqs.append(seq)
+            num_new.append(n)
+            budget -= n
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, num_new, [s.num_computed + n == s.num_tokens for s, n in zip(seqs, num_new)])
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None], now: float,
+               eos_token_ids: frozenset[int]) -> list[Sequence]:
+        """Record a finished step: ``sampled[i]`` is the token of ``batch.seqs[i]`` (None: a prefill
+        chunk that samples nothing). Returns the requests that finished; their blocks are freed."""
+        finished = []
+        for seq, n, token in zip(batch.seqs, batch.num_new, sampled):
+            seq.num_computed += n
+            if token is None:
+                continue
+            seq.append(token, now)
+            reason = self._finish_reason(seq, token, eos_token_ids)
+            if reason:
+                seq.status, seq.finish_reason = Status.FINISHED, reason
+                self.blocks.free(seq)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and token in eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if len(seq.token_ids) - seq.prompt_len >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)

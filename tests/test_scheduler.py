@@ -1,0 +1,128 @@
+"""Scheduler: chunked prefill under the token budget, mixed steps, limits, preemption, finishing."""
+from __future__ import annotations
+
+import pytest
+
+from fullgraph_backend.engine.block_manager import BlockManager
+from fullgraph_backend.engine.params import SamplingParams
+from fullgraph_backend.engine.scheduler import Scheduler
+from fullgraph_backend.engine.sequence import Sequence, Status
+
+
+def make(num_blocks=64, max_num_seqs=8, budget=16, max_model_len=256):
+    bm = BlockManager(num_blocks, 16, num_reserved=2)
+    return Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len), bm
+
+
+def request(rid, prompt_len, max_tokens=4, **kw):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+    return Sequence(rid, list(range(1, prompt_len + 1)), params, 0.0)
+
+
+def run_step(sched, token=7):
+    """Schedule, pretend the model ran, sample ``token`` wherever a request samples."""
+    batch = sched.schedule()
+    sampled = [token if s else None for s in batch.samples]
+    finished = sched.update(batch, sampled, 0.0, frozenset())
+    return batch, finished
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_then_decodes():
+    sched, _ = make(budget=16)
+    seq = request(0, 40)
+    sched.add(seq)
+    chunks = []
+    for _ in range(3):
+        batch, _ = run_step(sched)
+        chunks.append((batch.num_new, batch.samples))
+    assert chunks == [([16], [False]), ([16], [False]), ([8], [True])]
+    assert seq.output_token_ids == [7] and seq.num_computed == 40
+    batch, _ = run_step(sched)
+    assert batch.num_new == [1] and batch.is_decode and seq.num_computed == 41
+
+
+def test_steps_mix_decodes_and_prefill_chunks_within_the_budget():
+    sched, _ = make(budget=16)
+    a = request(0, 10, max_tokens=8)
+    sched.add(a)
+    run_step(sched)  # a prefilled and sampled
+    sched.add(request(1, 30))
+    batch, _ = run_step(sched)
+    assert [s.request_id for s in batch.seqs] == [0, 1] and batch.num_new == [1, 15]
+    assert not batch.is_decode and batch.samples == [True, False] and batch.num_tokens == 16
+    batch, _ = run_step(sched)
+    assert batch.num_new == [1, 15] and batch.samples == [True, True]
+    batch, _ = run_step(sched)
+    assert batch.num_new == [1, 1] and batch.is_decode
+
+
+def test_max_num_seqs_limits_running_requests():
+    sched, _ = make(max_num_seqs=2, budget=64)
+    for i in range(3):
+        sched.add(request(i, 4))
+    batch, _ = run_step(sched)
+    assert [s.request_id for s in batch.seqs] == [0, 1] and len(sched.waiting) == 1
+
+
+def test_a_request_waits_for_blocks_first_come_first_served():
+    sched, bm = make(num_blocks=2 + 4, budget=256)  # 4 usable blocks
+    sched.add(request(0, 48, max_tokens=2))  # 3 blocks
+    sched.add(request(1, 40, max_tokens=2))  # 3 blocks: must wait
+    sched.add(request(2, 4, max_tokens=2))  # would fit, but waits behind 1
+    batch, _ = run_step(sched)
+    assert [s.request_id for s in batch.seqs] == [0] and [s.request_id for s in sched.waiting] == [1, 2]
+    _, finished = run_step(sched)
+    assert [s.request_id for s in finished] == [0] and bm.num_free == 4
+    batch, _ = run_step(sched)
+    assert [s.request_id for s in batch.seqs] == [1, 2]
+
+
+def test_preemption_frees_the_latest_request_and_recomputes_it():
+    sched, bm = make(num_blocks=2 + 4, budget=256)
+    a, b = request(0, 32, max_tokens=20), request(1, 31, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # a: 2 blocks, b: 2 blocks; both sampled
+    assert bm.num_free == 0 and a.num_tokens == 33
+    batch, _ = run_step(sched)  # a needs a third block: b is preempted
+    assert [s.request_id for s in batch.seqs] == [0]
+    assert b.status is Status.WAITING and b.num_computed == 0 and b.block_table == [] and b.num_preemptions == 1
+    assert sched.waiting[0] is b and b.output_token_ids == [7]
+    while a.status is not Status.FINISHED:
+        run_step(sched)
+    batch, _ = run_step(sched)  # b recomputes prompt + its first output, then samples again
+    assert batch.seqs == [b] and batch.num_new == [32] and batch.samples == [True]
+
+
+def test_a_request_that_can_never_fit_is_rejected_with_a_reason():
+    sched, _ = make(num_blocks=2 + 4, max_model_len=1024)
+    with pytest.raises(ValueError, match="can never fit in the KV cache.*80 tokens need 5 blocks"):
+        sched.add(request(0, 60, max_tokens=21))
+    sched.add(request(1, 60, max_tokens=5))  # 64 tokens cached at most: fits
+    assert len(sched.waiting) == 1
+
+
+@pytest.mark.parametrize("kw, token, outputs, reason", [
+    ({"max_tokens": 3}, 7, 3, "length"),
+    ({"max_tokens": 9}, 5, 1, "stop"),  # 5 is EOS
+    ({"max_tokens": 9, "ignore_eos": True}, 5, 9, "length"),
+    ({"max_tokens": 9, "stop_token_ids": (7,)}, 7, 1, "stop"),
+])
+def test_requests_finish_on_eos_stop_tokens_and_max_tokens(kw, token, outputs, reason):
+    sched, bm = make()
+    seq = request(0, 4, **kw)
+    sched.add(seq)
+    while seq.status is not Status.FINISHED:
+        batch = sched.schedule()
+        sched.update(batch, [token if s else None for s in batch.samples], 0.0, frozenset({5}))
+    assert len(seq.output_token_ids) == outputs and seq.finish_reason == reason
+    assert bm.num_free == bm.num_usable and not sched.has_unfinished()
+
+
+def test_generation_stops_at_max_model_len():
+    sched, _ = make(max_model_len=20)
+    seq = request(0, 18, max_tokens=50)
+    sched.add(seq)
+    while seq.status is not Status.FINISHED:
+        run_step(sched)
+    assert seq.num_tokens == 20 and seq.finish_reason == "length"
