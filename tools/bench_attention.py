@@ -9,7 +9,8 @@ block tables). Modes, side by side in one process:
   mixed (64 decode rows at context 4096 + one 2048-token prefill): triton in one launch.
 Times are medians over single replays, each after an L2 flush (``--no-flush-l2`` to skip it);
 effective TB/s counts the K/V bytes a decode must read. The triton and reference rows include
-storing the step's K/V (one small kernel); FA2 and Flex only read.
+storing the step's K/V (fused into triton's attention launches: split-KV decode is one launch with
+one segment, two with more; unified is one); FA2 and Flex only read.
 
 Usage (GPU): python tools/bench_attention.py --out bench_attention.json [--iters 100]
              python tools/bench_attention.py --check   # triton vs reference; exit 1 on mismatch
@@ -92,9 +93,12 @@ def replay_us(fn, iters: int, flush_l2: bool) -> float:
 def decode_modes(batch: int, context: int):
     """(mode, fn, note) for one decode shape; every fn reads ``batch x context`` tokens of K/V."""
     paged = Paged([1] * batch, [context] * batch)
-    segments = decode_segments(batch, KV_HEADS, torch.device("cuda"))
+    segments = decode_segments(batch, KV_HEADS, paged.ctx.metadata.block_table.shape[1] * BLOCK_SIZE,
+                               torch.device("cuda"))
     yield "triton unified", lambda: paged_attention(*paged.args()), ""
-    yield "triton split-KV", lambda: paged_attention(*paged.args(), split_kv=True), f"{segments} segment(s)"
+    launches = "1 launch" if segments == 1 else "2 launches"
+    yield "triton split-KV", lambda: paged_attention(*paged.args(), split_kv=True), \
+        f"{segments} segment(s), {launches}"
     yield "reference", lambda: reference_attention(*paged.args()), ""
 
     # dense per-request slots for the bundled kernels: [batch * context, kv_heads, dim]
@@ -182,16 +186,18 @@ def run_check() -> bool:
         paged = Paged(query_lens, seq_lens)
         expected_cache = paged.cache.clone()
         expected = reference_attention(*paged.args(window, expected_cache))
-        variants = [False, True] if all(q == 1 for q in query_lens) else [False]
-        for split in variants:
+        variants = [(False, None), (True, None), (True, 1), (True, 8)] if all(q == 1 for q in query_lens) \
+            else [(False, None)]
+        for split, segments in variants:
             cache = paged.cache.clone()
-            out = paged_attention(*paged.args(window, cache), split_kv=split)
+            out = paged_attention(*paged.args(window, cache), split_kv=split, num_segments=segments)
             error = (out.float() - expected.float()).abs().max().item()
             same_cache = torch.equal(cache[:, NULL_BLOCK + 1:], expected_cache[:, NULL_BLOCK + 1:])
             good = error < 2e-2 and same_cache
             ok &= good
             print(f"{'ok ' if good else 'BAD'} query_lens={query_lens[:6]} seq_lens={seq_lens[:6]} window={window} "
-                  f"split_kv={split}: max abs error {error:.2e}, cache {'equal' if same_cache else 'DIFFERS'}")
+                  f"split_kv={split} segments={segments or 'default'}: max abs error {error:.2e}, "
+                  f"cache {'equal' if same_cache else 'DIFFERS'}")
     return ok
 
 

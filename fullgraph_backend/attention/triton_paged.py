@@ -1,23 +1,32 @@
 """``triton``: our unified paged-attention kernel, graph-safe, with a split-KV decode variant.
 
 Written from the published designs (vLLM's unified Triton attention, SGLang's split-KV decode);
-no code is copied. One op call is two or three launches:
+no code is copied. The step's K/V store is fused into the attention launches, so one op call is
+one launch for a mixed batch and one or two for a uniform-decode batch:
 
-1. ``_store_kv_kernel``, grid ``(T,)``: writes each token's new K/V into its slot (``PAD_SLOT``
-   tokens write nothing) and zeroes the output rows of padded tokens, which no attention program
-   owns.
-2. either ``_unified_kernel``, grid ``(T // BLOCK_Q + num_reqs, kv_heads)``: one program per
-   (query block of one request, KV head), serving prefill, decode and mixed batches alike. The
-   ``GROUP = q_heads // kv_heads`` query heads that share a KV head are packed along the tile's M
-   dimension next to the ``BLOCK_Q`` tokens, so even a one-token decode row feeds ``tl.dot`` a
-   16-row tile and every KV tile is read once for all heads of its group;
-3. or, in uniform-decode graphs, ``_split_kv_kernel``, grid ``(num_reqs, kv_heads, segments)``,
-   which cuts each request's KV range into a fixed number of segments and writes fp32 partials
-   (unnormalised output, running max, running sum), and ``_reduce_segments_kernel``, grid
-   ``(num_reqs, q_heads)``, which merges them.
+* mixed graphs: ``_unified_kernel``, grid ``(T // BLOCK_Q + num_reqs, kv_heads)``: one program per
+  (query block of one request, KV head), serving prefill, decode and mixed batches alike. The
+  ``GROUP = q_heads // kv_heads`` query heads that share a KV head are packed along the tile's M
+  dimension next to the ``BLOCK_Q`` tokens, so even a one-token decode row feeds ``tl.dot`` a
+  16-row tile and every KV tile is read once for all heads of its group.
+* uniform-decode graphs: ``_split_kv_kernel``, grid ``(num_reqs, kv_heads, segments)``, which cuts
+  each request's cached keys into a fixed number of segments. With one segment it writes the
+  output itself (one launch); with more it writes fp32 partials (unnormalised output, running
+  max, running sum) and ``_reduce_segments_kernel``, grid ``(num_reqs, q_heads)``, merges them.
+
+Fused store, and why it is race-free: no program reads this step's new K/V back from the cache.
+Keys at positions ``< seq_len - q_len`` (cached before this step) come from the cache; the keys of
+this step's new tokens come straight from the ``k``/``v`` inputs (a prefill query block reads its
+request's other new tokens there, whichever program stores them). Each new token's K/V is
+stored by exactly one program per KV head: in the unified kernel the program of its query block,
+in the split kernel segment 0 of its request (which also folds that key into its partial).
+A padded token (``t >= query_start_loc[num_reqs]``) is stored only if its slot is not
+``PAD_SLOT``, and its output rows are zeroed, by one designated program per KV head: the unified
+program whose block index is ``t // BLOCK_Q``, or split program ``(t mod num_reqs, kv_head, 0)``.
 
 Graph safety (DESIGN.md rules 1-2): every grid, tile size and segment count is a function of the
-padded token count ``T``, the metadata buffers' fixed sizes and the model's head counts, never of
+padded token count ``T``, the metadata buffers' fixed sizes (``max_num_seqs``, the block table's
+width times the block size as the bound on any KV length) and the model's head counts, never of
 the values in the buffers. Each program finds its request, its query rows and its KV range on the
 device from ``query_start_loc``, ``seq_lens`` and ``block_table``, so one captured launch serves
 any batch of the same padded size. ``num_reqs = min(T, max_num_seqs)``: at most that many
@@ -26,6 +35,10 @@ requests can own tokens; programs of padded requests (query length 0) exit at on
 The split-KV partials live in scratch that is allocated on the first call for its shape and
 kept for the life of the process (``_SCRATCH``). That first call must not be under CUDA graph
 capture: the graph runner warms up every graph key before capturing it, which allocates it.
+
+Tuning: :func:`paged_attention` takes a private ``_config`` dict (``BLOCK_N``, ``num_warps``,
+``num_stages``, ``segments``, ``min_segment_tokens``) that overrides the defaults below; the op
+schema does not have it. ``tools/sweep_attention.py`` times a grid of such configs.
 """
 from __future__ import annotations
 
@@ -41,55 +54,100 @@ LOG2E = 1.4426950408889634
 # Cap on split-KV segments per request, which bounds the scratch and the reduce's work (untuned;
 # vLLM uses 16): at batch 1 and 4096 tokens, 32 segments are two 64-key tiles each.
 MAX_SEGMENTS = 32
-# Decode launches aim at this many programs per SM: the decode tile compiles to ~115 registers x
-# 128 threads on sm_90, so four programs are resident per SM at once.
+# Each segment covers at least this many tokens of the longest possible KV range (the graph's
+# bound, block-table width x block size), so short-context graphs take few segments or one
+# (no reduce launch). Untuned: two 64-key tiles. Fewer, longer segments trade the reduce launch
+# (~2 us) for a longer serial loop per program; tools/sweep_attention.py measures that trade.
+MIN_SEGMENT_TOKENS = 128
+# Decode launches aim at this many programs per SM: the split-KV program compiles to ~120
+# registers x 128 threads and ~39 KB of shared memory on sm_90 (BLOCK_N 64, 3 stages; ptxas via
+# Triton 3.9), so four programs are resident per SM at once.
 PROGRAMS_PER_SM = 4
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 _NOMINAL_SMS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Keys of paged_attention's private ``_config`` overrides.
+CONFIG_KEYS = ("BLOCK_N", "num_warps", "num_stages", "segments", "min_segment_tokens")
 
 
-# ---- kernels ----------------------------------------------------------------------------------
+# ---- kernel helpers ----------------------------------------------------------------------------
 @triton.jit
-def _store_kv_kernel(
-    k, v, k_cache, v_cache, slot_mapping, out, query_start_loc, num_reqs,
-    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
-    KV_HEADS: tl.constexpr, Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    KV_HEADS_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):
-    """Token ``t``: store its K/V at ``slot_mapping[t]`` unless PAD_SLOT; zero its output if padding."""
-    t = tl.program_id(0)
+def _load_row(ptr, t, head, stride_t, stride_h, stride_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Row ``[t, head, :]`` of a ``[tokens, heads, head_dim]`` tensor, zero-padded to ``D_PAD``."""
     offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < HEAD_DIM
+    return tl.load(ptr + t * stride_t + head * stride_h + offs_d * stride_d, mask=offs_d < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _put_token(k_cache, v_cache, slot, kv_head, key, value, stride_cb, stride_cs, stride_ch,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Store one token's ``key``/``value`` rows of ``kv_head`` at ``slot``, unless it is PAD_SLOT."""
+    if slot >= 0:
+        offs_d = tl.arange(0, D_PAD)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch + offs_d
+        tl.store(k_cache + dst, key, mask=offs_d < HEAD_DIM)
+        tl.store(v_cache + dst, value, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _pad_token(
+    t, out, k, v, k_cache, v_cache, slot_mapping, kv_head,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Padded token ``t``, KV head ``kv_head``: zero its GROUP output heads; store its K/V if it has a slot."""
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    head = kv_head * GROUP + offs_g
+    mask = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(out + t * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             tl.zeros((G_PAD, D_PAD), dtype=out.dtype.element_ty), mask=mask)
     slot = tl.load(slot_mapping + t)
     if slot >= 0:
-        offs_h = tl.arange(0, KV_HEADS_PAD)
-        mask = (offs_h < KV_HEADS)[:, None] & d_mask[None, :]
-        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-        dst = dst + offs_h[:, None] * stride_ch + offs_d[None, :]
-        key = tl.load(k + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
-        tl.store(k_cache + dst, key, mask=mask)
-        value = tl.load(v + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-        tl.store(v_cache + dst, value, mask=mask)
-    if t >= tl.load(query_start_loc + num_reqs):
-        offs_h = tl.arange(0, Q_HEADS_PAD)
-        mask = (offs_h < Q_HEADS)[:, None] & d_mask[None, :]
-        zeros = tl.zeros((Q_HEADS_PAD, D_PAD), dtype=out.dtype.element_ty)
-        tl.store(out + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], zeros, mask=mask)
+        key = _load_row(k, t, kv_head, stride_kt, stride_kh, stride_kd, HEAD_DIM, D_PAD)
+        value = _load_row(v, t, kv_head, stride_vt, stride_vh, stride_vd, HEAD_DIM, D_PAD)
+        _put_token(k_cache, v_cache, slot, kv_head, key, value, stride_cb, stride_cs, stride_ch,
+                   HEAD_DIM, D_PAD, BLOCK_SIZE)
+
+
+@triton.jit
+def _online_update(acc, m_i, l_i, q, k, v, visible, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One KV tile of the online softmax (base 2: ``qk_scale`` includes log2(e)).
+
+    ``q [M, D]``, ``k [D, N]``, ``v [N, D]``, ``visible [M, N]``. Rows that have seen no visible key
+    keep ``m_i = -inf, l_i = 0, acc = 0``.
+    """
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _attend(
-    acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table_row, seq_len, tile_lo, tile_hi, qk_scale,
-    kv_head, stride_cb, stride_cs, stride_ch,
+    acc, m_i, l_i, q, q_pos, win_lo, k_cache, v_cache, block_table_row, context_len, k, v, q_start, kv_end,
+    tile_lo, tile_hi, qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr, NEW_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Online softmax of the query tile against KV tiles ``[tile_lo, tile_hi)`` of one request.
+    """The query tile against KV tiles ``[tile_lo, tile_hi)`` of one request (online softmax).
 
-    Returns the updated ``(acc, m_i, l_i)``: unnormalised output, running max and running sum, in
-    base 2 (``qk_scale`` includes log2(e)). Rows that see no key keep ``m_i = -inf, l_i = 0``.
+    Keys at positions ``< context_len`` were cached before this step: they come from the cache (no
+    program writes those slots during the step) and precede every query, so only the window
+    (``pos >= win_lo[row]``) masks them. With ``NEW_KEYS``, keys at positions in
+    ``[context_len, kv_end)`` are this step's new tokens (position ``context_len + j`` is token
+    ``q_start + j``): they come from the ``k``/``v`` inputs, never from the cache, and mask
+    causally (``pos <= q_pos[row]``). One loop and one load per tile either way: the source is
+    chosen per key by a pointer select.
     """
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
@@ -97,31 +155,33 @@ def _attend(
         q = q.to(tl.float32)
     for start in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        in_seq = pos < seq_len
+        in_cache = pos < context_len
         # Page lookup per key position, so BLOCK_N need not match the cache's block size.
-        # Positions past seq_len read the null block; int64 because caches exceed 2**31 elements.
-        block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
+        # Positions past context_len load nothing; int64 because caches exceed 2**31 elements.
+        block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=in_cache, other=0).to(tl.int64)
         kv_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        # Masked loads return zeros: stale slots may hold anything, and 0 * NaN would poison acc.
-        k = tl.load(k_cache + kv_off[None, :] + offs_d[:, None], mask=in_seq[None, :] & d_mask[:, None], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        visible = in_seq[None, :] & (pos[None, :] <= q_pos[:, None])
+        k_ptr = k_cache + kv_off[None, :] + offs_d[:, None]
+        v_ptr = v_cache + kv_off[:, None] + offs_d[None, :]
+        if NEW_KEYS:
+            valid = pos < kv_end
+            token = q_start + pos - context_len  # negative for cached keys: those take the cache pointer
+            k_ptr = tl.where(in_cache[None, :], k_ptr,
+                             k + token[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None] * stride_kd)
+            v_ptr = tl.where(in_cache[:, None], v_ptr,
+                             v + token[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :] * stride_vd)
+            visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        else:
+            valid = in_cache
+            visible = valid[None, :]
         if SLIDING_WINDOW > 0:
-            visible = visible & (pos[None, :] > q_pos[:, None] - SLIDING_WINDOW)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + kv_off[:, None] + offs_d[None, :], mask=in_seq[:, None] & d_mask[None, :], other=0.0)
+            visible = visible & (pos[None, :] >= win_lo[:, None])
+        # Masked loads return zeros: stale slots may hold anything, and 0 * NaN would poison acc.
+        k_tile = tl.load(k_ptr, mask=valid[None, :] & d_mask[:, None], other=0.0)
+        v_tile = tl.load(v_ptr, mask=valid[:, None] & d_mask[None, :], other=0.0)
         if DOT_FP32:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, q, k_tile, v_tile, visible, qk_scale, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -143,99 +203,179 @@ def _find_request(query_start_loc, q_block, num_reqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# ---- kernels ----------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["num_reqs", "num_tokens"])
 def _unified_kernel(
-    out, q, k_cache, v_cache, query_start_loc, seq_lens, block_table, num_reqs, qk_scale,
-    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    out, q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_table, slot_mapping, num_reqs, num_tokens,
+    qk_scale,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BQ_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Program (query block, KV head): ``BLOCK_Q`` tokens x ``GROUP`` heads against their keys."""
+    """Program (query block, KV head): store the block's new K/V of this head, then attend for its
+    ``BLOCK_Q`` tokens x ``GROUP`` heads. Also serves the padded tokens ``t`` with
+    ``t // BLOCK_Q == q_block`` (zero output, store only where a slot is set)."""
     # Last blocks first: under causality they see the most keys, so starting them early
     # shortens the tail of a prefill launch.
     q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
+    real_tokens = tl.load(query_start_loc + num_reqs)  # in flight during the search
     req = _find_request(query_start_loc, q_block, num_reqs, BLOCK_Q)
     q_start = tl.load(query_start_loc + req)
     q_len = tl.load(query_start_loc + req + 1) - q_start
+    pad_lo = tl.maximum(q_block * BLOCK_Q, real_tokens)
+    pad_hi = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, num_tokens)
+    for t in range(pad_lo, pad_hi):
+        _pad_token(t, out, k, v, k_cache, v_cache, slot_mapping, kv_head,
+                   stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
+                   stride_cb, stride_cs, stride_ch, GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE)
     local_block = q_block - (q_start // BLOCK_Q + req)
     if local_block * BLOCK_Q >= q_len:  # beyond this request's tokens (or a padded request)
         return
     seq_len = tl.load(seq_lens + req)
     context_len = seq_len - q_len
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+
+    # Store this block's new K/V rows of this KV head. Nobody reads them back from the cache in
+    # this step (new keys come from the k/v inputs), so no other program waits for this.
+    offs_s = tl.arange(0, BQ_PAD)
+    s_idx = local_block * BLOCK_Q + offs_s
+    s_tok = q_start + s_idx
+    s_slot = tl.load(slot_mapping + s_tok, mask=(offs_s < BLOCK_Q) & (s_idx < q_len), other=-1)
+    s_mask = (s_slot >= 0)[:, None] & d_mask[None, :]
+    dst = ((s_slot // BLOCK_SIZE) * stride_cb + (s_slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] \
+        + offs_d[None, :]
+    key = tl.load(k + s_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :] * stride_kd, mask=s_mask)
+    tl.store(k_cache + dst, key, mask=s_mask)
+    value = tl.load(v + s_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :] * stride_vd, mask=s_mask)
+    tl.store(v_cache + dst, value, mask=s_mask)
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
     q_idx = local_block * BLOCK_Q + offs_m // GROUP  # token index within the request's new tokens
     head = kv_head * GROUP + offs_m % GROUP
     row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = row_ok[:, None] & d_mask[None, :]
     token = q_start + q_idx
     q_tile = tl.load(q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                      mask=mask, other=0.0)
     q_pos = context_len + q_idx
+    win_lo = q_pos - SLIDING_WINDOW + 1  # first visible key position per row (with a window)
 
     # Keys this block can see: up to its last token's position (causal), from its first token's
-    # window start.
-    hi = tl.minimum(seq_len, context_len + tl.minimum(q_len, (local_block + 1) * BLOCK_Q))
+    # window start; cached ones from the cache, this step's from the k/v inputs.
     lo = 0
     if SLIDING_WINDOW > 0:
         lo = tl.maximum(0, context_len + local_block * BLOCK_Q - SLIDING_WINDOW + 1)
+    new_hi = tl.minimum(q_len, (local_block + 1) * BLOCK_Q)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table + req * stride_bt, seq_len,
-                            lo // BLOCK_N, tl.cdiv(hi, BLOCK_N), qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
-                            HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, DOT_FP32)
-    result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw no key have acc = 0
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, q_pos, win_lo, k_cache, v_cache, block_table + req * stride_bt,
+                            context_len, k, v, q_start, context_len + new_hi, lo // BLOCK_N,
+                            tl.cdiv(context_len + new_hi, BLOCK_N), qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
+                            stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, HEAD_DIM, D_PAD, BLOCK_N,
+                            BLOCK_SIZE, SLIDING_WINDOW, True, DOT_PRECISION, DOT_FP32)
+    result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every real row sees at least its own key
     tl.store(out + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              result.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _split_kv_kernel(
-    partial_acc, partial_max, partial_sum, q, k_cache, v_cache, query_start_loc, seq_lens, block_table, qk_scale,
-    stride_qt, stride_qh, stride_qd, stride_bt, stride_cb, stride_cs, stride_ch,
-    Q_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    out, partial_acc, partial_max, partial_sum, q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_table,
+    slot_mapping, num_tokens, qk_scale,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
+    Q_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Program (request, KV head, segment) of a uniform-decode batch: one query token's GROUP heads
-    against one segment of its KV range, written as fp32 partials (all zero for an empty segment)."""
+    """Program (request, KV head, segment) of a uniform-decode batch: one query token's GROUP heads.
+
+    The request's one new token (position ``seq_len - 1``) is segment 0's: it stores the token's
+    K/V and folds that key in from the inputs (after its loop); the cached keys ``[0, seq_len - 1)``
+    are cut into ``NUM_SEGMENTS`` ranges of whole tiles. One segment: the program writes the output.
+    More: fp32 partials ``[num_reqs, Q_HEADS, NUM_SEGMENTS, (D_PAD)]``; an empty segment writes only
+    ``max = -inf``, which the reduce reads as weight 0 without loading its ``acc`` or ``sum``.
+    Segment-0 programs also serve the padded tokens ``t = req + i * num_reqs`` (zero output,
+    store only where a slot is set).
+    """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
+    num_reqs = tl.num_programs(0)
+    # Independent loads first, so their latencies overlap.
     q_start = tl.load(query_start_loc + req)
-    if tl.load(query_start_loc + req + 1) == q_start:  # padded request: the reduce skips it too
-        return
+    q_end = tl.load(query_start_loc + req + 1)
+    real_tokens = tl.load(query_start_loc + num_reqs)
     seq_len = tl.load(seq_lens + req)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    head = kv_head * GROUP + offs_m
-    row_ok = offs_m < GROUP
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q_tile = tl.load(q + q_start * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                     mask=mask, other=0.0)
-    q_pos = tl.zeros((BLOCK_M,), dtype=tl.int32) + seq_len - 1  # the one new token is the last one
-
+    if segment == 0:
+        for t in range(req, num_tokens, num_reqs):
+            if t >= real_tokens:
+                _pad_token(t, out, k, v, k_cache, v_cache, slot_mapping, kv_head,
+                           stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
+                           stride_cb, stride_cs, stride_ch, GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE)
+    if q_end == q_start:  # padded request: the reduce skips it too
+        return
+    cache_len = seq_len - 1  # the one new token is the last one
     first_tile = 0
     if SLIDING_WINDOW > 0:
         first_tile = tl.maximum(0, seq_len - SLIDING_WINDOW) // BLOCK_N
-    end_tile = tl.cdiv(seq_len, BLOCK_N)
+    end_tile = tl.cdiv(cache_len, BLOCK_N)
     per_segment = tl.cdiv(end_tile - first_tile, NUM_SEGMENTS)
     tile_lo = first_tile + segment * per_segment
     tile_hi = tl.minimum(tile_lo + per_segment, end_tile)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+    head = kv_head * GROUP + offs_m
+    row_ok = offs_m < GROUP
+    row = (req * Q_HEADS + head) * NUM_SEGMENTS + segment
+    if NUM_SEGMENTS > 1:
+        if (segment > 0) & (tile_lo >= tile_hi):  # nothing to read: weight 0 in the reduce
+            tl.store(partial_max + row, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), mask=row_ok)
+            return
+
+    mask = row_ok[:, None] & d_mask[None, :]
+    q_tile = tl.load(q + q_start * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                     mask=mask, other=0.0)
+    # Segment 0 owns the new token: its K/V are loaded now (in flight during the loop), stored and
+    # folded in after it.
+    own = d_mask & (offs_d * 0 + segment == 0)
+    key = tl.load(k + q_start * stride_kt + kv_head * stride_kh + offs_d * stride_kd, mask=own, other=0.0)
+    value = tl.load(v + q_start * stride_vt + kv_head * stride_vh + offs_d * stride_vd, mask=own, other=0.0)
+    slot = tl.load(slot_mapping + q_start)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table + req * stride_bt, seq_len,
-                            tile_lo, tile_hi, qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
-                            HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, DOT_FP32)
-    row = (req * Q_HEADS + head) * NUM_SEGMENTS + segment  # partials are [num_reqs, Q_HEADS, NUM_SEGMENTS, (D_PAD)]
-    tl.store(partial_acc + row[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(partial_max + row, m_i, mask=row_ok)
-    tl.store(partial_sum + row, l_i, mask=row_ok)
+    win_lo = tl.full((BLOCK_M,), 0, dtype=tl.int32) + seq_len - SLIDING_WINDOW
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, win_lo, win_lo, k_cache, v_cache, block_table + req * stride_bt,
+                            cache_len, k, v, q_start, cache_len, tile_lo, tile_hi, qk_scale, kv_head,
+                            stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh,
+                            stride_vd, HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, False, DOT_PRECISION,
+                            DOT_FP32)
+    if segment == 0:
+        _put_token(k_cache, v_cache, slot, kv_head, key, value, stride_cb, stride_cs, stride_ch,
+                   HEAD_DIM, D_PAD, BLOCK_SIZE)
+        # the new key (position seq_len - 1, visible to its own query under any window)
+        s_new = tl.sum(q_tile.to(tl.float32) * key.to(tl.float32)[None, :], 1) * qk_scale
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp2(m_i - m_new)
+        p_new = tl.exp2(s_new - m_new)
+        l_i = l_i * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * value.to(tl.float32)[None, :]
+        m_i = m_new
+    if NUM_SEGMENTS == 1:
+        result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out + q_start * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 result.to(out.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial_acc + row[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(partial_max + row, m_i, mask=row_ok)
+        tl.store(partial_sum + row, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -253,11 +393,12 @@ def _reduce_segments_kernel(
     offs_d = tl.arange(0, D_PAD)
     row = (req * Q_HEADS + head) * NUM_SEGMENTS + offs_s
     seg_max = tl.load(partial_max + row)
+    live = seg_max > float("-inf")  # segment 0 always is; empty segments wrote no acc or sum
     top = tl.max(seg_max, 0)
-    weight = tl.exp2(seg_max - tl.where(top == float("-inf"), 0.0, top))  # empty segments weigh 0
-    acc = tl.load(partial_acc + row[:, None] * D_PAD + offs_d[None, :])
-    total = tl.sum(weight * tl.load(partial_sum + row), 0)
-    result = tl.sum(weight[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    weight = tl.where(live, tl.exp2(seg_max - top), 0.0)
+    acc = tl.load(partial_acc + row[:, None] * D_PAD + offs_d[None, :], mask=live[:, None], other=0.0)
+    total = tl.sum(weight * tl.load(partial_sum + row, mask=live, other=0.0), 0)
+    result = tl.sum(weight[:, None] * acc, 0) / total
     tl.store(out + token * stride_ot + head * stride_oh + offs_d, result.to(out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -270,15 +411,20 @@ def _sm_count(device: torch.device) -> int:
     return _NOMINAL_SMS
 
 
-def decode_segments(num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
+def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
+                    min_segment_tokens: int = MIN_SEGMENT_TOKENS) -> int:
     """Split-KV segments per request for a uniform-decode launch of ``num_reqs`` padded requests.
 
-    Doubles the segment count while the launch stays within ``PROGRAMS_PER_SM`` programs per SM:
-    a small batch gets many segments, a batch that already fills the GPU gets 1 (no split).
+    ``max_kv_len`` bounds every request's KV length in this graph (block-table width x block size,
+    a host constant of the graph key). Doubles the segment count while the launch stays within
+    ``PROGRAMS_PER_SM`` programs per SM and each segment still covers ``min_segment_tokens`` of
+    ``max_kv_len``: a small batch over a long bound gets many segments, a batch that already fills
+    the GPU or a short bound gets 1 (one launch, no reduce).
     """
     segments = 1
     target = PROGRAMS_PER_SM * _sm_count(device)
-    while segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target:
+    while (segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target
+           and max_kv_len >= segments * 2 * min_segment_tokens):
         segments *= 2
     return segments
 
@@ -298,6 +444,20 @@ def _block_m(group: int, num_tokens: int, decode: bool, dtype: torch.dtype) -> i
     """
     rows = 64 if num_tokens >= 256 and not decode and dtype != torch.float32 else 16
     return max(rows, triton.next_power_of_2(group))
+
+
+def _check_config(config: dict | None) -> dict:
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown _config keys {unknown}; known: {list(CONFIG_KEYS)}")
+    for key in ("BLOCK_N", "segments"):
+        value = config.get(key)
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"_config[{key!r}] must be a power of two, got {value}")
+    if config.get("BLOCK_N") is not None and config["BLOCK_N"] < 16:
+        raise ValueError(f"_config['BLOCK_N'] must be >= 16 (the smallest tl.dot), got {config['BLOCK_N']}")
+    return config
 
 
 # Split-KV partials, keyed by (device, rows, D_PAD); entries are never dropped, because a captured
@@ -354,6 +514,32 @@ def _check_inputs(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slo
         raise ValueError(f"all attention inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block_size: int, max_num_seqs: int,
+                *, split_kv: bool, num_segments: int | None = None, _config: dict | None = None) -> dict:
+    """The kernel parameters :func:`paged_attention` uses for these shapes (functions of shapes only).
+
+    Keys: ``kernel`` (``"unified"``, ``"split"`` = one split-KV launch with one segment, or
+    ``"split+reduce"``), ``launches``, ``segments``, ``BLOCK_N``, ``BLOCK_M``, ``num_warps``,
+    ``num_stages`` (None: Triton's default).
+    """
+    config = _check_config(_config)
+    tokens, q_heads, head_dim = q.shape
+    num_reqs = min(tokens, max_num_seqs)
+    _, block_n = _tiles(head_dim, q.dtype)
+    block_n = config.get("BLOCK_N") or block_n
+    segments = 1
+    if split_kv:
+        segments = num_segments or config.get("segments") or decode_segments(
+            num_reqs, kv_heads, block_table.shape[1] * block_size, q.device,
+            config.get("min_segment_tokens") or MIN_SEGMENT_TOKENS)
+        if segments & (segments - 1):
+            raise ValueError(f"num_segments must be a power of two, got {segments}")
+    kernel = "unified" if not split_kv else "split" if segments == 1 else "split+reduce"
+    return dict(kernel=kernel, launches=2 if kernel == "split+reduce" else 1, segments=segments, BLOCK_N=block_n,
+                BLOCK_M=_block_m(q_heads // kv_heads, tokens, split_kv, q.dtype),
+                num_warps=config.get("num_warps") or 4, num_stages=config.get("num_stages"))
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -368,14 +554,17 @@ def paged_attention(
     *,
     split_kv: bool = False,
     num_segments: int | None = None,
+    _config: dict | None = None,
 ) -> torch.Tensor:
-    """Store this step's K/V, then attend causally per request: ``reference_attention``'s function.
+    """Store this step's K/V and attend causally per request: ``reference_attention``'s function.
 
     ``q [T, q_heads, D]``, ``k``/``v [T, kv_heads, D]`` may be strided views (e.g. slices of a
     fused QKV projection). ``split_kv=True`` is legal only for a uniform-decode batch (every
     request has at most one new token, the last of its sequence); it splits each request's keys
-    into ``num_segments`` (default :func:`decode_segments`) and falls back to the unified kernel
-    with decode tiles when that is 1. Returns a new contiguous ``[T, q_heads, D]`` tensor.
+    into ``num_segments`` (default :func:`decode_segments`), in one launch when that is 1 and a
+    second (the reduce) otherwise. ``_config`` (private, for tuning; see ``CONFIG_KEYS``)
+    overrides tile sizes, warps, pipeline stages and the segment choice. Returns a new contiguous
+    ``[T, q_heads, D]`` tensor.
 
     Example (CPU, under ``TRITON_INTERPRET=1``)::
 
@@ -390,50 +579,52 @@ def paged_attention(
         return out
     num_reqs = min(tokens, seq_lens.shape[0])
     block_size = kv_cache.shape[2]
+    plan = launch_plan(q, kv_heads, block_table, block_size, seq_lens.shape[0], split_kv=split_kv,
+                       num_segments=num_segments, _config=_config)
     k_cache, v_cache = kv_cache.unbind(0)  # separate base pointers keep every in-kernel offset in one half
     cache_strides = k_cache.stride()[:3]
     group = q_heads // kv_heads
-    d_pad, block_n = _tiles(head_dim, q.dtype)
+    d_pad, _ = _tiles(head_dim, q.dtype)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # no silent TF32 in fp32 models
     # Triton's CPU interpreter (3.9) multiplies bf16 tiles as their raw uint16 bits: feed it fp32.
     dot_fp32 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
     window = max(sliding_window, 0)
-
-    _store_kv_kernel[(tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, out, query_start_loc, num_reqs,
-        *k.stride(), *v.stride(), *cache_strides, out.stride(0), out.stride(1),
-        KV_HEADS=kv_heads, Q_HEADS=q_heads, HEAD_DIM=head_dim, KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
-        Q_HEADS_PAD=triton.next_power_of_2(q_heads), D_PAD=d_pad, BLOCK_SIZE=block_size,
-    )
     qk_scale = scale * LOG2E
-    segments = (num_segments or decode_segments(num_reqs, kv_heads, q.device)) if split_kv else 1
-    if segments > 1:
-        if segments & (segments - 1):
-            raise ValueError(f"num_segments must be a power of two, got {segments}")
-        rows = num_reqs * q_heads * segments
-        partial_acc, partial_max, partial_sum = _scratch(q.device, rows, d_pad)
+    launch = dict(num_warps=plan["num_warps"])
+    if plan["num_stages"] is not None:
+        launch["num_stages"] = plan["num_stages"]
+    strides = (*q.stride(), *k.stride(), *v.stride(), out.stride(0), out.stride(1), block_table.stride(0),
+               *cache_strides)
+    common = dict(GROUP=group, G_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim, D_PAD=d_pad,
+                  BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_SIZE=block_size, SLIDING_WINDOW=window,
+                  DOT_PRECISION=precision, DOT_FP32=dot_fp32)
+
+    if split_kv:
+        segments = plan["segments"]
+        if segments > 1:
+            partial_acc, partial_max, partial_sum = _scratch(q.device, num_reqs * q_heads * segments, d_pad)
+        else:  # one segment writes the output itself; the partial pointers are never touched
+            partial_acc = partial_max = partial_sum = out
         _split_kv_kernel[(num_reqs, kv_heads, segments)](
-            partial_acc, partial_max, partial_sum, q, k_cache, v_cache, query_start_loc, seq_lens, block_table,
-            qk_scale, *q.stride(), block_table.stride(0), *cache_strides,
-            Q_HEADS=q_heads, GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=_block_m(group, tokens, True, q.dtype),
-            BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SEGMENTS=segments, SLIDING_WINDOW=window,
-            DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=4,
+            out, partial_acc, partial_max, partial_sum, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
+            block_table, slot_mapping, tokens, qk_scale, *strides,
+            Q_HEADS=q_heads, NUM_SEGMENTS=segments, **common, **launch,
         )
-        _reduce_segments_kernel[(num_reqs, q_heads)](
-            out, partial_acc, partial_max, partial_sum, query_start_loc, out.stride(0), out.stride(1),
-            Q_HEADS=q_heads, HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SEGMENTS=segments, num_warps=4,
-        )
+        if segments > 1:
+            _reduce_segments_kernel[(num_reqs, q_heads)](
+                out, partial_acc, partial_max, partial_sum, query_start_loc, out.stride(0), out.stride(1),
+                Q_HEADS=q_heads, HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SEGMENTS=segments, num_warps=4,
+            )
         return out
-    block_m = _block_m(group, tokens, split_kv, q.dtype)
-    block_q = block_m // group
+
+    block_q = plan["BLOCK_M"] // group
     # Request r's query blocks start at query_start_loc[r] // block_q + r, so this many cover any
-    # batch of `tokens` tokens in at most num_reqs requests.
+    # batch of `tokens` tokens in at most num_reqs requests (and every token index t has the
+    # program t // block_q, which serves t if it is padding).
     grid = (tokens // block_q + num_reqs, kv_heads)
     _unified_kernel[grid](
-        out, q, k_cache, v_cache, query_start_loc, seq_lens, block_table, num_reqs, qk_scale,
-        *q.stride(), out.stride(0), out.stride(1), block_table.stride(0), *cache_strides,
-        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, SLIDING_WINDOW=window, DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=4,
+        out, q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_table, slot_mapping, num_reqs, tokens,
+        qk_scale, *strides, BLOCK_Q=block_q, BQ_PAD=triton.next_power_of_2(block_q), **common, **launch,
     )
     return out
 
