@@ -77,6 +77,31 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
                        static_tokens=ctx.num_tokens if has_attention and signature.is_static else None)
 
 
+class RecordingBackend:
+    """A ``backend=`` callable: ``fullgraph`` with fixed options, keeping every runner it returns.
+
+    For tools that report what was captured::
+
+        backend = RecordingBackend({"cudagraph_mode": "full"})
+        compiled = torch.compile(model, backend=backend)
+        ...
+        backend.graphs, backend.runners[-1].capture_table
+    """
+
+    def __init__(self, options: dict | None = None) -> None:
+        self.options, self.runners = dict(options or {}), []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> GraphRunner:
+        runner = fullgraph(gm, example_inputs, options=self.options)
+        self.runners.append(runner)
+        return runner
+
+    @property
+    def graphs(self) -> int:
+        """Captured calls over every runner and piece."""
+        return sum(len(p.calls) for r in self.runners for p in r.pieces)
+
+
 def _device_of(example_inputs: list) -> torch.device:
     for x in example_inputs:
         if isinstance(x, torch.Tensor):

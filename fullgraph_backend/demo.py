@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from fullgraph_backend.backend import RecordingBackend
 from fullgraph_backend.forward_context import ForwardContext, use_forward_context
 
 MODES = ("eager", "none", "piecewise", "full")
@@ -32,24 +33,6 @@ class ModeResult:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.step_ms)
-
-
-class CaptureCounter:
-    """A ``backend=`` callable wrapping ``fullgraph`` that keeps the runners it returns."""
-
-    def __init__(self, options: dict) -> None:
-        self.options, self.runners = options, []
-
-    def __call__(self, gm, example_inputs):
-        from fullgraph_backend.backend import fullgraph
-
-        runner = fullgraph(gm, example_inputs, options=self.options)
-        self.runners.append(runner)
-        return runner
-
-    @property
-    def graphs(self) -> int:
-        return sum(len(p.calls) for r in self.runners for p in r.pieces)
 
 
 def block_tables(ctx: ForwardContext, batch: int) -> list[list[int]]:
@@ -116,7 +99,7 @@ def run_modes(build, ctx: ForwardContext, prompts: torch.Tensor, steps: int, mod
         counter = None
         start = time.perf_counter()
         if mode != "eager":
-            counter = CaptureCounter({**(options or {}), "cudagraph_mode": mode})
+            counter = RecordingBackend({**(options or {}), "cudagraph_mode": mode})
             model = torch.compile(model, backend=counter)
             with around_compile(mode) if around_compile else contextlib.nullcontext():
                 greedy_decode(model, ctx, prompts, 1)  # compile and capture happen here

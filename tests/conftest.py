@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import torch.nn as nn  # noqa: E402
 
 import fullgraph_backend  # noqa: E402
-from fullgraph_backend.backend import fullgraph  # noqa: E402
+from fullgraph_backend.backend import RecordingBackend  # noqa: E402
 from fullgraph_backend.forward_context import ForwardContext  # noqa: E402
 
 
@@ -44,17 +44,11 @@ def seeded():
     return torch.Generator().manual_seed(0)
 
 
-class RunnerCapture:
-    """A ``backend=`` callable wrapping ``fullgraph`` that keeps every GraphRunner it returns."""
+class RunnerCapture(RecordingBackend):
+    """The recording backend with options as keywords, and the last runner at hand."""
 
     def __init__(self, **options) -> None:
-        self.options = options
-        self.runners = []
-
-    def __call__(self, gm, example_inputs):
-        runner = fullgraph(gm, example_inputs, options=self.options)
-        self.runners.append(runner)
-        return runner
+        super().__init__(options)
 
     @property
     def runner(self):

@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import use_forward_context  # noqa: E402
-from fullgraph_backend.demo import CaptureCounter, block_tables  # noqa: E402
+from fullgraph_backend.backend import RecordingBackend  # noqa: E402
+from fullgraph_backend.demo import block_tables  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main() -> None:
                                  max_num_tokens=max(args.batch, 2), max_model_len=args.context + 1)
     for cache in ctx.kv_caches:
         cache.normal_(0, 0.1)
-    counter = CaptureCounter({})
+    counter = RecordingBackend()
     compiled = torch.compile(build_model(config, dtype=torch.bfloat16, device="cuda"), backend=counter)
     with use_forward_context(ctx), torch.inference_mode():
         positions = ctx.prepare([1] * args.batch, [args.context + 1] * args.batch, block_tables(ctx, args.batch))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fullgraph_backend.backend import fullgraph
+from fullgraph_backend.backend import RecordingBackend
 from fullgraph_backend.engine.levels import backend_options
 from fullgraph_backend.engine.sampler import Sampler
 from fullgraph_backend.engine.scheduler import ScheduledBatch
@@ -54,18 +54,6 @@ class StartupReport:
                 f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB)")
 
 
-class _KeepRunners:
-    """``backend=`` callable: the fullgraph backend with fixed options, keeping the runners it returns."""
-
-    def __init__(self, options: dict) -> None:
-        self.options, self.runners = options, []
-
-    def __call__(self, gm, example_inputs):
-        runner = fullgraph(gm, example_inputs, options=self.options)
-        self.runners.append(runner)
-        return runner
-
-
 class ModelRunner:
     """Owns the forward context and the (compiled) model; ``execute(batch)`` runs one step."""
 
@@ -82,7 +70,7 @@ class ModelRunner:
                                 max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                                 attention_impl=attention_impl)
         self.eager_model = model
-        self._backend = _KeepRunners(self.options) if self.options is not None else None
+        self._backend = RecordingBackend(self.options) if self.options is not None else None
         self.model = torch.compile(model, backend=self._backend) if self._backend else model
         self.sampler = Sampler(self.device, seed)
         pin = self.device.type == "cuda"
@@ -149,7 +137,7 @@ class ModelRunner:
         table = [rec for r in self._backend.runners for rec in r.capture_table]
         report.capture_s = sum(rec.warmup_ms + rec.capture_ms for rec in table) / 1e3
         report.compile_s = first_call - report.capture_s
-        report.num_graphs = sum(len(p.calls) for r in self._backend.runners for p in r.pieces)
+        report.num_graphs = self._backend.graphs
         report.graph_mib = sum(rec.pool_mib for rec in table)
         return report
 
