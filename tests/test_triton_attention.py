@@ -198,7 +198,7 @@ def test_decode_segments():
 
 
 def test_launch_plan():
-    """Uniform decode: one launch with one segment, split + reduce with more; mixed: one launch."""
+    """Uniform decode: one launch with one segment, split + reduce with more; mixed: store + unified."""
     ctx, q, k, v = _batch([1, 1, 1], [3, 50, 97], group=4)
     m, bs = ctx.metadata, ctx.block_size
     plan = functools.partial(launch_plan, q, 2, m.block_table, bs, m.seq_lens.shape[0])
@@ -209,7 +209,7 @@ def test_launch_plan():
     assert (plan(split_kv=True, num_segments=4)["kernel"], plan(split_kv=True, num_segments=4)["launches"]) == \
         ("split+reduce", 2)
     assert plan(split_kv=True, _config={"min_segment_tokens": 16})["segments"] > 1
-    assert plan(split_kv=False)["launches"] == 1
+    assert (plan(split_kv=False)["kernel"], plan(split_kv=False)["launches"]) == ("unified", 2)
     config = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "segments": 8}
     got = plan(split_kv=True, _config=config)
     assert {key: got[key] for key in config} == config
@@ -229,7 +229,7 @@ def test_split_kv_scratch_is_allocated_once_per_shape():
     assert before == after
 
 
-# ---- the fused K/V store ---------------------------------------------------------------------------
+# ---- the K/V store: fused into split-KV decode, its own launch before the unified kernel -------------
 def _run_kind(kind):
     """``(name, runner)``: unified, split-KV with one segment (one launch), split-KV + reduce."""
     return {"unified": paged_attention, "split-1": _split(1), "split-4": _split(4)}[kind]
@@ -239,38 +239,75 @@ _DECODE_BATCH = ([1, 1, 1, 1], [1, 16, 17, 100])
 _MIXED_BATCH = ([4, 1, 37, 1, 20], [20, 33, 37, 48, 90])  # a 37-token prefill spans several query blocks
 
 
-@pytest.mark.parametrize("kind, window", [("unified", 0), ("unified", 10), ("split-1", 0), ("split-4", 0),
-                                          ("split-4", 20)])
-def test_new_keys_come_from_the_inputs(kind, window):
-    """No program reads this step's K/V back from the cache, so no program waits on another's store.
-
-    The step's slots are redirected to spare blocks and the block-table positions of the new
-    tokens hold NaN: a kernel that read a new key from the cache (written by another program, in
-    any order) would return NaN. The output must still equal the reference on consistent
-    metadata, and the K/V must land exactly in the (redirected) slots.
-    """
-    query_lens, seq_lens = _MIXED_BATCH if kind == "unified" else _DECODE_BATCH
-    ctx, q, k, v = _batch(query_lens, seq_lens, group=2, pad_tokens=2)
+def _redirect_new_slots(ctx):
+    """Point the step's real tokens at shuffled slots of spare blocks and fill their old slots
+    (still the new tokens' positions in the block table) with NaN. Returns the new slots."""
     cache, m = ctx.kv_caches[0], ctx.metadata
-    expected = reference_attention(*_args(ctx, q, k, v, cache.clone(), window))
     n = ctx.num_tokens
     used = {int(b) for b in m.block_table[: ctx.num_reqs].flatten()}
     spare = [b for b in range(NULL_BLOCK + 1, ctx.num_blocks) if b not in used]
     blocks = -(-n // ctx.block_size)
     new_slots = (torch.tensor(spare[:blocks]).repeat_interleave(ctx.block_size) * ctx.block_size
                  + torch.arange(ctx.block_size).repeat(blocks))[torch.randperm(blocks * ctx.block_size)]
-    old_slots = m.slot_mapping[:n].clone()
-    flat = cache.flatten(1, 2)
-    flat[:, old_slots] = float("nan")
+    cache.flatten(1, 2)[:, m.slot_mapping[:n].clone()] = float("nan")
     m.slot_mapping[:n] = new_slots[:n]
+    return new_slots[:n]
+
+
+@pytest.mark.parametrize("kind, window", [("split-1", 0), ("split-1", 20), ("split-4", 0), ("split-4", 20)])
+def test_new_keys_come_from_the_inputs(kind, window):
+    """Split-KV decode: no program reads this step's K/V back from the cache, so no program waits
+    on another's (fused) store.
+
+    The step's slots are redirected to spare blocks and the block-table positions of the new
+    tokens hold NaN: a kernel that read a new key from the cache (written by another program, in
+    any order) would return NaN. The output must still equal the reference on consistent
+    metadata, and the K/V must land exactly in the (redirected) slots.
+    """
+    ctx, q, k, v = _batch(*_DECODE_BATCH, group=2, pad_tokens=2)
+    cache = ctx.kv_caches[0]
+    expected = reference_attention(*_args(ctx, q, k, v, cache.clone(), window))
+    n = ctx.num_tokens
+    new_slots = _redirect_new_slots(ctx)
+    flat = cache.flatten(1, 2)
     before = cache.clone()
     out = _run_kind(kind)(*_args(ctx, q, k, v, cache, window))
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
     assert not out[n:].any()
-    assert torch.equal(flat[0, new_slots[:n]], k[:n]) and torch.equal(flat[1, new_slots[:n]], v[:n])
+    assert torch.equal(flat[0, new_slots], k[:n]) and torch.equal(flat[1, new_slots], v[:n])
     keep = torch.ones(flat.shape[1], dtype=torch.bool)
-    keep[new_slots[:n]] = False
+    keep[new_slots] = False
     assert torch.equal(flat[:, keep].nan_to_num(7.0), before.flatten(1, 2)[:, keep].nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("window", [0, 10])
+def test_mixed_store_runs_before_attention(monkeypatch, window):
+    """Mixed batches: ``_store_kv_kernel`` is launched first and the unified kernel reads this step's
+    keys from the cache, so it sees what the store wrote.
+
+    The new tokens' slots hold NaN before the call. With the store launch, the output equals the
+    reference (the NaN were overwritten before attention read them); with the store launch
+    skipped, the same unified launch returns NaN: it reads the new keys from the cache only.
+    """
+    ctx, q, k, v = _batch(*_MIXED_BATCH, group=2, pad_tokens=2)
+    cache, m = ctx.kv_caches[0], ctx.metadata
+    n = ctx.num_tokens
+    expected = reference_attention(*_args(ctx, q, k, v, cache.clone(), window))
+    flat = cache.flatten(1, 2)
+    flat[:, m.slot_mapping[:n]] = float("nan")
+    poisoned = cache.clone()
+    calls = []
+    for name in ("_store_kv_kernel", "_unified_kernel"):
+        monkeypatch.setattr(triton_paged, name, _CountingKernel(getattr(triton_paged, name), name, calls))
+    out = paged_attention(*_args(ctx, q, k, v, cache, window))
+    assert calls == ["_store_kv_kernel", "_unified_kernel"]
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert not out[n:].any()
+    assert torch.equal(flat[0, m.slot_mapping[:n]], k[:n]) and torch.equal(flat[1, m.slot_mapping[:n]], v[:n])
+
+    monkeypatch.setattr(triton_paged, "_store_kv_kernel", _SkippedKernel())
+    out = paged_attention(*_args(ctx, q, k, v, poisoned, window))
+    assert out[:n].isnan().any(-1).any(-1).all(), "every real token attends to at least its own (NaN) key"
 
 
 @pytest.mark.parametrize("kind", ["unified", "split-1", "split-4"])
@@ -292,10 +329,10 @@ def test_padded_tokens_with_dummy_slots(kind):
 
 
 def test_split_kv_one_segment_is_one_launch(monkeypatch):
-    """A short graph bound takes the one-segment path: no reduce launch, no scratch."""
+    """A short graph bound takes the one-segment path: no reduce launch, no scratch. Mixed: two launches."""
     ctx, q, k, v = _batch([1, 1, 1], [3, 50, 97], group=4, pad_tokens=1)
     calls = []
-    for name in ("_split_kv_kernel", "_reduce_segments_kernel", "_unified_kernel"):
+    for name in ("_split_kv_kernel", "_reduce_segments_kernel", "_store_kv_kernel", "_unified_kernel"):
         kernel = getattr(triton_paged, name)
         monkeypatch.setattr(triton_paged, name, _CountingKernel(kernel, name, calls))
     scratch = dict(triton_paged._SCRATCH)
@@ -307,7 +344,7 @@ def test_split_kv_one_segment_is_one_launch(monkeypatch):
     assert calls == ["_split_kv_kernel", "_reduce_segments_kernel"]
     calls.clear()
     _check(*_batch([3, 1, 20], [3, 40, 50]))
-    assert calls == ["_unified_kernel"]
+    assert calls == ["_store_kv_kernel", "_unified_kernel"]
 
 
 class _CountingKernel:
@@ -319,6 +356,13 @@ class _CountingKernel:
     def __getitem__(self, grid):
         self.calls.append(self.name)
         return self.kernel[grid]
+
+
+class _SkippedKernel:
+    """Stands in for a Triton kernel; launching it does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 # ---- sentinels ----------------------------------------------------------------------------------
@@ -430,9 +474,11 @@ for segments, window in ((1, 0), (4, 256)):
     compile_sm90(tp._split_kv_kernel, ints, pick(tp._split_kv_kernel, dict(base, NUM_SEGMENTS=segments,
                  SLIDING_WINDOW=window)), dns=("num_tokens",))
 compile_sm90(tp._reduce_segments_kernel, ints, dict(Q_HEADS=32, HEAD_DIM=128, D_PAD=128, NUM_SEGMENTS=4))
+compile_sm90(tp._store_kv_kernel, ints, dict(KV_HEADS=8, Q_HEADS=32, HEAD_DIM=128, KV_HEADS_PAD=8, Q_HEADS_PAD=32,
+             D_PAD=128, BLOCK_SIZE=16), dns=("num_reqs",))
 for block_m in (16, 64):
     compile_sm90(tp._unified_kernel, ints, pick(tp._unified_kernel, dict(base, BLOCK_M=block_m,
-                 BLOCK_Q=block_m // 4, BQ_PAD=block_m // 4, SLIDING_WINDOW=128)), dns=("num_tokens", "num_reqs"))
+                 BLOCK_Q=block_m // 4, SLIDING_WINDOW=128)), dns=("num_reqs",))
 print("compiled")
 '''
 

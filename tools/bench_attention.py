@@ -6,11 +6,11 @@ block tables). Modes, side by side in one process:
       bundled FlashAttention-2 (``aten._flash_attention_forward`` with ``seqused_k`` over a dense
       per-request cache) and FlexAttention (dense cache, static block mask, compiled);
   prefill (one request of 2048 / 8192 tokens): triton vs bundled FA2;
-  mixed (64 decode rows at context 4096 + one 2048-token prefill): triton in one launch.
+  mixed (64 decode rows at context 4096 + one 2048-token prefill): triton store + unified (two launches).
 Times are medians over single replays, each after an L2 flush (``--no-flush-l2`` to skip it);
 effective TB/s counts the K/V bytes a decode must read. The triton and reference rows include
-storing the step's K/V (fused into triton's attention launches: split-KV decode is one launch with
-one segment, two with more; unified is one); FA2 and Flex only read.
+storing the step's K/V (split-KV decode fuses it: one launch with one segment, two with more; the
+unified path stores in its own launch first, two in all); FA2 and Flex only read.
 
 Usage (GPU): python tools/bench_attention.py --out bench_attention.json [--iters 100]
              python tools/bench_attention.py --check   # triton vs reference; exit 1 on mismatch
@@ -141,7 +141,7 @@ def prefill_modes(tokens: int):
 
 def mixed_modes(decode_rows: int, context: int, prefill: int):
     paged = Paged([1] * decode_rows + [prefill], [context] * decode_rows + [prefill])
-    yield "triton unified", lambda: paged_attention(*paged.args()), "one launch"
+    yield "triton unified", lambda: paged_attention(*paged.args()), "store + unified: two launches"
 
 
 def run_benchmark(args) -> list[dict]:

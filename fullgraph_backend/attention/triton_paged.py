@@ -1,28 +1,31 @@
 """``triton``: our unified paged-attention kernel, graph-safe, with a split-KV decode variant.
 
 Written from the published designs (vLLM's unified Triton attention, SGLang's split-KV decode);
-no code is copied. The step's K/V store is fused into the attention launches, so one op call is
-one launch for a mixed batch and one or two for a uniform-decode batch:
+no code is copied. One op call is two launches for a mixed batch and one or two for a
+uniform-decode batch:
 
-* mixed graphs: ``_unified_kernel``, grid ``(T // BLOCK_Q + num_reqs, kv_heads)``: one program per
-  (query block of one request, KV head), serving prefill, decode and mixed batches alike. The
-  ``GROUP = q_heads // kv_heads`` query heads that share a KV head are packed along the tile's M
-  dimension next to the ``BLOCK_Q`` tokens, so even a one-token decode row feeds ``tl.dot`` a
-  16-row tile and every KV tile is read once for all heads of its group.
-* uniform-decode graphs: ``_split_kv_kernel``, grid ``(num_reqs, kv_heads, segments)``, which cuts
-  each request's cached keys into a fixed number of segments. With one segment it writes the
-  output itself (one launch); with more it writes fp32 partials (unnormalised output, running
-  max, running sum) and ``_reduce_segments_kernel``, grid ``(num_reqs, q_heads)``, merges them.
+* mixed graphs: ``_store_kv_kernel``, grid ``(T,)``, writes each token's new K/V into its slot
+  (``PAD_SLOT`` tokens write nothing) and zeroes the output rows of padded tokens; then
+  ``_unified_kernel``, grid ``(T // BLOCK_Q + num_reqs, kv_heads)``: one program per (query block
+  of one request, KV head), serving prefill, decode and mixed batches alike, every key read from
+  the cache (the store launch precedes it on the stream). The ``GROUP = q_heads // kv_heads`` query
+  heads that share a KV head are packed along the tile's M dimension next to the ``BLOCK_Q``
+  tokens, so even a one-token decode row feeds ``tl.dot`` a 16-row tile and every KV tile is read
+  once for all heads of its group. (Fusing the store here, new keys taken from the ``k``/``v``
+  inputs by a per-key source select in the loop, cost ~40 registers per thread and 15-20% of the
+  kernel's time on the H100: 2k-token prefill 175 -> 202 us. So mixed batches keep the store launch.)
+* uniform-decode graphs: ``_split_kv_kernel``, grid ``(num_reqs, kv_heads, segments)``, with the
+  store fused, which cuts each request's cached keys into a fixed number of segments. With one
+  segment it writes the output itself (one launch); with more it writes fp32 partials
+  (unnormalised output, running max, running sum) and ``_reduce_segments_kernel``, grid
+  ``(num_reqs, q_heads)``, merges them.
 
-Fused store, and why it is race-free: no program reads this step's new K/V back from the cache.
-Keys at positions ``< seq_len - q_len`` (cached before this step) come from the cache; the keys of
-this step's new tokens come straight from the ``k``/``v`` inputs (a prefill query block reads its
-request's other new tokens there, whichever program stores them). Each new token's K/V is
-stored by exactly one program per KV head: in the unified kernel the program of its query block,
-in the split kernel segment 0 of its request (which also folds that key into its partial).
-A padded token (``t >= query_start_loc[num_reqs]``) is stored only if its slot is not
-``PAD_SLOT``, and its output rows are zeroed, by one designated program per KV head: the unified
-program whose block index is ``t // BLOCK_Q``, or split program ``(t mod num_reqs, kv_head, 0)``.
+Fused store in the split kernel, and why it is race-free: no program reads this step's new K/V
+back from the cache. The cached keys ``[0, seq_len - 1)`` come from the cache; the request's one
+new key comes straight from the ``k``/``v`` inputs. Each new token's K/V is stored by exactly one
+program per KV head, segment 0 of its request (which also folds that key into its partial). A
+padded token (``t >= query_start_loc[num_reqs]``) is stored only if its slot is not ``PAD_SLOT``,
+and its output rows are zeroed, by split program ``(t mod num_reqs, kv_head, 0)``.
 
 Graph safety (DESIGN.md rules 1-2): every grid, tile size and segment count is a function of the
 padded token count ``T``, the metadata buffers' fixed sizes (``max_num_seqs``, the block table's
@@ -133,21 +136,16 @@ def _online_update(acc, m_i, l_i, q, k, v, visible, qk_scale, DOT_PRECISION: tl.
 
 @triton.jit
 def _attend(
-    acc, m_i, l_i, q, q_pos, win_lo, k_cache, v_cache, block_table_row, context_len, k, v, q_start, kv_end,
-    tile_lo, tile_hi, qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
-    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    acc, m_i, l_i, q, win_lo, k_cache, v_cache, block_table_row, context_len, tile_lo, tile_hi, qk_scale,
+    kv_head, stride_cb, stride_cs, stride_ch,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SLIDING_WINDOW: tl.constexpr, NEW_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """The query tile against KV tiles ``[tile_lo, tile_hi)`` of one request (online softmax).
+    """The split-KV decode tile against cached KV tiles ``[tile_lo, tile_hi)`` of one request.
 
-    Keys at positions ``< context_len`` were cached before this step: they come from the cache (no
-    program writes those slots during the step) and precede every query, so only the window
-    (``pos >= win_lo[row]``) masks them. With ``NEW_KEYS``, keys at positions in
-    ``[context_len, kv_end)`` are this step's new tokens (position ``context_len + j`` is token
-    ``q_start + j``): they come from the ``k``/``v`` inputs, never from the cache, and mask
-    causally (``pos <= q_pos[row]``). One loop and one load per tile either way: the source is
-    chosen per key by a pointer select.
+    Only keys at positions ``< context_len`` (cached before this step; no program writes those
+    slots during the step) are read; they precede the query, so only the window
+    (``pos >= win_lo[row]``) masks them. The step's new key is folded in by the caller.
     """
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
@@ -162,17 +160,8 @@ def _attend(
         kv_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
         k_ptr = k_cache + kv_off[None, :] + offs_d[:, None]
         v_ptr = v_cache + kv_off[:, None] + offs_d[None, :]
-        if NEW_KEYS:
-            valid = pos < kv_end
-            token = q_start + pos - context_len  # negative for cached keys: those take the cache pointer
-            k_ptr = tl.where(in_cache[None, :], k_ptr,
-                             k + token[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None] * stride_kd)
-            v_ptr = tl.where(in_cache[:, None], v_ptr,
-                             v + token[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :] * stride_vd)
-            visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        else:
-            valid = in_cache
-            visible = valid[None, :]
+        valid = in_cache
+        visible = valid[None, :]
         if SLIDING_WINDOW > 0:
             visible = visible & (pos[None, :] >= win_lo[:, None])
         # Masked loads return zeros: stale slots may hold anything, and 0 * NaN would poison acc.
@@ -182,6 +171,53 @@ def _attend(
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
         acc, m_i, l_i = _online_update(acc, m_i, l_i, q, k_tile, v_tile, visible, qk_scale, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_causal(
+    acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table_row, seq_len, tile_lo, tile_hi, qk_scale,
+    kv_head, stride_cb, stride_cs, stride_ch,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Online softmax of the query tile against KV tiles ``[tile_lo, tile_hi)`` of one request, every
+    key from the cache (the unified kernel runs after ``_store_kv_kernel``), masked causally.
+
+    Returns the updated ``(acc, m_i, l_i)``: unnormalised output, running max and running sum, in
+    base 2 (``qk_scale`` includes log2(e)). Rows that see no key keep ``m_i = -inf, l_i = 0``.
+    """
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    for start in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        in_seq = pos < seq_len
+        # Page lookup per key position, so BLOCK_N need not match the cache's block size.
+        # Positions past seq_len read the null block; int64 because caches exceed 2**31 elements.
+        block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
+        kv_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        # Masked loads return zeros: stale slots may hold anything, and 0 * NaN would poison acc.
+        k = tl.load(k_cache + kv_off[None, :] + offs_d[:, None], mask=in_seq[None, :] & d_mask[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        visible = in_seq[None, :] & (pos[None, :] <= q_pos[:, None])
+        if SLIDING_WINDOW > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - SLIDING_WINDOW)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache + kv_off[:, None] + offs_d[None, :], mask=in_seq[:, None] & d_mask[None, :], other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -204,81 +240,83 @@ def _find_request(query_start_loc, q_block, num_reqs, BLOCK_Q: tl.constexpr):
 
 
 # ---- kernels ----------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["num_reqs", "num_tokens"])
-def _unified_kernel(
-    out, q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_table, slot_mapping, num_reqs, num_tokens,
-    qk_scale,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BQ_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+@triton.jit(do_not_specialize=["num_reqs"])
+def _store_kv_kernel(
+    k, v, k_cache, v_cache, slot_mapping, out, query_start_loc, num_reqs,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_cb, stride_cs, stride_ch, stride_ot, stride_oh,
+    KV_HEADS: tl.constexpr, Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """Program (query block, KV head): store the block's new K/V of this head, then attend for its
-    ``BLOCK_Q`` tokens x ``GROUP`` heads. Also serves the padded tokens ``t`` with
-    ``t // BLOCK_Q == q_block`` (zero output, store only where a slot is set)."""
+    """Token ``t``: store its K/V at ``slot_mapping[t]`` unless PAD_SLOT; zero its output if padding."""
+    t = tl.program_id(0)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+    slot = tl.load(slot_mapping + t)
+    if slot >= 0:
+        offs_h = tl.arange(0, KV_HEADS_PAD)
+        mask = (offs_h < KV_HEADS)[:, None] & d_mask[None, :]
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+        dst = dst + offs_h[:, None] * stride_ch + offs_d[None, :]
+        key = tl.load(k + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
+        tl.store(k_cache + dst, key, mask=mask)
+        value = tl.load(v + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+        tl.store(v_cache + dst, value, mask=mask)
+    if t >= tl.load(query_start_loc + num_reqs):
+        offs_h = tl.arange(0, Q_HEADS_PAD)
+        mask = (offs_h < Q_HEADS)[:, None] & d_mask[None, :]
+        zeros = tl.zeros((Q_HEADS_PAD, D_PAD), dtype=out.dtype.element_ty)
+        tl.store(out + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], zeros, mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _unified_kernel(
+    out, q, k_cache, v_cache, query_start_loc, seq_lens, block_table, num_reqs, qk_scale,
+    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Program (query block, KV head): ``BLOCK_Q`` tokens x ``GROUP`` heads against their keys, all read
+    from the cache (``_store_kv_kernel``, launched just before on the same stream, wrote this step's)."""
     # Last blocks first: under causality they see the most keys, so starting them early
     # shortens the tail of a prefill launch.
     q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
-    real_tokens = tl.load(query_start_loc + num_reqs)  # in flight during the search
     req = _find_request(query_start_loc, q_block, num_reqs, BLOCK_Q)
     q_start = tl.load(query_start_loc + req)
     q_len = tl.load(query_start_loc + req + 1) - q_start
-    pad_lo = tl.maximum(q_block * BLOCK_Q, real_tokens)
-    pad_hi = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, num_tokens)
-    for t in range(pad_lo, pad_hi):
-        _pad_token(t, out, k, v, k_cache, v_cache, slot_mapping, kv_head,
-                   stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
-                   stride_cb, stride_cs, stride_ch, GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE)
     local_block = q_block - (q_start // BLOCK_Q + req)
     if local_block * BLOCK_Q >= q_len:  # beyond this request's tokens (or a padded request)
         return
     seq_len = tl.load(seq_lens + req)
     context_len = seq_len - q_len
-    offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < HEAD_DIM
-
-    # Store this block's new K/V rows of this KV head. Nobody reads them back from the cache in
-    # this step (new keys come from the k/v inputs), so no other program waits for this.
-    offs_s = tl.arange(0, BQ_PAD)
-    s_idx = local_block * BLOCK_Q + offs_s
-    s_tok = q_start + s_idx
-    s_slot = tl.load(slot_mapping + s_tok, mask=(offs_s < BLOCK_Q) & (s_idx < q_len), other=-1)
-    s_mask = (s_slot >= 0)[:, None] & d_mask[None, :]
-    dst = ((s_slot // BLOCK_SIZE) * stride_cb + (s_slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] \
-        + offs_d[None, :]
-    key = tl.load(k + s_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :] * stride_kd, mask=s_mask)
-    tl.store(k_cache + dst, key, mask=s_mask)
-    value = tl.load(v + s_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :] * stride_vd, mask=s_mask)
-    tl.store(v_cache + dst, value, mask=s_mask)
 
     offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
     q_idx = local_block * BLOCK_Q + offs_m // GROUP  # token index within the request's new tokens
     head = kv_head * GROUP + offs_m % GROUP
     row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
-    mask = row_ok[:, None] & d_mask[None, :]
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     token = q_start + q_idx
     q_tile = tl.load(q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                      mask=mask, other=0.0)
     q_pos = context_len + q_idx
-    win_lo = q_pos - SLIDING_WINDOW + 1  # first visible key position per row (with a window)
 
     # Keys this block can see: up to its last token's position (causal), from its first token's
-    # window start; cached ones from the cache, this step's from the k/v inputs.
+    # window start.
+    hi = tl.minimum(seq_len, context_len + tl.minimum(q_len, (local_block + 1) * BLOCK_Q))
     lo = 0
     if SLIDING_WINDOW > 0:
         lo = tl.maximum(0, context_len + local_block * BLOCK_Q - SLIDING_WINDOW + 1)
-    new_hi = tl.minimum(q_len, (local_block + 1) * BLOCK_Q)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, q_pos, win_lo, k_cache, v_cache, block_table + req * stride_bt,
-                            context_len, k, v, q_start, context_len + new_hi, lo // BLOCK_N,
-                            tl.cdiv(context_len + new_hi, BLOCK_N), qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
-                            stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, HEAD_DIM, D_PAD, BLOCK_N,
-                            BLOCK_SIZE, SLIDING_WINDOW, True, DOT_PRECISION, DOT_FP32)
-    result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every real row sees at least its own key
+    acc, m_i, l_i = _attend_causal(acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table + req * stride_bt,
+                                   seq_len, lo // BLOCK_N, tl.cdiv(hi, BLOCK_N), qk_scale, kv_head,
+                                   stride_cb, stride_cs, stride_ch,
+                                   HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, DOT_FP32)
+    result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw no key have acc = 0
     tl.store(out + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              result.to(out.dtype.element_ty), mask=mask)
 
@@ -352,11 +390,9 @@ def _split_kv_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     win_lo = tl.full((BLOCK_M,), 0, dtype=tl.int32) + seq_len - SLIDING_WINDOW
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, win_lo, win_lo, k_cache, v_cache, block_table + req * stride_bt,
-                            cache_len, k, v, q_start, cache_len, tile_lo, tile_hi, qk_scale, kv_head,
-                            stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh,
-                            stride_vd, HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, False, DOT_PRECISION,
-                            DOT_FP32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, win_lo, k_cache, v_cache, block_table + req * stride_bt,
+                            cache_len, tile_lo, tile_hi, qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
+                            HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, DOT_FP32)
     if segment == 0:
         _put_token(k_cache, v_cache, slot, kv_head, key, value, stride_cb, stride_cs, stride_ch,
                    HEAD_DIM, D_PAD, BLOCK_SIZE)
@@ -518,8 +554,9 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
                 *, split_kv: bool, num_segments: int | None = None, _config: dict | None = None) -> dict:
     """The kernel parameters :func:`paged_attention` uses for these shapes (functions of shapes only).
 
-    Keys: ``kernel`` (``"unified"``, ``"split"`` = one split-KV launch with one segment, or
-    ``"split+reduce"``), ``launches``, ``segments``, ``BLOCK_N``, ``BLOCK_M``, ``num_warps``,
+    Keys: ``kernel`` (``"unified"`` = the K/V store launch, then the unified kernel: 2 launches;
+    ``"split"`` = one split-KV launch with one segment, its store fused; or ``"split+reduce"``),
+    ``launches``, ``segments``, ``BLOCK_N``, ``BLOCK_M``, ``num_warps``,
     ``num_stages`` (None: Triton's default).
     """
     config = _check_config(_config)
@@ -535,7 +572,7 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
         if segments & (segments - 1):
             raise ValueError(f"num_segments must be a power of two, got {segments}")
     kernel = "unified" if not split_kv else "split" if segments == 1 else "split+reduce"
-    return dict(kernel=kernel, launches=2 if kernel == "split+reduce" else 1, segments=segments, BLOCK_N=block_n,
+    return dict(kernel=kernel, launches=1 if kernel == "split" else 2, segments=segments, BLOCK_N=block_n,
                 BLOCK_M=_block_m(q_heads // kv_heads, tokens, split_kv, q.dtype),
                 num_warps=config.get("num_warps") or 4, num_stages=config.get("num_stages"))
 
@@ -562,9 +599,9 @@ def paged_attention(
     fused QKV projection). ``split_kv=True`` is legal only for a uniform-decode batch (every
     request has at most one new token, the last of its sequence); it splits each request's keys
     into ``num_segments`` (default :func:`decode_segments`), in one launch when that is 1 and a
-    second (the reduce) otherwise. ``_config`` (private, for tuning; see ``CONFIG_KEYS``)
-    overrides tile sizes, warps, pipeline stages and the segment choice. Returns a new contiguous
-    ``[T, q_heads, D]`` tensor.
+    second (the reduce) otherwise. Without it, a store launch precedes the unified kernel.
+    ``_config`` (private, for tuning; see ``CONFIG_KEYS``) overrides tile sizes, warps, pipeline
+    stages and the segment choice. Returns a new contiguous ``[T, q_heads, D]`` tensor.
 
     Example (CPU, under ``TRITON_INTERPRET=1``)::
 
@@ -617,14 +654,25 @@ def paged_attention(
             )
         return out
 
+    # Mixed batches: store first (its own launch), then attend with every key read from the cache.
+    # Fusing the store into the unified kernel (new keys from the k/v inputs, picked per key inside
+    # the loop) cost it ~40 registers per thread and 15-20% of its time on the H100; see module doc.
+    _store_kv_kernel[(tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, out, query_start_loc, num_reqs,
+        *k.stride(), *v.stride(), *cache_strides, out.stride(0), out.stride(1),
+        KV_HEADS=kv_heads, Q_HEADS=q_heads, HEAD_DIM=head_dim, KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
+        Q_HEADS_PAD=triton.next_power_of_2(q_heads), D_PAD=d_pad, BLOCK_SIZE=block_size,
+    )
     block_q = plan["BLOCK_M"] // group
     # Request r's query blocks start at query_start_loc[r] // block_q + r, so this many cover any
-    # batch of `tokens` tokens in at most num_reqs requests (and every token index t has the
-    # program t // block_q, which serves t if it is padding).
+    # batch of `tokens` tokens in at most num_reqs requests.
     grid = (tokens // block_q + num_reqs, kv_heads)
     _unified_kernel[grid](
-        out, q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_table, slot_mapping, num_reqs, tokens,
-        qk_scale, *strides, BLOCK_Q=block_q, BQ_PAD=triton.next_power_of_2(block_q), **common, **launch,
+        out, q, k_cache, v_cache, query_start_loc, seq_lens, block_table, num_reqs, qk_scale,
+        *q.stride(), out.stride(0), out.stride(1), block_table.stride(0), *cache_strides,
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=plan["BLOCK_M"], BLOCK_Q=block_q,
+        BLOCK_N=plan["BLOCK_N"], BLOCK_SIZE=block_size, SLIDING_WINDOW=window, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32, **launch,
     )
     return out
 
