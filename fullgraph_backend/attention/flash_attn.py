@@ -18,6 +18,7 @@ import re
 import torch
 
 from fullgraph_backend.forward_context import BatchKind, current_forward_context
+from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.kv_cache import store_kv
 
 MAX_VERSION = (2, 8, 3, 1)  # 2.8.3.post1
@@ -45,7 +46,7 @@ def _num_splits(num_reqs: int, kv_heads: int, device: torch.device) -> int:
     return max(1, min(32, 2 * sms // (num_reqs * kv_heads)))
 
 
-@torch.library.custom_op("fullgraph::flash_attn_attention", mutates_args=("kv_cache",))
+@impl_op("flash_attn_attention")
 def flash_attn_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,7 +87,3 @@ def flash_attn_attention(
     padded = torch.arange(tokens, device=q.device) >= query_start_loc[num_reqs]  # rows varlen leaves unwritten
     return out.masked_fill_(padded[:, None, None], 0.0)
 
-
-@flash_attn_attention.register_fake
-def _(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, scale, sliding_window):
-    return q.new_empty(q.shape)

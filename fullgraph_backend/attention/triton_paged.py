@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.forward_context import BatchKind, current_forward_context
 
 LOG2E = 1.4426950408889634
@@ -696,7 +697,7 @@ def uses_split_kv(query_start_loc: torch.Tensor, num_tokens: int) -> bool:
     return True
 
 
-@torch.library.custom_op("fullgraph::triton_attention", mutates_args=("kv_cache",))
+@impl_op("triton_attention")
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -713,7 +714,3 @@ def triton_attention(
     return paged_attention(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, scale,
                            sliding_window, split_kv=uses_split_kv(query_start_loc, q.shape[0]))
 
-
-@triton_attention.register_fake
-def _(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, scale, sliding_window):
-    return q.new_empty(q.shape)
