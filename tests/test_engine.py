@@ -110,6 +110,31 @@ def test_requests_that_do_not_fit_wait_or_are_preempted_and_corrupt_nothing(shar
     assert llm.block_manager.num_free == 6
 
 
+# ---- asynchronous scheduling --------------------------------------------------------------------
+@pytest.mark.parametrize("level", [0, 4])
+def test_async_scheduling_gives_the_tokens_of_one_step_at_a_time(sharp_dir, reference, level):
+    """Stop tokens found a step late, preemption with tokens in flight and max_model_len, async
+    against sync: the same tokens as the reference loop, cut at the first stop token."""
+    prompts = mixed_prompts(6, seed=11, max_len=30)
+    want = [reference(p, 12) for p in prompts]
+    stop = max({t for w in want for t in w[1:]}, key=lambda t: sum(w.count(t) for w in want))
+    expected = [w[: w.index(stop) + 1] if stop in w else w for w in want]
+    assert any(len(e) < 12 for e in expected) and any(len(e) == 12 for e in expected)
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop,))
+    for async_scheduling in (True, False):
+        llm = make_llm(sharp_dir, level, num_kv_blocks=2 + 6, async_scheduling=async_scheduling)
+        ids = [llm.add_request(p, params) for p in prompts]
+        outputs, most_in_flight = {}, 0
+        while llm.has_unfinished():
+            outputs.update((o.request_id, o) for o in llm.step())
+            most_in_flight = max(most_in_flight, len(llm._in_flight))
+        assert most_in_flight == int(async_scheduling)
+        assert sum(o.num_preemptions for o in outputs.values()) > 0
+        assert [outputs[i].token_ids for i in ids] == expected, f"async_scheduling={async_scheduling}"
+        assert all(len(outputs[i].token_times) == len(e) for i, e in zip(ids, expected))
+        assert llm.block_manager.num_free == 6 and not llm.has_unfinished()
+
+
 # ---- sampling -----------------------------------------------------------------------------------
 def test_seeded_sampling_does_not_depend_on_the_batch(sharp_dir):
     llm = make_llm(sharp_dir)
@@ -193,6 +218,7 @@ def test_bad_requests_are_clear_errors_and_run_nothing(eager_llm, prompt, params
     ({"max_num_seq": 4}, ValueError, "did you mean 'max_num_seqs'"),
     ({"max_model_len": 4096}, ValueError, "max_position_embeddings"),
     ({"gpu_memory_utilization": 1.5}, ValueError, "gpu_memory_utilization"),
+    ({"async_scheduling": "yes"}, ValueError, "async_scheduling must be True or False"),
 ])
 def test_bad_engine_options(sharp_dir, kw, error, message):
     with pytest.raises(error, match=message):

@@ -71,7 +71,7 @@ class ForcedSampler:
             i = rid - self.first_id
             self.logits[i].append(logits[row].float().cpu())
             out.append(self.forced[i][len(self.logits[i]) - 1] if self.forced else int(logits[row].argmax()))
-        return torch.tensor(out)
+        return torch.tensor(out, device=logits.device)  # where a real sampler leaves its tokens
 
     def forget(self, request_id: int) -> None:
         pass

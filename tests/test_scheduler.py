@@ -22,6 +22,7 @@ def request(rid, prompt_len, max_tokens=4, **kw):
 def run_step(sched, token=7):
     """Schedule, pretend the model ran, sample ``token`` wherever a request samples."""
     batch = sched.schedule()
+    sched.commit(batch)
     sampled = [token if s else None for s in batch.samples]
     finished = sched.update(batch, sampled, 0.0, frozenset())
     return batch, finished
@@ -114,6 +115,7 @@ def test_requests_finish_on_eos_stop_tokens_and_max_tokens(kw, token, outputs, r
     sched.add(seq)
     while seq.status is not Status.FINISHED:
         batch = sched.schedule()
+        sched.commit(batch)
         sched.update(batch, [token if s else None for s in batch.samples], 0.0, frozenset({5}))
     assert len(seq.output_token_ids) == outputs and seq.finish_reason == reason
     assert bm.num_free == bm.num_usable and not sched.has_unfinished()
@@ -126,3 +128,69 @@ def test_generation_stops_at_max_model_len():
     while seq.status is not Status.FINISHED:
         run_step(sched)
     assert seq.num_tokens == 20 and seq.finish_reason == "length"
+
+
+# ---- one step in flight (asynchronous scheduling) ------------------------------------------------
+def run_ahead(sched, steps, token=7, eos=frozenset()):
+    """Drive the scheduler as the engine does with one step in flight: schedule and commit step k,
+    then update step k - 1. Returns the batches and the requests finished, step by step."""
+    batches, finished, in_flight = [], [], None
+    for _ in range(steps):
+        batch = sched.schedule()
+        if batch is not None:
+            sched.commit(batch)
+        done = []
+        if in_flight is not None:
+            done = sched.update(in_flight, [token if s else None for s in in_flight.samples], 0.0, eos)
+        batches.append(batch)
+        finished.append(done)
+        in_flight = batch
+    return batches, finished
+
+
+def test_a_request_is_not_scheduled_past_its_last_token():
+    sched, bm = make(budget=64)
+    seq = request(0, 4, max_tokens=3)
+    sched.add(seq)
+    batches, finished = run_ahead(sched, 5)
+    # prefill samples token 1, decodes sample 2 and 3; the step after would be spare: not scheduled
+    assert [b.num_new if b else None for b in batches] == [[4], [1], [1], None, None]
+    assert [[s.request_id for s in f] for f in finished] == [[], [], [], [0], []]
+    assert seq.output_token_ids == [7, 7, 7] and seq.finish_reason == "length" and bm.num_free == bm.num_usable
+
+
+def test_a_stop_token_found_one_step_late_wastes_one_step_and_drops_its_token():
+    sched, bm = make(budget=64)
+    seq = request(0, 4, max_tokens=9)
+    sched.add(seq)
+    batches, finished = run_ahead(sched, 3, token=5, eos=frozenset({5}))
+    # step 1 (a decode of the pending EOS) was launched before step 0's EOS came back
+    assert [b.num_new for b in batches[:2]] == [[4], [1]] and [s.request_id for s in finished[1]] == [0]
+    assert seq.output_token_ids == [5] and seq.num_pending == 0 and seq.finish_reason == "stop"
+    assert batches[2] is None and not finished[2] and bm.num_free == bm.num_usable and not sched.has_unfinished()
+
+
+def test_pending_tokens_resolve_in_order():
+    seq = request(0, 2)
+    seq.append_pending()
+    seq.append_pending()
+    seq.resolve(11, 1.0)
+    assert seq.token_ids == [1, 2, 11, -1] and seq.num_pending == 1
+    seq.resolve(12, 2.0)
+    assert seq.output_token_ids == [11, 12] and seq.token_times == [1.0, 2.0]
+    with pytest.raises(RuntimeError, match="no token in flight"):
+        seq.resolve(13, 3.0)
+
+
+def test_a_request_preempted_with_a_token_in_flight_waits_until_it_is_known():
+    sched, bm = make(num_blocks=2 + 4, budget=256)
+    a, b = request(0, 32, max_tokens=20), request(1, 31, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule()
+    sched.commit(first)  # both prefilled, both tokens pending; the cache is full
+    second = sched.schedule()  # a needs a third block: b is preempted with its token in flight
+    assert second.seqs == [a] and b.status is Status.WAITING and b.num_pending == 1
+    sched.commit(second)
+    sched.update(first, [7, 8], 0.0, frozenset())
+    assert b.output_token_ids == [8] and b.num_pending == 0 and a.num_pending == 1

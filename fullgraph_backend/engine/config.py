@@ -27,6 +27,9 @@ class EngineConfig:
     - ``device``: ``auto`` (CUDA when available), ``cuda`` or ``cpu``.
     - KV cache: ``block_size`` tokens a block; ``num_kv_blocks`` fixes the block count, else it is
       sized from ``gpu_memory_utilization`` (see :mod:`fullgraph_backend.engine.kv_budget`).
+    - ``async_scheduling``: schedule and launch the next step while the device runs the current
+      one (vLLM's ``async_scheduling``), so host time hides behind device time; a request that
+      stops on a stop token costs one spare step. False: one step at a time.
     """
 
     model: str
@@ -43,6 +46,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     attention_impl: str = "auto"
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -53,6 +57,8 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)
         _check_int("seed", self.seed, low=0)
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import operator
 import time
+from collections import deque
 from typing import Iterable, Sequence as Seq
 
 from rich.progress import Progress
@@ -25,9 +26,10 @@ from fullgraph_backend.engine.block_manager import BlockManager
 from fullgraph_backend.engine.config import EngineConfig
 from fullgraph_backend.engine.kv_budget import num_kv_blocks
 from fullgraph_backend.engine.loader import load_model
-from fullgraph_backend.engine.model_runner import NUM_RESERVED_BLOCKS, ModelRunner, profile_activation_bytes
+from fullgraph_backend.engine.model_runner import (NUM_RESERVED_BLOCKS, ModelRunner, SampledTokens,
+                                                   profile_activation_bytes)
 from fullgraph_backend.engine.params import SamplingParams
-from fullgraph_backend.engine.scheduler import Scheduler
+from fullgraph_backend.engine.scheduler import ScheduledBatch, Scheduler
 from fullgraph_backend.engine.sequence import RequestOutput, Sequence
 
 log = logging.getLogger("fullgraph")
@@ -59,6 +61,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=c.max_num_seqs,
                                    max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
         self._next_id = 0
+        self._in_flight: deque[tuple[ScheduledBatch, SampledTokens]] = deque()  # launched, not read back
         self.startup = self.runner.warm_up()
         log.info("fullgraph engine: %s", self.startup)
 
@@ -71,21 +74,31 @@ class LLM:
         return seq.request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; the requests that finished in it."""
+        """Schedule and launch one step, collect the results of steps that are done; the requests
+        that finished.
+
+        With ``async_scheduling`` one step stays in flight: the next is scheduled and launched
+        while the device runs it, and its tokens are read back one call later.
+        """
         batch = self.scheduler.schedule()
-        if batch is None:
-            if self.scheduler.has_unfinished():  # cannot happen: add() rejects what can never fit
-                raise RuntimeError(f"the scheduler is stuck with {len(self.scheduler.waiting)} waiting requests")
-            return []
-        sampled = self.runner.execute(batch)
-        finished = self.scheduler.update(batch, sampled, time.perf_counter(), self.eos_token_ids)
+        if batch is not None:
+            self._in_flight.append((batch, self.runner.execute(batch)))
+            self.scheduler.commit(batch)
+        elif not self._in_flight and self.scheduler.has_unfinished():  # add() rejects what can never fit
+            raise RuntimeError(f"the scheduler is stuck with {len(self.scheduler.waiting)} waiting requests")
         outputs = []
-        for seq in finished:
-            self.runner.sampler.forget(seq.request_id)
-            outputs.append(RequestOutput.of(seq, self._decode(seq.output_token_ids)))
+        depth = 1 if self.config.async_scheduling else 0
+        # read back down to ``depth`` steps in flight; all of them when nothing new launched or when
+        # every request has finished (what is left in flight is spare)
+        while self._in_flight and (len(self._in_flight) > depth or batch is None
+                                   or not self.scheduler.has_unfinished()):
+            done, tokens = self._in_flight.popleft()
+            for seq in self.scheduler.update(done, tokens.wait(), time.perf_counter(), self.eos_token_ids):
+                self.runner.sampler.forget(seq.request_id)
+                outputs.append(RequestOutput.of(seq, self._decode(seq.output_token_ids)))
         return outputs
 
     def generate(self, prompts: Seq[Seq[int] | str] | Seq[int] | str,

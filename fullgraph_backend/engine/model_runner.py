@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fullgraph_backend.backend import RecordingBackend
+from fullgraph_backend.engine.host import to_device
 from fullgraph_backend.engine.levels import backend_options
 from fullgraph_backend.engine.sampler import Sampler
 from fullgraph_backend.engine.scheduler import ScheduledBatch
@@ -76,32 +77,54 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._ids = torch.zeros(self.ctx.max_num_tokens, dtype=torch.int64, pin_memory=pin)  # staging
         self._ids_copied = torch.cuda.Event() if pin else None
+        # the last launch's sampled tokens (on the device) and their rows by request id
+        self._last_sampled: tuple[torch.Tensor | None, dict[int, int]] = (None, {})
 
     @property
     def compiled(self) -> bool:
         return self._backend is not None
 
     # ---- one step --------------------------------------------------------------------------
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run ``batch``; the sampled token of each request that samples this step, else None."""
+    def execute(self, batch: ScheduledBatch) -> "SampledTokens":
+        """Launch ``batch`` (the model, then sampling) without waiting for the device.
+
+        A token the previous launch is still sampling (:data:`~fullgraph_backend.engine.sequence.PENDING`)
+        is fed from that launch's device tensor, so the host never waits between steps.
+        """
         samples = batch.samples
         query_lens = list(batch.num_new)
         seq_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
         tables = [s.block_table for s in batch.seqs]
-        ids = [t for s, n in zip(batch.seqs, batch.num_new) for t in s.token_ids[s.num_computed: s.num_computed + n]]
+        ids, gathers = self._input_ids(batch)
         rows = [end - 1 for end, sample in zip(itertools.accumulate(query_lens), samples) if sample]
         if self.compiled and len(ids) == 1:  # see the module docstring: never one token
             query_lens, seq_lens, tables, ids = query_lens + [1], seq_lens + [1], tables + [[SCRATCH_BLOCK]], ids + [0]
-        logits = self._forward(query_lens, seq_lens, tables, ids, rows)
-        if logits is None:
-            return [None] * len(samples)
+        logits = self._forward(query_lens, seq_lens, tables, ids, rows, gathers)
         picked = [(s.params, s.request_id) for s, sample in zip(batch.seqs, samples) if sample]
-        tokens = iter(self.sampler(logits, [p for p, _ in picked], [r for _, r in picked]).tolist())
-        return [next(tokens) if sample else None for sample in samples]
+        tokens = None if logits is None else self.sampler(logits, [p for p, _ in picked], [r for _, r in picked])
+        self._last_sampled = tokens, {rid: row for row, (_, rid) in enumerate(picked)}
+        return SampledTokens(samples, tokens)
+
+    def _input_ids(self, batch: ScheduledBatch) -> tuple[list[int], list[tuple[int, int]]]:
+        """The packed token ids (0 where a token is pending) and, per pending token, (its index in
+        the packed ids, its row in the previous launch's samples)."""
+        ids, gathers = [], []
+        previous_rows = self._last_sampled[1]
+        for seq, n in zip(batch.seqs, batch.num_new):
+            fed = seq.token_ids[seq.num_computed: seq.num_computed + n]
+            if seq.num_pending and seq.num_computed + n > seq.num_tokens - seq.num_pending:
+                if seq.num_pending > 1 or seq.request_id not in previous_rows:
+                    raise RuntimeError(f"request {seq.request_id}: its pending token is not the previous "
+                                       f"launch's (scheduled more than one step ahead)")
+                gathers.append((len(ids) + n - 1, previous_rows[seq.request_id]))
+                fed[-1] = 0
+            ids += fed
+        return ids, gathers
 
     def _forward(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], ids: list[int],
-                 rows: list[int]) -> torch.Tensor | None:
-        """The model on one packed step; the logits at ``rows`` (a copy), or None when no rows."""
+                 rows: list[int], gathers: list[tuple[int, int]] = ()) -> torch.Tensor | None:
+        """The model on one packed step; the logits at ``rows`` (a copy), or None when no rows.
+        ``gathers``: (index in ``ids``, row of the previous launch's samples) for pending tokens."""
         n = len(ids)
         with use_forward_context(self.ctx), torch.inference_mode():
             positions = self.ctx.prepare(query_lens, seq_lens, tables)
@@ -111,6 +134,9 @@ class ModelRunner:
             input_ids = self._ids[:n].to(self.device, non_blocking=True, copy=True)
             if self._ids_copied is not None:
                 self._ids_copied.record()
+            if gathers:
+                into, rows_of_last = to_device(list(zip(*gathers)), torch.int64, self.device)
+                input_ids[into] = self._last_sampled[0][rows_of_last]
             if self.compiled:
                 torch._dynamo.mark_dynamic(input_ids, 0)
                 torch._dynamo.mark_dynamic(positions, 0)
@@ -118,7 +144,7 @@ class ModelRunner:
             if not rows:
                 return None
             # a copy, taken before the next call overwrites the logits
-            return logits.index_select(0, torch.tensor(rows, device=self.device))
+            return logits.index_select(0, to_device(rows, torch.int64, self.device))
 
     # ---- startup ---------------------------------------------------------------------------
     def warm_up(self) -> StartupReport:
@@ -144,6 +170,26 @@ class ModelRunner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class SampledTokens:
+    """The tokens a launched step samples, on their way to the host; :meth:`wait` reads them."""
+
+    def __init__(self, samples: list[bool], tokens: torch.Tensor | None) -> None:
+        self.samples = samples
+        self._host = None if tokens is None else tokens.to("cpu", non_blocking=True)
+        self._ready = None
+        if tokens is not None and tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def wait(self) -> list[int | None]:
+        """Per request of the step: its sampled token, or None where it samples nothing. Blocks
+        until the step has run: the one host-device synchronisation of a step."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        values = iter(self._host.tolist() if self._host is not None else ())
+        return [next(values) if sample else None for sample in self.samples]
 
 
 def dummy_step(ctx: ForwardContext, num_tokens: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph_backend.engine.host import to_device
 from fullgraph_backend.engine.params import SamplingParams
 
 
@@ -25,14 +26,14 @@ class Sampler:
         logits = logits.float()
         if all(p.greedy for p in params):
             return logits.argmax(-1)
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+        temperature = to_device([p.temperature or 1.0 for p in params], torch.float32, logits.device)
         probs = self._filter(logits / temperature.unsqueeze(1), params).softmax(-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, (p, rid) in enumerate(zip(params, request_ids)):
             if p.seed is not None and not p.greedy:
                 noise[row].exponential_(generator=self._generator_of(rid, p.seed))
         sampled = (probs / noise.clamp_(min=1e-20)).argmax(-1)  # an exact 0 from Exp(1) is (barely) possible
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        greedy = to_device([p.greedy for p in params], torch.bool, logits.device)
         return torch.where(greedy, logits.argmax(-1), sampled)
 
     def forget(self, request_id: int) -> None:
@@ -55,10 +56,10 @@ class Sampler:
         vocab = logits.shape[-1]
         sorted_logits, order = logits.sort(-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)
-        k = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_k], device=logits.device)
+        k = to_device([vocab if k == -1 else min(k, vocab) for k in top_k], torch.int64, logits.device)
         drop = ranks.unsqueeze(0) >= k.unsqueeze(1)
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
         before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
-        drop |= before >= torch.tensor(top_p, device=logits.device).unsqueeze(1)
+        drop |= before >= to_device(top_p, torch.float32, logits.device).unsqueeze(1)
         drop[:, 0] = False  # the most likely token always stays
         return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -8,6 +8,12 @@ later steps, so steps mixing prefill chunks and decodes are the normal case. Whe
 request needs a block and none is free, the most recently admitted request is preempted: its
 blocks are freed and it waits at the front of the queue to be recomputed (vLLM's recompute
 preemption). A request that could never fit in the cache is rejected when it is added.
+
+A step's life: :meth:`Scheduler.schedule` picks it, the engine launches it, :meth:`commit`
+counts its tokens as computed and its samples as pending, and :meth:`update` fills in the sampled
+tokens and finishes requests. With asynchronous scheduling the next step is scheduled between
+``commit`` and ``update``: a request whose pending token will end it by length is not scheduled
+again, and one that ends on a stop token after being scheduled again wastes that one slot.
 """
 from __future__ import annotations
 
@@ -74,6 +80,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._length_reached(seq):  # its pending token ends it: nothing more to compute
+                i += 1
+                continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_grow(seq, seq.num_computed + n):
                 self._preempt(self.running.pop())  # the latest admitted, possibly seq itself
@@ -90,6 +99,8 @@ class Scheduler:
             break
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while its token was in flight: recompute once it is known
+                break
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq, seq.num_computed + n):
                 break  # first come, first served: later requests wait behind it
@@ -104,21 +115,28 @@ class Scheduler:
             return None
         return ScheduledBatch(seqs, num_new, [s.num_computed + n == s.num_tokens for s, n in zip(seqs, num_new)])
 
+    def commit(self, batch: ScheduledBatch) -> None:
+        """``batch`` was launched: its tokens count as computed, its samples as pending tokens."""
+        for seq, n, sample in zip(batch.seqs, batch.num_new, batch.samples):
+            seq.num_computed += n
+            if sample:
+                seq.append_pending()
+
     def update(self, batch: ScheduledBatch, sampled: list[int | None], now: float,
                eos_token_ids: frozenset[int]) -> list[Sequence]:
-        """Record a finished step: ``sampled[i]`` is the token of ``batch.seqs[i]`` (None: a prefill
-        chunk that samples nothing). Returns the requests that finished; their blocks are freed."""
+        """Record a committed step's result: ``sampled[i]`` is the token of ``batch.seqs[i]`` (None: a
+        prefill chunk that samples nothing). Returns the requests that finished; their blocks are freed."""
         finished = []
-        for seq, n, token in zip(batch.seqs, batch.num_new, sampled):
-            seq.num_computed += n
-            if token is None:
+        for seq, token in zip(batch.seqs, sampled):
+            if token is None or seq.status is Status.FINISHED:  # finished: a spare step's token
                 continue
-            seq.append(token, now)
+            seq.resolve(token, now)
             reason = self._finish_reason(seq, token, eos_token_ids)
             if reason:
+                seq.drop_pending()
                 seq.status, seq.finish_reason = Status.FINISHED, reason
                 self.blocks.free(seq)
-                self.running.remove(seq)
+                (self.running if seq in self.running else self.waiting).remove(seq)
                 finished.append(seq)
         return finished
 
@@ -126,9 +144,15 @@ class Scheduler:
         p = seq.params
         if (not p.ignore_eos and token in eos_token_ids) or token in p.stop_token_ids:
             return "stop"
-        if len(seq.token_ids) - seq.prompt_len >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._length_reached(seq, resolved_only=True):
             return "length"
         return None
+
+    def _length_reached(self, seq: Sequence, resolved_only: bool = False) -> bool:
+        """Whether ``seq``'s tokens (the pending ones too, unless ``resolved_only``) reach max_tokens
+        or max_model_len."""
+        tokens = seq.num_tokens - (seq.num_pending if resolved_only else 0)
+        return tokens - seq.prompt_len >= seq.params.max_tokens or tokens >= self.max_model_len
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from fullgraph_backend.engine.params import SamplingParams
 
 
+PENDING = -1  # placeholder value of a token still being sampled on the device
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted (its KV cache was freed)
     RUNNING = "running"  # owns blocks; scheduled every step until it finishes
@@ -19,6 +22,11 @@ class Sequence:
     ``token_ids`` holds the prompt followed by the generated tokens. ``num_computed`` counts the
     leading tokens whose K/V are in the cache; the scheduler feeds the rest (a prefill chunk, or
     the one new token of a decode) and the model runner samples once all are computed.
+
+    With steps in flight (asynchronous scheduling), a token being sampled on the device is
+    already counted: the last ``num_pending`` entries of ``token_ids`` hold :data:`PENDING` until
+    their steps' results arrive (:meth:`resolve`, oldest first), and the next step can feed such
+    a token from the device.
     """
 
     def __init__(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams,
@@ -34,6 +42,7 @@ class Sequence:
         self.arrival_time = arrival_time
         self.token_times: list[float] = []  # when each generated token became known (time.perf_counter)
         self.num_preemptions = 0
+        self.num_pending = 0  # trailing tokens still being sampled on the device
 
     @property
     def num_tokens(self) -> int:
@@ -47,9 +56,23 @@ class Sequence:
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
 
-    def append(self, token: int, now: float) -> None:
-        self.token_ids.append(token)
+    def append_pending(self) -> None:
+        """Count the token the step just launched will sample, before its value is known."""
+        self.token_ids.append(PENDING)
+        self.num_pending += 1
+
+    def resolve(self, token: int, now: float) -> None:
+        """The oldest pending token's value arrived at ``now``."""
+        if not self.num_pending:
+            raise RuntimeError(f"request {self.request_id} has no token in flight")
+        self.token_ids[self.num_tokens - self.num_pending] = token
         self.token_times.append(now)
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the request finished before them: their steps were spare)."""
+        del self.token_ids[self.num_tokens - self.num_pending:]
+        self.num_pending = 0
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.request_id}, {self.status.value}, tokens={self.num_tokens}, "
