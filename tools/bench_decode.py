@@ -7,7 +7,8 @@ one decode step per call. Modes (``mode`` or ``mode:attention_impl``):
   piecewise        backend="fullgraph", graphs between attention calls, attention eager
   full             backend="fullgraph", one CUDA graph per padded size
   reduce-overhead  torch.compile(mode="reduce-overhead") on the same model (cudagraph trees)
-A ``+tuned`` suffix (``full+tuned``) turns on Inductor's coordinate-descent tuning, as gpt-fast does.
+A ``+tuned`` suffix (``full+tuned``) turns on Inductor's coordinate-descent tuning, as gpt-fast does;
+``+cublaslt`` makes cuBLASLt PyTorch's preferred BLAS library for that mode's matmuls.
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
@@ -111,8 +112,11 @@ def main() -> None:
     print(json.dumps(header), flush=True)
 
     rows = []
+    default_blas = torch.backends.cuda.preferred_blas_library()
     for spec in args.modes.split(","):
         mode, _, impl = spec.partition(":")
+        mode, lt = mode.removesuffix("+cublaslt"), mode.endswith("+cublaslt")
+        torch.backends.cuda.preferred_blas_library("cublaslt" if lt else default_blas)
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl

@@ -56,16 +56,17 @@ from fullgraph_backend.forward_context import BatchKind, current_forward_context
 
 LOG2E = 1.4426950408889634
 # Cap on split-KV segments per request, which bounds the scratch and the reduce's work (untuned;
-# vLLM uses 16): at batch 1 and 4096 tokens, 32 segments are two 64-key tiles each.
+# vLLM uses 16): at batch 1 and 4096 tokens, 32 segments are one 128-key tile each.
 MAX_SEGMENTS = 32
 # Each segment covers at least this many tokens of the longest possible KV range (the graph's
 # bound, block-table width x block size), so short-context graphs take few segments or one
-# (no reduce launch). Untuned: two 64-key tiles. Fewer, longer segments trade the reduce launch
+# (no reduce launch). One 128-key tile (the sweep: 8 to 32 segments tie at context 1000 and batch 1,
+# 4 cost 18%). Fewer, longer segments trade the reduce launch
 # (~2 us) for a longer serial loop per program; tools/sweep_attention.py measures that trade.
 MIN_SEGMENT_TOKENS = 128
-# Decode launches aim at this many programs per SM: the split-KV program compiles to ~120
-# registers x 128 threads and ~39 KB of shared memory on sm_90 (BLOCK_N 64, 3 stages; ptxas via
-# Triton 3.9), so four programs are resident per SM at once.
+# Decode launches aim at this many programs per SM: the split-KV program compiled to ~120
+# registers x 128 threads and ~39 KB of shared memory on sm_90 with 64-key tiles (3 stages; ptxas
+# via Triton 3.9), four resident per SM; 128-key tiles take about twice the shared memory.
 PROGRAMS_PER_SM = 4
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 _NOMINAL_SMS = 16
@@ -466,11 +467,15 @@ def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: t
     return segments
 
 
-def _tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """``(D_PAD, BLOCK_N)``: the padded head dim and a KV tile of 16 KiB per K or V load."""
+def _tiles(head_dim: int, dtype: torch.dtype, split_kv: bool = False) -> tuple[int, int]:
+    """``(D_PAD, BLOCK_N)``: the padded head dim and a KV tile of 16 KiB per K or V load, 32 KiB in
+    split-KV decode, whose 16-row query tile leaves registers for the larger tile (the sweep of
+    results/sweep_attention.json: Qwen2.5-1.5B's 12q/2kv at context 1000 takes 14.1 instead of 16.9 us
+    at batch 1 with 128-key tiles, 19.6 instead of 21.3 at batch 16; 32q/8kv within 1% either way)."""
     d_pad = max(16, triton.next_power_of_2(head_dim))
     elem = torch.finfo(dtype).bits // 8
-    return d_pad, min(128, max(16, 16384 // (d_pad * elem)))
+    tile_bytes = 32768 if split_kv else 16384
+    return d_pad, min(128, max(16, tile_bytes // (d_pad * elem)))
 
 
 def _block_m(group: int, num_tokens: int, decode: bool, dtype: torch.dtype) -> int:
@@ -563,7 +568,7 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     config = _check_config(_config)
     tokens, q_heads, head_dim = q.shape
     num_reqs = min(tokens, max_num_seqs)
-    _, block_n = _tiles(head_dim, q.dtype)
+    _, block_n = _tiles(head_dim, q.dtype, split_kv)
     block_n = config.get("BLOCK_N") or block_n
     segments = 1
     if split_kv:
