@@ -7,8 +7,10 @@ block tables). Modes, side by side in one process:
       per-request cache) and FlexAttention (dense cache, static block mask, compiled);
   prefill (one request of 2048 / 8192 tokens): triton vs bundled FA2;
   mixed (64 decode rows at context 4096 + one 2048-token prefill): triton store + unified (two launches).
-Times are medians over single replays, each after an L2 flush (``--no-flush-l2`` to skip it);
-effective TB/s counts the K/V bytes a decode must read. The triton and reference rows include
+Times are medians over single replays, each after an L2 flush: by default a 256 MiB read (cold,
+clean L2, as in a model, where the weight reads before attention evict the cache) and, for
+comparison, a 256 MiB memset (cold, dirty L2); ``--flush`` picks. Effective TB/s counts the K/V
+bytes a decode must read. The triton and reference rows include
 storing the step's K/V (split-KV decode fuses it: one launch with one segment, two with more; the
 unified path stores in its own launch first, two in all); FA2 and Flex only read.
 
@@ -65,8 +67,16 @@ class Paged:
                 m.block_table, m.slot_mapping, SCALE, window)
 
 
-def replay_us(fn, iters: int, flush_l2: bool) -> float:
-    """Median microseconds of one CUDA-graph replay of ``fn()`` (warmed up, then captured)."""
+FLUSHES = ("read", "write", "none")
+
+
+def replay_us(fn, iters: int, flush: str) -> float:
+    """Median microseconds of one CUDA-graph replay of ``fn()`` (warmed up, then captured).
+
+    ``flush`` before each replay: ``read`` sums a 256 MiB buffer (L2 cold and clean, as after the
+    weight reads that precede attention in a model), ``write`` zeroes it (L2 cold and dirty: the
+    kernel's reads also pay the write-back of ~50 MB), ``none`` replays back to back.
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -76,13 +86,14 @@ def replay_us(fn, iters: int, flush_l2: bool) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    buffer = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush != "none" else None
+    evict = {"read": lambda: buffer.sum(dtype=torch.int32), "write": lambda: buffer.zero_(), "none": None}[flush]
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     for _ in range(5):
         graph.replay()
     for start, end in pairs:
-        if flush is not None:
-            flush.zero_()
+        if evict is not None:
+            evict()
         start.record()
         graph.replay()
         end.record()
@@ -163,7 +174,9 @@ def run_benchmark(args) -> list[dict]:
         for mode, fn, note in modes:
             row = dict(phase=phase, shape=shape, mode=mode, note=note)
             try:
-                us = replay_us(fn, args.iters, args.flush_l2)
+                for flush in reversed(args.flush):  # the first mode last: its time is the row's "us"
+                    us = replay_us(fn, args.iters, flush)
+                    row[f"us_{flush}_flush"] = round(us, 2)
                 row["us"] = round(us, 2)
                 if kv_bytes:
                     row["TB/s"] = round(kv_bytes / us / 1e6, 3)
@@ -207,10 +220,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--no-flush-l2", dest="flush_l2", action="store_false")
+    parser.add_argument("--flush", default="read,write",
+                        help=f"L2 flushes to time each mode after, comma list of {FLUSHES}; "
+                             f"the first gives us and TB/s")
     parser.add_argument("--check", action="store_true", help="only check triton against the reference")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.flush = args.flush.split(",")
+    if not args.flush or set(args.flush) - set(FLUSHES):
+        parser.error(f"--flush takes a comma list of {FLUSHES}, got {','.join(args.flush)!r}")
     torch.manual_seed(0)
     if args.check:
         sys.exit(0 if run_check() else 1)
@@ -221,7 +239,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "shapes": f"q_heads {Q_HEADS}, kv_heads {KV_HEADS}, head_dim {HEAD_DIM}, {DTYPE}, block {BLOCK_SIZE}",
-        "timing": f"median of {args.iters} CUDA-graph replays, L2 flushed: {args.flush_l2}",
+        "timing": f"median of {args.iters} CUDA-graph replays after each L2 flush of {args.flush} "
+                  f"(us and TB/s: {args.flush[0]})",
     }
     print(json.dumps(header), flush=True)
     rows = run_benchmark(args)
@@ -232,11 +251,12 @@ def main() -> None:
     print()
     for key in ("device", "torch", "triton", "date", "command", "shapes", "timing"):
         print(f"{key}: {header[key]}")
-    print("| phase | shape | mode | us | TB/s | TFLOP/s | note |")
-    print("|---|---|---|---|---|---|---|")
+    others = [f"us ({f} flush)" for f in args.flush[1:]]
+    print("| phase | shape | mode | us | TB/s | TFLOP/s | " + " | ".join(others + ["note"]) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(others) + 1))
     for r in rows:
         cells = [r["phase"], r["shape"], r["mode"], r.get("us", "error"), r.get("TB/s", ""), r.get("TFLOP/s", ""),
-                 r.get("error", r.get("note", ""))]
+                 *(r.get(f"us_{f}_flush", "") for f in args.flush[1:]), r.get("error", r.get("note", ""))]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
