@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from fullgraph_backend.kv_cache import NULL_BLOCK, PAD_SLOT, allocate_kv_caches
@@ -123,59 +125,74 @@ class ForwardContext:
         cache blocks it owns, in order. The metadata reaches the device buffers by one
         non-blocking copy each; everything beyond this batch keeps the padding sentinels.
         """
-        self._validate(query_lens, seq_lens, block_tables)
-        num_reqs, num_tokens = len(query_lens), int(sum(query_lens))
+        # numpy over all requests at once: this runs on the host every engine step
+        q, s, lens, blocks = self._validate(query_lens, seq_lens, block_tables)
+        num_reqs, num_tokens = len(q), int(q.sum())
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies still read the staging
         st = self._staging
         prev_reqs, prev_tokens = self.num_reqs, self.num_tokens
-        # reset the rows the previous step used, then write this step's
-        st.seq_lens[:prev_reqs].fill_(0)
-        st.block_table[:prev_reqs].fill_(NULL_BLOCK)
-        st.slot_mapping[:prev_tokens].fill_(PAD_SLOT)
-        qsl = st.query_start_loc.numpy()
-        qsl[1: num_reqs + 1] = torch.tensor(query_lens, dtype=torch.int64).cumsum(0).numpy()
-        qsl[num_reqs + 1:] = num_tokens
-        st.seq_lens[:num_reqs] = torch.tensor(seq_lens, dtype=torch.int32)
         table, slots, positions = st.block_table.numpy(), st.slot_mapping.numpy(), self._positions.numpy()
-        for i, (q, s, blocks) in enumerate(zip(query_lens, seq_lens, block_tables)):
-            table[i, : len(blocks)] = blocks
-            start = qsl[i]
-            pos = torch.arange(s - q, s).numpy()
-            positions[start: start + q] = pos
-            slots[start: start + q] = table[i, pos // self.block_size] * self.block_size + pos % self.block_size
+        # reset the rows the previous step used, then write this step's
+        st.seq_lens.numpy()[:prev_reqs] = 0
+        table[:prev_reqs] = NULL_BLOCK
+        slots[:prev_tokens] = PAD_SLOT
+        qsl = st.query_start_loc.numpy()
+        qsl[1: num_reqs + 1] = np.cumsum(q)
+        qsl[num_reqs + 1:] = num_tokens
+        st.seq_lens.numpy()[:num_reqs] = s
+        request_of_entry = np.repeat(np.arange(num_reqs), lens)
+        table[request_of_entry, np.arange(len(blocks)) - np.repeat(np.cumsum(lens) - lens, lens)] = blocks
+        request_of_token = np.repeat(np.arange(num_reqs), q)
+        pos = (s - q)[request_of_token] + np.arange(num_tokens) - qsl[request_of_token]
+        positions[:num_tokens] = pos
+        slots[:num_tokens] = table[request_of_token, pos // self.block_size] * self.block_size + pos % self.block_size
         self.metadata.copy_from(st, max(num_reqs, prev_reqs), max(num_tokens, prev_tokens))
         positions = self._positions[:num_tokens].to(self.device, non_blocking=True, copy=True)
         if self._copied is not None:
             self._copied.record()
         self.num_reqs, self.num_tokens = num_reqs, num_tokens
-        self.batch_kind = BatchKind.DECODE if all(q == 1 for q in query_lens) else BatchKind.MIXED
+        self.batch_kind = BatchKind.DECODE if bool((q == 1).all()) else BatchKind.MIXED
         return positions
 
-    def _validate(self, query_lens, seq_lens, block_tables) -> None:
+    def _validate(self, query_lens, seq_lens, block_tables) -> tuple[np.ndarray, ...]:
+        """Check one step's description; returns it as arrays: query lens, seq lens, block-table
+        lengths and every table's entries concatenated. Per request, the checks run in the order of
+        the messages below and the first failing request is reported."""
         n = len(query_lens)
         if not (n == len(seq_lens) == len(block_tables)):
             raise ValueError(f"query_lens, seq_lens and block_tables must have one entry per request "
                              f"(got {n}, {len(seq_lens)}, {len(block_tables)})")
         if not 1 <= n <= self.max_num_seqs:
             raise ValueError(f"a step needs 1 to max_num_seqs={self.max_num_seqs} requests, got {n}")
-        total = sum(query_lens)
+        q = np.asarray(query_lens, dtype=np.int64).reshape(n)
+        s = np.asarray(seq_lens, dtype=np.int64).reshape(n)
+        total = int(q.sum())
         if not 1 <= total <= self.max_num_tokens:
             raise ValueError(f"a step needs 1 to max_num_tokens={self.max_num_tokens} tokens, got {total}; "
                              f"split the batch or raise max_num_tokens")
-        for i, (q, s, blocks) in enumerate(zip(query_lens, seq_lens, block_tables)):
-            if not 1 <= q <= s:
-                raise ValueError(f"request {i}: need 1 <= query_len <= seq_len, got query_len={q}, seq_len={s}")
-            if s > self.max_model_len:
-                raise ValueError(f"request {i}: seq_len {s} exceeds max_model_len={self.max_model_len}")
-            need = math.ceil(s / self.block_size)
-            if len(blocks) < need or len(blocks) > self.max_blocks_per_seq:
-                raise ValueError(f"request {i}: seq_len {s} needs {need} blocks of {self.block_size}, "
-                                 f"block table has {len(blocks)} (at most {self.max_blocks_per_seq})")
-            for b in blocks:  # every entry is read: kernels gather whole table rows
-                if not NULL_BLOCK < b < self.num_blocks:
-                    raise ValueError(f"request {i}: block id {b} is outside 1..{self.num_blocks - 1} "
-                                     f"(block {NULL_BLOCK} is reserved)")
+        lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
+        blocks = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64, count=int(lens.sum()))
+        need = -(-s // self.block_size)
+        # every entry is read: kernels gather whole table rows
+        bad_block = (blocks <= NULL_BLOCK) | (blocks >= self.num_blocks)
+        checks = [~((1 <= q) & (q <= s)), s > self.max_model_len, (lens < need) | (lens > self.max_blocks_per_seq),
+                  np.bincount(np.repeat(np.arange(n), lens)[bad_block], minlength=n) > 0]
+        failing = np.logical_or.reduce(checks)
+        if not failing.any():
+            return q, s, lens, blocks
+        i = int(failing.argmax())
+        if checks[0][i]:
+            raise ValueError(f"request {i}: need 1 <= query_len <= seq_len, got query_len={q[i]}, seq_len={s[i]}")
+        if checks[1][i]:
+            raise ValueError(f"request {i}: seq_len {s[i]} exceeds max_model_len={self.max_model_len}")
+        if checks[2][i]:
+            raise ValueError(f"request {i}: seq_len {s[i]} needs {need[i]} blocks of {self.block_size}, "
+                             f"block table has {lens[i]} (at most {self.max_blocks_per_seq})")
+        start = int(lens[:i].sum())
+        b = int(blocks[start: start + lens[i]][bad_block[start: start + lens[i]]][0])
+        raise ValueError(f"request {i}: block id {b} is outside 1..{self.num_blocks - 1} "
+                         f"(block {NULL_BLOCK} is reserved)")
 
     # ---- capture --------------------------------------------------------------------------
     @contextlib.contextmanager

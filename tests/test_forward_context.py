@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fullgraph_backend
 from fullgraph_backend import NULL_BLOCK, PAD_SLOT, BatchKind, use_forward_context
@@ -66,6 +68,47 @@ def test_shorter_block_table_row_resets_old_entries(ctx):
     ctx.prepare([1], [64], [[1, 2, 3, 4]])
     ctx.prepare([1], [5], [[9]])
     assert ctx.metadata.block_table[0].tolist() == [9, 0, 0, 0]
+
+
+def expected_buffers(ctx, query_lens, seq_lens, tables):
+    """What prepare() must leave in the buffers, request by request in plain Python."""
+    qsl = [0] * (ctx.max_num_seqs + 1)
+    seq = [0] * ctx.max_num_seqs
+    table = [[NULL_BLOCK] * ctx.max_blocks_per_seq for _ in range(ctx.max_num_seqs)]
+    slots, positions = [PAD_SLOT] * ctx.max_num_tokens, []
+    for i, (q, s, blocks) in enumerate(zip(query_lens, seq_lens, tables)):
+        seq[i] = s
+        table[i][: len(blocks)] = blocks
+        for pos in range(s - q, s):
+            slots[len(positions)] = blocks[pos // ctx.block_size] * ctx.block_size + pos % ctx.block_size
+            positions.append(pos)
+    for i in range(ctx.max_num_seqs):
+        qsl[i + 1] = qsl[i] + (query_lens[i] if i < len(query_lens) else 0)
+    return dict(query_start_loc=qsl, seq_lens=seq, block_table=table, slot_mapping=slots), positions
+
+
+@st.composite
+def batches(draw):
+    """A valid step for make_ctx(max_num_seqs=4, max_num_tokens=16, max_model_len=64)."""
+    max_seqs, max_tokens, max_len, block, num_blocks = 4, 16, 64, 16, 17
+    n = draw(st.integers(1, max_seqs))
+    query_lens = [draw(st.integers(1, max(1, max_tokens // n))) for _ in range(n)]
+    seq_lens = [q + draw(st.integers(0, max_len - q)) for q in query_lens]
+    tables = [draw(st.lists(st.integers(NULL_BLOCK + 1, num_blocks - 1), min_size=-(-s // block),
+                            max_size=max_len // block)) for s in seq_lens]
+    return query_lens, seq_lens, tables
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(batches(), min_size=1, max_size=5))
+def test_prepare_matches_a_per_request_reference_over_growing_and_shrinking_steps(steps):
+    ctx = make_ctx(max_num_seqs=4, max_num_tokens=16, max_model_len=64)
+    for query_lens, seq_lens, tables in steps:
+        positions = ctx.prepare(query_lens, seq_lens, tables)
+        want, want_positions = expected_buffers(ctx, query_lens, seq_lens, tables)
+        assert {k: v.tolist() for k, v in ctx.metadata.tensors().items()} == want
+        assert positions.tolist() == want_positions
+        assert (ctx.num_reqs, ctx.num_tokens) == (len(query_lens), sum(query_lens))
 
 
 @pytest.mark.parametrize("query_lens, kind", [([1, 1, 1], BatchKind.DECODE), ([1], BatchKind.DECODE),
