@@ -141,10 +141,10 @@ class ForwardContext:
         qsl[1: num_reqs + 1] = np.cumsum(q)
         qsl[num_reqs + 1:] = num_tokens
         st.seq_lens.numpy()[:num_reqs] = s
-        request_of_entry = np.repeat(np.arange(num_reqs), lens)
-        table[request_of_entry, np.arange(len(blocks)) - np.repeat(np.cumsum(lens) - lens, lens)] = blocks
+        # a boolean mask selects row-major, the order in which ``blocks`` concatenates the tables
+        table[:num_reqs][np.arange(self.max_blocks_per_seq) < lens[:, None]] = blocks
         request_of_token = np.repeat(np.arange(num_reqs), q)
-        pos = (s - q)[request_of_token] + np.arange(num_tokens) - qsl[request_of_token]
+        pos = np.arange(num_tokens) + (s - q - qsl[:num_reqs])[request_of_token]
         positions[:num_tokens] = pos
         slots[:num_tokens] = table[request_of_token, pos // self.block_size] * self.block_size + pos % self.block_size
         self.metadata.copy_from(st, max(num_reqs, prev_reqs), max(num_tokens, prev_tokens))
@@ -176,11 +176,12 @@ class ForwardContext:
         need = -(-s // self.block_size)
         # every entry is read: kernels gather whole table rows
         bad_block = (blocks <= NULL_BLOCK) | (blocks >= self.num_blocks)
-        checks = [~((1 <= q) & (q <= s)), s > self.max_model_len, (lens < need) | (lens > self.max_blocks_per_seq),
-                  np.bincount(np.repeat(np.arange(n), lens)[bad_block], minlength=n) > 0]
-        failing = np.logical_or.reduce(checks)
-        if not failing.any():
+        checks = [(q < 1) | (q > s), s > self.max_model_len, (lens < need) | (lens > self.max_blocks_per_seq)]
+        if not (bad_block.any() or np.logical_or.reduce(checks).any()):
             return q, s, lens, blocks
+        # which request owns a bad block id matters only for the message
+        checks.append(np.bincount(np.repeat(np.arange(n), lens)[bad_block], minlength=n) > 0)
+        failing = np.logical_or.reduce(checks)
         i = int(failing.argmax())
         if checks[0][i]:
             raise ValueError(f"request {i}: need 1 <= query_len <= seq_len, got query_len={q[i]}, seq_len={s[i]}")

@@ -87,30 +87,6 @@ def expected_buffers(ctx, query_lens, seq_lens, tables):
     return dict(query_start_loc=qsl, seq_lens=seq, block_table=table, slot_mapping=slots), positions
 
 
-@st.composite
-def batches(draw):
-    """A valid step for make_ctx(max_num_seqs=4, max_num_tokens=16, max_model_len=64)."""
-    max_seqs, max_tokens, max_len, block, num_blocks = 4, 16, 64, 16, 17
-    n = draw(st.integers(1, max_seqs))
-    query_lens = [draw(st.integers(1, max(1, max_tokens // n))) for _ in range(n)]
-    seq_lens = [q + draw(st.integers(0, max_len - q)) for q in query_lens]
-    tables = [draw(st.lists(st.integers(NULL_BLOCK + 1, num_blocks - 1), min_size=-(-s // block),
-                            max_size=max_len // block)) for s in seq_lens]
-    return query_lens, seq_lens, tables
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(batches(), min_size=1, max_size=5))
-def test_prepare_matches_a_per_request_reference_over_growing_and_shrinking_steps(steps):
-    ctx = make_ctx(max_num_seqs=4, max_num_tokens=16, max_model_len=64)
-    for query_lens, seq_lens, tables in steps:
-        positions = ctx.prepare(query_lens, seq_lens, tables)
-        want, want_positions = expected_buffers(ctx, query_lens, seq_lens, tables)
-        assert {k: v.tolist() for k, v in ctx.metadata.tensors().items()} == want
-        assert positions.tolist() == want_positions
-        assert (ctx.num_reqs, ctx.num_tokens) == (len(query_lens), sum(query_lens))
-
-
 @pytest.mark.parametrize("query_lens, kind", [([1, 1, 1], BatchKind.DECODE), ([1], BatchKind.DECODE),
                                               ([2, 1], BatchKind.MIXED), ([3], BatchKind.MIXED)])
 def test_batch_kind(ctx, query_lens, kind):
@@ -226,3 +202,124 @@ def test_context_constructor_errors():
         make_ctx(block_size=8)
     with pytest.raises(ValueError, match="attention_impl"):
         make_ctx(attention_impl="nope")
+
+
+# Messages of the per-request loop that validated before the numpy version (8d2407c^), verbatim:
+# several bad requests report the first; within one, the checks run in the order of these messages.
+@pytest.mark.parametrize("args, message", [
+    (([1, 1], [2], [[1], [2]]),
+     "query_lens, seq_lens and block_tables must have one entry per request (got 2, 1, 2)"),
+    (([], [], []), "a step needs 1 to max_num_seqs=4 requests, got 0"),
+    (([1] * 5, [1] * 5, [[1], [2], [3], [4], [5]]), "a step needs 1 to max_num_seqs=4 requests, got 5"),
+    (([9, 8], [9, 8], [[1], [2]]),
+     "a step needs 1 to max_num_tokens=16 tokens, got 17; split the batch or raise max_num_tokens"),
+    (([0], [0], [[]]), "a step needs 1 to max_num_tokens=16 tokens, got 0; split the batch or raise max_num_tokens"),
+    (([3], [2], [[1]]), "request 0: need 1 <= query_len <= seq_len, got query_len=3, seq_len=2"),
+    (([-1, 2], [3, 1], [[1], [2]]), "request 0: need 1 <= query_len <= seq_len, got query_len=-1, seq_len=3"),
+    (([1], [65], [[1, 2, 3, 4, 5]]), "request 0: seq_len 65 exceeds max_model_len=64"),
+    (([1], [17], [[1]]), "request 0: seq_len 17 needs 2 blocks of 16, block table has 1 (at most 4)"),
+    (([1], [3], [[]]), "request 0: seq_len 3 needs 1 blocks of 16, block table has 0 (at most 4)"),
+    (([1], [3], [[1, 2, 3, 4, 5]]), "request 0: seq_len 3 needs 1 blocks of 16, block table has 5 (at most 4)"),
+    (([1, 1], [3, 20], [[1], [2, 0]]), "request 1: block id 0 is outside 1..16 (block 0 is reserved)"),
+    (([1], [3], [[1, 17, -1]]), "request 0: block id 17 is outside 1..16 (block 0 is reserved)"),
+    (([1, 2, 1], [3, 1, 99], [[0], [2], [3]]), "request 0: block id 0 is outside 1..16 (block 0 is reserved)"),
+    (([1, 2, 1], [3, 1, 99], [[1], [2], [3]]),
+     "request 1: need 1 <= query_len <= seq_len, got query_len=2, seq_len=1"),
+    (([1, 1, 1], [3, 5, 99], [[1], [2], [3]]), "request 2: seq_len 99 exceeds max_model_len=64"),
+    (([1, 1], [3, 99], [[1], []]), "request 1: seq_len 99 exceeds max_model_len=64"),
+    (([1, 1], [3, 40], [[1], [2, 0]]), "request 1: seq_len 40 needs 3 blocks of 16, block table has 2 (at most 4)"),
+    (([1, 1], [3, 40], [[1], [2, 0, 3, 4, 5]]),
+     "request 1: seq_len 40 needs 3 blocks of 16, block table has 5 (at most 4)"),
+])
+def test_validation_messages_are_exact(ctx, args, message):
+    with pytest.raises(ValueError) as info:
+        ctx.prepare(*args)
+    assert str(info.value) == message
+
+
+def reference_error(ctx, query_lens, seq_lens, tables):
+    """The message prepare() must raise for a step, one request and one block at a time; None if valid."""
+    n = len(query_lens)
+    if not n == len(seq_lens) == len(tables):
+        return (f"query_lens, seq_lens and block_tables must have one entry per request "
+                f"(got {n}, {len(seq_lens)}, {len(tables)})")
+    if not 1 <= n <= ctx.max_num_seqs:
+        return f"a step needs 1 to max_num_seqs={ctx.max_num_seqs} requests, got {n}"
+    if not 1 <= sum(query_lens) <= ctx.max_num_tokens:
+        return (f"a step needs 1 to max_num_tokens={ctx.max_num_tokens} tokens, got {sum(query_lens)}; "
+                f"split the batch or raise max_num_tokens")
+    for i, (q, s, blocks) in enumerate(zip(query_lens, seq_lens, tables)):
+        if not 1 <= q <= s:
+            return f"request {i}: need 1 <= query_len <= seq_len, got query_len={q}, seq_len={s}"
+        if s > ctx.max_model_len:
+            return f"request {i}: seq_len {s} exceeds max_model_len={ctx.max_model_len}"
+        need = -(-s // ctx.block_size)
+        if not need <= len(blocks) <= ctx.max_blocks_per_seq:
+            return (f"request {i}: seq_len {s} needs {need} blocks of {ctx.block_size}, "
+                    f"block table has {len(blocks)} (at most {ctx.max_blocks_per_seq})")
+        for b in blocks:
+            if not NULL_BLOCK < b < ctx.num_blocks:
+                return f"request {i}: block id {b} is outside 1..{ctx.num_blocks - 1} (block {NULL_BLOCK} is reserved)"
+    return None
+
+
+@st.composite
+def contexts(draw):
+    return make_ctx(num_layers=1, num_kv_heads=1, max_num_seqs=draw(st.integers(1, 6)),
+                    max_num_tokens=draw(st.integers(1, 40)), max_model_len=draw(st.integers(1, 100)),
+                    block_size=draw(st.sampled_from([16, 32])), num_blocks=draw(st.sampled_from([None, 2, 5, 40])))
+
+
+@st.composite
+def steps(draw, ctx):
+    """A valid step for ``ctx``, then up to two requests spoiled (a spoiled step is almost always invalid)."""
+    n = draw(st.integers(1, ctx.max_num_seqs))
+    most = max(1, min(ctx.max_num_tokens // n, ctx.max_model_len))
+    query_lens = [draw(st.integers(1, most)) for _ in range(n)]
+    seq_lens = [q + draw(st.integers(0, ctx.max_model_len - q)) for q in query_lens]
+    block_ids = st.integers(NULL_BLOCK + 1, ctx.num_blocks - 1)
+    tables = [draw(st.lists(block_ids, min_size=-(-s // ctx.block_size), max_size=ctx.max_blocks_per_seq))
+              for s in seq_lens]
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, n - 1))
+        spoil = draw(st.sampled_from(["query", "seq", "short", "long", "block"]))
+        if spoil == "query":
+            query_lens[i] = draw(st.sampled_from([0, -1, seq_lens[i] + 1]))
+        elif spoil == "seq":
+            seq_lens[i] = draw(st.sampled_from([query_lens[i] - 1, ctx.max_model_len + 1, ctx.max_model_len + 40]))
+        elif spoil == "short":
+            tables[i] = tables[i][: draw(st.integers(0, max(0, -(-seq_lens[i] // ctx.block_size) - 1)))]
+        elif spoil == "long":
+            tables[i] = tables[i] + [NULL_BLOCK + 1] * (ctx.max_blocks_per_seq + 1 - len(tables[i]))
+        elif spoil == "block":
+            bad = draw(st.sampled_from([NULL_BLOCK, -1, ctx.num_blocks, ctx.num_blocks + 7]))
+            j = draw(st.integers(0, len(tables[i])))
+            tables[i] = tables[i][:j] + [bad] + tables[i][j + 1:]
+    if draw(st.integers(0, 9)) == 0:
+        draw(st.sampled_from([query_lens, seq_lens, tables])).pop()
+    return query_lens, seq_lens, tables
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_prepare_matches_per_request_references_on_valid_and_invalid_steps(data):
+    """Random geometries and step sequences: same messages as the per-request checks; a rejected step
+    leaves everything as it was; an accepted one leaves exactly the reference buffers, staging included."""
+    ctx = data.draw(contexts())
+    want, state = expected_buffers(ctx, [], [], [])[0], (0, 0, ctx.batch_kind)
+    for _ in range(data.draw(st.integers(1, 6))):
+        query_lens, seq_lens, tables = data.draw(steps(ctx))
+        error = reference_error(ctx, query_lens, seq_lens, tables)
+        if error is not None:
+            with pytest.raises(ValueError) as info:
+                ctx.prepare(query_lens, seq_lens, tables)
+            assert str(info.value) == error
+        else:
+            positions = ctx.prepare(query_lens, seq_lens, tables)
+            want, want_positions = expected_buffers(ctx, query_lens, seq_lens, tables)
+            assert positions.tolist() == want_positions
+            kind = BatchKind.DECODE if all(q == 1 for q in query_lens) else BatchKind.MIXED
+            state = (len(query_lens), sum(query_lens), kind)
+        assert (ctx.num_reqs, ctx.num_tokens, ctx.batch_kind) == state
+        for buffers in (ctx.metadata, ctx._staging):
+            assert {k: v.tolist() for k, v in buffers.tensors().items()} == want
