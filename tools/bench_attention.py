@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import random
-import statistics
 import sys
 
 import torch
@@ -36,6 +35,7 @@ from fullgraph_backend.attention.reference import reference_attention  # noqa: E
 from fullgraph_backend.attention.triton_paged import decode_segments, paged_attention  # noqa: E402
 from fullgraph_backend.forward_context import ForwardContext  # noqa: E402
 from fullgraph_backend.kv_cache import NULL_BLOCK  # noqa: E402
+from graph_timing import FLUSHES, capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -65,40 +65,6 @@ class Paged:
         m = self.ctx.metadata
         return (self.q, self.k, self.v, self.cache if cache is None else cache, m.query_start_loc, m.seq_lens,
                 m.block_table, m.slot_mapping, SCALE, window)
-
-
-FLUSHES = ("read", "write", "none")
-
-
-def replay_us(fn, iters: int, flush: str) -> float:
-    """Median microseconds of one CUDA-graph replay of ``fn()`` (warmed up, then captured).
-
-    ``flush`` before each replay: ``read`` sums a 256 MiB buffer (L2 cold and clean, as after the
-    weight reads that precede attention in a model), ``write`` zeroes it (L2 cold and dirty: the
-    kernel's reads also pay the write-back of ~50 MB), ``none`` replays back to back.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    buffer = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush != "none" else None
-    evict = {"read": lambda: buffer.sum(dtype=torch.int32), "write": lambda: buffer.zero_(), "none": None}[flush]
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for _ in range(5):
-        graph.replay()
-    for start, end in pairs:
-        if evict is not None:
-            evict()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in pairs) * 1e3
 
 
 def decode_modes(batch: int, context: int):
@@ -174,8 +140,9 @@ def run_benchmark(args) -> list[dict]:
         for mode, fn, note in modes:
             row = dict(phase=phase, shape=shape, mode=mode, note=note)
             try:
+                graph = capture(fn)
                 for flush in reversed(args.flush):  # the first mode last: its time is the row's "us"
-                    us = replay_us(fn, args.iters, flush)
+                    us = replay_us(graph, args.iters, flush)
                     row[f"us_{flush}_flush"] = round(us, 2)
                 row["us"] = round(us, 2)
                 if kv_bytes:

@@ -11,13 +11,16 @@ Usage (GPU): python tools/bench_small_matmul.py [M list, default 1,2,4,8] [time 
 """
 import itertools
 import json
-import statistics
+import os
 import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from graph_timing import capture, replay_us  # noqa: E402
 
 
 @triton.jit
@@ -59,28 +62,8 @@ def small_mm(x, w, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages):
     return y if SPLIT_K == 1 else y.to(x.dtype)
 
 
-def time_graph(fn, flush):
-    """Median microseconds of a CUDA-graph replay of ``fn`` after zeroing ``flush``."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(60):
-        flush.zero_()
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
 def main():
     shapes = {"qkv": (2048, 1536), "o_proj": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960)}
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     ms = [int(m) for m in (sys.argv[1] if len(sys.argv) > 1 else "1,2,4,8").split(",")]
     budget_s = float(sys.argv[2]) if len(sys.argv) > 2 else 150
     t0 = time.time()
@@ -92,7 +75,7 @@ def main():
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = x @ w.t()
-            base = time_graph(lambda: torch.mm(x, w.t()), flush)
+            base = replay_us(capture(lambda: torch.mm(x, w.t())), 60, "write")
             best = None
             for bn, bk, sk, nw, ns in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8), (4,), (3, 4)):
                 if time.time() - t0 > budget_s:
@@ -104,7 +87,7 @@ def main():
                     err = (out.float() - ref.float()).abs().max().item()
                     if err > 0.05:
                         print("bad", name, M, bn, bk, sk, err); continue
-                    t = time_graph(lambda: small_mm(x, w, bn, bk, sk, nw, ns), flush)
+                    t = replay_us(capture(lambda: small_mm(x, w, bn, bk, sk, nw, ns)), 60, "write")
                 except Exception as e:  # e.g. out of shared memory: skip the variant
                     print("fail", name, M, bn, bk, sk, nw, ns, repr(e)[:100]); continue
                 if best is None or t < best[0]:

@@ -8,7 +8,7 @@ Per shape: the default config; stage 1, BLOCK_N x num_warps x num_stages at the 
 count; stage 2, the segment counts (1 = one launch, no reduce) with stage 1's best tiles; plus the
 unified kernel (what mixed graphs run) for reference. Every variant is checked once against the
 reference op (max abs error, and that the step's K/V landed in their slots), then timed as the
-median of CUDA-graph replays after a 256 MiB memset (as bench_attention.py), after a 256 MiB read
+median of CUDA-graph replays (tools/graph_timing.py) after a 256 MiB memset, after a 256 MiB read
 (clean cold L2) and back to back. Times include the fused K/V store.
 
 Usage (GPU): python tools/sweep_attention.py [--out sweep_attention.json] [--iters 50] [--budget-s 200] [--jobs 8]
@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import random
-import statistics
 import sys
 import time
 
@@ -39,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend.attention import triton_paged  # noqa: E402
 from fullgraph_backend.attention.reference import reference_attention  # noqa: E402
 from fullgraph_backend.attention.triton_paged import launch_plan, paged_attention  # noqa: E402
+from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 from fullgraph_backend.forward_context import ForwardContext  # noqa: E402
 from fullgraph_backend.kv_cache import NULL_BLOCK  # noqa: E402
 
@@ -95,41 +95,13 @@ class Shape:
         return error, stored
 
 
-def time_graph(fn, iters: int, flush: torch.Tensor) -> dict[str, float]:
-    """Median microseconds of one CUDA-graph replay of ``fn()`` in three L2 states.
-
-    ``us``: after a 256 MiB memset, as tools/bench_attention.py and the issue's targets measure (the
-    L2 is then full of dirty lines that the kernel's reads must write back); ``us_clean_flush``:
-    after reading 256 MiB (cold but clean L2, closer to a model step, whose L2 holds read-only
-    weights); ``us_no_flush``: back-to-back replays (K/V partly L2-resident at small sizes).
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    modes = {"us": flush.zero_, "us_clean_flush": lambda: flush.sum(dtype=torch.int32), "us_no_flush": None}
-    results = {}
-    for key, before in modes.items():
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for _ in range(3):
-            if before is not None:
-                before()
-            graph.replay()
-        for start, end in pairs:
-            if before is not None:
-                before()
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        results[key] = round(statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3, 2)
-    del graph
-    return results
+def time_graph(fn, iters: int) -> dict[str, float]:
+    """Median microseconds of one CUDA-graph replay of ``fn()`` in three L2 states (graph_timing's
+    flushes): ``us`` after a memset, as the issue's first targets were measured; ``us_clean_flush``
+    after a read, closer to a model step; ``us_no_flush`` back to back."""
+    graph = capture(fn)
+    return {key: round(replay_us(graph, iters, flush), 2)
+            for key, flush in (("us", "write"), ("us_clean_flush", "read"), ("us_no_flush", "none"))}
 
 
 def config_name(config: dict | None) -> str:
@@ -183,7 +155,6 @@ class Sweep:
         self.args = args
         self.smoke = args.smoke
         self.device = "cpu" if self.smoke else "cuda"
-        self.flush = None if self.smoke else torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
         self.start = time.perf_counter()
         self.rows: list[dict] = []
         self.skipped = 0
@@ -211,7 +182,7 @@ class Sweep:
             row["max_abs_err"], row["stored"] = shape.check(fn)  # the first call compiles
             row["first_call_s"] = round(time.perf_counter() - t0, 2)
             if not self.smoke:
-                row.update(time_graph(fn, self.args.iters, self.flush))
+                row.update(time_graph(fn, self.args.iters))
                 row["TB/s"] = round(shape.kv_bytes / row["us"] / 1e6, 3)
             row["ok"] = row["max_abs_err"] < 2e-2 and row["stored"]
         except Exception as error:  # e.g. out of shared memory for a large tile: record it and go on
