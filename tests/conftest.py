@@ -87,6 +87,17 @@ def random_batch(rng, num_tokens: int, max_seqs: int, max_len: int, decode: bool
     return query, seq
 
 
+def eager_then_compiled(model, compiled, ctx: ForwardContext, ids: torch.Tensor, positions: torch.Tensor):
+    """``(expected, got, caches_after_eager)``: the step in eager mode, then compiled from the same KV
+    caches (restored in between), so both outputs and both caches can be compared."""
+    before = [c.clone() for c in ctx.kv_caches]
+    expected = model(ids, positions)
+    after_eager = [c.clone() for c in ctx.kv_caches]
+    for cache, saved in zip(ctx.kv_caches, before):
+        cache.copy_(saved)
+    return expected, compiled(ids, positions), after_eager
+
+
 # ---- tiny models calling fullgraph attention ----------------------------------------------------
 class TinyAttention(nn.Module):
     """Embedding -> ``layers`` x (qkv, fullgraph attention, out proj, residual, MLP) -> head, packed tokens."""

@@ -9,7 +9,7 @@ import torch
 from fullgraph_backend import NULL_BLOCK, use_forward_context
 from fullgraph_backend.models import build_model, get_config
 
-from conftest import RunnerCapture, own_block_tables, random_batch
+from conftest import RunnerCapture, eager_then_compiled, own_block_tables, random_batch
 
 MODES = ["full", "piecewise"]
 
@@ -90,17 +90,12 @@ def test_random_batches_in_shuffled_sizes_match_eager(tiny, mode):
                                        decode=n <= ctx.max_num_seqs and rng.random() < 0.4)
             for cache in ctx.kv_caches:
                 cache.normal_(0, 0.5, generator=gen)
-            before = [c.clone() for c in ctx.kv_caches]
             positions = ctx.prepare(query, seq, tables[: len(query)])
             ids = torch.randint(0, config.vocab_size, (n,), generator=gen)
             if i == 0:
                 torch._dynamo.mark_dynamic(ids, 0)
                 torch._dynamo.mark_dynamic(positions, 0)
-            expected = model(ids, positions)
-            after_eager = [c.clone() for c in ctx.kv_caches]
-            for cache, saved in zip(ctx.kv_caches, before):
-                cache.copy_(saved)
-            got = compiled(ids, positions)
+            expected, got, after_eager = eager_then_compiled(model, compiled, ctx, ids, positions)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"{mode}: {n} tokens {query}")
             assert torch.equal(got.argmax(-1), expected.argmax(-1))
             for cache, e in zip(ctx.kv_caches, after_eager):

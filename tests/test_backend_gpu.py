@@ -13,6 +13,8 @@ from fullgraph_backend import use_forward_context
 from fullgraph_backend.attention.registry import get_impl
 from fullgraph_backend.config import default_capture_sizes
 
+from conftest import eager_then_compiled, own_block_tables, random_batch
+
 pytestmark = pytest.mark.gpu
 
 MAX_TOKENS = 128
@@ -28,15 +30,6 @@ def _runs(name: str) -> bool:
         return get_impl(name).unavailable() is None
     except ValueError:
         return False
-
-
-def _batch(rng: random.Random, tokens: int, max_seqs: int, max_len: int):
-    """A mixed batch of ``tokens`` new tokens: random requests with random cached context."""
-    reqs = rng.randint(1, min(tokens, max_seqs))
-    cuts = sorted(rng.sample(range(1, tokens), reqs - 1)) if reqs > 1 else []
-    query = [b - a for a, b in zip([0, *cuts], [*cuts, tokens])]
-    seq = [q + rng.randint(0, max_len - q) for q in query]
-    return query, seq
 
 
 def _fresh(ctx):
@@ -66,24 +59,16 @@ def test_compiled_matches_eager_at_every_size(model_and_ctx, mode, impl):
     sizes = SIZES[:]
     rng.shuffle(sizes)
     sizes.insert(0, 64)  # the first call compiles: symbolic sizes need >= 2 tokens
-    tables = [list(range(1 + i * ctx.max_blocks_per_seq, 1 + (i + 1) * ctx.max_blocks_per_seq)) for i in range(64)]
+    tables = own_block_tables(ctx, 64)
     with use_forward_context(ctx), torch.inference_mode():
         for n in sizes:
-            if n <= 64 and rng.random() < 0.5:  # uniform decode
-                query, seq = [1] * n, [rng.randint(1, 256) for _ in range(n)]
-            else:
-                query, seq = _batch(rng, n, 64, 256)
+            query, seq = random_batch(rng, n, 64, 256, decode=n <= 64 and rng.random() < 0.5)
             _fresh(ctx)
-            before = [c.clone() for c in ctx.kv_caches]
             positions = ctx.prepare(query, seq, tables[: len(query)])
             ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
             torch._dynamo.mark_dynamic(ids, 0)
             torch._dynamo.mark_dynamic(positions, 0)
-            expected = model(ids, positions)
-            after_eager = [c.clone() for c in ctx.kv_caches]
-            for c, b in zip(ctx.kv_caches, before):
-                c.copy_(b)
-            got = compiled(ids, positions)
+            expected, got, after_eager = eager_then_compiled(model, compiled, ctx, ids, positions)
             torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4, msg=f"size {n} ({mode}, {impl})")
             for c, e in zip(ctx.kv_caches, after_eager):  # padded lanes may only touch the null block
                 torch.testing.assert_close(c[:, 1:], e[:, 1:], atol=1e-5, rtol=1e-5,
