@@ -198,7 +198,7 @@ def test_decode_segments():
 
 
 def test_launch_plan():
-    """Uniform decode: one launch with one segment, split + reduce with more; mixed: store + unified."""
+    """Uniform decode: one launch with any number of segments; mixed: store + unified."""
     ctx, q, k, v = _batch([1, 1, 1], [3, 50, 97], group=4)
     m, bs = ctx.metadata, ctx.block_size
     plan = functools.partial(launch_plan, q, 2, m.block_table, bs, m.seq_lens.shape[0])
@@ -207,7 +207,7 @@ def test_launch_plan():
     assert (plan(split_kv=True, _config=one)["kernel"], plan(split_kv=True, _config=one)["launches"]) == ("split", 1)
     assert plan(split_kv=True)["segments"] == decode_segments(3, 2, MAX_LEN, q.device)
     assert (plan(split_kv=True, num_segments=4)["kernel"], plan(split_kv=True, num_segments=4)["launches"]) == \
-        ("split+reduce", 2)
+        ("split", 1)
     assert plan(split_kv=True, _config={"min_segment_tokens": 16})["segments"] > 1
     assert (plan(split_kv=False)["kernel"], plan(split_kv=False)["launches"]) == ("unified", 2)
     config = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "segments": 8}
@@ -231,7 +231,7 @@ def test_split_kv_scratch_is_allocated_once_per_shape():
 
 # ---- the K/V store: fused into split-KV decode, its own launch before the unified kernel -------------
 def _run_kind(kind):
-    """``(name, runner)``: unified, split-KV with one segment (one launch), split-KV + reduce."""
+    """``(name, runner)``: unified, split-KV with one segment, split-KV with four merged in-launch."""
     return {"unified": paged_attention, "split-1": _split(1), "split-4": _split(4)}[kind]
 
 
@@ -329,10 +329,11 @@ def test_padded_tokens_with_dummy_slots(kind):
 
 
 def test_split_kv_one_segment_is_one_launch(monkeypatch):
-    """A short graph bound takes the one-segment path: no reduce launch, no scratch. Mixed: two launches."""
+    """Split-KV decode is one launch: a short graph bound takes no scratch, more segments merge in the
+    launch and leave the merge tickets at 0 for the next. Mixed: two launches."""
     ctx, q, k, v = _batch([1, 1, 1], [3, 50, 97], group=4, pad_tokens=1)
     calls = []
-    for name in ("_split_kv_kernel", "_reduce_segments_kernel", "_store_kv_kernel", "_unified_kernel"):
+    for name in ("_split_kv_kernel", "_store_kv_kernel", "_unified_kernel"):
         kernel = getattr(triton_paged, name)
         monkeypatch.setattr(triton_paged, name, _CountingKernel(kernel, name, calls))
     scratch = dict(triton_paged._SCRATCH)
@@ -340,8 +341,10 @@ def test_split_kv_one_segment_is_one_launch(monkeypatch):
     _check(ctx, q, k, v, run=lambda *a: paged_attention(*a, split_kv=True, _config={"min_segment_tokens": MAX_LEN}))
     assert calls == ["_split_kv_kernel"] and triton_paged._SCRATCH == scratch
     calls.clear()
-    _check(ctx, q, k, v, run=_split(2))
-    assert calls == ["_split_kv_kernel", "_reduce_segments_kernel"]
+    for _ in range(2):  # the second call relies on the tickets the first left at 0
+        _check(ctx, q, k, v, run=_split(2))
+    assert calls == ["_split_kv_kernel"] * 2
+    assert all(not bufs[3].any() for bufs in triton_paged._SCRATCH.values())
     calls.clear()
     _check(*_batch([3, 1, 20], [3, 40, 50]))
     assert calls == ["_store_kv_kernel", "_unified_kernel"]
@@ -463,7 +466,7 @@ def compile_sm90(fn, ints, consts, num_warps=4, num_stages=3, dns=()):
 
 row = (32 + 16) * 128
 ints = dict(query_start_loc="*i32", seq_lens="*i32", block_table="*i32", slot_mapping="*i64",
-            partial_acc="*fp32", partial_max="*fp32", partial_sum="*fp32", qk_scale=0.1, num_reqs=8, num_tokens=8,
+            partial_acc="*fp32", partial_max="*fp32", partial_sum="*fp32", tickets="*i32", qk_scale=0.1, num_reqs=8, num_tokens=8,
             stride_qt=row, stride_qh=128, stride_qd=1, stride_kt=row, stride_kh=128, stride_kd=1, stride_vt=row,
             stride_vh=128, stride_vd=1, stride_ot=4096, stride_oh=128, stride_bt=256, stride_cb=16384,
             stride_cs=1024, stride_ch=128)
@@ -473,7 +476,6 @@ pick = lambda fn, c: {k: v for k, v in c.items() if k in fn.arg_names}
 for segments, window in ((1, 0), (4, 256)):
     compile_sm90(tp._split_kv_kernel, ints, pick(tp._split_kv_kernel, dict(base, NUM_SEGMENTS=segments,
                  SLIDING_WINDOW=window)), dns=("num_tokens",))
-compile_sm90(tp._reduce_segments_kernel, ints, dict(Q_HEADS=32, HEAD_DIM=128, D_PAD=128, NUM_SEGMENTS=4))
 compile_sm90(tp._store_kv_kernel, ints, dict(KV_HEADS=8, Q_HEADS=32, HEAD_DIM=128, KV_HEADS_PAD=8, Q_HEADS_PAD=32,
              D_PAD=128, BLOCK_SIZE=16), dns=("num_reqs",))
 for block_m in (16, 64):

@@ -5,7 +5,7 @@ views of one fused QKV output as models pass them):
   32 q / 8 kv heads, context 4096 (graph bound 4096), batch 1 / 8 / 64;
   12 q / 2 kv heads (Qwen2.5-1.5B), context 1000 (graph bound 1008, as tools/bench_decode.py), batch 1 / 16 / 64.
 Per shape: the default config; stage 1, BLOCK_N x num_warps x num_stages at the default segment
-count; stage 2, the segment counts (1 = one launch, no reduce) with stage 1's best tiles; plus the
+count; stage 2, the segment counts (1 = no partials, no merge) with stage 1's best tiles; plus the
 unified kernel (what mixed graphs run) for reference. Every variant is checked once against the
 reference op (max abs error, and that the step's K/V landed in their slots), then timed as the
 median of CUDA-graph replays (tools/graph_timing.py) after a 256 MiB memset, after a 256 MiB read

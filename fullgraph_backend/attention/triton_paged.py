@@ -16,9 +16,9 @@ uniform-decode batch:
   kernel's time on the H100: 2k-token prefill 175 -> 202 us. So mixed batches keep the store launch.)
 * uniform-decode graphs: ``_split_kv_kernel``, grid ``(num_reqs, kv_heads, segments)``, with the
   store fused, which cuts each request's cached keys into a fixed number of segments. With one
-  segment it writes the output itself (one launch); with more it writes fp32 partials
-  (unnormalised output, running max, running sum) and ``_reduce_segments_kernel``, grid
-  ``(num_reqs, q_heads)``, merges them.
+  segment it writes the output itself; with more it writes fp32 partials (unnormalised output,
+  running max, running sum) and the last program of each (request, KV head) to finish merges
+  them (an atomic ticket counter; no second launch).
 
 Fused store in the split kernel, and why it is race-free: no program reads this step's new K/V
 back from the cache. The cached keys ``[0, seq_len - 1)`` come from the cache; the request's one
@@ -55,14 +55,15 @@ from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.forward_context import BatchKind, current_forward_context
 
 LOG2E = 1.4426950408889634
-# Cap on split-KV segments per request, which bounds the scratch and the reduce's work (untuned;
+# Cap on split-KV segments per request, which bounds the scratch and the merge's work (untuned;
 # vLLM uses 16): at batch 1 and 4096 tokens, 32 segments are one 128-key tile each.
 MAX_SEGMENTS = 32
 # Each segment covers at least this many tokens of the longest possible KV range (the graph's
 # bound, block-table width x block size), so short-context graphs take few segments or one
-# (no reduce launch). One 128-key tile (the sweep: 8 to 32 segments tie at context 1000 and batch 1,
-# 4 cost 18%). Fewer, longer segments trade the reduce launch
-# (~2 us) for a longer serial loop per program; tools/sweep_attention.py measures that trade.
+# (no partials, no merge). One 128-key tile (the sweep: 8 to 32 segments tie at context 1000 and
+# batch 1, 4 cost 18%). Fewer, longer segments trade the merge (partials written and read back,
+# done by the last program) for a longer serial loop per program; tools/sweep_attention.py
+# measures that trade.
 MIN_SEGMENT_TOKENS = 128
 # Decode launches aim at this many programs per SM: the split-KV program compiled to ~120
 # registers x 128 threads and ~39 KB of shared memory on sm_90 with 64-key tiles (3 stages; ptxas
@@ -325,8 +326,8 @@ def _unified_kernel(
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _split_kv_kernel(
-    out, partial_acc, partial_max, partial_sum, q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_table,
-    slot_mapping, num_tokens, qk_scale,
+    out, partial_acc, partial_max, partial_sum, tickets, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
+    block_table, slot_mapping, num_tokens, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
     Q_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -339,7 +340,8 @@ def _split_kv_kernel(
     K/V and folds that key in from the inputs (after its loop); the cached keys ``[0, seq_len - 1)``
     are cut into ``NUM_SEGMENTS`` ranges of whole tiles. One segment: the program writes the output.
     More: fp32 partials ``[num_reqs, Q_HEADS, NUM_SEGMENTS, (D_PAD)]``; an empty segment writes only
-    ``max = -inf``, which the reduce reads as weight 0 without loading its ``acc`` or ``sum``.
+    ``max = -inf``, which the merge reads as weight 0 without loading its ``acc`` or ``sum``; the
+    last program of a (request, KV head) to finish merges them (:func:`_merge_if_last`).
     Segment-0 programs also serve the padded tokens ``t = req + i * num_reqs`` (zero output,
     store only where a slot is set).
     """
@@ -358,7 +360,7 @@ def _split_kv_kernel(
                 _pad_token(t, out, k, v, k_cache, v_cache, slot_mapping, kv_head,
                            stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
                            stride_cb, stride_cs, stride_ch, GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE)
-    if q_end == q_start:  # padded request: the reduce skips it too
+    if q_end == q_start:  # padded request: no segment takes a ticket, so its counter stays 0
         return
     cache_len = seq_len - 1  # the one new token is the last one
     first_tile = 0
@@ -375,8 +377,10 @@ def _split_kv_kernel(
     row_ok = offs_m < GROUP
     row = (req * Q_HEADS + head) * NUM_SEGMENTS + segment
     if NUM_SEGMENTS > 1:
-        if (segment > 0) & (tile_lo >= tile_hi):  # nothing to read: weight 0 in the reduce
+        if (segment > 0) & (tile_lo >= tile_hi):  # nothing to read: weight 0 in the merge
             tl.store(partial_max + row, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), mask=row_ok)
+            _merge_if_last(out, partial_acc, partial_max, partial_sum, tickets, req, kv_head, q_start, stride_ot,
+                           stride_oh, Q_HEADS, GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SEGMENTS)
             return
 
     mask = row_ok[:, None] & d_mask[None, :]
@@ -414,31 +418,53 @@ def _split_kv_kernel(
         tl.store(partial_acc + row[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(partial_max + row, m_i, mask=row_ok)
         tl.store(partial_sum + row, l_i, mask=row_ok)
+        _merge_if_last(out, partial_acc, partial_max, partial_sum, tickets, req, kv_head, q_start, stride_ot,
+                       stride_oh, Q_HEADS, GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SEGMENTS)
 
 
 @triton.jit
-def _reduce_segments_kernel(
-    out, partial_acc, partial_max, partial_sum, query_start_loc, stride_ot, stride_oh,
-    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+def _merge_if_last(
+    out, partial_acc, partial_max, partial_sum, tickets, req, kv_head, token, stride_ot, stride_oh,
+    Q_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
 ):
-    """Program (request, query head): merge the segments' partials into the token's output."""
-    req = tl.program_id(0)
-    head = tl.program_id(1)
-    token = tl.load(query_start_loc + req)
-    if tl.load(query_start_loc + req + 1) == token:
-        return
-    offs_s = tl.arange(0, NUM_SEGMENTS)
-    offs_d = tl.arange(0, D_PAD)
-    row = (req * Q_HEADS + head) * NUM_SEGMENTS + offs_s
-    seg_max = tl.load(partial_max + row)
-    live = seg_max > float("-inf")  # segment 0 always is; empty segments wrote no acc or sum
-    top = tl.max(seg_max, 0)
-    weight = tl.where(live, tl.exp2(seg_max - top), 0.0)
-    acc = tl.load(partial_acc + row[:, None] * D_PAD + offs_d[None, :], mask=live[:, None], other=0.0)
-    total = tl.sum(weight * tl.load(partial_sum + row, mask=live, other=0.0), 0)
-    result = tl.sum(weight[:, None] * acc, 0) / total
-    tl.store(out + token * stride_ot + head * stride_oh + offs_d, result.to(out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    """Called by each segment program of (``req``, ``kv_head``) after it wrote its partials: the
+    last of them to arrive merges all ``NUM_SEGMENTS`` partials of the ``GROUP`` heads into ``out``.
+
+    The merge rides in the split launch instead of a second kernel (one launch less per layer in
+    a decode graph). Arrival order comes from an atomic ticket counter per (request, KV head);
+    the last program resets it to 0, so every launch, replayed or not, finds the counters zeroed.
+    The barrier makes every thread's partial stores precede the ticket, whose acq_rel order then
+    publishes them to the merging program; that program reads them past L1 (``.cg``), where
+    another program's stores are not coherent. All loads precede the one store, so they overlap.
+    """
+    tl.debug_barrier()
+    counter = tickets + req * (Q_HEADS // GROUP) + kv_head
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if ticket == NUM_SEGMENTS - 1:
+        tl.store(counter, 0)
+        offs_g = tl.arange(0, G_PAD)
+        offs_s = tl.arange(0, NUM_SEGMENTS)
+        offs_d = tl.arange(0, D_PAD)
+        head = kv_head * GROUP + offs_g
+        g_ok = offs_g < GROUP
+        rows = (req * Q_HEADS + head) * NUM_SEGMENTS  # each head's segment 0
+        seg_max = tl.load(partial_max + rows[:, None] + offs_s[None, :], mask=g_ok[:, None], other=float("-inf"),
+                          cache_modifier=".cg")
+        live = seg_max > float("-inf")  # segment 0 always is; empty segments wrote no acc or sum
+        top = tl.max(seg_max, 1)
+        weight = tl.where(live, tl.exp2(seg_max - top[:, None]), 0.0)
+        total = tl.sum(weight * tl.load(partial_sum + rows[:, None] + offs_s[None, :], mask=live, other=0.0,
+                                        cache_modifier=".cg"), 1)
+        result = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+        for segment in tl.static_range(NUM_SEGMENTS):
+            w = tl.sum(tl.where(offs_s[None, :] == segment, weight, 0.0), 1)
+            acc = tl.load(partial_acc + (rows + segment)[:, None] * D_PAD + offs_d[None, :], mask=(w > 0)[:, None],
+                          other=0.0, cache_modifier=".cg")
+            result += w[:, None] * acc
+        result = result / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(out + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 result.to(out.dtype.element_ty), mask=g_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # ---- launch parameters (functions of shapes and device constants only) ---------------------------
@@ -457,7 +483,7 @@ def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: t
     a host constant of the graph key). Doubles the segment count while the launch stays within
     ``PROGRAMS_PER_SM`` programs per SM and each segment still covers ``min_segment_tokens`` of
     ``max_kv_len``: a small batch over a long bound gets many segments, a batch that already fills
-    the GPU or a short bound gets 1 (one launch, no reduce).
+    the GPU or a short bound gets 1 (no partials, no merge).
     """
     segments = 1
     target = PROGRAMS_PER_SM * _sm_count(device)
@@ -502,12 +528,14 @@ def _check_config(config: dict | None) -> dict:
     return config
 
 
-# Split-KV partials, keyed by (device, rows, D_PAD); entries are never dropped, because a captured
-# graph keeps writing to the addresses it was captured with.
-_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+# Split-KV partials and merge tickets, keyed by (device, rows, D_PAD); entries are never dropped,
+# because a captured graph keeps writing to the addresses it was captured with.
+_SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def _scratch(device: torch.device, rows: int, d_pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scratch(device: torch.device, rows: int, d_pad: int) -> tuple[torch.Tensor, ...]:
+    """``(acc, max, sum, tickets)`` for ``rows`` partial rows; the tickets (one per (request, KV
+    head), fewer than ``rows``) start at 0, and every split launch leaves them at 0."""
     key = (device, rows, d_pad)
     if key not in _SCRATCH:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -515,7 +543,8 @@ def _scratch(device: torch.device, rows: int, d_pad: int) -> tuple[torch.Tensor,
                                "graph capture; run the op once at this padded size (warmup) before capturing")
         _SCRATCH[key] = (torch.empty(rows * d_pad, dtype=torch.float32, device=device),
                          torch.empty(rows, dtype=torch.float32, device=device),
-                         torch.empty(rows, dtype=torch.float32, device=device))
+                         torch.empty(rows, dtype=torch.float32, device=device),
+                         torch.zeros(rows, dtype=torch.int32, device=device))
     return _SCRATCH[key]
 
 
@@ -561,8 +590,7 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     """The kernel parameters :func:`paged_attention` uses for these shapes (functions of shapes only).
 
     Keys: ``kernel`` (``"unified"`` = the K/V store launch, then the unified kernel: 2 launches;
-    ``"split"`` = one split-KV launch with one segment, its store fused; or ``"split+reduce"``),
-    ``launches``, ``segments``, ``BLOCK_N``, ``BLOCK_M``, ``num_warps``,
+    ``"split"`` = one split-KV launch, its store and its segments' merge fused), ``launches``, ``segments``, ``BLOCK_N``, ``BLOCK_M``, ``num_warps``,
     ``num_stages`` (None: Triton's default).
     """
     config = _check_config(_config)
@@ -577,8 +605,8 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
             config.get("min_segment_tokens") or MIN_SEGMENT_TOKENS)
         if segments & (segments - 1):
             raise ValueError(f"num_segments must be a power of two, got {segments}")
-    kernel = "unified" if not split_kv else "split" if segments == 1 else "split+reduce"
-    return dict(kernel=kernel, launches=1 if kernel == "split" else 2, segments=segments, BLOCK_N=block_n,
+    kernel = "split" if split_kv else "unified"
+    return dict(kernel=kernel, launches=1 if split_kv else 2, segments=segments, BLOCK_N=block_n,
                 BLOCK_M=_block_m(q_heads // kv_heads, tokens, split_kv, q.dtype),
                 num_warps=config.get("num_warps") or 4, num_stages=config.get("num_stages"))
 
@@ -604,8 +632,8 @@ def paged_attention(
     ``q [T, q_heads, D]``, ``k``/``v [T, kv_heads, D]`` may be strided views (e.g. slices of a
     fused QKV projection). ``split_kv=True`` is legal only for a uniform-decode batch (every
     request has at most one new token, the last of its sequence); it splits each request's keys
-    into ``num_segments`` (default :func:`decode_segments`), in one launch when that is 1 and a
-    second (the reduce) otherwise. Without it, a store launch precedes the unified kernel.
+    into ``num_segments`` (default :func:`decode_segments`), in one launch either way (the last
+    segment to finish merges). Without it, a store launch precedes the unified kernel.
     ``_config`` (private, for tuning; see ``CONFIG_KEYS``) overrides tile sizes, warps, pipeline
     stages and the segment choice. Returns a new contiguous ``[T, q_heads, D]`` tensor.
 
@@ -645,19 +673,14 @@ def paged_attention(
     if split_kv:
         segments = plan["segments"]
         if segments > 1:
-            partial_acc, partial_max, partial_sum = _scratch(q.device, num_reqs * q_heads * segments, d_pad)
-        else:  # one segment writes the output itself; the partial pointers are never touched
-            partial_acc = partial_max = partial_sum = out
+            scratch = _scratch(q.device, num_reqs * q_heads * segments, d_pad)
+        else:  # one segment writes the output itself; the scratch pointers are never touched
+            scratch = (out,) * 4
         _split_kv_kernel[(num_reqs, kv_heads, segments)](
-            out, partial_acc, partial_max, partial_sum, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
+            out, *scratch, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
             block_table, slot_mapping, tokens, qk_scale, *strides,
             Q_HEADS=q_heads, NUM_SEGMENTS=segments, **common, **launch,
         )
-        if segments > 1:
-            _reduce_segments_kernel[(num_reqs, q_heads)](
-                out, partial_acc, partial_max, partial_sum, query_start_loc, out.stride(0), out.stride(1),
-                Q_HEADS=q_heads, HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SEGMENTS=segments, num_warps=4,
-            )
         return out
 
     # Mixed batches: store first (its own launch), then attend with every key read from the cache.
