@@ -18,7 +18,7 @@ from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
 from fullgraph_backend.graph_runner import GraphedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, is_module_state
-from passes import PassManager, find_batch_mixing, split_at_attention, swap_attention
+from passes import PassManager, find_batch_mixing, split_at_attention, swap_attention, swap_linear
 
 log = logging.getLogger("fullgraph")
 
@@ -40,10 +40,11 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     max_num_seqs = _max_num_seqs(config, ctx)
     dump = GraphDump.open(config, gm)  # writes nothing unless dumping (dump_dir / dump_compilation)
     gm = compat.copy_dynamo_graph(gm)
-    results = PassManager([("swap_attention", lambda g: swap_attention(g, ctx, impl))], dump.folder).run(gm)
+    results = PassManager(graph_passes(config, device, ctx, impl), dump.folder).run(gm)
     swap = results[0].report
     has_attention = bool(swap.swapped)
-    log.info("fullgraph: %s", results[0].summary.replace("\n", "; "))
+    for result in results:
+        log.info("fullgraph: %s", result.summary.replace("\n", "; "))
     extra_args = tuple(swap.inputs.values())
     example_inputs = [*example_inputs, *extra_args]
     signature = BatchSignature.of(gm)
@@ -75,6 +76,16 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
                        ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,
                        max_num_seqs=max_num_seqs, on_capture=dump.write_capture_table,
                        static_tokens=ctx.num_tokens if has_attention and signature.is_static else None)
+
+
+def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None,
+                 impl: AttentionImpl) -> list[tuple[str, Callable[[torch.fx.GraphModule], object]]]:
+    """The passes for one graph, in order: the attention swap always; the linear swap where the
+    graph will be captured on CUDA (there the GEMV's choice is made once per captured size)."""
+    passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl))]
+    if config.gemv and device.type == "cuda" and config.cudagraph_mode != "none":
+        passes.append(("swap_linear", swap_linear))
+    return passes
 
 
 class RecordingBackend:

@@ -33,6 +33,8 @@ class FullgraphConfig:
       read here and nowhere else.
     - ``inductor_config``: extra ``torch._inductor.config`` patches for this compile, e.g.
       ``{"coordinate_descent_tuning": True}``; ``triton.cudagraphs`` stays off (we capture).
+    - ``gemv``: in graphs captured on CUDA, run one-row 16-bit linears on our Triton GEMV instead
+      of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass); False keeps cuBLAS.
     """
 
     capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)
@@ -42,6 +44,7 @@ class FullgraphConfig:
     compiler: str = "inductor"
     dump_dir: str | None = field(default_factory=lambda: os.environ.get("FULLGRAPH_DUMP_DIR") or None)
     inductor_config: dict = field(default_factory=dict)
+    gemv: bool = True
 
     def __post_init__(self) -> None:
         from fullgraph_backend.attention.registry import impl_names
@@ -54,6 +57,8 @@ class FullgraphConfig:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
         self._check_inductor_config()
+        if not isinstance(self.gemv, bool):
+            raise ValueError(f"gemv must be True or False, got {self.gemv!r}")
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):
             raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
 

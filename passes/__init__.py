@@ -1,8 +1,9 @@
 """FX graph passes run on the Dynamo graph before Inductor, each a small module with one job."""
 from passes.manager import PassManager, PassResult
 from passes.swap_attention import AttentionSwap, SwapReport, swap_attention
+from passes.swap_linear import LinearSwapReport, swap_linear
 from passes.split_attention import split_at_attention
 from passes.batch_mixing import find_batch_mixing
 
-__all__ = ["PassManager", "PassResult", "AttentionSwap", "SwapReport", "swap_attention", "split_at_attention",
-           "find_batch_mixing"]
+__all__ = ["PassManager", "PassResult", "AttentionSwap", "SwapReport", "swap_attention", "LinearSwapReport",
+           "swap_linear", "split_at_attention", "find_batch_mixing"]

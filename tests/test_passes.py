@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from fullgraph_backend import compat, use_forward_context
 from fullgraph_backend.attention.registry import get_impl
 from fullgraph_backend.padding import BatchSignature
-from passes import PassManager, find_batch_mixing, split_at_attention, swap_attention
+from passes import PassManager, find_batch_mixing, split_at_attention, swap_attention, swap_linear
 from passes.swap_attention import ATTENTION_TARGET
+from passes.swap_linear import LINEAR_TARGETS
+from fullgraph_backend.gemv import linear as LINEAR_OP
 
 from conftest import ctx_for, dynamo_graph, tiny_attention_model
 
@@ -90,6 +92,43 @@ def test_swapped_graph_computes_eager_result():
     torch.testing.assert_close(out, expected)
     for c, e in zip(ctx.kv_caches, cache_after_eager):
         torch.testing.assert_close(c, e)
+
+
+def test_swap_linear_replaces_every_linear_and_computes_the_same():
+    model, ctx, gm, example_inputs, args, expected = _attention_graph(layers=2)
+    attention = swap_attention(gm, ctx, IMPL)
+    before = _targets(gm)
+    linears = sum(before[t] for t in set(LINEAR_TARGETS))
+    assert linears == sum(isinstance(m, nn.Linear) for m in model.modules())
+    report = swap_linear(gm)
+    after = _targets(gm)
+    assert after[LINEAR_OP] == linears == len(report.swapped)
+    assert not any(after[t] for t in LINEAR_TARGETS)
+    weights = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert {shape for _, shape in report.swapped} == weights
+    assert f"swapped {linears} linear nodes" in report.summary()
+    for c in ctx.kv_caches:
+        c.zero_()
+    values = [args[0].shape[0] if isinstance(ex, (torch.SymInt, int)) else ex for ex in example_inputs]
+    with torch.inference_mode():
+        out = gm(*values, *attention.inputs.values())
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("device, options, names", [
+    ("cuda", {}, ["swap_attention", "swap_linear"]),
+    ("cuda", {"cudagraph_mode": "piecewise"}, ["swap_attention", "swap_linear"]),
+    ("cuda", {"cudagraph_mode": "none"}, ["swap_attention"]),  # no capture: each call would pay dispatch
+    ("cuda", {"gemv": False}, ["swap_attention"]),
+    ("cpu", {}, ["swap_attention"]),
+])
+def test_linear_swap_runs_only_for_graphs_captured_on_cuda(device, options, names):
+    from fullgraph_backend.backend import graph_passes
+    from fullgraph_backend.config import FullgraphConfig
+
+    passes = graph_passes(FullgraphConfig.from_options(options), torch.device(device), None, IMPL)
+    assert [name for name, _ in passes] == names
 
 
 def test_swap_through_a_custom_backend_matches_eager():

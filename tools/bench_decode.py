@@ -7,8 +7,11 @@ one decode step per call. Modes (``mode`` or ``mode:attention_impl``):
   piecewise        backend="fullgraph", graphs between attention calls, attention eager
   full             backend="fullgraph", one CUDA graph per padded size
   reduce-overhead  torch.compile(mode="reduce-overhead") on the same model (cudagraph trees)
-A ``+tuned`` suffix (``full+tuned``) turns on Inductor's coordinate-descent tuning, as gpt-fast does;
-``+cublaslt`` makes cuBLASLt PyTorch's preferred BLAS library for that mode's matmuls.
+Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
+  +tuned     Inductor's coordinate-descent tuning, as gpt-fast does
+  +cublaslt  cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
+  +nogemv    the backend's ``gemv=False``: one-row linears stay on cuBLAS
+  +combo     Inductor's combo kernels (independent small kernels launched as one)
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
@@ -115,12 +118,15 @@ def main() -> None:
     default_blas = torch.backends.cuda.preferred_blas_library()
     for spec in args.modes.split(","):
         mode, _, impl = spec.partition(":")
-        mode, lt = mode.removesuffix("+cublaslt"), mode.endswith("+cublaslt")
-        torch.backends.cuda.preferred_blas_library("cublaslt" if lt else default_blas)
+        mode, *flags = mode.split("+")
+        unknown = set(flags) - set(FLAGS)
+        if unknown:
+            parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
+        torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
-        fn = _compiled(model, mode, impl or "auto")
+        fn = _compiled(model, mode, set(flags), impl or "auto")
         t0 = time.perf_counter()
         for batch in sorted(batches, reverse=True):  # largest first: the first call compiles symbolically
             with use_forward_context(ctx), torch.inference_mode():
@@ -150,17 +156,22 @@ def main() -> None:
     plot_decode({**header, "rows": rows}, os.path.join(args.out, "bench_decode.png"))
 
 
-def _compiled(model, mode: str, impl: str):
-    mode, tuned = mode.removesuffix("+tuned"), mode.endswith("+tuned")
-    inductor_config = {"coordinate_descent_tuning": True} if tuned else {}
+FLAGS = ("tuned", "cublaslt", "nogemv", "combo")
+
+
+def _compiled(model, mode: str, flags: set[str], impl: str):
+    inductor_config = {"coordinate_descent_tuning": True} if "tuned" in flags else {}
+    if "combo" in flags:
+        inductor_config["combo_kernels"] = True
     if mode == "eager":
         return model
     if mode == "reduce-overhead":
-        if tuned:  # mode= and options= are exclusive; reduce-overhead is triton.cudagraphs=True
+        if inductor_config:  # mode= and options= are exclusive; reduce-overhead is triton.cudagraphs=True
             return torch.compile(model, options={"triton.cudagraphs": True, **inductor_config})
         return torch.compile(model, mode="reduce-overhead")
     return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl,
-                                                             "inductor_config": inductor_config})
+                                                             "inductor_config": inductor_config,
+                                                             "gemv": "nogemv" not in flags})
 
 
 def _print_table(header: dict, rows: list[dict], batches: list[int]) -> None:

@@ -1,0 +1,53 @@
+"""Swap each ``F.linear`` node for ``fullgraph::linear``, which runs one-row 16-bit products on a GEMV.
+
+The backend runs this pass only for graphs it captures in CUDA graphs on a CUDA device: there
+the op's choice between the GEMV and cuBLAS is made once per captured size. The op computes
+what ``F.linear`` does either way (see :mod:`fullgraph_backend.gemv` for when it takes the GEMV).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fullgraph_backend.gemv import linear
+
+LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)  # F.linear is torch._C._nn.linear
+
+
+@dataclass
+class LinearSwapReport:
+    """The swapped nodes, by name, with their weight shapes ``(N, K)`` where the graph knows them."""
+
+    swapped: list[tuple[str, tuple[int, ...] | None]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: how many linears now dispatch through ``fullgraph::linear``."""
+        shapes = sorted({str(shape) for _, shape in self.swapped})
+        return (f"swapped {len(self.swapped)} linear nodes -> fullgraph::linear (weights {', '.join(shapes)})"
+                if self.swapped else "no linear nodes")
+
+
+def swap_linear(gm: torch.fx.GraphModule) -> LinearSwapReport:
+    """Replace every ``F.linear(x, weight, bias)`` node of ``gm`` in place; returns the report."""
+    report = LinearSwapReport()
+    graph = gm.graph
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]:
+        x, weight, bias = _linear_args(node)
+        with graph.inserting_before(node):
+            new = graph.call_function(linear, (x, weight, bias))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        example = weight.meta.get("example_value") if isinstance(weight, torch.fx.Node) else None
+        report.swapped.append((new.name, tuple(example.shape) if example is not None else None))
+    graph.lint()
+    gm.recompile()
+    return report
+
+
+def _linear_args(node: torch.fx.Node) -> tuple:
+    names = ("input", "weight", "bias")
+    values = list(node.args) + [node.kwargs.get(name) for name in names[len(node.args):]]
+    return tuple(values) + (None,) * (3 - len(values))

@@ -1,0 +1,71 @@
+"""The one-row GEMV behind ``fullgraph::linear`` (CPU: Triton's interpreter) and the op's dispatch rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fullgraph_backend import gemv as gemv_module
+from fullgraph_backend.gemv import gemv, linear, uses_gemv
+
+
+@pytest.mark.parametrize("n, k", [(37, 1000), (4, 512), (130, 1536), (9, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemv_matches_linear_in_fp32(n, k, with_bias):
+    torch.manual_seed(n * k)
+    x, weight = torch.randn(1, k), torch.randn(n, k)
+    bias = torch.randn(n) if with_bias else None
+    torch.testing.assert_close(gemv(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_16_bit_accumulates_in_fp32(dtype):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(1, 1, 1536, dtype=dtype), torch.randn(70, 1536, dtype=dtype), torch.randn(70, dtype=dtype)
+    out = gemv(x, weight, bias)
+    assert out.shape == (1, 1, 70) and out.dtype == dtype
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    # one rounding of the fp32 sum to 16 bits: within half an ulp of the output's magnitude
+    torch.testing.assert_close(out.double(), exact, atol=0, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+
+
+def test_gemv_reads_a_strided_weight_view():
+    weight = torch.randn(64, 300)[::2]  # row stride 600, unit stride along K
+    x = torch.randn(1, 300)
+    torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+
+
+def test_gemv_rejects_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="one row of 8 features"):
+        gemv(torch.randn(2, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="unit stride along K"):
+        gemv(torch.randn(1, 8), torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match="bias"):
+        gemv(torch.randn(1, 8), torch.randn(4, 8), torch.randn(5))
+
+
+def _fake_cuda(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+def test_dispatch_rule_takes_one_row_16_bit_cuda_within_the_measured_bounds():
+    k = gemv_module.MAX_K
+    with FakeTensorMode():
+        weight = _fake_cuda(2048, 1536)
+        assert uses_gemv(_fake_cuda(1, 1536), weight)
+        assert uses_gemv(_fake_cuda(1, 1, 1536), weight)
+        assert not uses_gemv(_fake_cuda(2, 1536), weight)  # two rows: cuBLAS was faster
+        assert not uses_gemv(_fake_cuda(1, 1536, dtype=torch.float32), _fake_cuda(2048, 1536, dtype=torch.float32))
+        assert uses_gemv(_fake_cuda(1, k), _fake_cuda(16, k))
+        assert uses_gemv(_fake_cuda(1, 1536), _fake_cuda(151936, 1536))  # an LM head
+        assert not uses_gemv(_fake_cuda(1, k + 1), _fake_cuda(16, k + 1))  # long K: cuBLAS's split-K won
+        assert not uses_gemv(_fake_cuda(1, 64), _fake_cuda(64, 64).t())  # no unit stride along K
+        assert linear(_fake_cuda(1, 1, 1536), weight).shape == (1, 1, 2048)  # the fake
+    assert not uses_gemv(torch.randn(1, 8), torch.randn(4, 8))  # CPU
+
+
+def test_op_equals_linear_where_it_falls_back():
+    x, weight, bias = torch.randn(3, 5, 16), torch.randn(8, 16), torch.randn(8)
+    assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+    assert torch.equal(linear(x, weight), F.linear(x, weight))

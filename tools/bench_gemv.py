@@ -1,0 +1,76 @@
+"""One-row linears: cuBLAS (``F.linear``) against our Triton GEMV, per projection of a decoder.
+
+Qwen2.5-1.5B's projections (qkv with bias, o_proj, gate_up, down, the LM head) at one row, bf16. Each op is timed as a CUDA-graph replay of one call per layer over distinct weight copies
+(28, as in the model; 3 for the LM head), after an L2-clearing read, and reported per call, with
+the effective TB/s of the weight read. The rows justify ``fullgraph_backend.gemv``'s rule (one
+row, K <= MAX_K).
+
+Usage (GPU): python tools/bench_gemv.py --out bench_gemv.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fullgraph_backend.gemv import gemv  # noqa: E402
+from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
+
+HIDDEN, INTERMEDIATE, QKV, VOCAB, LAYERS = 1536, 8960, 2048, 151936, 28
+SHAPES = {  # name: (N, K, bias, copies)
+    "qkv": (QKV, HIDDEN, True, LAYERS), "o_proj": (HIDDEN, HIDDEN, False, LAYERS),
+    "gate_up": (2 * INTERMEDIATE, HIDDEN, False, LAYERS), "down": (HIDDEN, INTERMEDIATE, False, LAYERS),
+    "lm_head": (VOCAB, HIDDEN, False, 3),
+}
+
+
+def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int) -> tuple[float, float]:
+    """(microseconds per call, max abs difference from F.linear) over ``copies`` cold weights."""
+    weights = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5,
+                torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None) for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    error = (fn(x, *weights[0]).float() - F.linear(x, *weights[0]).float()).abs().max().item()
+    graph = capture(lambda: [fn(x, w, b) for w, b in weights])
+    return replay_us(graph, iters, "read") / copies, error
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench_gemv.json")
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    import triton
+
+    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.date.today().isoformat(),
+              "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+              "timing": f"median of {args.iters} CUDA-graph replays after a 256 MiB L2-clearing read, per call"}
+    print(json.dumps(header), flush=True)
+    rows = []
+    for name, (n, k, bias, copies) in SHAPES.items():
+        mb = n * k * 2 / 1e6  # megabytes over microseconds is TB/s
+        cublas_us, _ = time_op(F.linear, n, k, bias, copies, args.iters)
+        gemv_us, error = time_op(gemv, n, k, bias, copies, args.iters)
+        rows.append(dict(op=name, N=n, K=k, cublas_us=round(cublas_us, 2), cublas_TBs=round(mb / cublas_us, 2),
+                         gemv_us=round(gemv_us, 2), gemv_TBs=round(mb / gemv_us, 2),
+                         speedup=round(cublas_us / gemv_us, 3), max_abs_diff=error))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump({**header, "rows": rows}, f, indent=1)
+    print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['op']} | {r['N']} x {r['K']} | {r['cublas_us']} ({r['cublas_TBs']}) | {r['gemv_us']} "
+              f"({r['gemv_TBs']}) | {r['speedup']} |")
+
+
+if __name__ == "__main__":
+    main()
