@@ -27,6 +27,14 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | N
     return inductor_compile(gm, example_inputs, config_patches={**(patches or {}), "triton.cudagraphs": False})
 
 
+def mark_unbacked(tensor: torch.Tensor, dim: int) -> None:
+    """Mark ``tensor``'s ``dim`` as an unbacked size: no 0/1 specialisation, so size 1 reuses the graph.
+
+    In ``torch._dynamo.decorators`` in 2.11 and 2.13 (not re-exported as ``torch._dynamo.mark_unbacked``).
+    """
+    torch._dynamo.decorators.mark_unbacked(tensor, dim)
+
+
 def outputs_as_tuple(out: object) -> tuple:
     """Dynamo graphs return a tuple; compiled Inductor code may return a list."""
     return tuple(out) if isinstance(out, (list, tuple)) else (out,)

@@ -2,7 +2,7 @@
 
 Blocks ``0 .. num_reserved - 1`` are never handed out: block 0 is the null block every padded
 block-table entry points at (:data:`fullgraph_backend.NULL_BLOCK`), and the engine keeps block 1
-as the scratch block its dummy requests write (warm-up, one-token padding). A request's block
+as the scratch block its dummy requests write (warm-up). A request's block
 table grows as its tokens are scheduled and is freed whole when it finishes or is preempted.
 """
 from __future__ import annotations

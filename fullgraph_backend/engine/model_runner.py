@@ -4,10 +4,10 @@ The runner owns the :class:`~fullgraph_backend.ForwardContext` (paged KV cache a
 metadata) and the model, compiled with ``backend="fullgraph"`` per the optimization level. Two
 rules of the compiled model shape it:
 
-- The first compiled call needs >= 2 tokens, with the token inputs marked dynamic, or Dynamo
-  specialises the graph to that size. Dynamo also specialises size 1, so a step of one token
-  would compile a second graph: the runner pads such a step with a dummy one-token request that
-  writes only the scratch block (:data:`SCRATCH_BLOCK`), and the model never sees one token.
+- The token inputs are marked *unbacked* (:func:`fullgraph_backend.compat.mark_unbacked`), not
+  merely dynamic: Dynamo specialises a backed size of 1, so a one-token step would compile a
+  second graph (or need a dummy request beside it, which also kept one-row linears off the
+  GEMV). With an unbacked size, one graph serves every step, one token included.
 - Outputs of a compiled call are overwritten by the next call: the rows to sample are indexed
   out (a copy) and sampled before the next step. Logits are taken only at those rows.
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fullgraph_backend import compat
 from fullgraph_backend.backend import RecordingBackend
 from fullgraph_backend.engine.host import to_device
 from fullgraph_backend.engine.levels import backend_options
@@ -97,8 +98,6 @@ class ModelRunner:
         tables = [s.block_table for s in batch.seqs]
         ids, gathers = self._input_ids(batch)
         rows = [end - 1 for end, sample in zip(itertools.accumulate(query_lens), samples) if sample]
-        if self.compiled and len(ids) == 1:  # see the module docstring: never one token
-            query_lens, seq_lens, tables, ids = query_lens + [1], seq_lens + [1], tables + [[SCRATCH_BLOCK]], ids + [0]
         logits = self._forward(query_lens, seq_lens, tables, ids, rows, gathers)
         picked = [(s.params, s.request_id) for s, sample in zip(batch.seqs, samples) if sample]
         tokens = None if logits is None else self.sampler(logits, [p for p, _ in picked], [r for _, r in picked])
@@ -137,9 +136,9 @@ class ModelRunner:
             if gathers:
                 into, rows_of_last = to_device(list(zip(*gathers)), torch.int64, self.device)
                 input_ids[into] = self._last_sampled[0][rows_of_last]
-            if self.compiled:
-                torch._dynamo.mark_dynamic(input_ids, 0)
-                torch._dynamo.mark_dynamic(positions, 0)
+            if self.compiled:  # see the module docstring
+                compat.mark_unbacked(input_ids, 0)
+                compat.mark_unbacked(positions, 0)
             logits = self.model(input_ids, positions)
             if not rows:
                 return None
@@ -213,7 +212,7 @@ def dummy_step(ctx: ForwardContext, num_tokens: int,
 def make_context(model: Decoder, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  block_size: int, num_blocks: int, attention_impl: str) -> ForwardContext:
     """The forward context of an engine: one more request and at least two tokens than the limits,
-    room for the one-token padding request."""
+    room for the warm-up's dummy steps of at least two requests."""
     param = next(model.parameters())
     return model.config.forward_context(
         dtype=param.dtype, device=param.device, max_num_seqs=max_num_seqs + 1,
