@@ -11,7 +11,7 @@ Times are medians over single replays, each after an L2 flush: by default a 256 
 clean L2, as in a model, where the weight reads before attention evict the cache) and, for
 comparison, a 256 MiB memset (cold, dirty L2); ``--flush`` picks. Effective TB/s counts the K/V
 bytes a decode must read. The triton and reference rows include
-storing the step's K/V (split-KV decode fuses it: one launch with one segment, two with more; the
+storing the step's K/V (split-KV decode fuses it and the merge of its segments: one launch; the
 unified path stores in its own launch first, two in all); FA2 and Flex only read.
 
 Usage (GPU): python tools/bench_attention.py --out bench_attention.json [--iters 100]
@@ -73,9 +73,8 @@ def decode_modes(batch: int, context: int):
     segments = decode_segments(batch, KV_HEADS, paged.ctx.metadata.block_table.shape[1] * BLOCK_SIZE,
                                torch.device("cuda"))
     yield "triton unified", lambda: paged_attention(*paged.args()), ""
-    launches = "1 launch" if segments == 1 else "2 launches"
     yield "triton split-KV", lambda: paged_attention(*paged.args(), split_kv=True), \
-        f"{segments} segment(s), {launches}"
+        f"{segments} segment(s), 1 launch"
     yield "reference", lambda: reference_attention(*paged.args()), ""
 
     # dense per-request slots for the bundled kernels: [batch * context, kv_heads, dim]
