@@ -4,9 +4,11 @@ At batch 1 a decode step's projections are matrix-vector products. cuBLAS tiles 
 columns to a CTA, which leaves most of the H100's 132 SMs idle on the narrow ones (Qwen2.5-1.5B's
 qkv and o_proj at ~1 TB/s in the model profile). Here each program owns ``BLOCK_N`` = 4 weight
 rows and walks K in 512-wide slices, so a 1536-wide output is 384 programs. Measured per call
-with cold weights (H100, torch 2.11, ``tools/bench_gemv.py``): qkv 6.1 -> 5.1 us, o_proj 5.4 ->
-4.6, gate_up 22.8 -> 20.7; down (K = 8960) was slower, 14.6 -> 16.4, as was every shape at two
-rows. Hence the rule in :func:`uses_gemv`; everything else stays ``F.linear``.
+with cold weights (H100, torch 2.11.0+cu130, 2026-11-26, ``python3 tools/bench_gemv.py``): qkv
+6.13 -> 4.67 us, o_proj 5.39 -> 4.16, gate_up 22.90 -> 20.15, LM head 165.8 -> 150.1; down
+(K = 8960) 14.44 -> 14.24, a tie, and slower (14.55 -> 16.41) in an exploratory sweep the same
+day, so long K stays on cuBLAS's split-K. A two-row variant lost to cuBLAS on gate_up and down in
+that sweep: more rows stay ``F.linear`` (:func:`uses_gemv`; docs/perf-notes.md, section 10).
 
 The op is registered with ``torch.library.Library`` rather than ``custom_op``: its Python
 dispatch costs ~3 instead of ~30 us a call, which matters where a graph runs without CUDA
@@ -17,8 +19,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is an optional dependency: without it every linear stays F.linear
+    triton = None
 
 # Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (module docstring).
 MAX_K = 4096
@@ -26,7 +32,11 @@ BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 4, 512, 4, 3
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-@triton.jit
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
 def _gemv_kernel(x, w, bias, out, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """Program ``i``: ``out[i*BLOCK_N : (i+1)*BLOCK_N] = w[rows] @ x (+ bias)``, fp32 accumulation.
@@ -58,6 +68,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
         y = gemv(torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
+    if triton is None:
+        raise RuntimeError("gemv needs triton, which is not installed: pip install 'fullgraph[triton]'")
     n, k = weight.shape
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"gemv takes one row of {k} features, got x of shape {tuple(x.shape)}")
@@ -79,7 +91,7 @@ def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
-    return (x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype and x.numel() == k
+    return (triton is not None and x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype and x.numel() == k
             and weight.stride(1) == 1 and k <= MAX_K)
 
 

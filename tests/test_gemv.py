@@ -69,3 +69,28 @@ def test_op_equals_linear_where_it_falls_back():
     x, weight, bias = torch.randn(3, 5, 16), torch.randn(8, 16), torch.randn(8)
     assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
     assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def test_without_triton_the_backend_imports_and_every_linear_stays_on_cublas():
+    """triton is optional: block its import in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["triton"] = None
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+import fullgraph_backend.backend
+from fullgraph_backend.gemv import gemv, uses_gemv
+with FakeTensorMode():
+    x = torch.empty(1, 64, dtype=torch.bfloat16, device="cuda")
+    assert not uses_gemv(x, torch.empty(32, 64, dtype=torch.bfloat16, device="cuda"))
+try:
+    gemv(torch.randn(1, 8), torch.randn(4, 8))
+except RuntimeError as error:
+    assert "needs triton" in str(error)
+    print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
