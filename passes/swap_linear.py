@@ -14,25 +14,37 @@ import torch.nn.functional as F
 from fullgraph_backend.gemv import linear
 
 LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)  # F.linear is torch._C._nn.linear
+AUTOCAST_ENTER = torch.amp.autocast_mode._enter_autocast
 
 
 @dataclass
 class LinearSwapReport:
-    """The swapped nodes, by name, with their weight shapes ``(N, K)`` where the graph knows them."""
+    """The swapped nodes, by name, with their weight shapes ``(N, K)`` where the graph knows them,
+    or why none was swapped."""
 
     swapped: list[tuple[str, tuple[int, ...] | None]] = field(default_factory=list)
+    skipped: str | None = None
 
     def summary(self) -> str:
         """One line: how many linears now dispatch through ``fullgraph::linear``."""
+        if self.skipped:
+            return f"left every linear on F.linear: {self.skipped}"
         shapes = sorted({str(shape) for _, shape in self.swapped})
         return (f"swapped {len(self.swapped)} linear nodes -> fullgraph::linear (weights {', '.join(shapes)})"
                 if self.swapped else "no linear nodes")
 
 
 def swap_linear(gm: torch.fx.GraphModule) -> LinearSwapReport:
-    """Replace every ``F.linear(x, weight, bias)`` node of ``gm`` in place; returns the report."""
+    """Replace every ``F.linear(x, weight, bias)`` node of ``gm`` in place; returns the report.
+
+    Under autocast (inside the graph or around the compiled call) it swaps nothing: the op has no
+    autocast rule, so it would neither cast its inputs nor return autocast's dtype.
+    """
     report = LinearSwapReport()
     graph = gm.graph
+    if torch.is_autocast_enabled("cuda") or any(n.target is AUTOCAST_ENTER for n in graph.nodes):
+        report.skipped = "autocast is active, and fullgraph::linear has no autocast rule"
+        return report
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]:
         x, weight, bias = _linear_args(node)
         with graph.inserting_before(node):

@@ -116,6 +116,23 @@ def test_swap_linear_replaces_every_linear_and_computes_the_same():
     torch.testing.assert_close(out, expected)
 
 
+def test_swap_linear_leaves_autocast_graphs_alone():
+    class Autocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.proj(x)
+
+    gm, _ = dynamo_graph(Autocast(), torch.randn(2, 8))
+    before = gm.code
+    report = swap_linear(gm)
+    assert not report.swapped and gm.code == before
+    assert "autocast" in report.summary()
+
+
 @pytest.mark.parametrize("device, options, names", [
     ("cuda", {}, ["swap_attention", "swap_linear"]),
     ("cuda", {"cudagraph_mode": "piecewise"}, ["swap_attention", "swap_linear"]),
