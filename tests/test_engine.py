@@ -84,10 +84,14 @@ def test_startup_report(sharp_dir):
     assert report.capture_s >= 0 and report.kv_blocks > 2 and "graphs" in str(report)
 
 
-def test_a_one_token_prompt_and_max_model_len(sharp_dir, reference):
+def test_a_one_token_prompt_and_max_model_len(sharp_dir, reference, monkeypatch):
     llm = make_llm(sharp_dir, 4)
+    calls = []
+    forward = llm.runner._forward
+    monkeypatch.setattr(llm.runner, "_forward", lambda q, *rest, **kw: calls.append(list(q)) or forward(q, *rest, **kw))
     out = llm.generate([5], SamplingParams(temperature=0.0, max_tokens=3))[0]  # one prompt, one token
     assert out.token_ids == reference([5], 3)
+    assert calls and all(q == [1] for q in calls)  # one request, one token a step: no dummy request beside it
     prompt = [i * 7 % SHARP.vocab_size for i in range(60)]
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=50))[0]
     assert len(out.token_ids) == MAX_MODEL_LEN - 60 and out.finish_reason == "length"

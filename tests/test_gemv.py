@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fullgraph_backend import gemv as gemv_module
@@ -16,6 +17,16 @@ def test_gemv_matches_linear_in_fp32(n, k, with_bias):
     torch.manual_seed(n * k)
     x, weight = torch.randn(1, k), torch.randn(n, k)
     bias = torch.randn(n) if with_bias else None
+    torch.testing.assert_close(gemv(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 1100), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemv_matches_linear_on_random_shapes(n, k, with_bias, seed):
+    """Shapes off every tile boundary: N not a multiple of the 4-row block, K of the 512-wide slice."""
+    gen = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(1, k, generator=gen), torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
     torch.testing.assert_close(gemv(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
