@@ -119,6 +119,18 @@ def _pad_token(
 
 
 @triton.jit
+def _kv_offsets(block_table_row, pos, valid, kv_head, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr):
+    """Element offsets of key positions ``pos`` of ``kv_head`` in one half of the paged cache.
+
+    The page is looked up per position, so a KV tile need not match the cache's block size.
+    Positions not ``valid`` take block 0 (their loads are masked); int64 because caches exceed
+    2**31 elements.
+    """
+    block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+
+
+@triton.jit
 def _online_update(acc, m_i, l_i, q, k, v, visible, qk_scale, DOT_PRECISION: tl.constexpr):
     """One KV tile of the online softmax (base 2: ``qk_scale`` includes log2(e)).
 
@@ -157,19 +169,15 @@ def _attend(
     for start in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         in_cache = pos < context_len
-        # Page lookup per key position, so BLOCK_N need not match the cache's block size.
-        # Positions past context_len load nothing; int64 because caches exceed 2**31 elements.
-        block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=in_cache, other=0).to(tl.int64)
-        kv_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        k_ptr = k_cache + kv_off[None, :] + offs_d[:, None]
-        v_ptr = v_cache + kv_off[:, None] + offs_d[None, :]
-        valid = in_cache
-        visible = valid[None, :]
+        kv_off = _kv_offsets(block_table_row, pos, in_cache, kv_head, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+        visible = in_cache[None, :]
         if SLIDING_WINDOW > 0:
             visible = visible & (pos[None, :] >= win_lo[:, None])
         # Masked loads return zeros: stale slots may hold anything, and 0 * NaN would poison acc.
-        k_tile = tl.load(k_ptr, mask=valid[None, :] & d_mask[:, None], other=0.0)
-        v_tile = tl.load(v_ptr, mask=valid[:, None] & d_mask[None, :], other=0.0)
+        k_tile = tl.load(k_cache + kv_off[None, :] + offs_d[:, None], mask=in_cache[None, :] & d_mask[:, None],
+                         other=0.0)
+        v_tile = tl.load(v_cache + kv_off[:, None] + offs_d[None, :], mask=in_cache[:, None] & d_mask[None, :],
+                         other=0.0)
         if DOT_FP32:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
@@ -197,10 +205,7 @@ def _attend_causal(
     for start in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         in_seq = pos < seq_len
-        # Page lookup per key position, so BLOCK_N need not match the cache's block size.
-        # Positions past seq_len read the null block; int64 because caches exceed 2**31 elements.
-        block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
-        kv_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        kv_off = _kv_offsets(block_table_row, pos, in_seq, kv_head, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
         # Masked loads return zeros: stale slots may hold anything, and 0 * NaN would poison acc.
         k = tl.load(k_cache + kv_off[None, :] + offs_d[:, None], mask=in_seq[None, :] & d_mask[:, None], other=0.0)
         if DOT_FP32:
