@@ -187,7 +187,7 @@ def test_split_kv_merge_is_exact_on_every_replay(batch):
     q, k, v = _qkv(batch)
     with use_forward_context(ctx):
         assert triton_paged.launch_plan(q, KV_HEADS, ctx.metadata.block_table, ctx.block_size, batch,
-                                        split_kv=True)["segments"] >= 8
+                                        split_kv=True)["segments"] >= 4
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

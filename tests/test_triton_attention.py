@@ -185,16 +185,20 @@ def test_decode_segments():
     counts = [decode_segments(n, 8, 1 << 20, cpu) for n in (1, 2, 4, 8, 64, 1024)]
     assert counts == sorted(counts, reverse=True) and counts[0] > 1 and counts[-1] == 1
     assert all(1 <= c <= triton_paged.MAX_SEGMENTS and c & (c - 1) == 0 for c in counts)
-    # the graph's KV bound caps the count: every segment covers >= min_segment_tokens of it
+    # the graph's KV bound caps the count: at most one segment per min_segment_tokens chunk of it
     bounds = (64, 256, 511, 512, 1008, 1024, 4096, 1 << 20)
     by_bound = [decode_segments(1, 2, bound, cpu, min_segment_tokens=256) for bound in bounds]
-    assert by_bound == sorted(by_bound) and by_bound[:3] == [1, 1, 1] and by_bound[3] == 2 and by_bound[-1] > 2
-    assert all(c == 1 or bound // c >= 256 for c, bound in zip(by_bound, bounds))
+    assert by_bound == sorted(by_bound) and by_bound[:5] == [1, 1, 2, 2, 4] and by_bound[-1] > 4
+    assert all(c <= -(-bound // 256) for c, bound in zip(by_bound, bounds))
     default = [decode_segments(1, 2, bound, cpu) for bound in bounds]
-    assert all(c == 1 or bound // c >= triton_paged.MIN_SEGMENT_TOKENS for c, bound in zip(default, bounds))
-    assert decode_segments(1, 2, triton_paged.MIN_SEGMENT_TOKENS * 2 - 1, cpu) == 1
+    assert all(c <= -(-bound // triton_paged.MIN_SEGMENT_TOKENS) for c, bound in zip(default, bounds))
+    assert decode_segments(1, 2, triton_paged.MIN_SEGMENT_TOKENS, cpu) == 1
+    assert decode_segments(1, 2, triton_paged.MIN_SEGMENT_TOKENS + 1, cpu) == 2
     assert decode_segments(1, 2, 4096, cpu, min_segment_tokens=4096) == 1
     assert decode_segments(1, 2, 4096, cpu, min_segment_tokens=1024) < decode_segments(1, 2, 4096, cpu)
+    # the launch stays within PROGRAMS_PER_SM programs per SM
+    target = triton_paged.PROGRAMS_PER_SM * triton_paged._sm_count(cpu)
+    assert all(n * 8 * c <= max(target, n * 8) for n, c in zip((1, 2, 4, 8, 64, 1024), counts))
 
 
 def test_launch_plan():
@@ -217,6 +221,24 @@ def test_launch_plan():
         plan(split_kv=True, _config={"block_n": 32})
     with pytest.raises(ValueError, match="power of two"):
         plan(split_kv=True, _config={"segments": 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_launch_plan_wide_decode(dtype):
+    """More (request, KV head) pairs than the programs-per-SM target: one segment of narrow programs
+    on half-size tiles (16-bit only); at or below it, the 4-warp program with segments."""
+    target = triton_paged.PROGRAMS_PER_SM * triton_paged._sm_count(torch.device("cpu"))
+    kv_heads, head_dim = 2, 128
+    table = torch.zeros(target, 64, dtype=torch.int32)  # bound 1024 tokens at block size 16
+    for reqs in (target // kv_heads, target // kv_heads + 1):
+        q = torch.empty(reqs, kv_heads * 4, head_dim, dtype=dtype)
+        plan = launch_plan(q, kv_heads, table, 16, target, split_kv=True)
+        wide = reqs * kv_heads > target and dtype != torch.float32
+        elem = torch.finfo(dtype).bits // 8
+        assert plan["num_warps"] == (triton_paged.WIDE_DECODE_WARPS if wide else 4)
+        assert plan["BLOCK_N"] == min(128, (16384 if wide else 32768) // (head_dim * elem))
+        assert plan["segments"] == 1
+        assert launch_plan(q, kv_heads, table, 16, target, split_kv=False)["num_warps"] == 4
 
 
 def test_split_kv_scratch_is_allocated_once_per_shape():
@@ -500,3 +522,12 @@ def test_kernels_compile_for_sm90():
     if result.returncode and ("ptxas" in result.stderr and "not found" in result.stderr):
         pytest.skip("no ptxas in this Triton install")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_split_kv_wide_decode_batch():
+    # more (request, KV head) pairs than the programs-per-SM target: the narrow one-segment plan
+    lens = [1 + (37 * i) % 200 for i in range(20)]
+    ctx, q, k, v = _batch([1] * 20, lens, group=4, head_dim=128, dtype=torch.bfloat16, max_num_seqs=20, pad_tokens=3)
+    plan = launch_plan(q, 2, ctx.metadata.block_table, ctx.block_size, 20, split_kv=True)
+    assert plan["num_warps"] == triton_paged.WIDE_DECODE_WARPS and plan["segments"] == 1
+    _check(ctx, q, k, v, run=lambda *a: paged_attention(*a, split_kv=True))

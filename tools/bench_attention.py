@@ -6,7 +6,8 @@ block tables). Modes, side by side in one process:
       bundled FlashAttention-2 (``aten._flash_attention_forward`` with ``seqused_k`` over a dense
       per-request cache) and FlexAttention (dense cache, static block mask, compiled);
   prefill (one request of 2048 / 8192 tokens): triton vs bundled FA2;
-  mixed (64 decode rows at context 4096 + one 2048-token prefill): triton store + unified (two launches).
+  mixed (64 decode rows at context 4096 + one 2048-token prefill): triton store + unified (two launches);
+  launch: a graph of one one-element add, the cost of a replay that every row carries.
 Times are medians over single replays, each after an L2 flush: by default a 256 MiB read (cold,
 clean L2, as in a model, where the weight reads before attention evict the cache) and, for
 comparison, a 256 MiB memset (cold, dirty L2); ``--flush`` picks. Effective TB/s counts the K/V
@@ -120,8 +121,14 @@ def mixed_modes(decode_rows: int, context: int, prefill: int):
     yield "triton unified", lambda: paged_attention(*paged.args()), "store + unified: two launches"
 
 
+def launch_modes():
+    x = torch.zeros(1, device="cuda")
+    yield "one-element add", lambda: x.add_(1), "graph launch and event overhead of any row"
+
+
 def run_benchmark(args) -> list[dict]:
-    cases = [("decode", f"batch {b}, context {args.context}", dict(batch=b, context=args.context),
+    cases = [("launch", "empty graph", {}, launch_modes)]
+    cases += [("decode", f"batch {b}, context {args.context}", dict(batch=b, context=args.context),
               lambda b=b: decode_modes(b, args.context)) for b in args.batches]
     cases += [("prefill", f"{t} tokens", dict(tokens=t), lambda t=t: prefill_modes(t)) for t in (2048, 8192)]
     cases.append(("mixed", f"64 decode x {args.context} + 2048 prefill", dict(decode_rows=64, prefill=2048),

@@ -58,17 +58,22 @@ LOG2E = 1.4426950408889634
 # Cap on split-KV segments per request, which bounds the scratch and the merge's work (untuned;
 # vLLM uses 16): at batch 1 and 4096 tokens, 32 segments are one 128-key tile each.
 MAX_SEGMENTS = 32
-# Each segment covers at least this many tokens of the longest possible KV range (the graph's
-# bound, block-table width x block size), so short-context graphs take few segments or one
-# (no partials, no merge). One 128-key tile (the sweep: 8 to 32 segments tie at context 1000 and
-# batch 1, 4 cost 18%). Fewer, longer segments trade the merge (partials written and read back,
-# done by the last program) for a longer serial loop per program; tools/sweep_attention.py
-# measures that trade.
+# Each segment gets at least this many tokens of the longest possible KV range (the graph's
+# bound, block-table width x block size; the segment count is at most the bound's number of
+# such chunks), so short-context graphs take few segments or one (no partials, no merge). One
+# 128-key tile: at Qwen2.5-1.5B's 12q/2kv, context 1001, batch 1, 8 one-tile segments take 10.75 us
+# against 12.45 for 4 two-tile ones (H100, 2026-11-27). Fewer, longer segments trade the merge
+# (partials written and read back by the last program) for a longer serial loop per program.
 MIN_SEGMENT_TOKENS = 128
-# Decode launches aim at this many programs per SM: the split-KV program compiled to ~120
-# registers x 128 threads and ~39 KB of shared memory on sm_90 with 64-key tiles (3 stages; ptxas
-# via Triton 3.9), four resident per SM; 128-key tiles take about twice the shared memory.
-PROGRAMS_PER_SM = 4
+# Decode launches aim at this many programs per SM. The split-KV program (4 warps, 128-key tiles)
+# compiles to 168 registers and 73 KB of shared memory on sm_90 (Triton 3.6), so three fit, but
+# two are faster: at 32q/8kv, context 4096, the best segment count gave 256 programs at every
+# batch from 1 to 32 (batch 8: 54.8 us with 4 segments, 58.4 with 8; H100, 2026-11-27).
+PROGRAMS_PER_SM = 2
+# A decode launch whose (request, KV head) pairs alone exceed PROGRAMS_PER_SM per SM runs one
+# segment of narrower programs (2 warps, 16 KiB K and V tiles), twice as many per SM: 32q/8kv,
+# context 4096, batch 64 took 359.4 us against 364.0 with the 4-warp program (H100, 2026-11-27).
+WIDE_DECODE_WARPS = 2
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 _NOMINAL_SMS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -486,16 +491,22 @@ def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: t
 
     ``max_kv_len`` bounds every request's KV length in this graph (block-table width x block size,
     a host constant of the graph key). Doubles the segment count while the launch stays within
-    ``PROGRAMS_PER_SM`` programs per SM and each segment still covers ``min_segment_tokens`` of
-    ``max_kv_len``: a small batch over a long bound gets many segments, a batch that already fills
-    the GPU or a short bound gets 1 (no partials, no merge).
+    ``PROGRAMS_PER_SM`` programs per SM and ``max_kv_len`` still has a ``min_segment_tokens`` chunk
+    for every segment: a small batch over a long bound gets many segments, a batch that already
+    fills the GPU or a short bound gets 1 (no partials, no merge).
     """
     segments = 1
     target = PROGRAMS_PER_SM * _sm_count(device)
-    while (segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target
-           and max_kv_len >= segments * 2 * min_segment_tokens):
+    chunks = -(-max_kv_len // min_segment_tokens)
+    while segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target and segments * 2 <= chunks:
         segments *= 2
     return segments
+
+
+def _wide_decode(num_reqs: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a 16-bit decode launch has more (request, KV head) pairs than its programs-per-SM
+    target, so it runs one segment of ``WIDE_DECODE_WARPS``-warp programs on 16 KiB tiles."""
+    return dtype != torch.float32 and num_reqs * num_kv_heads > PROGRAMS_PER_SM * _sm_count(device)
 
 
 def _tiles(head_dim: int, dtype: torch.dtype, split_kv: bool = False) -> tuple[int, int]:
@@ -601,7 +612,8 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     config = _check_config(_config)
     tokens, q_heads, head_dim = q.shape
     num_reqs = min(tokens, max_num_seqs)
-    _, block_n = _tiles(head_dim, q.dtype, split_kv)
+    wide = split_kv and _wide_decode(num_reqs, kv_heads, q.dtype, q.device)
+    _, block_n = _tiles(head_dim, q.dtype, split_kv and not wide)
     block_n = config.get("BLOCK_N") or block_n
     segments = 1
     if split_kv:
@@ -613,7 +625,8 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     kernel = "split" if split_kv else "unified"
     return dict(kernel=kernel, launches=1 if split_kv else 2, segments=segments, BLOCK_N=block_n,
                 BLOCK_M=_block_m(q_heads // kv_heads, tokens, split_kv, q.dtype),
-                num_warps=config.get("num_warps") or 4, num_stages=config.get("num_stages"))
+                num_warps=config.get("num_warps") or (WIDE_DECODE_WARPS if wide else 4),
+                num_stages=config.get("num_stages"))
 
 
 def paged_attention(
