@@ -65,8 +65,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     paths: dict[BatchKind, Path] = {}
     if config.cudagraph_mode in ("piecewise", "full_and_piecewise") and has_attention:
         # split before compiling the whole graph: compile_fx may change the module it is given
-        impl_target = getattr(impl.op, "_opoverload", impl.op)
-        split, attention_parts = split_at_attention(gm, lambda n: n.op == "call_function" and n.target is impl_target)
+        split, attention_parts = split_at_attention(gm, lambda n: n.op == "call_function" and n.target is impl.op)
         paths[BatchKind.MIXED] = Path(split, _compile_pieces(split, attention_parts, gm, example_inputs, compile_fn,
                                                              graphs, max_size))
     if BatchKind.MIXED not in paths or config.cudagraph_mode == "full_and_piecewise":

@@ -10,15 +10,17 @@ with cold weights (H100, torch 2.11.0+cu130, 2026-11-26, ``python3 tools/bench_g
 day, so long K stays on cuBLAS's split-K. A two-row variant lost to cuBLAS on gate_up and down in
 that sweep: more rows stay ``F.linear`` (:func:`uses_gemv`; docs/perf-notes.md, section 10).
 
-The op is registered with ``torch.library.Library`` rather than ``custom_op``: its Python
-dispatch costs ~3 instead of ~30 us a call, which matters where a graph runs without CUDA
-graphs (larger than the largest capture size). Inside a captured graph the choice is made once,
-at capture, from the row count of that graph's padded size.
+The op is defined like every ``fullgraph`` op (``fullgraph_backend/library.py``: cheap Python
+dispatch, which matters where a graph runs without CUDA graphs, larger than the largest capture
+size). Inside a captured graph the choice is made once, at capture, from the row count of that
+graph's padded size.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fullgraph_backend.library import define_op
 
 try:
     import triton
@@ -101,14 +103,5 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return F.linear(x, weight, bias)
 
 
-_LIB = torch.library.Library("fullgraph", "FRAGMENT")
-_LIB.define("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
-_LIB.impl("linear", _linear, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("fullgraph::linear")
-def _(x, weight, bias=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-linear = torch.ops.fullgraph.linear.default
+linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", _linear,
+                   lambda x, weight, bias=None: x.new_empty((*x.shape[:-1], weight.shape[0])))

@@ -59,7 +59,6 @@ def swap_attention(gm: torch.fx.GraphModule, ctx: ForwardContext | None, impl: A
     """
     report = SwapReport()
     graph = gm.graph
-    impl_target = getattr(impl.op, "_opoverload", impl.op)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -80,7 +79,7 @@ def swap_attention(gm: torch.fx.GraphModule, ctx: ForwardContext | None, impl: A
         for attr in METADATA_ATTRS:
             reads[attr] = _input(graph, report, f"fg_{attr}", getattr(ctx.metadata, attr))
         with graph.inserting_before(node):
-            new = graph.call_function(impl_target, (q, k, v, *reads.values(), scale, window))
+            new = graph.call_function(impl.op, (q, k, v, *reads.values(), scale, window))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

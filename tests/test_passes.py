@@ -19,7 +19,7 @@ from fullgraph_backend.gemv import linear as LINEAR_OP
 from conftest import ctx_for, dynamo_graph, tiny_attention_model
 
 IMPL = get_impl("reference")
-IMPL_TARGET = IMPL.op._opoverload
+IMPL_TARGET = IMPL.op
 METADATA = ["fg_query_start_loc", "fg_seq_lens", "fg_block_table", "fg_slot_mapping"]
 
 

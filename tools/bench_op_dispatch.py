@@ -1,8 +1,9 @@
 """Host cost of calling an attention impl op, by how the op is registered (CPU is enough).
 
 A no-op with the impl schema of ``fullgraph_backend.attention.registry`` (one mutated argument),
-registered three ways: ``torch.library.custom_op`` (how the impl ops are registered now),
-``torch.library.Library.impl``, and the plain function. The piecewise levels pay this once per
+registered three ways: ``torch.library.custom_op`` (how the impl ops were registered until
+2026-11-27), ``torch.library.Library.impl`` (how ``fullgraph_backend/library.py`` defines them now),
+and the plain function. The piecewise levels pay this once per
 layer between graph pieces. Prints the median microseconds of 2000 calls under inference mode.
 
 Usage: python tools/bench_op_dispatch.py

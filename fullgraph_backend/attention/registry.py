@@ -14,21 +14,23 @@ from typing import Callable
 
 import torch
 
+from fullgraph_backend.library import define_op
+
 
 IMPL_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor query_start_loc, Tensor seq_lens, "
                "Tensor block_table, Tensor slot_mapping, float scale, int sliding_window) -> Tensor")
 
 
 def impl_op(name: str) -> Callable:
-    """Register a function as the op ``fullgraph::<name>`` with the one implementation schema.
+    """Define a function as the op ``fullgraph::<name>`` with the one implementation schema.
 
     Every implementation shares the signature above and the fake (its output is shaped like
-    ``q``), so the swap pass and the eager path call any of them the same way.
+    ``q``), so the swap pass and the eager path call any of them the same way. The decorated name
+    becomes the op's default overload (``fullgraph_backend/library.py``: cheap dispatch between the
+    graph pieces of -O2/-O3).
     """
-    def register(fn: Callable) -> Callable:
-        op = torch.library.custom_op(f"fullgraph::{name}", fn, mutates_args=("kv_cache",), schema=IMPL_SCHEMA)
-        op.register_fake(lambda q, *rest: q.new_empty(q.shape))
-        return op
+    def register(fn: Callable) -> torch._ops.OpOverload:
+        return define_op(name + IMPL_SCHEMA, fn, lambda q, *rest: q.new_empty(q.shape))
 
     return register
 
