@@ -91,7 +91,7 @@ BATCHES = {
     "decode-1": ([1], [4000]),
     "decode-16": ([1] * 16, [1, 15, 16, 17, 100, 255, 256, 257, 1000, 1500, 2047, 2048, 3000, 3500, 4000, 4096]),
     "mixed": ([300, 1, 1, 64, 1, 1], [300, 2000, 17, 1500, 3000, 1]),
-    # 320 (request, KV head) pairs: more than two per SM on an H100, so triton runs its wide plan
+    # 320 (request, KV head) pairs: triton's narrow decode program with one segment on an H100
     "decode-40": ([1] * 40, [1 + (97 * i) % MAX_LEN for i in range(40)]),
 }
 

@@ -224,21 +224,24 @@ def test_launch_plan():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_launch_plan_wide_decode(dtype):
-    """More (request, KV head) pairs than the programs-per-SM target: one segment of narrow programs
-    on half-size tiles (16-bit only); at or below it, the 4-warp program with segments."""
-    target = triton_paged.PROGRAMS_PER_SM * triton_paged._sm_count(torch.device("cpu"))
+def test_launch_plan_narrow_decode(dtype):
+    """(request, KV head) pairs reaching a quarter of the SMs: 16-bit decode takes the narrow
+    program (fewer warps, half-size tiles, twice the programs per SM); below, the 4-warp one."""
+    cpu = torch.device("cpu")
+    sms = triton_paged._sm_count(cpu)
     kv_heads, head_dim = 2, 128
-    table = torch.zeros(target, 64, dtype=torch.int32)  # bound 1024 tokens at block size 16
-    for reqs in (target // kv_heads, target // kv_heads + 1):
+    table = torch.zeros(64, 64, dtype=torch.int32)  # bound 1024 tokens at block size 16
+    elem = torch.finfo(dtype).bits // 8
+    for reqs in (sms // (4 * kv_heads) - 1, sms // (4 * kv_heads), 40):
         q = torch.empty(reqs, kv_heads * 4, head_dim, dtype=dtype)
-        plan = launch_plan(q, kv_heads, table, 16, target, split_kv=True)
-        wide = reqs * kv_heads > target and dtype != torch.float32
-        elem = torch.finfo(dtype).bits // 8
-        assert plan["num_warps"] == (triton_paged.WIDE_DECODE_WARPS if wide else 4)
-        assert plan["BLOCK_N"] == min(128, (16384 if wide else 32768) // (head_dim * elem))
-        assert plan["segments"] == 1
-        assert launch_plan(q, kv_heads, table, 16, target, split_kv=False)["num_warps"] == 4
+        plan = launch_plan(q, kv_heads, table, 16, 64, split_kv=True)
+        narrow = 4 * reqs * kv_heads >= sms and dtype != torch.float32
+        per_sm = triton_paged.NARROW_PROGRAMS_PER_SM if narrow else triton_paged.PROGRAMS_PER_SM
+        assert plan["num_warps"] == (triton_paged.NARROW_WARPS if narrow else 4)
+        assert plan["BLOCK_N"] == min(128, (16384 if narrow else 32768) // (head_dim * elem))
+        assert plan["segments"] == decode_segments(reqs, kv_heads, 1024, cpu, programs_per_sm=per_sm)
+        assert reqs * kv_heads * plan["segments"] <= max(per_sm * sms, reqs * kv_heads)
+        assert launch_plan(q, kv_heads, table, 16, 64, split_kv=False)["num_warps"] == 4
 
 
 def test_split_kv_scratch_is_allocated_once_per_shape():
@@ -524,10 +527,10 @@ def test_kernels_compile_for_sm90():
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
-def test_split_kv_wide_decode_batch():
-    # more (request, KV head) pairs than the programs-per-SM target: the narrow one-segment plan
+def test_split_kv_narrow_decode_batch():
+    # enough (request, KV head) pairs for the narrow program, with the plan's own segment count
     lens = [1 + (37 * i) % 200 for i in range(20)]
     ctx, q, k, v = _batch([1] * 20, lens, group=4, head_dim=128, dtype=torch.bfloat16, max_num_seqs=20, pad_tokens=3)
     plan = launch_plan(q, 2, ctx.metadata.block_table, ctx.block_size, 20, split_kv=True)
-    assert plan["num_warps"] == triton_paged.WIDE_DECODE_WARPS and plan["segments"] == 1
+    assert plan["num_warps"] == triton_paged.NARROW_WARPS
     _check(ctx, q, k, v, run=lambda *a: paged_attention(*a, split_kv=True))

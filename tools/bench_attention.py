@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend.attention.reference import reference_attention  # noqa: E402
-from fullgraph_backend.attention.triton_paged import decode_segments, paged_attention  # noqa: E402
+from fullgraph_backend.attention.triton_paged import launch_plan, paged_attention  # noqa: E402
 from fullgraph_backend.forward_context import ForwardContext  # noqa: E402
 from fullgraph_backend.kv_cache import NULL_BLOCK  # noqa: E402
 from graph_timing import FLUSHES, capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
@@ -71,11 +71,10 @@ class Paged:
 def decode_modes(batch: int, context: int):
     """(mode, fn, note) for one decode shape; every fn reads ``batch x context`` tokens of K/V."""
     paged = Paged([1] * batch, [context] * batch)
-    segments = decode_segments(batch, KV_HEADS, paged.ctx.metadata.block_table.shape[1] * BLOCK_SIZE,
-                               torch.device("cuda"))
+    plan = launch_plan(paged.q, KV_HEADS, paged.ctx.metadata.block_table, BLOCK_SIZE, batch, split_kv=True)
     yield "triton unified", lambda: paged_attention(*paged.args()), ""
     yield "triton split-KV", lambda: paged_attention(*paged.args(), split_kv=True), \
-        f"{segments} segment(s), 1 launch"
+        f"{plan['segments']} segment(s) of {plan['num_warps']}-warp programs, {plan['BLOCK_N']}-key tiles, 1 launch"
     yield "reference", lambda: reference_attention(*paged.args()), ""
 
     # dense per-request slots for the bundled kernels: [batch * context, kv_heads, dim]

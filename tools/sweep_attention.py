@@ -46,7 +46,7 @@ HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 # (label, q heads, kv heads, context, max_model_len, batches)
 SHAPES = [("32q/8kv ctx4096", 32, 8, 4096, 4096, (1, 8, 64)),
           ("12q/2kv ctx1000", 12, 2, 1000, 1001, (1, 16, 64))]
-TILES = dict(BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+TILES = dict(BLOCK_N=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(2, 3, 4))
 SEGMENTS = (1, 2, 4, 8, 16, 32)
 SMOKE_SHAPES = [("4q/2kv ctx100", 4, 2, 100, 128, (1, 3))]
 SMOKE_TILES = dict(BLOCK_N=(16, 32), num_warps=(4,), num_stages=(2,))
@@ -110,10 +110,11 @@ def config_name(config: dict | None) -> str:
     return " ".join(f"{k}={v}" for k, v in config.items())
 
 
-def default_segments(kv_heads: int, max_len: int, batch: int, device: str) -> int:
+def default_segments(q_heads: int, kv_heads: int, max_len: int, batch: int, device: str) -> int:
     """The segment count paged_attention picks for a decode graph of ``batch`` (the shape-only rule)."""
-    bound = -(-max_len // BLOCK_SIZE) * BLOCK_SIZE  # block-table width x block size
-    return triton_paged.decode_segments(batch, kv_heads, bound, torch.device(device))
+    q = torch.empty(batch, q_heads, HEAD_DIM, dtype=DTYPE, device=device)
+    table = torch.empty(batch, -(-max_len // BLOCK_SIZE), dtype=torch.int32, device=device)
+    return launch_plan(q, kv_heads, table, BLOCK_SIZE, batch, split_kv=True)["segments"]
 
 
 def _warm(job: tuple[str, int, list[tuple]]) -> int:
@@ -204,7 +205,7 @@ class Sweep:
         tasks = set()
         for _, q_heads, kv_heads, _, max_len, batches in shapes:
             for batch in batches:
-                segments = default_segments(kv_heads, max_len, batch, self.device)
+                segments = default_segments(q_heads, kv_heads, max_len, batch, self.device)
                 for values in itertools.product(*tiles.values()):
                     tasks.add((q_heads, kv_heads, max_len, (*zip(tiles, values), ("segments", segments))))
             for segments in segment_grid:
@@ -306,7 +307,8 @@ def main() -> None:
         "timing": f"median of {args.iters} CUDA-graph replays each: after a 256 MiB memset (us), after a 256 MiB "
                   f"read (us_clean_flush), back to back (us_no_flush)",
         "defaults": f"MIN_SEGMENT_TOKENS={triton_paged.MIN_SEGMENT_TOKENS}, PROGRAMS_PER_SM="
-                    f"{triton_paged.PROGRAMS_PER_SM}, MAX_SEGMENTS={triton_paged.MAX_SEGMENTS}",
+                    f"{triton_paged.PROGRAMS_PER_SM}, NARROW_PROGRAMS_PER_SM={triton_paged.NARROW_PROGRAMS_PER_SM}, "
+                    f"MAX_SEGMENTS={triton_paged.MAX_SEGMENTS}",
     }
     print(json.dumps(header), flush=True)
     sweep = Sweep(args)

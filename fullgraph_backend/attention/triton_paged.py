@@ -70,10 +70,13 @@ MIN_SEGMENT_TOKENS = 128
 # two are faster: at 32q/8kv, context 4096, the best segment count gave 256 programs at every
 # batch from 1 to 32 (batch 8: 54.8 us with 4 segments, 58.4 with 8; H100, 2026-11-27).
 PROGRAMS_PER_SM = 2
-# A decode launch whose (request, KV head) pairs alone exceed PROGRAMS_PER_SM per SM runs one
-# segment of narrower programs (2 warps, 16 KiB K and V tiles), twice as many per SM: 32q/8kv,
-# context 4096, batch 64 took 359.4 us against 364.0 with the 4-warp program (H100, 2026-11-27).
-WIDE_DECODE_WARPS = 2
+# 16-bit decode launches with at least a quarter as many (request, KV head) pairs as SMs run
+# narrower programs (2 warps, 16 KiB K and V tiles), twice as many per SM. 32q/8kv, context 4096:
+# batch 8 53.8-54.3 us against 54.7-54.9 with the 4-warp program, batch 16 and 32 tie, batch 64
+# 359.4 against 364.0; 12q/2kv context 1001 batch 64 32.5 against 33.1. Below that (32q/8kv batch 1,
+# 12q/2kv batch 1 and 16) the 4-warp program is 4-14% faster (H100, 2026-11-27).
+NARROW_WARPS = 2
+NARROW_PROGRAMS_PER_SM = 4
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 _NOMINAL_SMS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -486,27 +489,27 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
-                    min_segment_tokens: int = MIN_SEGMENT_TOKENS) -> int:
+                    min_segment_tokens: int = MIN_SEGMENT_TOKENS, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Split-KV segments per request for a uniform-decode launch of ``num_reqs`` padded requests.
 
     ``max_kv_len`` bounds every request's KV length in this graph (block-table width x block size,
     a host constant of the graph key). Doubles the segment count while the launch stays within
-    ``PROGRAMS_PER_SM`` programs per SM and ``max_kv_len`` still has a ``min_segment_tokens`` chunk
+    ``programs_per_sm`` programs per SM and ``max_kv_len`` still has a ``min_segment_tokens`` chunk
     for every segment: a small batch over a long bound gets many segments, a batch that already
     fills the GPU or a short bound gets 1 (no partials, no merge).
     """
     segments = 1
-    target = PROGRAMS_PER_SM * _sm_count(device)
+    target = programs_per_sm * _sm_count(device)
     chunks = -(-max_kv_len // min_segment_tokens)
     while segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target and segments * 2 <= chunks:
         segments *= 2
     return segments
 
 
-def _wide_decode(num_reqs: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a 16-bit decode launch has more (request, KV head) pairs than its programs-per-SM
-    target, so it runs one segment of ``WIDE_DECODE_WARPS``-warp programs on 16 KiB tiles."""
-    return dtype != torch.float32 and num_reqs * num_kv_heads > PROGRAMS_PER_SM * _sm_count(device)
+def _narrow_decode(num_reqs: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a 16-bit decode launch has enough (request, KV head) pairs, a quarter of the SMs,
+    for ``NARROW_WARPS``-warp programs on 16 KiB tiles (``NARROW_PROGRAMS_PER_SM`` per SM)."""
+    return dtype != torch.float32 and 4 * num_reqs * num_kv_heads >= _sm_count(device)
 
 
 def _tiles(head_dim: int, dtype: torch.dtype, split_kv: bool = False) -> tuple[int, int]:
@@ -612,20 +615,21 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     config = _check_config(_config)
     tokens, q_heads, head_dim = q.shape
     num_reqs = min(tokens, max_num_seqs)
-    wide = split_kv and _wide_decode(num_reqs, kv_heads, q.dtype, q.device)
-    _, block_n = _tiles(head_dim, q.dtype, split_kv and not wide)
+    narrow = split_kv and _narrow_decode(num_reqs, kv_heads, q.dtype, q.device)
+    _, block_n = _tiles(head_dim, q.dtype, split_kv and not narrow)
     block_n = config.get("BLOCK_N") or block_n
     segments = 1
     if split_kv:
         segments = num_segments or config.get("segments") or decode_segments(
             num_reqs, kv_heads, block_table.shape[1] * block_size, q.device,
-            config.get("min_segment_tokens") or MIN_SEGMENT_TOKENS)
+            config.get("min_segment_tokens") or MIN_SEGMENT_TOKENS,
+            NARROW_PROGRAMS_PER_SM if narrow else PROGRAMS_PER_SM)
         if segments & (segments - 1):
             raise ValueError(f"num_segments must be a power of two, got {segments}")
     kernel = "split" if split_kv else "unified"
     return dict(kernel=kernel, launches=1 if split_kv else 2, segments=segments, BLOCK_N=block_n,
                 BLOCK_M=_block_m(q_heads // kv_heads, tokens, split_kv, q.dtype),
-                num_warps=config.get("num_warps") or (WIDE_DECODE_WARPS if wide else 4),
+                num_warps=config.get("num_warps") or (NARROW_WARPS if narrow else 4),
                 num_stages=config.get("num_stages"))
 
 
