@@ -254,6 +254,21 @@ def test_split_kv_scratch_is_allocated_once_per_shape():
     assert before == after
 
 
+
+def test_split_kv_merge_ignores_stale_scratch():
+    """Empty segments write only their max; the merge reads every segment's acc and sum and must drop
+    theirs by select, so NaN left in the scratch by anything before cannot reach the output."""
+    ctx, q, k, v = _batch([1] * 3, [1, 20, 130], group=4)
+    run = _split(16, BLOCK_N=16)
+    run(*_args(ctx, q, k, v, ctx.kv_caches[0].clone(), 0))  # allocates this shape's scratch
+    for key, (acc, seg_max, seg_sum, _) in triton_paged._SCRATCH.items():
+        acc.fill_(float("nan"))
+        seg_max.fill_(float("nan"))
+        seg_sum.fill_(float("nan"))
+    out = _check(ctx, q, k, v, run=run)
+    assert not out.isnan().any()
+
+
 # ---- the K/V store: fused into split-KV decode, its own launch before the unified kernel -------------
 def _run_kind(kind):
     """``(name, runner)``: unified, split-KV with one segment, split-KV with four merged in-launch."""
@@ -498,9 +513,9 @@ ints = dict(query_start_loc="*i32", seq_lens="*i32", block_table="*i32", slot_ma
 base = dict(GROUP=4, G_PAD=4, HEAD_DIM=128, D_PAD=128, BLOCK_N=64, BLOCK_SIZE=16, SLIDING_WINDOW=0,
             DOT_PRECISION="tf32", DOT_FP32=False, Q_HEADS=32, BLOCK_M=16)
 pick = lambda fn, c: {k: v for k, v in c.items() if k in fn.arg_names}
-for segments, window in ((1, 0), (4, 256)):
+for segments, window in ((1, 0), (4, 256), (32, 0)):
     compile_sm90(tp._split_kv_kernel, ints, pick(tp._split_kv_kernel, dict(base, NUM_SEGMENTS=segments,
-                 SLIDING_WINDOW=window)), dns=("num_tokens",))
+                 MERGE_CHUNK=tp._merge_chunk(segments, 4), SLIDING_WINDOW=window)), dns=("num_tokens",))
 compile_sm90(tp._store_kv_kernel, ints, dict(KV_HEADS=8, Q_HEADS=32, HEAD_DIM=128, KV_HEADS_PAD=8, Q_HEADS_PAD=32,
              D_PAD=128, BLOCK_SIZE=16), dns=("num_reqs",))
 for block_m in (16, 64):

@@ -345,7 +345,7 @@ def _split_kv_kernel(
     stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
     Q_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
-    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr, SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Program (request, KV head, segment) of a uniform-decode batch: one query token's GROUP heads.
 
@@ -393,7 +393,7 @@ def _split_kv_kernel(
         if (segment > 0) & (tile_lo >= tile_hi):  # nothing to read: weight 0 in the merge
             tl.store(partial_max + row, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), mask=row_ok)
             _merge_if_last(out, partial_acc, partial_max, partial_sum, tickets, req, kv_head, q_start, stride_ot,
-                           stride_oh, Q_HEADS, GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SEGMENTS)
+                           stride_oh, Q_HEADS, GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SEGMENTS, MERGE_CHUNK)
             return
 
     mask = row_ok[:, None] & d_mask[None, :]
@@ -432,14 +432,14 @@ def _split_kv_kernel(
         tl.store(partial_max + row, m_i, mask=row_ok)
         tl.store(partial_sum + row, l_i, mask=row_ok)
         _merge_if_last(out, partial_acc, partial_max, partial_sum, tickets, req, kv_head, q_start, stride_ot,
-                       stride_oh, Q_HEADS, GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SEGMENTS)
+                       stride_oh, Q_HEADS, GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SEGMENTS, MERGE_CHUNK)
 
 
 @triton.jit
 def _merge_if_last(
     out, partial_acc, partial_max, partial_sum, tickets, req, kv_head, token, stride_ot, stride_oh,
     Q_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     """Called by each segment program of (``req``, ``kv_head``) after it wrote its partials: the
     last of them to arrive merges all ``NUM_SEGMENTS`` partials of the ``GROUP`` heads into ``out``.
@@ -449,7 +449,9 @@ def _merge_if_last(
     the last program resets it to 0, so every launch, replayed or not, finds the counters zeroed.
     The barrier makes every thread's partial stores precede the ticket, whose acq_rel order then
     publishes them to the merging program; that program reads them past L1 (``.cg``), where
-    another program's stores are not coherent. All loads precede the one store, so they overlap.
+    another program's stores are not coherent. No load waits on another: every segment's partials
+    are read (``MERGE_CHUNK`` segments a tile), and empty segments, whose ``acc`` and ``sum`` were
+    never written, are dropped by a select after the loads, not by load masks.
     """
     tl.debug_barrier()
     counter = tickets + req * (Q_HEADS // GROUP) + kv_head
@@ -458,23 +460,27 @@ def _merge_if_last(
         tl.store(counter, 0)
         offs_g = tl.arange(0, G_PAD)
         offs_s = tl.arange(0, NUM_SEGMENTS)
+        offs_c = tl.arange(0, MERGE_CHUNK)
         offs_d = tl.arange(0, D_PAD)
         head = kv_head * GROUP + offs_g
         g_ok = offs_g < GROUP
         rows = (req * Q_HEADS + head) * NUM_SEGMENTS  # each head's segment 0
         seg_max = tl.load(partial_max + rows[:, None] + offs_s[None, :], mask=g_ok[:, None], other=float("-inf"),
                           cache_modifier=".cg")
+        seg_sum = tl.load(partial_sum + rows[:, None] + offs_s[None, :], mask=g_ok[:, None], other=0.0,
+                          cache_modifier=".cg")
         live = seg_max > float("-inf")  # segment 0 always is; empty segments wrote no acc or sum
         top = tl.max(seg_max, 1)
-        weight = tl.where(live, tl.exp2(seg_max - top[:, None]), 0.0)
-        total = tl.sum(weight * tl.load(partial_sum + rows[:, None] + offs_s[None, :], mask=live, other=0.0,
-                                        cache_modifier=".cg"), 1)
+        total = tl.sum(tl.where(live, tl.exp2(seg_max - top[:, None]) * seg_sum, 0.0), 1)
         result = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
-        for segment in tl.static_range(NUM_SEGMENTS):
-            w = tl.sum(tl.where(offs_s[None, :] == segment, weight, 0.0), 1)
-            acc = tl.load(partial_acc + (rows + segment)[:, None] * D_PAD + offs_d[None, :], mask=(w > 0)[:, None],
-                          other=0.0, cache_modifier=".cg")
-            result += w[:, None] * acc
+        for chunk in tl.static_range(NUM_SEGMENTS // MERGE_CHUNK):
+            seg = chunk * MERGE_CHUNK + offs_c
+            chunk_max = tl.load(partial_max + rows[:, None] + seg[None, :], mask=g_ok[:, None],
+                                other=float("-inf"), cache_modifier=".cg")
+            acc = tl.load(partial_acc + (rows[:, None, None] + seg[None, :, None]) * D_PAD + offs_d[None, None, :],
+                          mask=g_ok[:, None, None], other=0.0, cache_modifier=".cg")
+            weight = tl.exp2(chunk_max - top[:, None])
+            result += tl.sum(tl.where((chunk_max > float("-inf"))[:, :, None], weight[:, :, None] * acc, 0.0), 1)
         result = result / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(out + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  result.to(out.dtype.element_ty), mask=g_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -531,6 +537,12 @@ def _block_m(group: int, num_tokens: int, decode: bool, dtype: torch.dtype) -> i
     """
     rows = 64 if num_tokens >= 256 and not decode and dtype != torch.float32 else 16
     return max(rows, triton.next_power_of_2(group))
+
+
+def _merge_chunk(segments: int, group: int) -> int:
+    """Segments the merge reads per tile: ``[G_PAD, chunk, D_PAD]`` fp32 tiles of at most 32 rows,
+    so the merging program's registers stay bounded however many segments there are."""
+    return max(1, min(segments, 32 // triton.next_power_of_2(group)))
 
 
 def _check_config(config: dict | None) -> dict:
@@ -701,7 +713,7 @@ def paged_attention(
         _split_kv_kernel[(num_reqs, kv_heads, segments)](
             out, *scratch, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
             block_table, slot_mapping, tokens, qk_scale, *strides,
-            Q_HEADS=q_heads, NUM_SEGMENTS=segments, **common, **launch,
+            Q_HEADS=q_heads, NUM_SEGMENTS=segments, MERGE_CHUNK=_merge_chunk(segments, group), **common, **launch,
         )
         return out
 
