@@ -518,14 +518,15 @@ def _narrow_decode(num_reqs: int, num_kv_heads: int, dtype: torch.dtype, device:
     return dtype != torch.float32 and 4 * num_reqs * num_kv_heads >= _sm_count(device)
 
 
-def _tiles(head_dim: int, dtype: torch.dtype, split_kv: bool = False) -> tuple[int, int]:
-    """``(D_PAD, BLOCK_N)``: the padded head dim and a KV tile of 16 KiB per K or V load, 32 KiB in
-    split-KV decode, whose 16-row query tile leaves registers for the larger tile (the sweep of
+def _tiles(head_dim: int, dtype: torch.dtype, large: bool = False) -> tuple[int, int]:
+    """``(D_PAD, BLOCK_N)``: the padded head dim and a KV tile of 16 KiB per K or V load, 32 KiB
+    (``large``) for the 4-warp split-KV decode program, whose 16-row query tile leaves registers for
+    the larger tile (the sweep of
     results/sweep_attention.json: Qwen2.5-1.5B's 12q/2kv at context 1000 takes 14.1 instead of 16.9 us
     at batch 1 with 128-key tiles, 19.6 instead of 21.3 at batch 16; 32q/8kv within 1% either way)."""
     d_pad = max(16, triton.next_power_of_2(head_dim))
     elem = torch.finfo(dtype).bits // 8
-    tile_bytes = 32768 if split_kv else 16384
+    tile_bytes = 32768 if large else 16384
     return d_pad, min(128, max(16, tile_bytes // (d_pad * elem)))
 
 
@@ -628,7 +629,7 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     tokens, q_heads, head_dim = q.shape
     num_reqs = min(tokens, max_num_seqs)
     narrow = split_kv and _narrow_decode(num_reqs, kv_heads, q.dtype, q.device)
-    _, block_n = _tiles(head_dim, q.dtype, split_kv and not narrow)
+    _, block_n = _tiles(head_dim, q.dtype, large=split_kv and not narrow)
     block_n = config.get("BLOCK_N") or block_n
     segments = 1
     if split_kv:
