@@ -254,14 +254,13 @@ def test_split_kv_scratch_is_allocated_once_per_shape():
     assert before == after
 
 
-
 def test_split_kv_merge_ignores_stale_scratch():
     """Empty segments write only their max; the merge reads every segment's acc and sum and must drop
     theirs by select, so NaN left in the scratch by anything before cannot reach the output."""
     ctx, q, k, v = _batch([1] * 3, [1, 20, 130], group=4)
     run = _split(16, BLOCK_N=16)
     run(*_args(ctx, q, k, v, ctx.kv_caches[0].clone(), 0))  # allocates this shape's scratch
-    for key, (acc, seg_max, seg_sum, _) in triton_paged._SCRATCH.items():
+    for acc, seg_max, seg_sum, _ in triton_paged._SCRATCH.values():
         acc.fill_(float("nan"))
         seg_max.fill_(float("nan"))
         seg_sum.fill_(float("nan"))

@@ -353,8 +353,8 @@ def _split_kv_kernel(
     K/V and folds that key in from the inputs (after its loop); the cached keys ``[0, seq_len - 1)``
     are cut into ``NUM_SEGMENTS`` ranges of whole tiles. One segment: the program writes the output.
     More: fp32 partials ``[num_reqs, Q_HEADS, NUM_SEGMENTS, (D_PAD)]``; an empty segment writes only
-    ``max = -inf``, which the merge reads as weight 0 without loading its ``acc`` or ``sum``; the
-    last program of a (request, KV head) to finish merges them (:func:`_merge_if_last`).
+    ``max = -inf``, which the merge reads as weight 0 (its stale ``acc`` and ``sum`` are dropped);
+    the last program of a (request, KV head) to finish merges them (:func:`_merge_if_last`).
     Segment-0 programs also serve the padded tokens ``t = req + i * num_reqs`` (zero output,
     store only where a slot is set).
     """
@@ -521,9 +521,9 @@ def _narrow_decode(num_reqs: int, num_kv_heads: int, dtype: torch.dtype, device:
 def _tiles(head_dim: int, dtype: torch.dtype, large: bool = False) -> tuple[int, int]:
     """``(D_PAD, BLOCK_N)``: the padded head dim and a KV tile of 16 KiB per K or V load, 32 KiB
     (``large``) for the 4-warp split-KV decode program, whose 16-row query tile leaves registers for
-    the larger tile (the sweep of
-    results/sweep_attention.json: Qwen2.5-1.5B's 12q/2kv at context 1000 takes 14.1 instead of 16.9 us
-    at batch 1 with 128-key tiles, 19.6 instead of 21.3 at batch 16; 32q/8kv within 1% either way)."""
+    the larger tile (the sweep of results/sweep_attention.json: Qwen2.5-1.5B's 12q/2kv at context
+    1000 takes 14.1 instead of 16.9 us at batch 1 with 128-key tiles, 19.6 instead of 21.3 at batch
+    16; 32q/8kv within 1% either way)."""
     d_pad = max(16, triton.next_power_of_2(head_dim))
     elem = torch.finfo(dtype).bits // 8
     tile_bytes = 32768 if large else 16384
@@ -622,8 +622,8 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     """The kernel parameters :func:`paged_attention` uses for these shapes (functions of shapes only).
 
     Keys: ``kernel`` (``"unified"`` = the K/V store launch, then the unified kernel: 2 launches;
-    ``"split"`` = one split-KV launch, its store and its segments' merge fused), ``launches``, ``segments``, ``BLOCK_N``, ``BLOCK_M``, ``num_warps``,
-    ``num_stages`` (None: Triton's default).
+    ``"split"`` = one split-KV launch, its store and its segments' merge fused), ``launches``,
+    ``segments``, ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages`` (None: Triton's default).
     """
     config = _check_config(_config)
     tokens, q_heads, head_dim = q.shape
