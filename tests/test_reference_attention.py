@@ -152,3 +152,25 @@ def batches(draw):
 def test_random_batches(batch):
     query_lens, seq_lens, kv_heads, group, window, seed = batch
     _check(query_lens, seq_lens, kv_heads=kv_heads, group=group, window=window, seed=seed)
+
+
+def test_non_finite_stale_slots_are_never_read():
+    """Slots no query may see (other requests' blocks, the null block, owned slots past seq_len)
+    can hold inf/NaN, e.g. left by an overflowed earlier request; a probability of 0 must not turn
+    them into NaN."""
+    query_lens, seq_lens = [3, 1], [3, 21]
+    ctx, tables, q, k, v = _setup(query_lens, seq_lens, 2, 2)
+    ctx.prepare(query_lens, seq_lens, tables)
+    m = ctx.metadata
+    flat = ctx.kv_caches[0].flatten(1, 2)
+    visible = torch.zeros(flat.shape[1], dtype=torch.bool)
+    for table, length in zip(tables, seq_lens):
+        pos = torch.arange(length)
+        visible[torch.tensor(table)[pos // ctx.block_size] * ctx.block_size + pos % ctx.block_size] = True
+    clean = ctx.kv_caches[0].clone()
+    flat[0, ~visible] = float("inf")
+    flat[1, ~visible] = float("nan")
+    args = (m.query_start_loc, m.seq_lens, m.block_table, m.slot_mapping, 8 ** -0.5, 0)
+    expected = reference_attention(q, k, v, clean, *args)
+    out = reference_attention(q, k, v, ctx.kv_caches[0], *args)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)

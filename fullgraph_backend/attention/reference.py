@@ -57,6 +57,9 @@ def reference_attention(
     scores = torch.einsum("tkgd,tlkd->tkgl", qg, keys) * scale
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows with no visible key: zeros
+    # Slots a token may not see can hold anything (inf or NaN from an earlier request): a weight
+    # of 0 times NaN is NaN, so they are zeroed rather than only weighted 0.
+    values = values.masked_fill_(~visible[:, :, None, None], 0.0)
     out = torch.einsum("tkgl,tlkd->tkgd", probs, values)
     return out.reshape(num_tokens, q_heads, head_dim).to(q.dtype)
 
