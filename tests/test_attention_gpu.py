@@ -208,3 +208,31 @@ def test_split_kv_merge_is_exact_on_every_replay(batch):
     torch.cuda.synchronize()
     assert all(torch.equal(o, first) for o in outs)
     assert all(not bufs[3].any() for bufs in triton_paged._SCRATCH.values())
+
+
+@pytest.mark.parametrize("window", [0, 256])
+def test_page_tiles_on_hopper(window):
+    """The decode plan that reads whole cache blocks through TMA descriptors (sm_90, 16-token blocks)
+    against SDPA, with stale NaN past every request's length, and against the gathered tiles."""
+    if "triton" not in _impls() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("page tiles are chosen on sm_90 only")
+    from fullgraph_backend.attention import triton_paged
+
+    batch = 40
+    ctx = _context("triton", max_num_seqs=batch, max_num_tokens=batch)
+    _prepare(ctx, [1] * batch, [1 + (211 * i) % MAX_LEN for i in range(batch)], random.Random(3))
+    m, bs = ctx.metadata, ctx.block_size
+    owned = torch.zeros(ctx.num_blocks * bs, dtype=torch.bool, device="cuda")
+    for i in range(batch):
+        pos = torch.arange(int(m.seq_lens[i]), device="cuda")
+        owned[m.block_table[i, pos // bs].long() * bs + pos % bs] = True
+    ctx.kv_caches[0].flatten(1, 2)[:, ~owned] = float("nan")
+    q, k, v = _qkv(batch)
+    plan = triton_paged.launch_plan(q, KV_HEADS, m.block_table, bs, batch, split_kv=True)
+    assert plan["page_tiles"] and plan["BLOCK_N"] == bs
+    args = (q, k, v, ctx.kv_caches[0], m.query_start_loc, m.seq_lens, m.block_table, m.slot_mapping,
+            HEAD_DIM ** -0.5, window)
+    boxes = triton_paged.paged_attention(*args, split_kv=True)
+    gathered = triton_paged.paged_attention(*args, split_kv=True, _config={"page_tiles": False})
+    torch.testing.assert_close(boxes.float(), _sdpa(ctx, q, window), **TOL)
+    torch.testing.assert_close(boxes, gathered, **TOL)

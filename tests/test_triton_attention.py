@@ -148,6 +148,34 @@ def test_split_kv_dtypes(dtype, head_dim, block_size, segments):
            run=_split(segments))
 
 
+@pytest.mark.parametrize("group, segments, window, dtype, block_size, head_dim", [
+    (4, 1, 0, torch.bfloat16, 16, 64), (4, 4, 20, torch.float16, 16, 128), (2, 8, 0, torch.float32, 32, 64),
+    (8, 2, 0, torch.bfloat16, 16, 64),
+])
+def test_split_kv_page_tiles(group, segments, window, dtype, block_size, head_dim):
+    # K/V read a whole cache block a tile through tensor descriptors (the sm_90 narrow plan's path)
+    ctx, q, k, v = _batch([1] * 5, [1, 16, 17, 100, 128], group=group, kv_heads=1 if group == 8 else 2,
+                          dtype=dtype, block_size=block_size, head_dim=head_dim, pad_tokens=2)
+    _check(ctx, q, k, v, window=window, run=_split(segments, page_tiles=True))
+
+
+def test_page_tile_descriptors_are_built_once_and_dropped_with_the_cache():
+    import gc
+    import weakref
+
+    ctx, q, k, v = _batch([1, 1], [20, 40], dtype=torch.bfloat16, head_dim=64)
+    cache = ctx.kv_caches[0].clone()
+    run = _split(2, page_tiles=True)
+    run(*_args(ctx, q, k, v, cache, 0))
+    descs = triton_paged._DESCRIPTORS[cache]
+    run(*_args(ctx, q, k, v, cache, 0))
+    assert triton_paged._DESCRIPTORS[cache] is descs
+    storage = weakref.ref(descs[0].base)
+    del cache, descs
+    gc.collect()
+    assert storage() is None, "the descriptors must not keep a dropped cache's memory alive"
+
+
 @pytest.mark.parametrize("segments", [1, 2])
 def test_split_kv_more_tokens_than_request_rows(segments):
     # T > max_num_seqs in a decode graph: segment-0 programs also serve tokens req + i * num_reqs
@@ -221,6 +249,31 @@ def test_launch_plan():
         plan(split_kv=True, _config={"block_n": 32})
     with pytest.raises(ValueError, match="power of two"):
         plan(split_kv=True, _config={"segments": 3})
+
+
+def test_launch_plan_page_tiles(monkeypatch):
+    """Page tiles: only for the narrow plan with 16-token blocks where TMA was measured (sm_90), or
+    when forced; one cache block a tile, PAGE_TILE_STAGES deep; illegal boxes are refused."""
+    table = torch.zeros(64, 64, dtype=torch.int32)
+    wide = torch.empty(40, 8, 128, dtype=torch.bfloat16)  # 40 requests x 2 KV heads: the narrow plan
+    small = torch.empty(1, 8, 128, dtype=torch.bfloat16)
+    plan = functools.partial(launch_plan, kv_heads=2, block_table=table, max_num_seqs=64, split_kv=True)
+    assert not plan(wide, block_size=16)["page_tiles"]  # the CPU has no TMA
+    monkeypatch.setattr(triton_paged, "_has_tma", lambda device: True)
+    got = plan(wide, block_size=16)
+    assert got["page_tiles"] and got["BLOCK_N"] == 16 and got["num_stages"] == triton_paged.PAGE_TILE_STAGES
+    assert got["num_warps"] == triton_paged.NARROW_WARPS
+    assert not plan(wide, block_size=32)["page_tiles"]  # unmeasured block size: gathered tiles
+    assert not plan(small, block_size=16)["page_tiles"]  # the 4-warp plan
+    assert not plan(wide.float(), block_size=16)["page_tiles"]
+    assert not launch_plan(wide, 2, table, 16, 64, split_kv=False)["page_tiles"]
+    assert not plan(wide, block_size=16, _config={"page_tiles": False})["page_tiles"]
+    forced = plan(small, block_size=32, _config={"page_tiles": True, "num_stages": 3})
+    assert forced["page_tiles"] and forced["BLOCK_N"] == 32 and forced["num_stages"] == 3
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        plan(small, block_size=48, _config={"page_tiles": True})
+    with pytest.raises(ValueError, match="BLOCK_N must be the block size"):
+        plan(small, block_size=16, _config={"page_tiles": True, "BLOCK_N": 64})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -408,8 +461,9 @@ class _SkippedKernel:
 
 
 # ---- sentinels ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("split", [False, 1, 4])
-def test_padded_lanes_never_write_outside_their_slots(split):
+@pytest.mark.parametrize("split, config", [(False, {}), (1, {}), (4, {}), (1, {"page_tiles": True}),
+                                           (4, {"page_tiles": True})])
+def test_padded_lanes_never_write_outside_their_slots(split, config):
     """Real tokens write exactly their slots, padded ones nothing; unused cache (NaN here) is never read."""
     ctx, q, k, v = _batch([1, 1, 1], [5, 20, 33], pad_tokens=4)
     cache = ctx.kv_caches[0]
@@ -425,7 +479,8 @@ def test_padded_lanes_never_write_outside_their_slots(split):
     before = cache.clone()
     clean = cache.nan_to_num(0.0)
     expected = reference_attention(*_args(ctx, q, k, v, clean, 0))
-    out = paged_attention(*_args(ctx, q, k, v, cache, 0), split_kv=bool(split), num_segments=split or None)
+    out = paged_attention(*_args(ctx, q, k, v, cache, 0), split_kv=bool(split), num_segments=split or None,
+                          _config=config)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
     changed = ~((flat == before.flatten(1, 2)) | (flat.isnan() & before.flatten(1, 2).isnan()))
     written = changed.flatten(2).any(-1).any(0)
@@ -512,9 +567,15 @@ ints = dict(query_start_loc="*i32", seq_lens="*i32", block_table="*i32", slot_ma
 base = dict(GROUP=4, G_PAD=4, HEAD_DIM=128, D_PAD=128, BLOCK_N=64, BLOCK_SIZE=16, SLIDING_WINDOW=0,
             DOT_PRECISION="tf32", DOT_FP32=False, Q_HEADS=32, BLOCK_M=16)
 pick = lambda fn, c: {k: v for k, v in c.items() if k in fn.arg_names}
+gather = dict(k_desc=None, v_desc=None, PAGE_TILES=False)
 for segments, window in ((1, 0), (4, 256), (32, 0)):
     compile_sm90(tp._split_kv_kernel, ints, pick(tp._split_kv_kernel, dict(base, NUM_SEGMENTS=segments,
-                 MERGE_CHUNK=tp._merge_chunk(segments, 4), SLIDING_WINDOW=window)), dns=("num_tokens",))
+                 MERGE_CHUNK=tp._merge_chunk(segments, 4), SLIDING_WINDOW=window, **gather)), dns=("num_tokens",))
+boxes = dict(ints, k_desc="tensordesc<bf16[16,128]>", v_desc="tensordesc<bf16[16,128]>")
+for segments, window in ((1, 0), (8, 256)):
+    compile_sm90(tp._split_kv_kernel, boxes, pick(tp._split_kv_kernel, dict(base, BLOCK_N=16, NUM_SEGMENTS=segments,
+                 MERGE_CHUNK=tp._merge_chunk(segments, 4), SLIDING_WINDOW=window, PAGE_TILES=True)),
+                 num_warps=2, num_stages=tp.PAGE_TILE_STAGES, dns=("num_tokens",))
 compile_sm90(tp._store_kv_kernel, ints, dict(KV_HEADS=8, Q_HEADS=32, HEAD_DIM=128, KV_HEADS_PAD=8, Q_HEADS_PAD=32,
              D_PAD=128, BLOCK_SIZE=16), dns=("num_reqs",))
 for block_m in (16, 64):

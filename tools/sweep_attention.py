@@ -168,7 +168,7 @@ class Sweep:
         plan = shape.plan(config, split_kv)
         row = dict(shape=label, batch=shape.batch, stage=stage, config=config_name(config),
                    kernel=plan["kernel"], segments=plan["segments"], BLOCK_N=plan["BLOCK_N"],
-                   num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+                   num_warps=plan["num_warps"], num_stages=plan["num_stages"], page_tiles=plan["page_tiles"])
         if self.elapsed() > self.args.budget_s:
             row["error"] = "skipped: budget"
             self.skipped += 1
