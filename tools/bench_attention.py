@@ -2,7 +2,8 @@
 
 Shapes: 32 query heads, 8 KV heads, head dim 128, bf16, paged cache with 16-token blocks (shuffled
 block tables). Modes, side by side in one process:
-  decode (context 4096, batch 1/8/64): triton unified, triton split-KV, the reference op, PyTorch's
+  decode (context 4096, batch 1/8/64): triton unified, triton split-KV (also on block tables whose
+      blocks run in order, which separates the kernel from the layout), the reference op, PyTorch's
       bundled FlashAttention-2 (``aten._flash_attention_forward`` with ``seqused_k`` over a dense
       per-request cache) and FlexAttention (dense cache, static block mask, compiled);
   prefill (one request of 2048 / 8192 tokens): triton vs bundled FA2;
@@ -46,14 +47,19 @@ SCALE = HEAD_DIM ** -0.5
 class Paged:
     """One batch on the paged layout: metadata buffers, a random cache, q/k/v for its tokens."""
 
-    def __init__(self, query_lens: list[int], seq_lens: list[int], seed: int = 0) -> None:
+    def __init__(self, query_lens: list[int], seq_lens: list[int], seed: int = 0, scatter: bool = True) -> None:
         self.ctx = ForwardContext(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=DTYPE, device="cuda",
                                   max_num_seqs=len(query_lens), max_num_tokens=sum(query_lens),
                                   max_model_len=max(seq_lens), block_size=BLOCK_SIZE, attention_impl="reference")
         self.cache = self.ctx.kv_caches[0]
         self.cache.normal_()
+        # scattered (default): any block anywhere, as a long-running engine's free list hands them
+        # out; otherwise each request's blocks in one ascending run, the layout of a dense cache
         free = list(range(NULL_BLOCK + 1, self.ctx.num_blocks))
-        random.Random(seed).shuffle(free)
+        if scatter:
+            random.Random(seed).shuffle(free)
+        else:
+            free.reverse()  # taken from the end, so each request's blocks ascend
         tables = [[free.pop() for _ in range(-(-s // BLOCK_SIZE))] for s in seq_lens]
         self.ctx.prepare(query_lens, seq_lens, tables)
         tokens = sum(query_lens)
@@ -74,7 +80,11 @@ def decode_modes(batch: int, context: int):
     plan = launch_plan(paged.q, KV_HEADS, paged.ctx.metadata.block_table, BLOCK_SIZE, batch, split_kv=True)
     yield "triton unified", lambda: paged_attention(*paged.args()), ""
     yield "triton split-KV", lambda: paged_attention(*paged.args(), split_kv=True), \
-        f"{plan['segments']} segment(s) of {plan['num_warps']}-warp programs, {plan['BLOCK_N']}-key tiles, 1 launch"
+        f"{plan['segments']} segment(s) of {plan['num_warps']}-warp programs, {plan['BLOCK_N']}-key " \
+        f"{'TMA block' if plan['page_tiles'] else 'gathered'} tiles, 1 launch"
+    in_order = Paged([1] * batch, [context] * batch, scatter=False)
+    yield "triton split-KV, pages in order", lambda: paged_attention(*in_order.args(), split_kv=True), \
+        "same launch; each request's blocks in one ascending run (a dense cache's layout)"
     yield "reference", lambda: reference_attention(*paged.args()), ""
 
     # dense per-request slots for the bundled kernels: [batch * context, kv_heads, dim]

@@ -74,12 +74,33 @@ def plot_serving(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_attention(result: dict, path: str) -> None:
+    """Decode attention: effective TB/s by batch, one bar per mode, with the 2.5 TB/s goal."""
+    rows = [r for r in result["rows"] if r["phase"] == "decode" and "TB/s" in r and r["mode"] != "reference"]
+    batches = list(dict.fromkeys(r["shape"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    width = 0.8 / max(len(modes), 1)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, mode in enumerate(modes):
+        hits = [[r["TB/s"] for r in rows if r["shape"] == b and r["mode"] == mode] for b in batches]
+        ax.bar([j + i * width for j in range(len(batches))], [h[0] if h else 0 for h in hits], width, label=mode)
+    ax.axhline(2.5, color="black", linestyle="--", linewidth=1, label="goal at batch >= 8")
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(batches))], batches)
+    ax.set_ylabel("effective TB/s (K/V bytes / time)")
+    ax.set_title(f"decode attention, {result['shapes']}, {result['device']}, torch {result['torch']}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     source, target = sys.argv[1:3]
     with open(source) as f:
         result = json.load(f)
     if result.get("kind") == "serving":
         plot_serving(result, target)
+    elif "shapes" in result:  # tools/bench_attention.py
+        plot_attention(result, target)
     else:
         (plot_dynamic if "modes" in result else plot_decode)(result, target)
 
