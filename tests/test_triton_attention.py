@@ -159,6 +159,20 @@ def test_split_kv_page_tiles(group, segments, window, dtype, block_size, head_di
     _check(ctx, q, k, v, window=window, run=_split(segments, page_tiles=True))
 
 
+def test_page_tiles_on_a_misaligned_cache_gather_instead():
+    # a cache view one element into its storage cannot be a TMA base: the same plan, gathered tiles
+    ctx, q, k, v = _batch([1, 1, 1], [3, 40, 97], dtype=torch.bfloat16, head_dim=64)
+    cache = ctx.kv_caches[0]
+    shifted = torch.empty(cache.numel() + 1, dtype=cache.dtype)[1:].view(cache.shape).copy_(cache)
+    assert shifted.data_ptr() % 16
+    expected_cache = cache.clone()
+    expected = reference_attention(*_args(ctx, q, k, v, expected_cache, 0))
+    out = _split(2, page_tiles=True)(*_args(ctx, q, k, v, shifted, 0))
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    assert torch.equal(shifted[:, NULL_BLOCK + 1:], expected_cache[:, NULL_BLOCK + 1:])
+    assert shifted not in triton_paged._DESCRIPTORS
+
+
 def test_page_tile_descriptors_are_built_once_and_dropped_with_the_cache():
     import gc
     import weakref

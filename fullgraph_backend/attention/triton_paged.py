@@ -807,12 +807,13 @@ def paged_attention(
             scratch = _scratch(q.device, num_reqs * q_heads * segments, d_pad)
         else:  # one segment writes the output itself; the scratch pointers are never touched
             scratch = (out,) * 4
-        descs = _descriptors(kv_cache, head_dim) if plan["page_tiles"] else (None, None)
+        page_tiles = plan["page_tiles"] and kv_cache.data_ptr() % 16 == 0  # TMA needs a 16-byte aligned base
+        descs = _descriptors(kv_cache, head_dim) if page_tiles else (None, None)
         _split_kv_kernel[(num_reqs, kv_heads, segments)](
             out, *scratch, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
             block_table, slot_mapping, tokens, qk_scale, *strides,
             Q_HEADS=q_heads, NUM_SEGMENTS=segments, MERGE_CHUNK=_merge_chunk(segments, group), **common, **launch,
-            k_desc=descs[0], v_desc=descs[1], PAGE_TILES=plan["page_tiles"],
+            k_desc=descs[0], v_desc=descs[1], PAGE_TILES=page_tiles,
         )
         return out
 
