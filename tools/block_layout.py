@@ -6,7 +6,8 @@ step, looks at each running request's block table: the share of its 16-token-blo
 that run in order (block ``b`` followed by ``b + 1``) and the share of its 4-block windows (a
 64-key attention tile) that are one ascending run. The attention benchmark times both extremes
 (blocks scattered at random, blocks in order); this says where the engine sits between them.
-A small ``--num-kv-blocks`` makes the free list wrap many times (a long-running server).
+A small ``--num-kv-blocks`` makes the free list wrap many times (a long-running server), a
+smaller one forces preemptions.
 
 Usage (CPU): python tools/block_layout.py [--num-prompts 2000] [--rate 10] [--num-kv-blocks 8192]
 """
