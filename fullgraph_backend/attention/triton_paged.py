@@ -88,8 +88,8 @@ NARROW_PROGRAMS_PER_SM = 4
 # request's blocks in order: batch 64 351.5 us against 355.7 gathered (FlexAttention on a dense
 # cache: 355.2), batch 8 52.9 against 53.4; 12q/2kv context 1001 batch 64, blocks scattered: 32.1
 # against 32.6. Only 32q/8kv on scattered blocks loses: batch 64 361.8 against 359.6 (batch 8
-# ties). How scattered an engine's blocks are depends on its allocator and workload: in ours, from
-# 96% of block boundaries in order down to 2% (tools/block_layout.py; H100, 2026-11-27, perf-notes 15).
+# ties). Our engine's block manager keeps each request's blocks in order where it can (98.9-100% of
+# block boundaries in simulated serving, tools/block_layout.py; H100, 2026-11-27, perf-notes 15).
 PAGE_TILE_STAGES = 5
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 _NOMINAL_SMS = 16
