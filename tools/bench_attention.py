@@ -53,8 +53,9 @@ class Paged:
                                   max_model_len=max(seq_lens), block_size=BLOCK_SIZE, attention_impl="reference")
         self.cache = self.ctx.kv_caches[0]
         self.cache.normal_()
-        # scattered (default): any block anywhere, as a long-running engine's free list hands them
-        # out; otherwise each request's blocks in one ascending run, the layout of a dense cache
+        # scattered (default): any block anywhere, as a free list without a placement policy ends up
+        # handing them out; otherwise each request's blocks in one ascending run, as our block
+        # manager keeps them where it can and as a dense cache lays them out
         free = list(range(NULL_BLOCK + 1, self.ctx.num_blocks))
         if scatter:
             random.Random(seed).shuffle(free)
