@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fullgraph_backend.engine.bench import _poisson_arrivals  # noqa: E402
 from fullgraph_backend.engine.block_manager import BlockManager  # noqa: E402
 from fullgraph_backend.engine.params import SamplingParams  # noqa: E402
 from fullgraph_backend.engine.scheduler import Scheduler  # noqa: E402
@@ -32,14 +32,10 @@ WINDOW = 4  # blocks of one 64-key tile at block size 16
 def simulate(num_prompts: int, rate: float, input_len: int, output_len: int, num_kv_blocks: int, block_size: int,
              max_num_seqs: int, max_num_batched_tokens: int, step_ms: float, seed: int = 0) -> dict:
     """Block-table contiguity seen by the decode steps of one simulated serving run."""
-    rng = random.Random(seed)
     scheduler = Scheduler(BlockManager(num_kv_blocks, block_size, num_reserved=2), max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=input_len + output_len)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    arrivals, t = [], 0.0
-    for i in range(num_prompts):
-        t += rng.expovariate(rate)
-        arrivals.append(t)
+    arrivals = _poisson_arrivals(num_prompts, rate, seed)  # the serving benchmark's arrivals
     now, next_id = 0.0, 0
     boundaries = in_order = windows = whole = decode_steps = 0
     while next_id < num_prompts or scheduler.has_unfinished():
