@@ -13,21 +13,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> dict[str, list[float]]:
+    """One group of bars per entry of ``groups``, one bar per series in each (labelled for the
+    legend); returns each series' bar positions."""
+    width = 0.8 / max(len(series), 1)
+    positions = {}
+    for i, (label, values) in enumerate(series.items()):
+        positions[label] = [j + i * width for j in range(len(groups))]
+        ax.bar(positions[label], values, width, label=label)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], groups)
+    return positions
+
+
 def plot_decode(result: dict, path: str) -> None:
     """Grouped bars: ms per decode step by batch, one bar per mode, plus the HBM floor."""
     rows = [r for r in result["rows"] if "gpu_ms" in r]
     batches = sorted({r["batch"] for r in rows})
     modes = [*dict.fromkeys(r["mode"] for r in rows), "HBM floor"]
-    width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for i, mode in enumerate(modes):
+    series = {}
+    for mode in modes:
         values = []
         for b in batches:
             match = [r for r in rows if r["batch"] == b]
             hit = [r for r in match if r["mode"] == mode]
             values.append(match[0]["floor_ms"] if mode == "HBM floor" else hit[0]["gpu_ms"] if hit else 0)
-        ax.bar([j + i * width for j in range(len(batches))], values, width, label=mode)
-    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        series[mode] = values
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    _grouped_bars(ax, [f"batch {b}" for b in batches], series)
     ax.set_yscale("log")
     ax.set_ylabel("ms per decode step (log)")
     ax.set_title(f"{result['model']} decode, context {result['context']}, {result['device']}, torch {result['torch']}")
@@ -56,16 +68,14 @@ def plot_serving(result: dict, path: str) -> None:
     TPOT, and median TTFT."""
     levels = list(result["levels"])
     rates = list(next(iter(result["levels"].values()))["rates"]) if levels else []
-    width = 0.8 / max(len(levels), 1)
+    groups = [f"{r} req/s" for r in rates]
+    per_level = {f"-O{level}": [result["levels"][level]["rates"][r] for r in rates] for level in levels}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, level in enumerate(levels):
-        per_rate = [result["levels"][level]["rates"][r] for r in rates]
-        xs = [j + i * width for j in range(len(rates))]
-        left.bar(xs, [m["median_tpot_ms"] for m in per_rate], width, label=f"-O{level}")
-        left.scatter(xs, [m["p99_tpot_ms"] for m in per_rate], marker="_", s=200, color="black")
-        right.bar(xs, [m["median_ttft_ms"] for m in per_rate], width, label=f"-O{level}")
+    positions = _grouped_bars(left, groups, {k: [m["median_tpot_ms"] for m in v] for k, v in per_level.items()})
+    for label, per_rate in per_level.items():
+        left.scatter(positions[label], [m["p99_tpot_ms"] for m in per_rate], marker="_", s=200, color="black")
+    _grouped_bars(right, groups, {k: [m["median_ttft_ms"] for m in v] for k, v in per_level.items()})
     for ax, label in ((left, "median TPOT ms (tick: P99)"), (right, "median TTFT ms")):
-        ax.set_xticks([j + width * (len(levels) - 1) / 2 for j in range(len(rates))], [f"{r} req/s" for r in rates])
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(f"{result['model']}, {result['num_prompts']} prompts, {result['input_len']} in / "
@@ -78,14 +88,13 @@ def plot_attention(result: dict, path: str) -> None:
     """Decode attention: effective TB/s by batch, one bar per mode, with the 2.5 TB/s goal."""
     rows = [r for r in result["rows"] if r["phase"] == "decode" and "TB/s" in r and r["mode"] != "reference"]
     batches = list(dict.fromkeys(r["shape"] for r in rows))
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    width = 0.8 / max(len(modes), 1)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for i, mode in enumerate(modes):
+    series = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
         hits = [[r["TB/s"] for r in rows if r["shape"] == b and r["mode"] == mode] for b in batches]
-        ax.bar([j + i * width for j in range(len(batches))], [h[0] if h else 0 for h in hits], width, label=mode)
+        series[mode] = [h[0] if h else 0 for h in hits]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    _grouped_bars(ax, batches, series)
     ax.axhline(2.5, color="black", linestyle="--", linewidth=1, label="goal at batch >= 8")
-    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(batches))], batches)
     ax.set_ylabel("effective TB/s (K/V bytes / time)")
     ax.set_title(f"decode attention, {result['shapes']}, {result['device']}, torch {result['torch']}", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
