@@ -715,9 +715,9 @@ def launch_plan(q: torch.Tensor, kv_heads: int, block_table: torch.Tensor, block
     tokens, q_heads, head_dim = q.shape
     num_reqs = min(tokens, max_num_seqs)
     narrow = split_kv and _narrow_decode(num_reqs, kv_heads, q.dtype, q.device)
-    page_tiles = split_kv and config.get("page_tiles", narrow and block_size == 16 and _has_tma(q.device)
-                                         and _page_tiles_fit(block_size, head_dim))
-    if page_tiles and not _page_tiles_fit(block_size, head_dim):
+    fits = _page_tiles_fit(block_size, head_dim)
+    page_tiles = split_kv and config.get("page_tiles", narrow and block_size == 16 and fits and _has_tma(q.device))
+    if page_tiles and not fits:
         raise ValueError(f"page tiles need power-of-two block_size and head_dim in 16..256, got {block_size}, "
                          f"{head_dim}")
     _, block_n = _tiles(head_dim, q.dtype, large=split_kv and not narrow)
