@@ -381,4 +381,5 @@ def test_random_compositions_match_eager(mode, batch):
         got = h.compiled(ids, positions)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{mode}: {query} {seq}")
     for c, e in zip(h.ctx.kv_caches, after_eager):
-        assert torch.equal(c[:, NULL_BLOCK + 1:], e[:, NULL_BLOCK + 1:])
+        # padded to a capture size, the projections run at another M: the same K/V up to rounding
+        torch.testing.assert_close(c[:, NULL_BLOCK + 1:], e[:, NULL_BLOCK + 1:], atol=1e-6, rtol=1e-6)
