@@ -4,6 +4,7 @@ from passes.swap_attention import AttentionSwap, SwapReport, swap_attention
 from passes.swap_linear import LinearSwapReport, swap_linear
 from passes.split_attention import split_at_attention
 from passes.batch_mixing import find_batch_mixing
+from passes.host_compute import find_host_compute
 
 __all__ = ["PassManager", "PassResult", "AttentionSwap", "SwapReport", "swap_attention", "LinearSwapReport",
-           "swap_linear", "split_at_attention", "find_batch_mixing"]
+           "swap_linear", "split_at_attention", "find_batch_mixing", "find_host_compute"]

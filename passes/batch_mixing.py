@@ -29,18 +29,22 @@ _ARITH = {operator.add, operator.sub, operator.mul, operator.truediv, operator.f
 
 
 def find_batch_mixing(gm: torch.fx.GraphModule, batch_symbol: sympy.Symbol) -> list[str]:
-    """Reasons (one per offending node) why padding the batch dim would change results."""
+    """Reasons (one per offending node or input) why padding the batch dim would change results:
+    ops that mix rows, writes whose target rows are picked by batch data, and writes of
+    batch-dependent values into inputs without a batch dim (padded rows would leak into them)."""
     reasons = []
+    tainted = _batch_dependent(gm, batch_symbol)
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        why = _mixes(node, batch_symbol)
+        why = _mixes(node, batch_symbol) or _indexed_write(node, batch_symbol, tainted)
         if why:
-            reasons.append(f"{node.name} ({_name(node)}): {why}")
-    return reasons
+            reasons.append(f"{node.name} ({node_name(node)}): {why}")
+    return reasons + _state_writes(gm, batch_symbol, tainted)
 
 
-def _name(node: torch.fx.Node) -> str:
+def node_name(node: torch.fx.Node) -> str:
+    """How a node is named in reports: its method or function name."""
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
@@ -63,7 +67,7 @@ def _arg(node, pos, name, default=None):
 
 
 def _mixes(node: torch.fx.Node, symbol) -> str | None:
-    name = _name(node)
+    name = node_name(node)
     x = _fake(node.args[0]) if node.args else None
     bdims = _batch_dims(x, symbol)
     out = node.meta.get("example_value")
@@ -131,3 +135,86 @@ def _einsum_mixes(node: torch.fx.Node, symbol) -> str | None:
         if any(subscripts[d] not in output for d in _batch_dims(t, symbol)):
             return "contracts over the batch dim"
     return None
+
+
+# ---- writes --------------------------------------------------------------------------------------
+# ops writing the rows an index (or mask) picks; with a trailing "_" they write in place
+_INDEXED = {"index_copy": 1, "index_add": 1, "index_fill": 1, "index_reduce": 1, "scatter": 1, "scatter_add": 1,
+            "scatter_reduce": 1}  # name -> position of ``dim``
+_INDEXED_NO_DIM = {"index_put", "put", "masked_scatter"}
+
+
+def _batch_dependent(gm: torch.fx.GraphModule, symbol) -> set[torch.fx.Node]:
+    """Nodes whose value depends on the batch: batched or batch-sized values, and all they feed."""
+    tainted: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if (_batch_dims(value, symbol) or _depends(value, symbol)
+                or any(a in tainted for a in node.all_input_nodes)):
+            tainted.add(node)
+    return tainted
+
+
+def _written(node: torch.fx.Node) -> list:
+    """The arguments ``node`` writes in place."""
+    target = node.target
+    if node.op == "call_method":
+        return [node.args[0]] if target.endswith("_") and not target.startswith("_") else []
+    if target is operator.setitem:
+        return [node.args[0]]
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return [arg for arg, spec in zip(node.args, schema.arguments) if spec.alias_info and spec.alias_info.is_write]
+    name = getattr(target, "__name__", "")
+    written = [node.args[0]] if name.endswith("_") and not name.startswith("_") and node.args else []
+    return written + ([node.kwargs["out"]] if "out" in node.kwargs else [])
+
+
+def _indexed_write(node: torch.fx.Node, symbol, tainted: set) -> str | None:
+    """Writes into batched rows that batch data picks: a padded lane's stale index can hit a real row."""
+    name = node_name(node).rstrip("_")
+    target = _fake(node.args[0]) if node.args else None
+    bdims = _batch_dims(target, symbol)
+    if not bdims:
+        return None
+    if node.target is operator.setitem:
+        index = node.args[1] if isinstance(node.args[1], (tuple, list)) else (node.args[1],)
+        if any(isinstance(i, torch.fx.Node) and i in tainted and isinstance(_fake(i), torch.Tensor) for i in index):
+            return "writes rows picked by batch data (padded lanes would write real rows)"
+        return None
+    others = [a for a in node.all_input_nodes if a is not node.args[0]]
+    if name in _INDEXED:
+        dim = _arg(node, _INDEXED[name], "dim")
+        if isinstance(dim, int) and dim % target.dim() in bdims and any(a in tainted for a in others):
+            return "writes rows picked by batch data (padded lanes would write real rows)"
+    if name in _INDEXED_NO_DIM and any(a in tainted for a in others):
+        return "writes rows picked by batch data (padded lanes would write real rows)"
+    return None
+
+
+def _state_writes(gm: torch.fx.GraphModule, symbol, tainted: set) -> list[str]:
+    """Inputs without a batch dim that the graph writes with batch-dependent values. The forward
+    context's buffers are exempt: padded lanes write only the null block there."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storage(node) -> int | None:
+        value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+        return StorageWeakRef(value.untyped_storage()).cdata if isinstance(value, torch.Tensor) else None
+
+    reasons = []
+    nodes = list(gm.graph.nodes)
+    for placeholder in (n for n in nodes if n.op == "placeholder"):
+        value = placeholder.meta.get("example_value")
+        if (not isinstance(value, torch.Tensor) or value._version == 0 or _batch_dims(value, symbol)
+                or placeholder.meta.get("fullgraph_input")):
+            continue
+        ref = storage(placeholder)
+        writers = [n for n in nodes if n.op in ("call_function", "call_method")
+                   and any(storage(w) == ref for w in _written(n))]
+        if not writers:
+            reasons.append(f"input {placeholder.name} is written by an op this check cannot follow")
+        for writer in writers:
+            if any(a in tainted for a in writer.all_input_nodes):
+                reasons.append(f"{writer.name} ({node_name(writer)}): writes batch-dependent values into input "
+                               f"{placeholder.name}, which has no batch dim (padded rows would leak into it)")
+    return reasons
