@@ -16,9 +16,10 @@ from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.cuda_graph import CudaGraphs, EmulatedGraphs, graphs_for
 from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
-from fullgraph_backend.graph_runner import GraphedPiece, GraphRunner, Path
-from fullgraph_backend.padding import BatchSignature, is_module_state
-from passes import PassManager, find_batch_mixing, split_at_attention, swap_attention, swap_linear
+from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
+from fullgraph_backend.padding import BatchSignature, InputRole, input_role
+from fullgraph_backend.staging import aliased_writes
+from passes import PassManager, find_batch_mixing, find_host_compute, split_at_attention, swap_attention, swap_linear
 
 log = logging.getLogger("fullgraph")
 
@@ -54,24 +55,24 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     if signature.symbol is not None and not pad:
         why = "; ".join(mixing) or signature.why_not_paddable
         log.warning("fullgraph: not padding this graph (%s): one CUDA graph per exact batch size", why)
-    use_graphs = config.cudagraph_mode != "none" and (signature.is_static or signature.symbol is not None)
-    if config.cudagraph_mode != "none" and not use_graphs:
-        log.warning("fullgraph: no CUDA graphs for this graph: %s", signature.why_not_paddable)
+    unsafe = _unsafe_to_capture(gm, signature, example_inputs, device)
+    use_graphs = config.cudagraph_mode != "none" and not unsafe
+    if config.cudagraph_mode != "none" and unsafe:
+        log.warning("fullgraph: no CUDA graphs for this graph: %s", "; ".join(unsafe))
 
     sizes = _capture_sizes(config, ctx if has_attention else None)
     graphs = graphs_for(device)
-    max_size = sizes[-1] if sizes else None
     compile_fn = dump.compiler(_compiler(config))
     paths: dict[BatchKind, Path] = {}
     if config.cudagraph_mode in ("piecewise", "full_and_piecewise") and has_attention:
         # split before compiling the whole graph: compile_fx may change the module it is given
         split, attention_parts = split_at_attention(gm, lambda n: n.op == "call_function" and n.target is impl.op)
         paths[BatchKind.MIXED] = Path(split, _compile_pieces(split, attention_parts, gm, example_inputs, compile_fn,
-                                                             graphs, max_size))
+                                                             graphs))
     if BatchKind.MIXED not in paths or config.cudagraph_mode == "full_and_piecewise":
-        piece = GraphedPiece(compile_fn(gm, example_inputs), signature, graphs, max_size)
+        piece = CapturedPiece(compile_fn(gm, example_inputs), signature, graphs)
         paths[BatchKind.DECODE if BatchKind.MIXED in paths else BatchKind.MIXED] = Path(piece, [piece])
-    return GraphRunner(paths, signature, extra_args, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
+    return GraphRunner(paths, signature, extra_args, graphs=graphs, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
                        ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,
                        max_num_seqs=max_num_seqs, on_capture=dump.write_capture_table,
                        static_tokens=ctx.num_tokens if has_attention and signature.is_static else None)
@@ -109,14 +110,26 @@ class RecordingBackend:
     @property
     def graphs(self) -> int:
         """Captured calls over every runner and piece."""
-        return sum(len(p.calls) for r in self.runners for p in r.pieces)
+        return sum(len(p.recordings) for r in self.runners for p in r.pieces)
 
 
 def _device_of(example_inputs: list) -> torch.device:
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
+    """The device the graph computes on: CUDA if any input is there (a CPU input may feed it)."""
+    devices = [x.device for x in example_inputs if isinstance(x, torch.Tensor)]
+    return next((d for d in devices if d.type == "cuda"), devices[0] if devices else torch.device("cpu"))
+
+
+def _unsafe_to_capture(gm: torch.fx.GraphModule, signature: BatchSignature, example_inputs: list,
+                       device: torch.device) -> list[str]:
+    """Reasons a captured graph would be wrong for this graph; the runner then runs the compiled
+    code without graphs."""
+    if not signature.is_static and signature.symbol is None:
+        return [signature.why_not_paddable]
+    reasons = []
+    if signature.symbol is not None and not signature.size_readable:
+        reasons.append(f"no input holds the batch size {signature.symbol} itself, so a call's size is unknown")
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return reasons + find_host_compute(gm, device) + aliased_writes(signature, example_inputs, names)
 
 
 def _max_num_seqs(config: FullgraphConfig, ctx: ForwardContext | None) -> int | None:
@@ -146,30 +159,33 @@ def _compiler(config: FullgraphConfig) -> Callable[[torch.fx.GraphModule, list],
 
 
 def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm: torch.fx.GraphModule,
-                    example_inputs: list, compile_fn: Callable, graphs: CudaGraphs | EmulatedGraphs,
-                    max_size: int | None) -> list[GraphedPiece]:
-    """Compile every non-attention submodule of ``split`` and wrap it in a :class:`GraphedPiece`.
+                    example_inputs: list, compile_fn: Callable,
+                    graphs: CudaGraphs | EmulatedGraphs) -> list[CapturedPiece]:
+    """Compile every non-attention submodule of ``split`` and wrap it in a :class:`CapturedPiece`.
 
     Runs ``split`` on fake inputs so each piece is compiled with fake inputs of its own,
     symbolic in the batch dim as the whole graph was. The backend's fake mode (not the one
-    Dynamo traced with) memoises the example inputs with their symbolic sizes.
+    Dynamo traced with) memoises the example inputs with their symbolic sizes. A piece writes
+    the inputs whose fake version counters its fake run moved.
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    state_names = {n.name for n in placeholders if is_module_state(n)}
+    roles = {n.name: input_role(n) for n in gm.graph.nodes if n.op == "placeholder"}
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    pieces: list[GraphedPiece] = []
-    produced: dict = {}  # shared: lets a piece read an earlier piece's graph output in place
+    pieces: list[CapturedPiece] = []
 
     class PieceCompiler(torch.fx.Interpreter):
         def run_node(self, node):
+            args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
+            versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
             out = super().run_node(node)
             if node.op == "call_module" and node.target not in attention_parts:
-                args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
-                state = [isinstance(a, torch.fx.Node) and a.name in state_names for a in node.args]
-                signature = BatchSignature(args, list(compat.outputs_as_tuple(out)), state)
-                piece = GraphedPiece(compile_fn(self.fetch_attr(node.target), args), signature, graphs, max_size,
-                                     single_output=not isinstance(out, (tuple, list)), produced=produced)
+                role = [roles.get(a.name, InputRole()) if isinstance(a, torch.fx.Node) else InputRole()
+                        for a in node.args]
+                role = [InputRole(r.static, r.forward_context, isinstance(a, torch.Tensor) and a._version != v)
+                        for r, a, v in zip(role, args, versions)]
+                signature = BatchSignature(args, list(compat.outputs_as_tuple(out)), role)
+                piece = CapturedPiece(compile_fn(self.fetch_attr(node.target), args), signature, graphs,
+                                      single_output=not isinstance(out, (tuple, list)))
                 split.__dict__[node.target] = piece  # the split module's code calls self.<target>(...)
                 pieces.append(piece)
             return out

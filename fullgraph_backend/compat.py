@@ -16,6 +16,24 @@ def weak_tensor(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(weak, t.storage_offset(), t.size(), t.stride())
 
 
+def can_forbid_access() -> bool:
+    """Whether :func:`forbid_access` works in this build: the hook is compiled into CUDA builds of
+    torch only (2.11 through 2.14)."""
+    return hasattr(torch._C, "_set_storage_access_error_msg")
+
+
+def forbid_access(t: torch.Tensor, message: str) -> None:
+    """Make any later use of ``t``'s storage raise ``message`` (cudagraph trees mark outputs a later
+    replay overwrote the same way)."""
+    torch._C._set_storage_access_error_msg(t, message)
+
+
+def source_name(source) -> str:
+    """A Dynamo source as the expression it reads (``L['x']``): a method in 2.11, a property later."""
+    name = source.name
+    return name() if callable(name) else name
+
+
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | None = None) -> object:
     """Inductor once, symbolic in the batch dim, with Inductor's own CUDA graphs off.
 

@@ -32,10 +32,22 @@ class CapturedCall:
 class CudaGraphs:
     """Captures on one side stream into one shared pool (replay in capture order, one at a time)."""
 
+    emulated = False
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
+        self._replayed = torch.cuda.Event()
+
+    def replayed(self) -> None:
+        """Mark the replays launched so far (host buffers they read may be rewritten once they ran)."""
+        self._replayed.record(torch.cuda.current_stream(self.device))
+
+    def wait_replayed(self) -> None:
+        """Block until the replays marked by :meth:`replayed` have run: a replay copies pinned host
+        inputs asynchronously, so the host may not rewrite them before."""
+        self._replayed.synchronize()
 
     def warmup(self, fn: Callable, args: list) -> tuple:
         """Run once on the capture stream: Triton JIT, autotuning and cuBLAS handles happen here."""
@@ -46,7 +58,8 @@ class CudaGraphs:
         return out
 
     def capture(self, fn: Callable, args: list) -> CapturedCall:
-        """Capture ``fn(*args)``, replay it once so its outputs hold real values, hand them out weakly."""
+        """Capture ``fn(*args)`` (nothing runs: the outputs hold no values until a replay) and hand
+        the outputs out weakly."""
         graph = torch.cuda.CUDAGraph()
         # torch.cuda.graph empties the allocator's cache on entry; do it first so the difference
         # below is the pool's growth, not the cache it released
@@ -55,16 +68,25 @@ class CudaGraphs:
         before = torch.cuda.memory_reserved(self.device)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             out = outputs_as_tuple(fn(*args))
-        graph.replay()
         weak = tuple(weak_tensor(o) if isinstance(o, torch.Tensor) else o for o in out)
         return CapturedCall(graph.replay, weak, torch.cuda.memory_reserved(self.device) - before, hold=out)
 
 
 class EmulatedGraphs:
-    """CPU stand-in: no capture, same static inputs and fixed output addresses."""
+    """CPU stand-in: no capture, same static inputs and fixed output addresses. Its "capture" runs
+    the callable, which a CUDA capture does not: the runner undoes what that run wrote."""
+
+    emulated = True
+    device = torch.device("cpu")
 
     def warmup(self, fn: Callable, args: list) -> tuple:
         return outputs_as_tuple(fn(*args))
+
+    def replayed(self) -> None:
+        """Replays run synchronously here."""
+
+    def wait_replayed(self) -> None:
+        """Replays run synchronously here."""
 
     def capture(self, fn: Callable, args: list) -> CapturedCall:
         # own copies: outputs may be views of one another, which must not be written in place

@@ -1,130 +1,195 @@
 """The graph runner: pad a call to its capture size, replay that size's graph, slice the outputs.
 
-``GraphRunner`` is the callable the backend returns. It owns the graph keys and the capture
-loop; each compiled piece (the whole graph in ``full`` mode, the parts between attention calls
-in ``piecewise`` mode) is a :class:`GraphedPiece` holding its static input buffers and one
-captured call per key. Outputs of a replay live in the shared graph pool and stay valid only
-until the next call of any compiled model on this device.
+``GraphRunner`` is the callable the backend returns. A call, under its device's lock: pick the
+:class:`GraphKey`, capture what is missing, then for each compiled piece (the whole graph in
+``full`` mode, the parts between attention calls in ``piecewise`` mode) check the fixed
+addresses -> copy the inputs in -> replay -> copy the inputs the graph wrote back; then slice
+the outputs and hand them out. Each piece holds one :class:`Recording` per key.
+
+What a caller sees is what one eager call would do: warm-up and capture runs leave every tensor
+the graph writes as they found it (:class:`CaptureSession`), and writes to inputs that are not at
+fixed addresses reach the caller's tensors. Outputs living in graph memory are valid until the
+next call of this runner: on CUDA, reading one afterwards raises; on CPU (emulated graphs) each
+call hands out its own copies.
 """
 from __future__ import annotations
 
 import bisect
 import contextlib
+import enum
 import logging
+import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
+from fullgraph_backend import compat
 from fullgraph_backend.compat import outputs_as_tuple
 from fullgraph_backend.cuda_graph import CapturedCall, CudaGraphs, EmulatedGraphs, frozen_gc
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
-from fullgraph_backend.padding import ArgKind, BatchSignature
+from fullgraph_backend.padding import BatchSignature
+from fullgraph_backend.staging import InputPlan, Role, StagedInputs
 
 log = logging.getLogger("fullgraph")
 
-Key = tuple  # (padded size or None for a static graph, BatchKind)
+OVERWRITTEN = ("fullgraph: this output of a compiled call was overwritten by a later call of the same compiled "
+               "model (outputs live in CUDA-graph memory until the next call, from any thread); clone() it before "
+               "calling again, under a lock of your own when several threads share the model")
 
 
-class GraphedPiece:
-    """A compiled callable captured once per key, reading its inputs from fixed addresses.
+class GraphKey(NamedTuple):
+    """What a recording is captured for: the padded size (None: a graph without a batch dim) and the kind."""
 
-    The runner sets ``mode`` and ``key`` before calling it: ``eager`` calls straight through;
-    ``warmup``, ``capture`` and ``replay`` run at the key's padded size, with the size arg
-    replaced. A batched or per-call input is read from a static buffer (rows past the real count
-    keep stale, finite values), except one that is the output of a piece captured earlier for
-    the same key (piecewise mode): the graph reads that pool address in place, as vLLM's
-    piecewise graphs do, so a replay copies only what moved.
+    size: int | None
+    kind: BatchKind
+
+
+class Phase(enum.Enum):
+    WARMUP = "warmup"
+    CAPTURE = "capture"
+    REPLAY = "replay"
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the pieces of the call in progress do; None outside a runner call: run eagerly."""
+
+    phase: Phase
+    key: GraphKey
+    session: "CaptureSession | None" = None
+
+
+_STEP: ContextVar[_Step | None] = ContextVar("fullgraph_step", default=None)
+
+
+class CaptureSession:
+    """One capture loop: gc frozen, RNG state kept, and every fixed-address tensor a warm-up or
+    capture run writes put back as it was, so a caller sees one call's effect, not one per key.
+
+    Also tracks, per key, the outputs captured so far: a later piece of the same key reads those
+    where they live (piecewise mode).
     """
 
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._produced: dict[GraphKey, set[int]] = {}
+        self._staged: dict[tuple[int, GraphKey], StagedInputs] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "CaptureSession":
+        self._stack.enter_context(frozen_gc())
+        cuda = self.device.type == "cuda"
+        self._stack.enter_context(torch.random.fork_rng(
+            devices=[self.device.index or torch.cuda.current_device()] if cuda else [],
+            device_type="cuda" if cuda else "cpu"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore(t for t, _ in self._kept.values())
+        self._kept.clear()
+        self._stack.close()
+
+    def keep(self, tensors) -> None:
+        """Snapshot ``tensors`` the first time this session sees them."""
+        for t in tensors:
+            if id(t) not in self._kept:
+                self._kept[id(t)] = (t, t.clone())
+
+    def restore(self, tensors) -> None:
+        """Put ``tensors`` (snapshotted by :meth:`keep`) back as they were."""
+        for t in tensors:
+            t.copy_(self._kept[id(t)][1])
+
+    def produced(self, key: GraphKey) -> set[int]:
+        """Addresses of outputs captured so far for ``key``."""
+        return self._produced.setdefault(key, set())
+
+    def staged(self, piece: "CapturedPiece", key: GraphKey, args: tuple) -> StagedInputs:
+        """The staging of ``piece`` at ``key``: made at warm-up, kept for the capture unless an input
+        is now an earlier piece's captured output (read in place)."""
+        produced = self.produced(key)
+        staged = self._staged.get((id(piece), key))
+        if staged is None or any(isinstance(args[i], torch.Tensor) and args[i].data_ptr() in produced
+                                 for i in staged.reads):
+            staged = self._staged[(id(piece), key)] = StagedInputs(piece.sig, piece.plan, key.size, args, produced)
+        return staged
+
+
+class Recording:
+    """One key of one piece: the captured call, the buffers it reads, the fixed addresses it read."""
+
+    def __init__(self, call: CapturedCall, staged: StagedInputs, static_ptrs: list[int]) -> None:
+        self.call, self.staged, self.static_ptrs = call, staged, static_ptrs
+        # storages a caller must not keep past the next call: staging buffers and graph outputs
+        self.owned = staged.owned | {o.untyped_storage().data_ptr() for o in call.outputs
+                                     if isinstance(o, torch.Tensor)}
+
+    @property
+    def reads(self) -> dict[int, torch.Tensor]:
+        """Per copied input position, the tensor the graph reads."""
+        return self.staged.reads
+
+
+class CapturedPiece:
+    """A compiled callable captured once per key. Called by the runner's path (directly, or by the
+    split module between eager attention calls); what it does comes from the call in progress."""
+
     def __init__(self, fn: Callable, signature: BatchSignature, graphs: CudaGraphs | EmulatedGraphs,
-                 max_size: int | None, single_output: bool = False,
-                 produced: dict[Key, set[int]] | None = None) -> None:
+                 single_output: bool = False) -> None:
         self.fn, self.sig, self.graphs = fn, signature, graphs
         self.single_output = single_output  # fn returns one value, not a tuple
-        # addresses of outputs captured so far in the current key's capture pass, shared by the pieces
-        self._produced = produced if produced is not None else {}
-        specs = signature.inputs
-        self._copied = [i for i, s in enumerate(specs) if s.kind in (ArgKind.BATCHED, ArgKind.COPIED)]
-        self._sizes = [i for i, s in enumerate(specs) if s.kind is ArgKind.SIZE]
-        self._static = [i for i, s in enumerate(specs) if s.kind is ArgKind.STATIC]
-        self._max_size = max_size
-        self._buffers: dict[int, torch.Tensor] = {}  # allocated on first use, outside any fake mode
-        self._views: dict[int | None, dict[int, torch.Tensor]] = {}
-        self._reads: dict[Key, dict[int, torch.Tensor]] = {}  # per key: what the graph reads for each input
-        self.calls: dict[Key, CapturedCall] = {}
-        self._static_ptrs: dict[Key, list[int]] = {}
-        self.mode, self.key = "eager", None
+        self.plan = InputPlan.of(signature, graphs.device)
+        self.static = self.plan.indices(Role.IN_PLACE)
+        self.recordings: dict[GraphKey, Recording] = {}
 
     def __call__(self, *args):
-        if self.mode == "eager":
+        step = _STEP.get()
+        if step is None:
             return self.fn(*args)
-        key = self.key
-        if self.mode == "warmup":
-            return self._as_fn_returns(self.graphs.warmup(self.fn, self._stage(args, self._staging(key[0]))))
-        if self.mode == "capture":
-            produced = self._produced.setdefault(key, set())
-            reads = {i: args[i] if _same_place(args[i], view) and args[i].data_ptr() in produced else view
-                     for i, view in self._staging(key[0]).items()}
-            staged = self._stage(args, reads)
-            self.calls[key] = call = self.graphs.capture(self.fn, staged)
-            self._reads[key] = reads
-            self._static_ptrs[key] = [staged[i].data_ptr() for i in self._static]
-            produced.update(o.data_ptr() for o in call.outputs if isinstance(o, torch.Tensor))
-            return self._as_fn_returns(call.outputs)
-        call = self.calls[key]
-        if [args[i].data_ptr() for i in self._static] != self._static_ptrs[key]:
-            self._raise_moved(args)
-        self._stage(args, self._reads[key])
-        call.replay()
+        if step.phase is Phase.REPLAY:
+            return self._as_fn_returns(self._replay(self.recordings[step.key], args))
+        session = step.session
+        written = [args[i] for i in self.plan.restore]
+        session.keep(written)
+        staged = session.staged(self, step.key, args)
+        try:
+            if step.phase is Phase.WARMUP:
+                return self._as_fn_returns(self.graphs.warmup(self.fn, staged.stage(args)))
+            inputs = staged.stage(args)
+            call = self.graphs.capture(self.fn, inputs)
+        finally:
+            session.restore(written)
+        self.recordings[step.key] = Recording(call, staged, [inputs[i].data_ptr() for i in self.static])
+        session.produced(step.key).update(o.data_ptr() for o in call.outputs if isinstance(o, torch.Tensor))
         return self._as_fn_returns(call.outputs)
 
-    def end_capture(self, key: Key) -> None:
-        """After every piece captured ``key``: let later captures reuse this key's output memory."""
-        self.calls[key].hold = None
-        self._produced.pop(key, None)
+    def end_capture(self, key: GraphKey) -> None:
+        """After every piece captured ``key``: later captures may reuse this key's output memory."""
+        self.recordings[key].call.hold = None
+
+    def _replay(self, rec: Recording, args: tuple) -> tuple:
+        if [args[i].data_ptr() for i in self.static] != rec.static_ptrs:
+            self._raise_moved(rec, args)
+        rec.staged.stage(args)
+        rec.call.replay()
+        rec.staged.write_back(args)
+        return rec.call.outputs
 
     def _as_fn_returns(self, outputs: tuple):
         return outputs[0] if self.single_output else outputs
 
-    def _staging(self, size: int | None) -> dict[int, torch.Tensor]:
-        """The static buffers viewed at ``size``, by input position."""
-        views = self._views.get(size)
-        if views is None:
-            if not self._buffers:
-                self._buffers = {i: self.sig.allocate(self.sig.inputs[i], self._max_size) for i in self._copied}
-            views = self._views[size] = {i: self.sig.view(self.sig.inputs[i], self._buffers[i], size)
-                                         for i in self._copied}
-        return views
-
-    def _stage(self, args: tuple, reads: dict[int, torch.Tensor]) -> list:
-        """The args the graph sees: each input copied to where the graph reads it, unless it is there."""
-        args = list(args)
-        size = self.key[0]
-        for i in self._copied:
-            src, dst = args[i], reads[i]
-            if src.data_ptr() != dst.data_ptr():
-                for d in self.sig.inputs[i].batch_dims:  # capture loops stage real args at smaller sizes too
-                    rows = min(src.shape[d], dst.shape[d])
-                    src, dst = src.narrow(d, 0, rows), dst.narrow(d, 0, rows)
-                dst.copy_(src)
-            args[i] = reads[i]
-        for i in self._sizes:
-            args[i] = size
-        return args
-
-    def _raise_moved(self, args) -> None:
-        moved = [i for i, p in zip(self._static, self._static_ptrs[self.key]) if args[i].data_ptr() != p]
+    def _raise_moved(self, rec: Recording, args: tuple) -> None:
+        moved = [i for i, p in zip(self.static, rec.static_ptrs) if args[i].data_ptr() != p]
         raise RuntimeError(
-            f"fullgraph: {len(moved)} graph input(s) without a batch dim (weights or buffers, arg positions "
-            f"{moved[:8]}) are not at the addresses captured in the CUDA graph, so a replay would read stale "
-            f"memory. This happens after model.to(...), load_state_dict(assign=True) or replacing a parameter. "
-            f"Update weights in place (param.data.copy_(...)), or call torch._dynamo.reset() and compile again.")
-
-
-def _same_place(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            f"fullgraph: {len(moved)} fixed-address graph input(s) (weights, buffers or marked tensors; arg "
+            f"positions {moved[:8]}) are not at the addresses captured in the CUDA graph, so a replay would read "
+            f"stale memory. This happens after model.to(...), load_state_dict(assign=True) or replacing a "
+            f"parameter. Update weights in place (param.data.copy_(...)), or call torch._dynamo.reset() and "
+            f"compile again.")
 
 
 @dataclass
@@ -144,28 +209,41 @@ class Path:
     attention calls with attention eager in between)."""
 
     fn: Callable
-    pieces: list[GraphedPiece]
+    pieces: list[CapturedPiece]
+
+
+_LOCKS: dict[torch.device, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def device_lock(device: torch.device) -> threading.RLock:
+    """The lock every compiled call on ``device`` holds from copy-in to hand-out: replays of one
+    runner share its buffers and graph memory, so two threads must not interleave them."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(device, threading.RLock())
 
 
 class GraphRunner:
     """The callable the backend returns: picks the graph key, captures, replays, falls back.
 
-    Keys are ``(padded size, batch kind)``. Padded graphs are captured for every capture size on
-    the first call, largest first; graphs whose ops mix rows across the batch dim are keyed by
-    exact size and captured on first sight of each size. A batch beyond the largest capture
-    size runs the compiled code without graphs (logged once). ``paths`` maps a batch kind to how
-    it runs: ``full_and_piecewise`` gives uniform-decode batches the full graph and mixed
-    batches the pieces; every other mode has one path for both.
+    Padded graphs reading a forward context (the engine's) are captured for every capture size
+    on the first call, largest first, so startup pays for all of them once; other graphs are
+    captured per key on first use, so a program pays only for the sizes it runs. Graphs whose ops
+    mix rows across the batch dim are keyed by exact size. A batch beyond the largest capture size
+    runs the compiled code without graphs (logged once). ``paths`` maps a batch kind to how it
+    runs: ``full_and_piecewise`` gives uniform-decode batches the full graph and mixed batches
+    the pieces; every other mode has one path for both.
     """
 
     def __init__(self, paths: dict[BatchKind, Path], signature: BatchSignature,
-                 extra_args: tuple[torch.Tensor, ...], *,
+                 extra_args: tuple[torch.Tensor, ...], *, graphs: CudaGraphs | EmulatedGraphs,
                  capture_sizes: tuple[int, ...], pad: bool, use_graphs: bool, ctx: ForwardContext | None,
                  decode_variant: bool, max_num_seqs: int | None, static_tokens: int | None = None,
                  on_capture: Callable[[list[CaptureRecord]], None] | None = None) -> None:
         self.paths = {BatchKind.MIXED: paths[BatchKind.MIXED],
                       BatchKind.DECODE: paths.get(BatchKind.DECODE, paths[BatchKind.MIXED])}
-        self.sig = signature
+        self.sig, self.graphs = signature, graphs
+        self.plan = InputPlan.of(signature, graphs.device)
         # decode batches get keys of their own when a kernel or the path differs for them
         self.kinds_differ = decode_variant or self.paths[BatchKind.DECODE] is not self.paths[BatchKind.MIXED]
         self.on_capture = on_capture  # called with the capture table after each capture loop (the dump)
@@ -178,9 +256,15 @@ class GraphRunner:
         self._decode_limit = next((s for s in capture_sizes if s >= seqs), capture_sizes[-1] if capture_sizes else 0)
         self.capture_table: list[CaptureRecord] = []
         self._said: set[str] = set()
+        self._owned: dict[GraphKey, set[int]] = {}  # per key, storages a caller must not keep
+        self._all_owned: set[int] = set()
+        self._copied = self.plan.indices(Role.COPY)
+        self._handed_out: list[torch.Tensor] = []  # outputs of the last call that live in graph memory
+        self._pinned = any(p.plan.pinned for p in self.pieces)
+        self._lock = device_lock(graphs.device)
 
     @property
-    def pieces(self) -> list[GraphedPiece]:
+    def pieces(self) -> list[CapturedPiece]:
         """Every captured piece, of every path."""
         return list({id(p): p for path in self.paths.values() for p in path.pieces}.values())
 
@@ -191,15 +275,17 @@ class GraphRunner:
 
     def __call__(self, *args):
         args = args + self.extra_args
-        n = self.sig.batch_size(args)
-        kind = self._check_context(n)
-        key = self._key(n, kind)
-        if key is None:
-            return self._run("eager", None, args)
-        if key not in self.paths[key[1]].pieces[0].calls:
-            self._capture(self._all_keys() if self.pad and not self.capture_table else [key], args)
-        out = self._run("replay", key, args)
-        return out if n is None else self.sig.slice_outputs(out, n)
+        with self._lock:
+            n = self.sig.batch_size(args)
+            key = self._key(n, self._check_context(n))
+            if key is None:
+                return outputs_as_tuple(self.paths[BatchKind.MIXED].fn(*args))
+            if key not in self.paths[key.kind].pieces[0].recordings:
+                self._capture(self._keys_to_capture(key), args)
+            args = self._unshare(args)
+            self._expire_outputs()
+            out = self._replay(key, args)
+            return self._hand_out(out if n is None else self.sig.slice_outputs(out, n), key)
 
     # ---- keys ----------------------------------------------------------------------------
     def _check_context(self, n: int | None) -> BatchKind:
@@ -216,61 +302,100 @@ class GraphRunner:
                                f"{active.num_tokens}; prepare the metadata for this batch first")
         return active.batch_kind if self.kinds_differ else BatchKind.MIXED
 
-    def _key(self, n: int | None, kind: BatchKind) -> Key | None:
+    def _key(self, n: int | None, kind: BatchKind) -> GraphKey | None:
         if not self.use_graphs:
             return None
         if n is None:
-            return (None, kind)
+            return GraphKey(None, kind)
         sizes = self.capture_sizes
         if not sizes or n > sizes[-1]:
             self._say_once("beyond", f"batch of {n} is beyond the largest capture size "
                                      f"{sizes[-1] if sizes else 0}: running the compiled graph without CUDA graphs")
             return None
         if not self.pad:
-            return (n, kind)
+            return GraphKey(n, kind)
         size = sizes[bisect.bisect_left(sizes, n)]
         # a decode batch past the decode graphs runs the mixed graph: correct for any batch
-        return (size, kind if size <= self._decode_limit else BatchKind.MIXED)
+        return GraphKey(size, kind if size <= self._decode_limit else BatchKind.MIXED)
 
-    def _all_keys(self) -> list[Key]:
-        """Every padded key, largest size first (smaller captures reuse the pool's blocks)."""
+    def _keys_to_capture(self, key: GraphKey) -> list[GraphKey]:
+        """``key``; with a forward context and padding, every padded key not captured yet, largest
+        first (smaller captures reuse the pool's blocks)."""
+        if not (self.pad and self.ctx is not None):
+            return [key]
         kinds = [BatchKind.MIXED, BatchKind.DECODE] if self.kinds_differ else [BatchKind.MIXED]
-        return [(size, kind) for size in reversed(self.capture_sizes) for kind in kinds
-                if kind is BatchKind.MIXED or size <= self._decode_limit]
+        return [GraphKey(size, kind) for size in reversed(self.capture_sizes) for kind in kinds
+                if (kind is BatchKind.MIXED or size <= self._decode_limit)
+                and GraphKey(size, kind) not in self.paths[kind].pieces[0].recordings]
 
-    # ---- capture and run -----------------------------------------------------------------
-    def _run(self, mode: str, key: Key | None, args) -> tuple:
-        path = self.paths[key[1] if key else BatchKind.MIXED]
-        for piece in path.pieces:
-            piece.mode, piece.key = mode, key
+    # ---- capture and replay --------------------------------------------------------------
+    def _run(self, step: _Step, args: tuple) -> tuple:
+        token = _STEP.set(step)
         try:
-            return outputs_as_tuple(path.fn(*args))
+            return outputs_as_tuple(self.paths[step.key.kind].fn(*args))
         finally:
-            for piece in path.pieces:
-                piece.mode = "eager"
+            _STEP.reset(token)
 
-    def _capture(self, keys: list[Key], args) -> None:
-        """Warm up and capture ``keys`` in order (largest first) with benign attention metadata."""
+    def _capture(self, keys: list[GraphKey], args: tuple) -> None:
+        """Warm up and capture ``keys`` in order with benign attention metadata."""
         start = time.perf_counter()
-        with frozen_gc():
-            for size, kind in keys:
-                tokens = size if size is not None else self.ctx and self.ctx.num_tokens  # static graph: as traced
-                metadata = self.ctx.capture_metadata(tokens, kind) if self.ctx else contextlib.nullcontext()
+        with CaptureSession(self.graphs.device) as session:
+            for key in keys:
+                tokens = key.size if key.size is not None else self.ctx and self.ctx.num_tokens  # static: as traced
+                metadata = self.ctx.capture_metadata(tokens, key.kind) if self.ctx else contextlib.nullcontext()
                 with metadata:
                     t0 = time.perf_counter()
-                    self._run("warmup", (size, kind), args)
+                    self._run(_Step(Phase.WARMUP, key, session), args)
                     t1 = time.perf_counter()
-                    self._run("capture", (size, kind), args)
+                    self._run(_Step(Phase.CAPTURE, key, session), args)
                     t2 = time.perf_counter()
-                pieces = self.paths[kind].pieces
+                pieces = self.paths[key.kind].pieces
                 for piece in pieces:
-                    piece.end_capture((size, kind))
-                pool = sum(p.calls[(size, kind)].pool_bytes for p in pieces) / 2**20
-                self.capture_table.append(CaptureRecord(size, kind.value, (t1 - t0) * 1e3, (t2 - t1) * 1e3, pool))
+                    piece.end_capture(key)
+                self._owned[key] = set().union(*(p.recordings[key].owned for p in pieces))
+                self._all_owned |= self._owned[key]
+                pool = sum(p.recordings[key].call.pool_bytes for p in pieces) / 2**20
+                self.capture_table.append(CaptureRecord(key.size, key.kind.value, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                                                        pool))
         log.info("fullgraph: captured %d graph key(s) x %d piece(s) in %.2f s", len(keys), len(self.pieces),
                  time.perf_counter() - start)
         if self.on_capture:
             self.on_capture(self.capture_table)
+
+    def _unshare(self, args: tuple) -> tuple:
+        """Copy inputs that live in this runner's memory (an earlier call's outputs fed back): a replay
+        may overwrite them before a later piece copies them in."""
+        shared = [i for i in self._copied
+                  if isinstance(args[i], torch.Tensor) and args[i].untyped_storage().data_ptr() in self._all_owned]
+        return tuple(a.clone() if i in shared else a for i, a in enumerate(args)) if shared else args
+
+    def _replay(self, key: GraphKey, args: tuple) -> tuple:
+        if self._pinned:
+            self.graphs.wait_replayed()  # the last replay's host-to-device copies still read the pinned buffers
+        out = self._run(_Step(Phase.REPLAY, key), args)
+        if self._pinned:
+            self.graphs.replayed()
+        return out
+
+    def _hand_out(self, outputs: tuple, key: GraphKey) -> tuple:
+        """Outputs for the caller. Those in graph memory are new tensor objects over it (CUDA: marked
+        unreadable once the next call overwrites them), or copies where that cannot be marked."""
+        owned = self._owned[key]
+        result = []
+        for out in outputs:
+            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in owned:
+                if self.graphs.emulated or not compat.can_forbid_access():
+                    out = out.clone()
+                else:
+                    out = compat.weak_tensor(out)
+                    self._handed_out.append(out)
+            result.append(out)
+        return tuple(result)
+
+    def _expire_outputs(self) -> None:
+        for out in self._handed_out:
+            compat.forbid_access(out, OVERWRITTEN)
+        self._handed_out.clear()
 
     def _say_once(self, topic: str, message: str) -> None:
         if topic not in self._said:

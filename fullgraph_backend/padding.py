@@ -2,8 +2,8 @@
 
 Dynamo hands the backend fake tensors whose sizes are sympy expressions. A graph is paddable
 when exactly one symbol (the batch size) appears, and only as a whole dimension: then an input
-of ``n`` rows can be copied into a static buffer viewed at any capture size ``P >= n``, and an
-output computed at ``P`` is sliced back to ``n``.
+of ``n`` rows can be copied into a static buffer of any capture size ``P >= n``
+(:mod:`fullgraph_backend.staging`), and an output computed at ``P`` is sliced back to ``n``.
 """
 from __future__ import annotations
 
@@ -17,9 +17,25 @@ import torch
 class ArgKind(enum.Enum):
     SIZE = "size"  # the batch size itself, as an int
     BATCHED = "batched"  # a tensor with one or more batch dims: copied into a static buffer
-    STATIC = "static"  # module state (weights, buffers): read in place, must not move
+    STATIC = "static"  # a tensor at a fixed address (weights, buffers, marked tensors): read in place
     COPIED = "copied"  # any other tensor without batch dims: copied whole into a static buffer
     OTHER = "other"  # anything else, passed through
+
+
+@dataclass(frozen=True)
+class InputRole:
+    """What the graph does with one input beyond its shape.
+
+    ``static``: its address is fixed for the life of the compiled graph (parameters, buffers,
+    tensors marked with ``torch._dynamo.mark_static_address``, the forward context's buffers), so
+    the graph reads and writes it in place. ``forward_context``: one of the forward context's
+    buffers, whose writes during capture go to the null block by contract. ``mutated``: the graph
+    writes it in place.
+    """
+
+    static: bool = False
+    forward_context: bool = False
+    mutated: bool = False
 
 
 @dataclass(frozen=True)
@@ -30,19 +46,29 @@ class ArgSpec:
     stride: tuple = ()
     dtype: torch.dtype | None = None
     device: torch.device | None = None
+    role: InputRole = InputRole()
 
 
-def is_module_state(placeholder: torch.fx.Node) -> bool:
-    """Whether a Dynamo placeholder is a parameter or buffer of an nn.Module (read in place)."""
+def input_role(placeholder: torch.fx.Node) -> InputRole:
+    """The role of a Dynamo placeholder's input, from its metadata.
+
+    Dynamo traced the graph on the placeholders' fake tensors, so a fake whose version counter
+    moved was written in place by the graph (directly or through a view: views share it).
+    """
     from fullgraph_backend.compat import guard_source
 
+    value = placeholder.meta.get("example_value")
+    mutated = isinstance(value, torch.Tensor) and value._version > 0
     if placeholder.meta.get("fullgraph_input"):  # a forward-context buffer the attention swap added
-        return True
+        return InputRole(static=True, forward_context=True, mutated=mutated)
+    marked = "_dynamo_static_input_type" in placeholder.meta.get("tensor_dict", {})
     arg = placeholder.meta.get("grapharg")
     if arg is None:
-        return isinstance(placeholder.meta.get("example_value"), torch.nn.Parameter)
-    source = guard_source(arg.source)
-    return source.is_unspecialized_nn_module() or source.is_specialized_nn_module()
+        module_state = isinstance(value, torch.nn.Parameter)
+    else:
+        source = guard_source(arg.source)
+        module_state = source.is_unspecialized_nn_module() or source.is_specialized_nn_module()
+    return InputRole(static=marked or module_state, mutated=mutated)
 
 
 def _expr(size):
@@ -60,15 +86,14 @@ def _symbols(value) -> set:
 class BatchSignature:
     """The batch structure of a graph's inputs and outputs, read from Dynamo's fake values."""
 
-    def __init__(self, inputs: list, outputs: list, module_state: list[bool] | None = None) -> None:
+    def __init__(self, inputs: list, outputs: list, roles: list[InputRole] | None = None) -> None:
         symbols = set().union(set(), *(_symbols(v) for v in (*inputs, *outputs)))
         self.symbol: sympy.Symbol | None = next(iter(symbols)) if len(symbols) == 1 else None
         self.why_not_paddable: str | None = None
         if len(symbols) > 1:
             self.why_not_paddable = f"{len(symbols)} dynamic sizes ({sorted(map(str, symbols))}); padding needs one"
-        state = module_state or [False] * len(inputs)
-        self.inputs = [self._spec(v, is_state) for v, is_state in zip(inputs, state)]
-        self.outputs = [self._spec(v, False) for v in outputs]
+        self.inputs = [self._spec(v, role) for v, role in zip(inputs, roles or [InputRole()] * len(inputs))]
+        self.outputs = [self._spec(v, InputRole()) for v in outputs]
         self.is_static = not symbols
         self._concrete: dict[tuple, tuple[int, ...]] = {}
 
@@ -81,13 +106,13 @@ class BatchSignature:
         outputs = [a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
                    for a in (out_args if isinstance(out_args, (list, tuple)) else [out_args])]
         return cls([n.meta.get("example_value") for n in placeholders], outputs,
-                   [is_module_state(n) for n in placeholders])
+                   [input_role(n) for n in placeholders])
 
     @property
     def paddable(self) -> bool:
         return self.symbol is not None and self.why_not_paddable is None
 
-    def _spec(self, value, is_state: bool) -> ArgSpec:
+    def _spec(self, value, role: InputRole) -> ArgSpec:
         sym = self.symbol
         if isinstance(value, torch.SymInt):
             if sym is not None and value.node.expr == sym:
@@ -100,21 +125,32 @@ class BatchSignature:
         shape = tuple(_expr(s) for s in value.shape)
         stride = tuple(_expr(s) for s in value.stride())
         dims = tuple(i for i, e in enumerate(shape) if e.free_symbols)
+        if role.static:
+            if dims and self.why_not_paddable is None:  # read in place: there is no larger buffer to pad into
+                self.why_not_paddable = f"a fixed-address input of shape {list(shape)} has a batch dim"
+            return ArgSpec(ArgKind.STATIC, dims, shape, stride, value.dtype, value.device, role)
         if not dims:
-            kind = ArgKind.STATIC if is_state else ArgKind.COPIED
-            return ArgSpec(kind, (), shape, stride, value.dtype, value.device)
+            return ArgSpec(ArgKind.COPIED, (), shape, stride, value.dtype, value.device, role)
         if any(shape[d] != sym for d in dims) and self.why_not_paddable is None:
             self.why_not_paddable = f"a tensor of shape {list(shape)} has a batch dim that is not the batch size itself"
-        return ArgSpec(ArgKind.BATCHED, dims, shape, stride, value.dtype, value.device)
+        return ArgSpec(ArgKind.BATCHED, dims, shape, stride, value.dtype, value.device, role)
 
     # ---- at run time ----------------------------------------------------------------------
+    @property
+    def size_readable(self) -> bool:
+        """Whether some input holds the batch size itself (as an int, or as a whole dim), so a call's
+        size can be read off its args."""
+        return any(spec.kind is ArgKind.SIZE or any(spec.shape[d] == self.symbol for d in spec.batch_dims)
+                   for spec in self.inputs)
+
     def batch_size(self, args) -> int | None:
         """The batch size of these runtime args (None for a graph without one)."""
         for spec, arg in zip(self.inputs, args):
             if spec.kind is ArgKind.SIZE:
                 return int(arg)
-            if spec.kind is ArgKind.BATCHED:
-                return int(arg.shape[spec.batch_dims[0]])
+            for d in spec.batch_dims:
+                if spec.shape[d] == self.symbol:
+                    return int(arg.shape[d])
         return None
 
     def at(self, values: tuple, size: int | None) -> tuple[int, ...]:
@@ -123,16 +159,6 @@ class BatchSignature:
         if key not in self._concrete:
             self._concrete[key] = tuple(int(e.subs(self.symbol, size)) if e.free_symbols else int(e) for e in values)
         return self._concrete[key]
-
-    def allocate(self, spec: ArgSpec, max_size: int | None) -> torch.Tensor:
-        """A zeroed buffer that can be viewed, with the traced strides, at any size <= max_size."""
-        shape, stride = self.at(spec.shape, max_size), self.at(spec.stride, max_size)
-        numel = 1 + sum((s - 1) * st for s, st in zip(shape, stride))
-        return torch.zeros(numel, dtype=spec.dtype, device=spec.device)
-
-    def view(self, spec: ArgSpec, buffer: torch.Tensor, size: int | None) -> torch.Tensor:
-        """``buffer`` seen as the input at batch size ``size``, with the strides Dynamo traced."""
-        return buffer.as_strided(self.at(spec.shape, size), self.at(spec.stride, size))
 
     def slice_outputs(self, outputs: tuple, size: int) -> tuple:
         """Cut outputs computed at a padded size back to their shapes at batch size ``size``."""

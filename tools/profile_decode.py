@@ -61,7 +61,7 @@ def main() -> None:
         compiled(ids, positions)
         runner = counter.runners[-1]
         key = runner._key(None if runner.sig.is_static else args.batch, ctx.batch_kind)
-        call = runner.pieces[0].calls[key]
+        call = runner.pieces[0].recordings[key].call
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
                   "batch": args.batch, "context": args.context, "key": [key[0], key[1].value],
                   "compiled call wall ms": median_ms(lambda: compiled(ids, positions), True),

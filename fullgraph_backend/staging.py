@@ -1,0 +1,136 @@
+"""How each input of a compiled graph reaches a captured graph, and how its writes get back.
+
+A captured graph reads fixed addresses. Per input, an :class:`InputPlan` says which of these
+holds:
+
+- the batch size: replaced by the padded size;
+- a fixed-address input (weights, buffers, marked tensors, forward-context buffers): read and
+  written in place; its address is checked at every replay;
+- any other tensor: copied into a buffer the recording owns (rows past the real count keep
+  stale, finite values), from pinned host memory where a CPU tensor feeds a CUDA graph; if the
+  graph writes it, the write is copied back into the caller's tensor after the replay (the real
+  rows only);
+- anything else: passed through.
+
+:class:`StagedInputs` holds one recording's buffers and does the copies.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from fullgraph_backend.padding import ArgKind, ArgSpec, BatchSignature
+
+
+class Role(enum.Enum):
+    SIZE = "size"
+    IN_PLACE = "in place"
+    COPY = "copy"
+    PASS = "pass"
+
+
+_ROLE_OF_KIND = {ArgKind.SIZE: Role.SIZE, ArgKind.STATIC: Role.IN_PLACE, ArgKind.BATCHED: Role.COPY,
+                 ArgKind.COPIED: Role.COPY, ArgKind.OTHER: Role.PASS}
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """One role per graph input, and the inputs needing more than a read."""
+
+    roles: tuple[Role, ...]
+    write_back: frozenset[int]  # copied inputs the graph writes: copied back after every replay
+    restore: frozenset[int]  # in-place inputs the graph writes: kept across warm-up and capture runs
+    pinned: frozenset[int]  # copied CPU inputs of a CUDA graph: staged in pinned host memory
+
+    @classmethod
+    def of(cls, sig: BatchSignature, device: torch.device) -> "InputPlan":
+        """The plan for a graph of signature ``sig`` captured on ``device``.
+
+        Forward-context buffers are not restored after capture runs: capture metadata sends
+        their writes to the null block (:meth:`ForwardContext.capture_metadata`).
+        """
+        roles = tuple(_ROLE_OF_KIND[s.kind] for s in sig.inputs)
+        mutated = {i for i, s in enumerate(sig.inputs) if s.role.mutated}
+        copied = {i for i, r in enumerate(roles) if r is Role.COPY}
+        in_place = {i for i, r in enumerate(roles) if r is Role.IN_PLACE}
+        forward_context = {i for i, s in enumerate(sig.inputs) if s.role.forward_context}
+        host = {i for i in copied if sig.inputs[i].device.type == "cpu" and device.type == "cuda"}
+        return cls(roles, frozenset(mutated & copied), frozenset((mutated & in_place) - forward_context),
+                   frozenset(host))
+
+    def indices(self, role: Role) -> list[int]:
+        """Input positions with ``role``, in order."""
+        return [i for i, r in enumerate(self.roles) if r is role]
+
+
+class StagedInputs:
+    """The copied inputs of one recording at its padded size: where the graph reads each one.
+
+    ``reads[i]`` is a buffer of its own, or (piecewise mode) the output of a piece captured earlier
+    for the same key, which the graph reads where it lives so a replay copies only what moved.
+    """
+
+    def __init__(self, sig: BatchSignature, plan: InputPlan, size: int | None, args: tuple,
+                 produced: set[int]) -> None:
+        self.sig, self.plan, self.size = sig, plan, size
+        self.reads: dict[int, torch.Tensor] = {}
+        for i in plan.indices(Role.COPY):
+            spec, arg = sig.inputs[i], args[i]
+            shape, stride = sig.at(spec.shape, size), sig.at(spec.stride, size)
+            in_place = (isinstance(arg, torch.Tensor) and arg.data_ptr() in produced
+                        and tuple(arg.shape) == shape and arg.stride() == stride and arg.dtype == spec.dtype)
+            self.reads[i] = arg if in_place else _buffer(spec, shape, stride, pinned=i in plan.pinned)
+        self.owned = {t.untyped_storage().data_ptr() for i, t in self.reads.items() if t is not args[i]}
+
+    def stage(self, args: tuple) -> list:
+        """The args the graph sees: each copied input copied to where the graph reads it (its real rows
+        into the padded buffer), the size replaced by the padded size."""
+        staged = list(args)
+        for i, dst in self.reads.items():
+            if args[i] is not dst:
+                _copy_rows(self.sig.inputs[i], dst, args[i])
+            staged[i] = dst
+        for i in self.plan.indices(Role.SIZE):
+            staged[i] = self.size
+        return staged
+
+    def write_back(self, args: tuple) -> None:
+        """Copy what the graph wrote into copied inputs back into the caller's tensors (real rows)."""
+        for i in self.plan.write_back:
+            if args[i] is not self.reads[i]:
+                _copy_rows(self.sig.inputs[i], args[i], self.reads[i])
+
+
+def _buffer(spec: ArgSpec, shape: tuple[int, ...], stride: tuple[int, ...], pinned: bool) -> torch.Tensor:
+    """A zeroed tensor of ``shape`` with the traced ``stride`` (stride-0 dims share their one element)."""
+    numel = 1 + sum((s - 1) * st for s, st in zip(shape, stride))
+    flat = torch.zeros(numel, dtype=spec.dtype, device=spec.device, pin_memory=pinned)
+    return flat.as_strided(shape, stride)
+
+
+def _copy_rows(spec: ArgSpec, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` over the rows both have along the batch dims, once per element of an
+    expanded (stride-0) dim: a copy into overlapping memory would be an error."""
+    for d in range(dst.dim()):
+        rows = min(src.shape[d], dst.shape[d])
+        if dst.stride(d) == 0 and dst.shape[d] > 1:
+            rows = 1
+        if rows != dst.shape[d] or rows != src.shape[d]:
+            src, dst = src.narrow(d, 0, rows), dst.narrow(d, 0, rows)
+    dst.copy_(src)
+
+
+def aliased_writes(sig: BatchSignature, inputs: list, names: list[str]) -> list[str]:
+    """Reasons the inputs cannot be staged one by one: two inputs share memory and the graph writes
+    one of them, so a write through one must be seen through the other (separate buffers would not
+    see it). ``inputs`` are the example inputs Dynamo compiled with, ``names`` their placeholders."""
+    by_storage: dict[int, list[int]] = {}
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and sig.inputs[i].kind is not ArgKind.OTHER and x.untyped_storage().nbytes():
+            by_storage.setdefault(x.untyped_storage().data_ptr(), []).append(i)
+    return [f"inputs {', '.join(names[i] for i in group)} share memory and the graph writes "
+            f"{', '.join(names[i] for i in group if sig.inputs[i].role.mutated)}"
+            for group in by_storage.values()
+            if len(group) > 1 and any(sig.inputs[i].role.mutated for i in group)]
