@@ -106,8 +106,10 @@ def test_generic_model_matches_eager(name, mode):
     # (Dynamo may split the range of sizes over several graphs: the conv's fake impl guards on batch < 16)
     dynamic = [r for r in backend.runners if r.sig.symbol is not None]
     assert dynamic and all(r.pad for r in dynamic)
-    if mode == "full":
-        assert [r.size for r in dynamic[0].capture_table] == [32, 16, 8, 4, 2, 1]
+    if mode == "full":  # without a forward context, a key is captured on its first use (size 1: a static graph)
+        keys = {next(s for s in (1, 2, 4, 8, 16, 32) if s >= n) for n in [5, *sizes] if 1 < n <= 32}
+        captured = [r.size for runner in dynamic for r in runner.capture_table]
+        assert set(captured) == keys  # (the conv's two graphs may both pad to 16)
 
 
 def test_generic_block_with_inductor():
@@ -140,7 +142,7 @@ def test_batch_mixing_model_is_not_padded(caplog):
     assert not runner.pad
     # one key per distinct exact size, each captured on first sight
     assert [r.size for r in runner.capture_table] == [5, 3, 7, 16, 33]
-    assert set(runner.pieces[0].calls) == {(n, k) for n, k in [(5, "mixed"), (3, "mixed"), (7, "mixed"),
+    assert set(runner.pieces[0].recordings) == {(n, k) for n, k in [(5, "mixed"), (3, "mixed"), (7, "mixed"),
                                                                (16, "mixed"), (33, "mixed")]}
 
 
@@ -217,13 +219,12 @@ class Counter(nn.Module):
         return self.lin(x) + self.calls
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: the capture loop runs the compiled code twice per graph "
-                                       "key (warmup, capture; on CUDA warmup and the post-capture replay) with the "
-                                       "model's own side effects on module state")
-def test_non_idempotent_state_update_runs_once_per_call():
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_non_idempotent_state_update_runs_once_per_call(compiler):
+    """Warm-up and capture runs leave the buffer as they found it: one call, one update."""
     eager, model = Counter().eval().requires_grad_(False), Counter().eval().requires_grad_(False)
     model.load_state_dict(eager.state_dict())
-    compiled = torch.compile(model, backend=RunnerCapture(compiler="eager", capture_sizes=[2, 4, 8]))
+    compiled = torch.compile(model, backend=RunnerCapture(compiler=compiler, capture_sizes=[2, 4, 8]))
     with torch.inference_mode():
         for i, n in enumerate([5, 3, 8, 5]):
             x = torch.randn(n, 8)

@@ -91,31 +91,13 @@ def test_batch_dim_not_first():
     assert spec.kind is ArgKind.BATCHED and spec.batch_dims == (1,)
     assert spec.shape == (4, s, 8) and spec.stride == (8 * s, 8, 1)
     assert sig.batch_size([torch.randn(4, 7, 8) if k.kind is ArgKind.BATCHED else 7 for k in sig.inputs]) == 7
-    buffer = sig.allocate(spec, 16)
-    views = {p: sig.view(spec, buffer, p) for p in (1, 3, 8, 16)}
-    for p, view in views.items():
-        assert view.shape == (4, p, 8) and view.stride() == (8 * p, 8, 1)
-        assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-        x = torch.randn(4, p, 8)
-        view.copy_(x)
-        assert torch.equal(sig.view(spec, buffer, p), x)  # a fresh view at p reads what was written
-    assert buffer.numel() == 4 * 16 * 8  # one buffer, sized for the largest view
 
 
 def test_transposed_input_keeps_traced_strides():
-    base = torch.randn(8, 5)
-    sig, specs = signature_of(lambda x: x + 1, base.t())  # [s, 8] with strides (1, s)
+    sig, specs = signature_of(lambda x: x + 1, torch.randn(8, 5).t())  # [s, 8] with strides (1, s)
     spec = _kind(specs, "x")
-    s = sig.symbol
-    assert spec.batch_dims == (0,) and spec.stride == (1, s)
-    buffer = sig.allocate(spec, 32)
-    for p in (2, 7, 32):
-        view = sig.view(spec, buffer, p)
-        assert view.shape == (p, 8) and view.stride() == (1, p)
-        assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-        x = torch.randn(8, p).t()
-        view.copy_(x)
-        assert torch.equal(sig.view(spec, buffer, p), x)
+    assert spec.batch_dims == (0,) and spec.stride == (1, sig.symbol)
+    assert sig.at(spec.stride, 32) == (1, 32)
 
 
 def test_several_batched_inputs_share_the_symbol():

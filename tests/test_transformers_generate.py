@@ -1,0 +1,85 @@
+"""transformers' own ``generate`` with its forward compiled by ``backend="fullgraph"`` gives eager's greedy
+tokens, with the static cache (tensors written in place, a CPU position counter) and the dynamic one.
+
+Tiny random fp32 configs of each family the installed transformers has; batch 1 and 3 (left-padded).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = torch.device("cpu")
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+}
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def tiny_model(family: str, device: torch.device = DEVICE, dtype: torch.dtype = torch.float32):
+    """A tiny random model of ``family``; skips when this transformers lacks it."""
+    config_name, model_name, extra = FAMILIES[family]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    config = getattr(transformers, config_name)(**TINY, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).to(device, dtype).eval()
+
+
+def prompts(batch: int, device: torch.device = DEVICE):
+    """``batch`` prompts of different lengths, left-padded, with their attention mask."""
+    gen = torch.Generator().manual_seed(batch)
+    lengths = [7, 4, 9][:batch]
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, TINY["vocab_size"], (n,), generator=gen)
+        mask[row, width - n:] = 1
+    return ids.to(device), mask.to(device)
+
+
+def greedy(model, ids, mask, cache: str | None, new_tokens: int = 8) -> torch.Tensor:
+    kwargs = {"cache_implementation": cache} if cache else {}
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                              disable_compile=True, **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["static", None])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_with_compiled_forward_matches_eager(family, cache):
+    model = tiny_model(family)
+    expected = {batch: greedy(model, *prompts(batch), cache) for batch in (1, 3)}
+    model.forward = torch.compile(model.forward, backend="fullgraph", options={"compiler": "eager"})
+    for batch in (3, 1, 3):
+        got = greedy(model, *prompts(batch), cache)
+        assert torch.equal(got, expected[batch]), f"{family}, {cache or 'dynamic'} cache, batch {batch}"
+
+
+def test_static_cache_generate_with_inductor_matches_eager():
+    model = tiny_model("llama")
+    expected = greedy(model, *prompts(3), "static")
+    model.forward = torch.compile(model.forward, backend="fullgraph")
+    assert torch.equal(greedy(model, *prompts(3), "static"), expected)
+    assert torch.equal(greedy(model, *prompts(3), "static"), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["static", None])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_in_cuda_graphs_matches_eager(family, cache):
+    cuda = torch.device("cuda")
+    model = tiny_model(family, cuda)
+    expected = {batch: greedy(model, *prompts(batch, cuda), cache) for batch in (1, 3)}
+    # Inductor for one family (its compile time adds up); the FX graph as traced for the others
+    options = {} if family == "llama" else {"compiler": "eager"}
+    model.forward = torch.compile(model.forward, backend="fullgraph", options=options)
+    for batch in (3, 1, 3):
+        got = greedy(model, *prompts(batch, cuda), cache)
+        assert torch.equal(got, expected[batch]), f"{family}, {cache or 'dynamic'} cache, batch {batch}"
