@@ -1,0 +1,152 @@
+"""transformers' own ``generate`` on its static cache, five ways, side by side in one process.
+
+A ``LlamaForCausalLM`` with a named config's shapes (random bf16 weights) decodes greedily from
+``--prompt-len`` random tokens. TPOT is the time per token after the first: two ``generate`` calls
+of ``--tokens`` and ``2 * --tokens`` new tokens, their difference over ``--tokens`` (prefill and
+setup cancel out), median of ``--repeats``. Modes:
+  eager            transformers, no compilation (``disable_compile=True``)
+  hf-compiled      transformers' own auto-compiled static-cache decode (its default compile config)
+  fullgraph        ``model.forward = torch.compile(model.forward, backend="fullgraph")``
+  reduce-overhead  ``model.forward = torch.compile(model.forward, mode="reduce-overhead")``
+  engine           fullgraph's engine (``LLM``, -O4) on the same shapes, ``generate`` with token ids
+
+Usage (GPU): python tools/bench_transformers.py --out OUT_DIR [--batches 1,8] [--model llama-3.2-1b]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fullgraph_backend.backend import RecordingBackend  # noqa: E402
+from fullgraph_backend.models import get_config  # noqa: E402
+
+MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine")
+
+
+def llama_for(name: str):
+    """A random bf16 ``LlamaForCausalLM`` on CUDA with the shapes of our named config ``name``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = get_config(name)
+    scaling = None if c.rope_scaling is None else {
+        "rope_type": "llama3", "factor": c.rope_scaling.factor, "low_freq_factor": c.rope_scaling.low_freq_factor,
+        "high_freq_factor": c.rope_scaling.high_freq_factor,
+        "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings}
+    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                         rope_theta=c.rope_theta, rope_scaling=scaling, attention_bias=c.qkv_bias,
+                         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+                         pad_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model
+
+
+def tpot_ms(generate, tokens: int, repeats: int) -> float:
+    """Median ms per token after the first, from generates of ``tokens`` and ``2 * tokens`` new tokens."""
+    generate(2 * tokens)  # compile and capture
+    per_token = []
+    for _ in range(repeats):
+        times = []
+        for n in (tokens, 2 * tokens):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            generate(n)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        per_token.append((times[1] - times[0]) / tokens * 1e3)
+    return statistics.median(per_token)
+
+
+def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: int) -> dict:
+    torch._dynamo.reset()
+    backend = None
+    if mode == "fullgraph":
+        backend = RecordingBackend()
+        model.forward = torch.compile(model.forward, backend=backend)
+    elif mode == "reduce-overhead":
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+
+    def generate(n: int):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, cache_implementation="static",
+                                  disable_compile=mode != "hf-compiled")
+
+    row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats)}
+    if backend is not None:
+        row["graphs"] = backend.graphs
+        row["graph_keys"] = [[rec.size, rec.kind] for r in backend.runners for rec in r.capture_table]
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_compiled_call", None)
+    return row
+
+
+def engine_row(name: str, batch: int, prompt_len: int, tokens: int, repeats: int) -> dict:
+    from fullgraph_backend.engine import LLM, SamplingParams
+    from fullgraph_backend.engine.bench import random_prompts
+
+    torch._dynamo.reset()
+    llm = LLM(name, optimization_level=4, max_num_seqs=max(batch, 2), max_model_len=prompt_len + 2 * tokens + 16,
+              seed=0)
+    prompts = random_prompts(batch, prompt_len, llm.model_config.vocab_size)
+
+    def generate(n: int):
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+
+    row = {"mode": "engine", "tpot_ms": tpot_ms(generate, tokens, repeats), "graphs": llm.startup.num_graphs,
+           "startup": str(llm.startup)}
+    del llm
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="llama-3.2-1b")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=64, help="TPOT from generates of this many and twice as many")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+    import transformers
+
+    modes = args.modes.split(",")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "model": args.model, "prompt_len": args.prompt_len,
+              "tokens": args.tokens, "date": datetime.date.today().isoformat(),
+              "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}
+    model = llama_for(args.model) if set(modes) - {"engine"} else None
+    for batch in (int(b) for b in args.batches.split(",")):
+        ids = torch.randint(3, model.config.vocab_size if model else 1000, (batch, args.prompt_len), device="cuda")
+        for mode in modes:
+            row = (engine_row(args.model, batch, args.prompt_len, args.tokens, args.repeats) if mode == "engine"
+                   else transformers_row(model, mode, ids, args.tokens, args.repeats))
+            row["batch"] = batch
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_transformers.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{result['device']}, torch {result['torch']}, transformers {result['transformers']}, {args.model} shapes, "
+          f"bf16, prompt {args.prompt_len}, TPOT ms (median of {args.repeats})")
+    for batch in sorted({r["batch"] for r in result["rows"]}):
+        cells = [f"{r['mode']} {r['tpot_ms']:.2f}" for r in result["rows"] if r["batch"] == batch]
+        print(f"batch {batch}: " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
