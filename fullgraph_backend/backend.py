@@ -5,6 +5,7 @@ would make Dynamo's lookup fail with a duplicate name).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
@@ -19,7 +20,8 @@ from fullgraph_backend.forward_context import BatchKind, ForwardContext, current
 from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.staging import aliased_writes
-from passes import PassManager, find_batch_mixing, find_host_compute, split_at_attention, swap_attention, swap_linear
+from passes import (PassManager, find_batch_mixing, move_host_inputs, split_at_attention, swap_attention,
+                    swap_linear)
 
 log = logging.getLogger("fullgraph")
 
@@ -41,13 +43,13 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     max_num_seqs = _max_num_seqs(config, ctx)
     dump = GraphDump.open(config, gm)  # writes nothing unless dumping (dump_dir / dump_compilation)
     gm = compat.copy_dynamo_graph(gm)
-    results = PassManager(graph_passes(config, device, ctx, impl), dump.folder).run(gm)
-    swap = results[0].report
+    results = {r.name: r for r in PassManager(graph_passes(config, device, ctx, impl), dump.folder).run(gm)}
+    swap, host = results["swap_attention"].report, results["move_host_inputs"].report
     has_attention = bool(swap.swapped)
-    for result in results:
+    for result in results.values():
         log.info("fullgraph: %s", result.summary.replace("\n", "; "))
     extra_args = tuple(swap.inputs.values())
-    example_inputs = [*example_inputs, *extra_args]
+    example_inputs = [*_moved_to(device, example_inputs, gm, host.moved), *extra_args]
     signature = BatchSignature.of(gm)
 
     mixing = find_batch_mixing(gm, signature.symbol) if signature.symbol is not None else []
@@ -55,7 +57,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     if signature.symbol is not None and not pad:
         why = "; ".join(mixing) or signature.why_not_paddable
         log.warning("fullgraph: not padding this graph (%s): one CUDA graph per exact batch size", why)
-    unsafe = _unsafe_to_capture(gm, signature, example_inputs, device)
+    unsafe = host.blockers + _unsafe_to_capture(gm, signature, example_inputs)
     use_graphs = config.cudagraph_mode != "none" and not unsafe
     if config.cudagraph_mode != "none" and unsafe:
         log.warning("fullgraph: no CUDA graphs for this graph: %s", "; ".join(unsafe))
@@ -80,9 +82,11 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
 
 def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None,
                  impl: AttentionImpl) -> list[tuple[str, Callable[[torch.fx.GraphModule], object]]]:
-    """The passes for one graph, in order: the attention swap always; the linear swap where the
-    graph will be captured on CUDA (there the GEMV's choice is made once per captured size)."""
-    passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl))]
+    """The passes for one graph, in order: CPU inputs of a CUDA graph moved to the device, the
+    attention swap; the linear swap where the graph will be captured on CUDA (there the GEMV's
+    choice is made once per captured size)."""
+    passes = [("move_host_inputs", lambda g: move_host_inputs(g, device)),
+              ("swap_attention", lambda g: swap_attention(g, ctx, impl))]
     if config.gemv and device.type == "cuda" and config.cudagraph_mode != "none":
         passes.append(("swap_linear", swap_linear))
     return passes
@@ -119,8 +123,13 @@ def _device_of(example_inputs: list) -> torch.device:
     return next((d for d in devices if d.type == "cuda"), devices[0] if devices else torch.device("cpu"))
 
 
-def _unsafe_to_capture(gm: torch.fx.GraphModule, signature: BatchSignature, example_inputs: list,
-                       device: torch.device) -> list[str]:
+def _moved_to(device: torch.device, example_inputs: list, gm: torch.fx.GraphModule, moved: list[str]) -> list:
+    """The example inputs, those of the placeholders ``moved`` on ``device`` (as the runner will pass them)."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return [x.to(device) if name in moved else x for name, x in zip(names, example_inputs)]
+
+
+def _unsafe_to_capture(gm: torch.fx.GraphModule, signature: BatchSignature, example_inputs: list) -> list[str]:
     """Reasons a captured graph would be wrong for this graph; the runner then runs the compiled
     code without graphs."""
     if not signature.is_static and signature.symbol is None:
@@ -129,7 +138,7 @@ def _unsafe_to_capture(gm: torch.fx.GraphModule, signature: BatchSignature, exam
     if signature.symbol is not None and not signature.size_readable:
         reasons.append(f"no input holds the batch size {signature.symbol} itself, so a call's size is unknown")
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    return reasons + find_host_compute(gm, device) + aliased_writes(signature, example_inputs, names)
+    return reasons + aliased_writes(signature, example_inputs, names)
 
 
 def _max_num_seqs(config: FullgraphConfig, ctx: ForwardContext | None) -> int | None:
@@ -181,7 +190,7 @@ def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm:
             if node.op == "call_module" and node.target not in attention_parts:
                 role = [roles.get(a.name, InputRole()) if isinstance(a, torch.fx.Node) else InputRole()
                         for a in node.args]
-                role = [InputRole(r.static, r.forward_context, isinstance(a, torch.Tensor) and a._version != v)
+                role = [dataclasses.replace(r, mutated=isinstance(a, torch.Tensor) and a._version != v)
                         for r, a, v in zip(role, args, versions)]
                 signature = BatchSignature(args, list(compat.outputs_as_tuple(out)), role)
                 piece = CapturedPiece(compile_fn(self.fetch_attr(node.target), args), signature, graphs,

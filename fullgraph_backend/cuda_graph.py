@@ -38,16 +38,6 @@ class CudaGraphs:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
-        self._replayed = torch.cuda.Event()
-
-    def replayed(self) -> None:
-        """Mark the replays launched so far (host buffers they read may be rewritten once they ran)."""
-        self._replayed.record(torch.cuda.current_stream(self.device))
-
-    def wait_replayed(self) -> None:
-        """Block until the replays marked by :meth:`replayed` have run: a replay copies pinned host
-        inputs asynchronously, so the host may not rewrite them before."""
-        self._replayed.synchronize()
 
     def warmup(self, fn: Callable, args: list) -> tuple:
         """Run once on the capture stream: Triton JIT, autotuning and cuBLAS handles happen here."""
@@ -81,12 +71,6 @@ class EmulatedGraphs:
 
     def warmup(self, fn: Callable, args: list) -> tuple:
         return outputs_as_tuple(fn(*args))
-
-    def replayed(self) -> None:
-        """Replays run synchronously here."""
-
-    def wait_replayed(self) -> None:
-        """Replays run synchronously here."""
 
     def capture(self, fn: Callable, args: list) -> CapturedCall:
         # own copies: outputs may be views of one another, which must not be written in place

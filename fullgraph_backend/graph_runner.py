@@ -142,7 +142,7 @@ class CapturedPiece:
                  single_output: bool = False) -> None:
         self.fn, self.sig, self.graphs = fn, signature, graphs
         self.single_output = single_output  # fn returns one value, not a tuple
-        self.plan = InputPlan.of(signature, graphs.device)
+        self.plan = InputPlan.of(signature)
         self.static = self.plan.indices(Role.IN_PLACE)
         self.recordings: dict[GraphKey, Recording] = {}
 
@@ -243,7 +243,7 @@ class GraphRunner:
         self.paths = {BatchKind.MIXED: paths[BatchKind.MIXED],
                       BatchKind.DECODE: paths.get(BatchKind.DECODE, paths[BatchKind.MIXED])}
         self.sig, self.graphs = signature, graphs
-        self.plan = InputPlan.of(signature, graphs.device)
+        self.plan = InputPlan.of(signature)
         # decode batches get keys of their own when a kernel or the path differs for them
         self.kinds_differ = decode_variant or self.paths[BatchKind.DECODE] is not self.paths[BatchKind.MIXED]
         self.on_capture = on_capture  # called with the capture table after each capture loop (the dump)
@@ -260,7 +260,6 @@ class GraphRunner:
         self._all_owned: set[int] = set()
         self._copied = self.plan.indices(Role.COPY)
         self._handed_out: list[torch.Tensor] = []  # outputs of the last call that live in graph memory
-        self._pinned = any(p.plan.pinned for p in self.pieces)
         self._lock = device_lock(graphs.device)
 
     @property
@@ -275,6 +274,8 @@ class GraphRunner:
 
     def __call__(self, *args):
         args = args + self.extra_args
+        if self.plan.host:  # CPU tensors the graph reads on the device (passes/host_inputs.py)
+            args = tuple(a.to(self.graphs.device) if i in self.plan.host else a for i, a in enumerate(args))
         with self._lock:
             n = self.sig.batch_size(args)
             key = self._key(n, self._check_context(n))
@@ -284,7 +285,7 @@ class GraphRunner:
                 self._capture(self._keys_to_capture(key), args)
             args = self._unshare(args)
             self._expire_outputs()
-            out = self._replay(key, args)
+            out = self._run(_Step(Phase.REPLAY, key), args)
             return self._hand_out(out if n is None else self.sig.slice_outputs(out, n), key)
 
     # ---- keys ----------------------------------------------------------------------------
@@ -368,14 +369,6 @@ class GraphRunner:
         shared = [i for i in self._copied
                   if isinstance(args[i], torch.Tensor) and args[i].untyped_storage().data_ptr() in self._all_owned]
         return tuple(a.clone() if i in shared else a for i, a in enumerate(args)) if shared else args
-
-    def _replay(self, key: GraphKey, args: tuple) -> tuple:
-        if self._pinned:
-            self.graphs.wait_replayed()  # the last replay's host-to-device copies still read the pinned buffers
-        out = self._run(_Step(Phase.REPLAY, key), args)
-        if self._pinned:
-            self.graphs.replayed()
-        return out
 
     def _hand_out(self, outputs: tuple, key: GraphKey) -> tuple:
         """Outputs for the caller. Those in graph memory are new tensor objects over it (CUDA: marked

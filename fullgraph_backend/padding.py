@@ -30,12 +30,14 @@ class InputRole:
     tensors marked with ``torch._dynamo.mark_static_address``, the forward context's buffers), so
     the graph reads and writes it in place. ``forward_context``: one of the forward context's
     buffers, whose writes during capture go to the null block by contract. ``mutated``: the graph
-    writes it in place.
+    writes it in place. ``host``: a CPU tensor the graph reads on the device
+    (:func:`passes.move_host_inputs`), moved there before each call.
     """
 
     static: bool = False
     forward_context: bool = False
     mutated: bool = False
+    host: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ def input_role(placeholder: torch.fx.Node) -> InputRole:
     else:
         source = guard_source(arg.source)
         module_state = source.is_unspecialized_nn_module() or source.is_specialized_nn_module()
-    return InputRole(static=marked or module_state, mutated=mutated)
+    return InputRole(static=marked or module_state, mutated=mutated,
+                     host=bool(placeholder.meta.get("fullgraph_host_input")))
 
 
 def _expr(size):

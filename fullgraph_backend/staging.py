@@ -7,9 +7,8 @@ holds:
 - a fixed-address input (weights, buffers, marked tensors, forward-context buffers): read and
   written in place; its address is checked at every replay;
 - any other tensor: copied into a buffer the recording owns (rows past the real count keep
-  stale, finite values), from pinned host memory where a CPU tensor feeds a CUDA graph; if the
-  graph writes it, the write is copied back into the caller's tensor after the replay (the real
-  rows only);
+  stale, finite values); if the graph writes it, the write is copied back into the caller's
+  tensor after the replay (the real rows only);
 - anything else: passed through.
 
 :class:`StagedInputs` holds one recording's buffers and does the copies.
@@ -42,11 +41,11 @@ class InputPlan:
     roles: tuple[Role, ...]
     write_back: frozenset[int]  # copied inputs the graph writes: copied back after every replay
     restore: frozenset[int]  # in-place inputs the graph writes: kept across warm-up and capture runs
-    pinned: frozenset[int]  # copied CPU inputs of a CUDA graph: staged in pinned host memory
+    host: frozenset[int]  # CPU tensors the graph reads on the device: moved there before the call
 
     @classmethod
-    def of(cls, sig: BatchSignature, device: torch.device) -> "InputPlan":
-        """The plan for a graph of signature ``sig`` captured on ``device``.
+    def of(cls, sig: BatchSignature) -> "InputPlan":
+        """The plan for a graph of signature ``sig``.
 
         Forward-context buffers are not restored after capture runs: capture metadata sends
         their writes to the null block (:meth:`ForwardContext.capture_metadata`).
@@ -56,7 +55,7 @@ class InputPlan:
         copied = {i for i, r in enumerate(roles) if r is Role.COPY}
         in_place = {i for i, r in enumerate(roles) if r is Role.IN_PLACE}
         forward_context = {i for i, s in enumerate(sig.inputs) if s.role.forward_context}
-        host = {i for i in copied if sig.inputs[i].device.type == "cpu" and device.type == "cuda"}
+        host = {i for i, s in enumerate(sig.inputs) if s.role.host}
         return cls(roles, frozenset(mutated & copied), frozenset((mutated & in_place) - forward_context),
                    frozenset(host))
 
@@ -81,7 +80,7 @@ class StagedInputs:
             shape, stride = sig.at(spec.shape, size), sig.at(spec.stride, size)
             in_place = (isinstance(arg, torch.Tensor) and arg.data_ptr() in produced
                         and tuple(arg.shape) == shape and arg.stride() == stride and arg.dtype == spec.dtype)
-            self.reads[i] = arg if in_place else _buffer(spec, shape, stride, pinned=i in plan.pinned)
+            self.reads[i] = arg if in_place else _buffer(spec, shape, stride)
         self.owned = {t.untyped_storage().data_ptr() for i, t in self.reads.items() if t is not args[i]}
 
     def stage(self, args: tuple) -> list:
@@ -103,10 +102,10 @@ class StagedInputs:
                 _copy_rows(self.sig.inputs[i], args[i], self.reads[i])
 
 
-def _buffer(spec: ArgSpec, shape: tuple[int, ...], stride: tuple[int, ...], pinned: bool) -> torch.Tensor:
+def _buffer(spec: ArgSpec, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
     """A zeroed tensor of ``shape`` with the traced ``stride`` (stride-0 dims share their one element)."""
     numel = 1 + sum((s - 1) * st for s, st in zip(shape, stride))
-    flat = torch.zeros(numel, dtype=spec.dtype, device=spec.device, pin_memory=pinned)
+    flat = torch.zeros(numel, dtype=spec.dtype, device=spec.device)
     return flat.as_strided(shape, stride)
 
 

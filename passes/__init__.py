@@ -4,7 +4,8 @@ from passes.swap_attention import AttentionSwap, SwapReport, swap_attention
 from passes.swap_linear import LinearSwapReport, swap_linear
 from passes.split_attention import split_at_attention
 from passes.batch_mixing import find_batch_mixing
-from passes.host_compute import find_host_compute
+from passes.host_inputs import HostInputReport, move_host_inputs
 
 __all__ = ["PassManager", "PassResult", "AttentionSwap", "SwapReport", "swap_attention", "LinearSwapReport",
-           "swap_linear", "split_at_attention", "find_batch_mixing", "find_host_compute"]
+           "swap_linear", "split_at_attention", "find_batch_mixing", "HostInputReport",
+           "move_host_inputs"]

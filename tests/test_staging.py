@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph_backend.padding import ArgKind, BatchSignature
+from fullgraph_backend.padding import ArgKind
 from fullgraph_backend.staging import InputPlan, Role, StagedInputs, aliased_writes
 
 from test_padding import signature_of
@@ -19,7 +19,7 @@ def _graph_args(sig, tensors, n):
 def _staged(fn, size, n, dynamic=((0, 0),), **tensors):
     sig, specs = signature_of(fn, *tensors.values(), dynamic=dynamic)
     sig.names = list(specs)
-    plan = InputPlan.of(sig, torch.device("cpu"))
+    plan = InputPlan.of(sig)
     return sig, plan, StagedInputs(sig, plan, size, _graph_args(sig, tensors, n), produced=set())
 
 
@@ -84,10 +84,3 @@ def test_aliased_inputs_with_a_write_are_named():
     assert reasons and "share memory" in reasons[0] and "l_a_" in reasons[0]
     read_only, _ = signature_of(lambda a, b: a + b.sum(), base, base[:, :2], dynamic=())
     assert aliased_writes(read_only, [base, base[:, :2]], ["l_a_", "l_b_"]) == []
-
-
-def test_cpu_inputs_of_a_cuda_graph_are_pinned():
-    sig, _ = signature_of(lambda x, step: x + step, torch.randn(5, 3), torch.tensor(2.0))
-    assert InputPlan.of(sig, torch.device("cuda")).pinned == frozenset(InputPlan.of(sig, torch.device("cpu")).indices(Role.COPY))
-    assert InputPlan.of(sig, torch.device("cpu")).pinned == frozenset()
-    assert isinstance(sig, BatchSignature)
