@@ -25,10 +25,10 @@ def reference():
     """Greedy tokens of each prompt run alone through the eager model, cached per prompt."""
     model, cache = sharp_model(), {}
 
-    def tokens(prompt: list[int], max_tokens: int = GREEDY.max_tokens) -> list[int]:
-        key = (tuple(prompt), max_tokens)
+    def tokens(prompt: list[int], max_tokens: int = GREEDY.max_tokens, max_model_len: int = MAX_MODEL_LEN) -> list[int]:
+        key = (tuple(prompt), max_tokens, max_model_len)
         if key not in cache:
-            cache[key] = reference_greedy(model, prompt, max_tokens, MAX_MODEL_LEN)
+            cache[key] = reference_greedy(model, prompt, max_tokens, max_model_len)
         return cache[key]
 
     return tokens
@@ -96,6 +96,14 @@ def test_a_one_token_prompt_and_max_model_len(sharp_dir, reference, monkeypatch)
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=50))[0]
     assert len(out.token_ids) == MAX_MODEL_LEN - 60 and out.finish_reason == "length"
     assert out.token_ids == reference(prompt, 50)
+
+
+def test_a_prompt_of_max_model_len_in_chunks_gets_its_one_token(sharp_dir, reference):
+    llm = make_llm(sharp_dir)  # a 32-token budget: two chunks
+    prompt = [i * 5 % SHARP.vocab_size for i in range(MAX_MODEL_LEN)]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))[0]
+    # the reference loop stops before sampling at max_model_len tokens; one more lets it sample once
+    assert out.token_ids == reference(prompt, 1, MAX_MODEL_LEN + 1) and out.finish_reason == "length"
 
 
 # ---- waiting, preemption ------------------------------------------------------------------------

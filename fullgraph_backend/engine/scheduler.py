@@ -80,7 +80,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if self._length_reached(seq):  # its pending token ends it: nothing more to compute
+            if self._last_token_in_flight(seq):
                 i += 1
                 continue
             n = min(seq.num_uncomputed, budget)
@@ -147,6 +147,12 @@ class Scheduler:
         if self._length_reached(seq, resolved_only=True):
             return "length"
         return None
+
+    def _last_token_in_flight(self, seq: Sequence) -> bool:
+        """Whether a token ``seq`` has in flight ends it by length: nothing more to compute. Only a
+        pending token counts: a prompt of ``max_model_len`` tokens reaches the length before its
+        later chunks run and its one token is sampled."""
+        return seq.num_pending > 0 and self._length_reached(seq)
 
     def _length_reached(self, seq: Sequence, resolved_only: bool = False) -> bool:
         """Whether ``seq``'s tokens (the pending ones too, unless ``resolved_only``) reach max_tokens
