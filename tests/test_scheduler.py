@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fullgraph_backend.engine.block_manager import BlockManager
 from fullgraph_backend.engine.params import SamplingParams
-from fullgraph_backend.engine.scheduler import Scheduler
+from fullgraph_backend.engine.scheduler import ScheduledBatch, Scheduler
 from fullgraph_backend.engine.sequence import Sequence, Status
 
 
@@ -241,3 +241,136 @@ def test_a_request_preempted_with_a_token_in_flight_waits_until_it_is_known():
     sched.commit(second)
     sched.update(first, [7, 8], 0.0, frozenset())
     assert b.output_token_ids == [8] and b.num_pending == 0 and a.num_pending == 1
+
+
+# ---- random workloads ----------------------------------------------------------------------------
+EOS = frozenset({0})
+
+
+@st.composite
+def workloads(draw):
+    """Scheduler limits, requests (arrival step, prompt length, max_tokens, ignore_eos) and how many
+    steps stay in flight (the engine keeps at most one; with two, a request preempted with a token
+    in flight can head the queue). The cache holds any one request, often not two: waits and
+    preemptions."""
+    block_size = draw(st.sampled_from([2, 4, 16]))
+    max_model_len = draw(st.integers(4, 48))
+    least = -(-max_model_len // block_size)
+    limits = dict(budget=draw(st.integers(1, 40)), max_num_seqs=draw(st.integers(1, 6)), max_model_len=max_model_len,
+                  block_size=block_size, num_blocks=2 + draw(st.integers(least, 3 * least)))
+    requests = draw(st.lists(st.tuples(st.integers(0, 12), st.integers(1, max_model_len), st.integers(1, 20),
+                                       st.booleans()), min_size=1, max_size=8))
+    return limits, requests, draw(st.sampled_from([0, 1, 2]))
+
+
+def workload_token(seq: Sequence) -> int:
+    """A token that depends on the request and the output's position only (EOS = 0 now and then),
+    so two schedulers in the same state sample the same."""
+    index = seq.num_tokens - seq.num_pending - seq.prompt_len  # the oldest pending token's
+    return (7 * seq.request_id + 3 * index + 1) % 13
+
+
+def drive(sched, requests, depth):
+    """Add ``requests`` at their arrival steps and run the engine's steps until all finished; yields
+    each step's batch (None when nothing was scheduled) and every request's Sequence."""
+    seqs = [request(i, length, max_tokens=m, ignore_eos=ignore) for i, (_, length, m, ignore) in enumerate(requests)]
+    last_arrival = max(arrival for arrival, *_ in requests)
+    in_flight = deque()
+    for step in range(2000):
+        for seq, (arrival, *_) in zip(seqs, requests):
+            if arrival == step:
+                sched.add(seq)
+        if step > last_arrival and not sched.has_unfinished() and not in_flight:
+            return
+        yield engine_step(sched, in_flight, depth, workload_token, EOS)[0], seqs
+    raise AssertionError(f"unfinished after 2000 steps: {sched.running} running, {list(sched.waiting)} waiting")
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads())
+def test_random_workloads_keep_the_limits_and_finish_every_request(workload):
+    limits, requests, depth = workload
+    sched, bm = make(**limits)
+    for batch, seqs in drive(sched, requests, depth):
+        assert batch is None or batch.num_tokens <= limits["budget"]
+        assert len(sched.running) <= limits["max_num_seqs"]
+        assert bm.num_free + sum(len(s.block_table) for s in seqs) == bm.num_usable  # no block leaked or shared
+    assert bm.num_free == bm.num_usable
+    for seq in seqs:
+        out, limit = seq.output_token_ids, min(seq.params.max_tokens, max(1, limits["max_model_len"] - seq.prompt_len))
+        assert seq.status is Status.FINISHED and seq.num_pending == 0
+        stops = [i for i, t in enumerate(out) if t in EOS and not seq.params.ignore_eos]
+        if seq.finish_reason == "stop":
+            assert stops == [len(out) - 1] and len(out) <= limit, seq
+        else:
+            assert seq.finish_reason == "length" and not stops and len(out) == limit, seq
+
+
+class OldLoopScheduler(Scheduler):
+    """The schedule loop as it was before its decisions got named helpers (issue 17), kept as the
+    oracle the refactor is checked against; to be deleted with the check."""
+
+    def schedule(self):
+        budget = self.max_num_batched_tokens
+        seqs, num_new = [], []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if self._last_token_in_flight(seq):
+                i += 1
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed + n):
+                self._preempt(self.running.pop())
+                preempted = True
+                if self.running[i:i + 1] != [seq]:
+                    break
+            else:
+                self.blocks.grow(seq, seq.num_computed + n)
+                seqs.append(seq)
+                num_new.append(n)
+                budget -= n
+                i += 1
+                continue
+            break
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if seq.num_pending:
+                break
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            seqs.append(seq)
+            num_new.append(n)
+            budget -= n
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, num_new, [s.num_computed + n == s.num_tokens for s, n in zip(seqs, num_new)])
+
+
+def scheduler_state(sched, batch):
+    """Everything a step decides, by request id: the batch, the queues, each request's tokens and blocks."""
+    def of(seqs):
+        return [(s.request_id, s.status, s.num_computed, tuple(s.token_ids), tuple(s.block_table), s.num_preemptions)
+                for s in seqs]
+    scheduled = None if batch is None else (of(batch.seqs), batch.num_new, batch.samples)
+    return scheduled, of(sched.running), of(sched.waiting), sched.blocks.num_free
+
+
+@settings(max_examples=1000, deadline=None)
+@given(workloads())
+def test_the_schedule_loop_decides_as_the_old_loop_did(workload):
+    limits, requests, depth = workload
+    new, _ = make(**limits)
+    old = OldLoopScheduler(BlockManager(limits["num_blocks"], limits["block_size"], num_reserved=2),
+                           max_num_seqs=limits["max_num_seqs"], max_num_batched_tokens=limits["budget"],
+                           max_model_len=limits["max_model_len"])
+    steps = 0
+    for (batch, _), (old_batch, _) in zip(drive(new, requests, depth), drive(old, requests, depth), strict=True):
+        assert scheduler_state(new, batch) == scheduler_state(old, old_batch), f"step {steps}"
+        steps += 1
