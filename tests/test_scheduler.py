@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fullgraph_backend.engine.block_manager import BlockManager
 from fullgraph_backend.engine.params import SamplingParams
-from fullgraph_backend.engine.scheduler import ScheduledBatch, Scheduler
+from fullgraph_backend.engine.scheduler import Scheduler
 from fullgraph_backend.engine.sequence import Sequence, Status
 
 
@@ -305,72 +305,3 @@ def test_random_workloads_keep_the_limits_and_finish_every_request(workload):
         else:
             assert seq.finish_reason == "length" and not stops and len(out) == limit, seq
 
-
-class OldLoopScheduler(Scheduler):
-    """The schedule loop as it was before its decisions got named helpers (issue 17), kept as the
-    oracle the refactor is checked against; to be deleted with the check."""
-
-    def schedule(self):
-        budget = self.max_num_batched_tokens
-        seqs, num_new = [], []
-        preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if self._last_token_in_flight(seq):
-                i += 1
-                continue
-            n = min(seq.num_uncomputed, budget)
-            while not self.blocks.can_grow(seq, seq.num_computed + n):
-                self._preempt(self.running.pop())
-                preempted = True
-                if self.running[i:i + 1] != [seq]:
-                    break
-            else:
-                self.blocks.grow(seq, seq.num_computed + n)
-                seqs.append(seq)
-                num_new.append(n)
-                budget -= n
-                i += 1
-                continue
-            break
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
-            if seq.num_pending:
-                break
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, seq.num_computed + n):
-                break
-            self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_computed + n)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            seqs.append(seq)
-            num_new.append(n)
-            budget -= n
-        if not seqs:
-            return None
-        return ScheduledBatch(seqs, num_new, [s.num_computed + n == s.num_tokens for s, n in zip(seqs, num_new)])
-
-
-def scheduler_state(sched, batch):
-    """Everything a step decides, by request id: the batch, the queues, each request's tokens and blocks."""
-    def of(seqs):
-        return [(s.request_id, s.status, s.num_computed, tuple(s.token_ids), tuple(s.block_table), s.num_preemptions)
-                for s in seqs]
-    scheduled = None if batch is None else (of(batch.seqs), batch.num_new, batch.samples)
-    return scheduled, of(sched.running), of(sched.waiting), sched.blocks.num_free
-
-
-@settings(max_examples=1000, deadline=None)
-@given(workloads())
-def test_the_schedule_loop_decides_as_the_old_loop_did(workload):
-    limits, requests, depth = workload
-    new, _ = make(**limits)
-    old = OldLoopScheduler(BlockManager(limits["num_blocks"], limits["block_size"], num_reserved=2),
-                           max_num_seqs=limits["max_num_seqs"], max_num_batched_tokens=limits["budget"],
-                           max_model_len=limits["max_model_len"])
-    steps = 0
-    for (batch, _), (old_batch, _) in zip(drive(new, requests, depth), drive(old, requests, depth), strict=True):
-        assert scheduler_state(new, batch) == scheduler_state(old, old_batch), f"step {steps}"
-        steps += 1
