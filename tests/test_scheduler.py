@@ -243,44 +243,61 @@ def test_a_request_preempted_with_a_token_in_flight_waits_until_it_is_known():
     assert b.output_token_ids == [8] and b.num_pending == 0 and a.num_pending == 1
 
 
+
+def test_abort_takes_a_request_out_with_its_token_in_flight():
+    sched, bm = make(budget=64)
+    a, b, c = request(0, 20), request(1, 4), request(2, 4)
+    for seq in (a, b, c):
+        sched.add(seq)
+    first = sched.schedule()
+    sched.commit(first)  # every token pending
+    sched.abort([a, c])
+    assert (a.status, a.finish_reason, a.num_pending, a.block_table) == (Status.FINISHED, "abort", 0, [])
+    assert sched.running == [b] and bm.num_free == bm.num_usable - 1
+    assert sched.update(first, [7, 8, 9], 0.0, frozenset()) == []  # the aborted requests' tokens are dropped
+    assert a.output_token_ids == [] and b.output_token_ids == [8] and c.output_token_ids == []
+    sched.abort([a])  # finished already: nothing to do
+    assert a.finish_reason == "abort" and bm.num_free == bm.num_usable - 1
+
 # ---- random workloads ----------------------------------------------------------------------------
 EOS = frozenset({0})
 
 
 @st.composite
 def workloads(draw):
-    """Scheduler limits, requests (arrival step, prompt length, max_tokens, ignore_eos) and how many
-    steps stay in flight (the engine keeps at most one; with two, a request preempted with a token
-    in flight can head the queue). The cache holds any one request, often not two: waits and
-    preemptions."""
+    """Scheduler limits, requests (arrival step, prompt length, max_tokens, ignore_eos, the step at
+    which it is aborted or None) and how many steps stay in flight (the engine keeps at most one;
+    with two, a request preempted with a token in flight can head the queue). The cache holds any
+    one request, often not two: waits and preemptions."""
     block_size = draw(st.sampled_from([2, 4, 16]))
     max_model_len = draw(st.integers(4, 48))
     least = -(-max_model_len // block_size)
     limits = dict(budget=draw(st.integers(1, 40)), max_num_seqs=draw(st.integers(1, 6)), max_model_len=max_model_len,
                   block_size=block_size, num_blocks=2 + draw(st.integers(least, 3 * least)))
     requests = draw(st.lists(st.tuples(st.integers(0, 12), st.integers(1, max_model_len), st.integers(1, 20),
-                                       st.booleans()), min_size=1, max_size=8))
+                                       st.booleans(), st.none() | st.integers(0, 30)), min_size=1, max_size=8))
     return limits, requests, draw(st.sampled_from([0, 1, 2]))
 
 
 def workload_token(seq: Sequence) -> int:
-    """A token that depends on the request and the output's position only (EOS = 0 now and then),
-    so two schedulers in the same state sample the same."""
+    """A token that depends on the request and the output's position only (EOS = 0 now and then)."""
     index = seq.num_tokens - seq.num_pending - seq.prompt_len  # the oldest pending token's
     return (7 * seq.request_id + 3 * index + 1) % 13
 
 
 def drive(sched, requests, depth):
-    """Add ``requests`` at their arrival steps and run the engine's steps until all finished; yields
-    each step's batch (None when nothing was scheduled) and every request's Sequence."""
-    seqs = [request(i, length, max_tokens=m, ignore_eos=ignore) for i, (_, length, m, ignore) in enumerate(requests)]
-    last_arrival = max(arrival for arrival, *_ in requests)
+    """Add ``requests`` at their arrival steps, abort them at theirs, and run the engine's steps until
+    all finished; yields each step's batch (None when nothing was scheduled) and every Sequence."""
+    seqs = [request(i, length, max_tokens=m, ignore_eos=ignore) for i, (_, length, m, ignore, _) in enumerate(requests)]
+    last_event = max(max(arrival, abort or 0) for arrival, *_, abort in requests)
     in_flight = deque()
     for step in range(2000):
-        for seq, (arrival, *_) in zip(seqs, requests):
+        for seq, (arrival, *_, abort) in zip(seqs, requests):
             if arrival == step:
                 sched.add(seq)
-        if step > last_arrival and not sched.has_unfinished() and not in_flight:
+            if abort == step and arrival <= step:
+                sched.abort([seq])
+        if step > last_event and not sched.has_unfinished() and not in_flight:
             return
         yield engine_step(sched, in_flight, depth, workload_token, EOS)[0], seqs
     raise AssertionError(f"unfinished after 2000 steps: {sched.running} running, {list(sched.waiting)} waiting")
@@ -289,6 +306,7 @@ def drive(sched, requests, depth):
 @settings(max_examples=150, deadline=None)
 @given(workloads())
 def test_random_workloads_keep_the_limits_and_finish_every_request(workload):
+    """Requests aborted before they finish end with reason "abort" and give their blocks back."""
     limits, requests, depth = workload
     sched, bm = make(**limits)
     for batch, seqs in drive(sched, requests, depth):
@@ -302,6 +320,7 @@ def test_random_workloads_keep_the_limits_and_finish_every_request(workload):
         stops = [i for i, t in enumerate(out) if t in EOS and not seq.params.ignore_eos]
         if seq.finish_reason == "stop":
             assert stops == [len(out) - 1] and len(out) <= limit, seq
+        elif seq.finish_reason == "length":
+            assert not stops and len(out) == limit, seq
         else:
-            assert seq.finish_reason == "length" and not stops and len(out) == limit, seq
-
+            assert seq.finish_reason == "abort" and not stops and len(out) < limit, seq

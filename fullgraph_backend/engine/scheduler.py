@@ -14,11 +14,13 @@ counts its tokens as computed and its samples as pending, and :meth:`update` fil
 tokens and finishes requests. With asynchronous scheduling the next step is scheduled between
 ``commit`` and ``update``: a request whose pending token will end it by length is not scheduled
 again, and one that ends on a stop token after being scheduled again wastes that one slot.
+:meth:`abort` takes requests out at any point of this life.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from fullgraph_backend.engine.block_manager import BlockManager
 from fullgraph_backend.engine.sequence import Sequence, Status
@@ -165,12 +167,27 @@ class Scheduler:
             seq.resolve(token, now)
             reason = self._finish_reason(seq, token, eos_token_ids)
             if reason:
-                seq.drop_pending()
-                seq.status, seq.finish_reason = Status.FINISHED, reason
-                self.blocks.free(seq)
                 (self.running if seq in self.running else self.waiting).remove(seq)
+                self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def abort(self, seqs: Iterable[Sequence]) -> None:
+        """Finish ``seqs`` with reason ``"abort"`` wherever they are: off the queues, their blocks
+        freed, their tokens in flight dropped (:meth:`update` skips finished requests). Requests
+        that finished already are left as they are."""
+        seqs = list(seqs)
+        gone = set(seqs)
+        self.running = [s for s in self.running if s not in gone]
+        self.waiting = deque(s for s in self.waiting if s not in gone)
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.blocks.free(seq)
+        seq.drop_pending()
+        seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def _finish_reason(self, seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> str | None:
         p = seq.params
