@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from engine_helpers import SHARP, mixed_prompts, reference_greedy, sharp_model, write_hf_model
+from engine_helpers import (MAX_MODEL_LEN, SHARP, make_llm, mixed_prompts, reference_greedy, sharp_model,
+                            write_hf_model)
 from fullgraph_backend.engine import LLM, SamplingParams
 from fullgraph_backend.engine.levels import OPTIMIZATION_LEVELS, backend_options
 
-MAX_MODEL_LEN = 64
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 
@@ -32,13 +32,6 @@ def reference():
         return cache[key]
 
     return tokens
-
-
-def make_llm(model, level=0, **kw):
-    options = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN, seed=0)
-    if level:
-        options["compile_options"] = kw.pop("compile_options", {"compiler": "eager"})
-    return LLM(str(model), optimization_level=level, **{**options, **kw})
 
 
 def greedy(llm, prompts, params=GREEDY):
