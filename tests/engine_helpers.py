@@ -14,9 +14,20 @@ from pathlib import Path
 import torch
 
 import fullgraph_backend as fg
+from fullgraph_backend.engine import LLM
 from fullgraph_backend.models import Decoder, DecoderConfig, build_model, get_config
 
 SHARP = get_config("tiny").replace(tie_word_embeddings=False, name="sharp-tiny")
+MAX_MODEL_LEN = 64
+
+
+def make_llm(model_dir: Path, level: int = 0, **options) -> LLM:
+    """An engine on ``model_dir`` with the tests' limits (8 requests, a 32-token budget,
+    :data:`MAX_MODEL_LEN`); compiled levels use Dynamo's eager compiler unless ``compile_options`` is given."""
+    limits = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN, seed=0)
+    if level:
+        limits["compile_options"] = options.pop("compile_options", {"compiler": "eager"})
+    return LLM(str(model_dir), optimization_level=level, **{**limits, **options})
 
 
 def hf_config_dict(config: DecoderConfig, eos_token_id: int | None = None) -> dict:

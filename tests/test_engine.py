@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from engine_helpers import SHARP, mixed_prompts, reference_greedy, sharp_model, write_hf_model
+from engine_helpers import (MAX_MODEL_LEN, SHARP, make_llm, mixed_prompts, reference_greedy, sharp_model,
+                            write_hf_model)
 from fullgraph_backend.engine import LLM, SamplingParams
 from fullgraph_backend.engine.levels import OPTIMIZATION_LEVELS, backend_options
 
-MAX_MODEL_LEN = 64
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 
@@ -25,20 +25,13 @@ def reference():
     """Greedy tokens of each prompt run alone through the eager model, cached per prompt."""
     model, cache = sharp_model(), {}
 
-    def tokens(prompt: list[int], max_tokens: int = GREEDY.max_tokens) -> list[int]:
-        key = (tuple(prompt), max_tokens)
+    def tokens(prompt: list[int], max_tokens: int = GREEDY.max_tokens, max_model_len: int = MAX_MODEL_LEN) -> list[int]:
+        key = (tuple(prompt), max_tokens, max_model_len)
         if key not in cache:
-            cache[key] = reference_greedy(model, prompt, max_tokens, MAX_MODEL_LEN)
+            cache[key] = reference_greedy(model, prompt, max_tokens, max_model_len)
         return cache[key]
 
     return tokens
-
-
-def make_llm(model, level=0, **kw):
-    options = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN, seed=0)
-    if level:
-        options["compile_options"] = kw.pop("compile_options", {"compiler": "eager"})
-    return LLM(str(model), optimization_level=level, **{**options, **kw})
 
 
 def greedy(llm, prompts, params=GREEDY):
@@ -96,6 +89,14 @@ def test_a_one_token_prompt_and_max_model_len(sharp_dir, reference, monkeypatch)
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=50))[0]
     assert len(out.token_ids) == MAX_MODEL_LEN - 60 and out.finish_reason == "length"
     assert out.token_ids == reference(prompt, 50)
+
+
+def test_a_prompt_of_max_model_len_in_chunks_gets_its_one_token(sharp_dir, reference):
+    llm = make_llm(sharp_dir)  # a 32-token budget: two chunks
+    prompt = [i * 5 % SHARP.vocab_size for i in range(MAX_MODEL_LEN)]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))[0]
+    # the reference loop stops before sampling at max_model_len tokens; one more lets it sample once
+    assert out.token_ids == reference(prompt, 1, MAX_MODEL_LEN + 1) and out.finish_reason == "length"
 
 
 # ---- waiting, preemption ------------------------------------------------------------------------

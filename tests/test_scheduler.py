@@ -1,7 +1,12 @@
 """Scheduler: chunked prefill under the token budget, mixed steps, limits, preemption, finishing."""
 from __future__ import annotations
 
+from collections import deque
+from typing import Callable
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fullgraph_backend.engine.block_manager import BlockManager
 from fullgraph_backend.engine.params import SamplingParams
@@ -9,8 +14,8 @@ from fullgraph_backend.engine.scheduler import Scheduler
 from fullgraph_backend.engine.sequence import Sequence, Status
 
 
-def make(num_blocks=64, max_num_seqs=8, budget=16, max_model_len=256):
-    bm = BlockManager(num_blocks, 16, num_reserved=2)
+def make(num_blocks=64, max_num_seqs=8, budget=16, max_model_len=256, block_size=16):
+    bm = BlockManager(num_blocks, block_size, num_reserved=2)
     return Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len), bm
 
 
@@ -130,22 +135,64 @@ def test_generation_stops_at_max_model_len():
     assert seq.num_tokens == 20 and seq.finish_reason == "length"
 
 
+# ---- chunked prompts up to max_model_len ---------------------------------------------------------
+def test_a_prompt_of_max_model_len_in_chunks_samples_its_one_token():
+    """The regression: the scheduler took the unfinished prompt for a request whose last token
+    was in flight, skipped its second chunk and got stuck."""
+    sched, bm = make(budget=16, max_model_len=20)
+    seq = request(0, 20, max_tokens=4)
+    sched.add(seq)
+    batches = [run_step(sched)[0] for _ in range(2)]
+    assert [(b.num_new, b.samples) for b in batches] == [([16], [False]), ([4], [True])]
+    assert seq.output_token_ids == [7] and seq.finish_reason == "length" and bm.num_free == bm.num_usable
+
+
+SHORT_MODEL_LEN = 24
+
+
+@pytest.mark.parametrize("prompt_len", range(1, SHORT_MODEL_LEN + 1))
+@settings(max_examples=12, deadline=None)
+@given(data=st.data(), depth=st.sampled_from([0, 1]))
+def test_prompts_of_every_length_in_chunks_run_to_completion(prompt_len, data, depth):
+    """A budget smaller than the prompt (so it is chunked), with and without a step in flight:
+    the request finishes by length with ``max_tokens`` tokens, or as many as fit in
+    ``max_model_len`` (at least one: a prompt of ``max_model_len`` still samples once)."""
+    budget = data.draw(st.integers(1, max(1, prompt_len - 1)), label="budget")
+    max_tokens = data.draw(st.integers(1, 2 * SHORT_MODEL_LEN), label="max_tokens")
+    sched, bm = make(budget=budget, max_model_len=SHORT_MODEL_LEN, block_size=4)
+    seq = request(0, prompt_len, max_tokens=max_tokens)
+    sched.add(seq)
+    in_flight = deque()
+    for _ in range(-(-prompt_len // budget) + max_tokens + 1):  # chunks, decodes, one spare step
+        engine_step(sched, in_flight, depth, lambda s: 7)
+    assert seq.status is Status.FINISHED and seq.finish_reason == "length"
+    assert len(seq.output_token_ids) == min(max_tokens, max(1, SHORT_MODEL_LEN - prompt_len))
+    assert bm.num_free == bm.num_usable and not in_flight
+
+
 # ---- one step in flight (asynchronous scheduling) ------------------------------------------------
+def engine_step(sched, in_flight: deque, depth: int, token: Callable[[Sequence], int],
+                eos=frozenset()) -> tuple:
+    """What ``LLM.step`` does with the scheduler: schedule and commit a step, then update the steps
+    in ``in_flight`` down to ``depth`` (all of them when nothing was scheduled or nothing is left),
+    sampling ``token(seq)``. Returns the batch (or None) and the requests that finished."""
+    batch = sched.schedule()
+    if batch is not None:
+        sched.commit(batch)
+        in_flight.append(batch)
+    finished = []
+    while in_flight and (len(in_flight) > depth or batch is None or not sched.has_unfinished()):
+        done = in_flight.popleft()
+        finished += sched.update(done, [token(q) if s else None for q, s in zip(done.seqs, done.samples)], 0.0, eos)
+    return batch, finished
+
+
 def run_ahead(sched, steps, token=7, eos=frozenset()):
     """Drive the scheduler as the engine does with one step in flight: schedule and commit step k,
     then update step k - 1. Returns the batches and the requests finished, step by step."""
-    batches, finished, in_flight = [], [], None
-    for _ in range(steps):
-        batch = sched.schedule()
-        if batch is not None:
-            sched.commit(batch)
-        done = []
-        if in_flight is not None:
-            done = sched.update(in_flight, [token if s else None for s in in_flight.samples], 0.0, eos)
-        batches.append(batch)
-        finished.append(done)
-        in_flight = batch
-    return batches, finished
+    in_flight = deque()
+    steps = [engine_step(sched, in_flight, 1, lambda seq: token, eos) for _ in range(steps)]
+    return [b for b, _ in steps], [f for _, f in steps]
 
 
 def test_a_request_is_not_scheduled_past_its_last_token():
@@ -194,3 +241,86 @@ def test_a_request_preempted_with_a_token_in_flight_waits_until_it_is_known():
     sched.commit(second)
     sched.update(first, [7, 8], 0.0, frozenset())
     assert b.output_token_ids == [8] and b.num_pending == 0 and a.num_pending == 1
+
+
+
+def test_abort_takes_a_request_out_with_its_token_in_flight():
+    sched, bm = make(budget=64)
+    a, b, c = request(0, 20), request(1, 4), request(2, 4)
+    for seq in (a, b, c):
+        sched.add(seq)
+    first = sched.schedule()
+    sched.commit(first)  # every token pending
+    sched.abort([a, c])
+    assert (a.status, a.finish_reason, a.num_pending, a.block_table) == (Status.FINISHED, "abort", 0, [])
+    assert sched.running == [b] and bm.num_free == bm.num_usable - 1
+    assert sched.update(first, [7, 8, 9], 0.0, frozenset()) == []  # the aborted requests' tokens are dropped
+    assert a.output_token_ids == [] and b.output_token_ids == [8] and c.output_token_ids == []
+    sched.abort([a])  # finished already: nothing to do
+    assert a.finish_reason == "abort" and bm.num_free == bm.num_usable - 1
+
+# ---- random workloads ----------------------------------------------------------------------------
+EOS = frozenset({0})
+
+
+@st.composite
+def workloads(draw):
+    """Scheduler limits, requests (arrival step, prompt length, max_tokens, ignore_eos, the step at
+    which it is aborted or None) and how many steps stay in flight (the engine keeps at most one;
+    with two, a request preempted with a token in flight can head the queue). The cache holds any
+    one request, often not two: waits and preemptions."""
+    block_size = draw(st.sampled_from([2, 4, 16]))
+    max_model_len = draw(st.integers(4, 48))
+    least = -(-max_model_len // block_size)
+    limits = dict(budget=draw(st.integers(1, 40)), max_num_seqs=draw(st.integers(1, 6)), max_model_len=max_model_len,
+                  block_size=block_size, num_blocks=2 + draw(st.integers(least, 3 * least)))
+    requests = draw(st.lists(st.tuples(st.integers(0, 12), st.integers(1, max_model_len), st.integers(1, 20),
+                                       st.booleans(), st.none() | st.integers(0, 30)), min_size=1, max_size=8))
+    return limits, requests, draw(st.sampled_from([0, 1, 2]))
+
+
+def workload_token(seq: Sequence) -> int:
+    """A token that depends on the request and the output's position only (EOS = 0 now and then)."""
+    index = seq.num_tokens - seq.num_pending - seq.prompt_len  # the oldest pending token's
+    return (7 * seq.request_id + 3 * index + 1) % 13
+
+
+def drive(sched, requests, depth):
+    """Add ``requests`` at their arrival steps, abort them at theirs, and run the engine's steps until
+    all finished; yields each step's batch (None when nothing was scheduled) and every Sequence."""
+    seqs = [request(i, length, max_tokens=m, ignore_eos=ignore) for i, (_, length, m, ignore, _) in enumerate(requests)]
+    last_event = max(max(arrival, abort or 0) for arrival, *_, abort in requests)
+    in_flight = deque()
+    for step in range(2000):
+        for seq, (arrival, *_, abort) in zip(seqs, requests):
+            if arrival == step:
+                sched.add(seq)
+            if abort == step and arrival <= step:
+                sched.abort([seq])
+        if step > last_event and not sched.has_unfinished() and not in_flight:
+            return
+        yield engine_step(sched, in_flight, depth, workload_token, EOS)[0], seqs
+    raise AssertionError(f"unfinished after 2000 steps: {sched.running} running, {list(sched.waiting)} waiting")
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads())
+def test_random_workloads_keep_the_limits_and_finish_every_request(workload):
+    """Requests aborted before they finish end with reason "abort" and give their blocks back."""
+    limits, requests, depth = workload
+    sched, bm = make(**limits)
+    for batch, seqs in drive(sched, requests, depth):
+        assert batch is None or batch.num_tokens <= limits["budget"]
+        assert len(sched.running) <= limits["max_num_seqs"]
+        assert bm.num_free + sum(len(s.block_table) for s in seqs) == bm.num_usable  # no block leaked or shared
+    assert bm.num_free == bm.num_usable
+    for seq in seqs:
+        out, limit = seq.output_token_ids, min(seq.params.max_tokens, max(1, limits["max_model_len"] - seq.prompt_len))
+        assert seq.status is Status.FINISHED and seq.num_pending == 0
+        stops = [i for i, t in enumerate(out) if t in EOS and not seq.params.ignore_eos]
+        if seq.finish_reason == "stop":
+            assert stops == [len(out) - 1] and len(out) <= limit, seq
+        elif seq.finish_reason == "length":
+            assert not stops and len(out) == limit, seq
+        else:
+            assert seq.finish_reason == "abort" and not stops and len(out) < limit, seq

@@ -38,7 +38,7 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0
         self.block_table: list[int] = []
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "stop", "length", or "abort" (never handed back)
         self.arrival_time = arrival_time
         self.token_times: list[float] = []  # when each generated token became known (time.perf_counter)
         self.num_preemptions = 0
