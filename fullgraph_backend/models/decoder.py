@@ -158,7 +158,8 @@ class Decoder(nn.Module):
         self.rotary.reset()
 
     @torch.no_grad()
-    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], origin: Mapping[str, str] | None = None) -> None:
+    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                           origin: Mapping[str, str] | None = None) -> None:
         """Load a Hugging Face ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` state dict, strictly.
 
         ``model.`` prefixes are dropped, q/k/v and gate/up are concatenated into our fused
