@@ -133,16 +133,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _dump(args: argparse.Namespace) -> int:
     from fullgraph_backend.dump import DumpError, load_dump, print_overview, write_html
+    from fullgraph_backend.dump.overview import plain, printable
 
     try:
         dump = load_dump(args.dir)
-    except DumpError as e:
-        print(f"fullgraph dump: {e}", file=sys.stderr)
+        console = Console()
+        print_overview(dump, console)
+        if args.html:
+            console.print(plain(f"wrote {write_html(dump, args.html)}"))
+    except (DumpError, OSError) as e:  # OSError: the --html file cannot be written
+        print(f"fullgraph dump: {printable(e)}", file=sys.stderr)
         return 2
-    console = Console()
-    print_overview(dump, console)
-    if args.html:
-        console.print(f"wrote {write_html(dump, args.html)}")
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from fullgraph_backend import compat
-from fullgraph_backend.dump import manifest
+from fullgraph_backend.dump import files, manifest, schema
 from fullgraph_backend.dump.writer import dumping_into
 
 
@@ -72,17 +72,12 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
 
 
 def _append_dynamo_records(dump_dir: str, records: list) -> None:
-    path = os.path.join(dump_dir, manifest.DYNAMO_RECORD)
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = json.load(f)
+    rows = files.read_json(dump_dir, manifest.DYNAMO_RECORD, schema.DYNAMO, [])
     rows += [{"compile_id": str(r.compile_id), "function": r.co_name,
               "where": f"{r.co_filename}:{r.co_firstlineno}", "fail_type": r.fail_type,
               "fail_reason": _first_lines(r.fail_reason), "recompile_reason": _first_lines(r.recompile_reason)}
              for r in records]
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    files.write_text(os.path.join(dump_dir, manifest.DYNAMO_RECORD), json.dumps(rows, indent=1))
 
 
 def _first_lines(text: str | None, n: int = 3) -> str | None:
