@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import threading
+import warnings
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from fullgraph_backend.dump import DumpError, dump_compilation, load_dump, print
 from fullgraph_backend.dump import write_html
 from fullgraph_backend.dump.compilation import dump_compilation as dump_compilation_fn
 from fullgraph_backend.dump.leftovers import output_code_calls, post_grad_leftovers
+from fullgraph_backend.dump.quiet import INDUCTOR_TRACE_LOGGER
 from fullgraph_backend.dump.writer import GraphDump
 from passes import PassManager
 
@@ -32,6 +35,7 @@ from conftest import ctx_for, own_block_tables, tiny_attention_model
 GRAPH_FILES = ("graph.json", "00_dynamo_graph.py", "01_swap_attention.py", "passes.txt", "passes.json",
                "capture.json", "capture.txt")
 INDUCTOR_FILES = ("fx_graph_readable.py", "fx_graph_transformed.py", "output_code.py")
+PGO_NOTICE = "dynamo_pgo force disabled by torch.compiler.config.force_disable_caches"
 
 
 def run_attention_model(compiled, ctx, query_lens=(3, 2)):
@@ -509,3 +513,35 @@ def test_a_fifo_planted_where_dump_compilation_reads_is_an_error_not_a_hang(tmp_
 
     with pytest.raises(DumpError, match="dynamo.json is not a regular file"):
         finishes(run)
+
+
+# ---- quiet while dumping ------------------------------------------------------------------------------
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_dumping_silences_the_third_party_notices_and_nothing_else(tmp_path):
+    torch._dynamo.utils.warn_once_cache.discard(PGO_NOTICE)  # an earlier test may have used up its one warning
+    inductor_log, records = logging.getLogger(INDUCTOR_TRACE_LOGGER), Records()
+    inductor_log.addHandler(records)
+    compiled = torch.compile(MLP().eval(), backend="fullgraph", options={"compiler": "eager", "capture_sizes": (4,)})
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with torch.inference_mode(), dump_compilation(str(tmp_path)):
+                compiled(torch.randn(4, 8))
+                warnings.warn("ours", UserWarning)
+                inductor_log.warning("%s debug trace: %s", "graph_0", tmp_path)
+                inductor_log.warning("a real problem")
+            warnings.warn(PGO_NOTICE, UserWarning)  # after the dump: shown again
+    finally:
+        inductor_log.removeHandler(records)
+    shown = [str(w.message) for w in seen]
+    assert "ours" in shown and shown.count(PGO_NOTICE) == 1
+    assert not any("You are trying to debug" in m for m in shown)
+    assert records.messages == ["a real problem"]

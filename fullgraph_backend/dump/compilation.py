@@ -10,6 +10,7 @@ import torch
 
 from fullgraph_backend import compat
 from fullgraph_backend.dump import files, manifest, schema
+from fullgraph_backend.dump.quiet import quiet_third_party
 from fullgraph_backend.dump.writer import dumping_into
 
 
@@ -31,7 +32,9 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
 
     Inside the block, Inductor's caches are off (a cache hit would skip the passes and the
     trace), and graphs compiled by ``backend="fullgraph"`` without a ``dump_dir`` option are
-    dumped into ``dump_dir`` (with the option, their folders go there instead). Files written:
+    dumped into ``dump_dir`` (with the option, their folders go there instead). The warnings
+    depyf, Dynamo and Inductor print about the dump itself are silenced
+    (:mod:`fullgraph_backend.dump.quiet`). Files written:
 
     - ``fullgraph_dump.json``: the manifest (compile ids, every file); marks the folder as a dump.
     - ``<compile id>/`` per graph (``0_0``, ``1_0``, ``0_1`` for a recompile; ``0_0.1`` when an id
@@ -63,7 +66,7 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
     manifest.update(dump_dir)
     seen = {id(r) for r in compat.compilation_records()}
     try:
-        with dumping_into(dump_dir), torch.compiler.config.patch(force_disable_caches=True), \
+        with quiet_third_party(), dumping_into(dump_dir), torch.compiler.config.patch(force_disable_caches=True), \
                 depyf.prepare_debug(os.path.join(dump_dir, manifest.DEPYF_FOLDER)):
             yield dump_dir
     finally:

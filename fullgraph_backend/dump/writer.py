@@ -18,6 +18,7 @@ import torch
 
 from fullgraph_backend import compat
 from fullgraph_backend.dump import files, leftovers, manifest
+from fullgraph_backend.dump.quiet import quiet_third_party
 
 _active_root: str | None = None  # set by dump_compilation(); the dump_dir option wins over it
 
@@ -68,7 +69,7 @@ class GraphDump:
         def compile_and_inspect(gm: torch.fx.GraphModule, example_inputs: list):
             traces = os.path.join(self.folder, "torchinductor")
             before = set(os.listdir(traces)) if os.path.isdir(traces) else set()
-            with torch._inductor.config.patch(compat.inductor_trace_patches(self.folder)):
+            with quiet_third_party(), torch._inductor.config.patch(compat.inductor_trace_patches(self.folder)):
                 compiled = compile_fn(gm, example_inputs)
             new = sorted(set(os.listdir(traces)) - before) if os.path.isdir(traces) else []
             inputs = list(gm.graph.find_nodes(op="placeholder"))
