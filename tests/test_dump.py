@@ -515,6 +515,16 @@ def test_a_fifo_planted_where_dump_compilation_reads_is_an_error_not_a_hang(tmp_
         finishes(run)
 
 
+def test_a_depyf_folder_linked_outside_the_dump_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "dump").mkdir()
+    (tmp_path / "dump" / "depyf").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DumpError, match="depyf .* leads outside the dump folder"):
+        with dump_compilation(str(tmp_path / "dump")):
+            pass
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
 # ---- quiet while dumping ------------------------------------------------------------------------------
 class Records(logging.Handler):
     def __init__(self):

@@ -64,10 +64,12 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
 
     os.makedirs(dump_dir, exist_ok=True)
     manifest.update(dump_dir)
+    # depyf writes its folder itself: it must not be a link planted to lead outside the dump
+    depyf_dir = files.locate(dump_dir, manifest.DEPYF_FOLDER, manifest.DEPYF_FOLDER)
     seen = {id(r) for r in compat.compilation_records()}
     try:
         with quiet_third_party(), dumping_into(dump_dir), torch.compiler.config.patch(force_disable_caches=True), \
-                depyf.prepare_debug(os.path.join(dump_dir, manifest.DEPYF_FOLDER)):
+                depyf.prepare_debug(depyf_dir):
             yield dump_dir
     finally:
         _append_dynamo_records(dump_dir, [r for r in compat.compilation_records() if id(r) not in seen])
