@@ -338,6 +338,7 @@ def test_html_escapes_everything_read_from_the_dump(dump_dir, tmp_path, capsys):
     ("0_0/passes.json", lambda p: p["passes"][0].update(graph="/etc/hostname"), r"passes\[0\]\.graph is an absolute"),
     ("0_0/graph.json", lambda g: g["pieces"][0].update(inductor="..", output_code="../secret.txt"),
      r"pieces\[0\]\.output_code .* outside"),
+    ("0_0/passes.json", lambda p: p["passes"][0].update(graph="x\0y"), r"passes\[0\]\.graph must be a path inside"),
 ])
 def test_file_names_leading_outside_the_dump_are_refused(dump_dir, tmp_path, capsys, file, change, message):
     edit_json(dump_dir / file, change)

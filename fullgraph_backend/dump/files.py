@@ -22,7 +22,7 @@ def locate(root: str, relative: object, source: str) -> str:
     ``source`` says where the name was read (``0_0/passes.json: passes[1].graph``) in the
     :class:`DumpError` raised when it is not a relative path leading to somewhere inside ``root``.
     """
-    if not isinstance(relative, str) or not relative:
+    if not isinstance(relative, str) or not relative or "\0" in relative:
         raise DumpError(f"{source} must be a path inside the dump folder, got {relative!r:.80}")
     if os.path.isabs(relative):
         raise DumpError(f"{source} is an absolute path ({relative!r:.80}); a dump names files inside its folder")
