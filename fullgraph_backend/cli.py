@@ -54,17 +54,17 @@ def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark the engine: latency of generate, or serving under load")
     kinds = bench.add_subparsers(dest="bench", required=True)
     latency = kinds.add_parser("latency", help="average and percentile latency of one generate call")
-    latency.add_argument("--batch-size", type=int, default=8)
-    latency.add_argument("--input-len", type=int, default=32)
-    latency.add_argument("--output-len", type=int, default=128)
-    latency.add_argument("--num-iters", type=int, default=10)
-    latency.add_argument("--num-iters-warmup", type=int, default=2)
+    latency.add_argument("--batch-size", type=POSITIVE, default=8)
+    latency.add_argument("--input-len", type=POSITIVE, default=32)
+    latency.add_argument("--output-len", type=POSITIVE, default=128)
+    latency.add_argument("--num-iters", type=POSITIVE, default=10)
+    latency.add_argument("--num-iters-warmup", type=COUNT, default=2)
     serve = kinds.add_parser("serve", help="Poisson arrivals in process; vLLM's Serving Benchmark Result block")
-    serve.add_argument("--request-rate", type=float, default=float("inf"),
+    serve.add_argument("--request-rate", type=RATE, default=float("inf"),
                        help="requests per second (inf: all at once)")
-    serve.add_argument("--num-prompts", type=int, default=100)
-    serve.add_argument("--random-input-len", type=int, default=1000)
-    serve.add_argument("--random-output-len", type=int, default=100)
+    serve.add_argument("--num-prompts", type=POSITIVE, default=100)
+    serve.add_argument("--random-input-len", type=POSITIVE, default=1000)
+    serve.add_argument("--random-output-len", type=POSITIVE, default=100)
     serve.add_argument("--ignore-eos", action="store_true", help="generate --random-output-len tokens every time")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
     for p in (latency, serve):
@@ -75,19 +75,43 @@ def _add_bench(sub) -> None:
                             "-O4 one full graph for every batch (write -O4 or --optimization-level 4)")
         p.add_argument("--cudagraph-mode", default=None, choices=["none", "piecewise", "full_and_piecewise", "full"],
                        help="overrides the level's graph mode")
-        p.add_argument("--max-num-seqs", type=int, default=256)
-        p.add_argument("--max-num-batched-tokens", type=int, default=512)
-        p.add_argument("--max-model-len", type=int, default=None, help="default: input + output length")
+        p.add_argument("--max-num-seqs", type=POSITIVE, default=256)
+        p.add_argument("--max-num-batched-tokens", type=POSITIVE, default=512)
+        p.add_argument("--max-model-len", type=POSITIVE, default=None, help="default: input + output length")
         p.add_argument("--dtype", default="auto")
         p.add_argument("--device", default="auto")
-        p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        p.add_argument("--num-kv-blocks", type=int, default=None)
+        p.add_argument("--gpu-memory-utilization", type=FRACTION, default=0.9)
+        p.add_argument("--num-kv-blocks", type=POSITIVE, default=None)
         p.add_argument("--compiler", default=None, choices=["inductor", "eager"])
-        p.add_argument("--capture-sizes", default=None, help="comma list of padded sizes to capture")
+        p.add_argument("--capture-sizes", type=SIZES, default=None, help="comma list of padded sizes to capture")
         p.add_argument("--attention-impl", default="auto")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=SEED, default=0)
         p.add_argument("--output-json", default=None, help="also write the results here")
         p.add_argument("-v", "--verbose", action="store_true", help="log what the backend does")
+
+
+def _checked(convert, test, description: str):
+    """An argparse type: ``convert(text)`` passing ``test``; else a usage error naming the flag and ``description``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+            ok = test(value)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}")
+        return value
+    return parse
+
+
+COUNT = _checked(int, lambda v: v >= 0, "an int >= 0")
+POSITIVE = _checked(int, lambda v: v >= 1, "an int >= 1")
+RATE = _checked(float, lambda v: v > 0, "a number > 0 (inf: all at once)")  # NaN fails every comparison
+FRACTION = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+SIZES = _checked(lambda text: tuple(int(s) for s in text.split(",")), lambda v: min(v) >= 1,
+                 "a comma list of ints >= 1")
+# the engine's seed is >= 0; torch.Generator.manual_seed takes up to 2**64 - 1
+SEED = _checked(int, lambda v: 0 <= v < 2**64, "an int in [0, 2**64 - 1]")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -103,7 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.compiler:
         compile_options["compiler"] = args.compiler
     if args.capture_sizes:
-        compile_options["capture_sizes"] = tuple(int(s) for s in args.capture_sizes.split(","))
+        compile_options["capture_sizes"] = args.capture_sizes
     cuda = torch.cuda.is_available() and args.device != "cpu"
     llm = LLM(args.model or ("qwen2.5-1.5b" if cuda else "tiny"), optimization_level=args.optimization_level,
               cudagraph_mode=args.cudagraph_mode, compile_options=compile_options or None,
@@ -133,16 +157,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _dump(args: argparse.Namespace) -> int:
     from fullgraph_backend.dump import DumpError, load_dump, print_overview, write_html
+    from fullgraph_backend.dump.overview import plain, printable
 
     try:
         dump = load_dump(args.dir)
-    except DumpError as e:
-        print(f"fullgraph dump: {e}", file=sys.stderr)
+        console = Console()
+        print_overview(dump, console)
+        if args.html:
+            console.print(plain(f"wrote {write_html(dump, args.html)}"))
+    except (DumpError, OSError) as e:  # OSError: the --html file cannot be written
+        print(f"fullgraph dump: {printable(e)}", file=sys.stderr)
         return 2
-    console = Console()
-    print_overview(dump, console)
-    if args.html:
-        console.print(f"wrote {write_html(dump, args.html)}")
     return 0
 
 

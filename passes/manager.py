@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from fullgraph_backend.dump.files import write_text
+
 
 @dataclass
 class PassResult:
@@ -51,8 +53,7 @@ class PassManager:
     def _write(self, name: str, text: str) -> None:
         if self.dump_dir:
             os.makedirs(self.dump_dir, exist_ok=True)
-            with open(os.path.join(self.dump_dir, name), "w") as f:
-                f.write(text)
+            write_text(os.path.join(self.dump_dir, name), text)
 
 
 def _as_data(value: object) -> object:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from fullgraph_backend.cli import main
+from fullgraph_backend.cli import COUNT, FRACTION, POSITIVE, RATE, SEED, SIZES, main
 from fullgraph_backend.engine.bench import ServeResult, _poisson_arrivals, print_serve_result
 from fullgraph_backend.engine.sequence import RequestOutput
 
@@ -60,3 +61,42 @@ def test_bench_serve_cli(capsys):
 def test_bench_rejects_a_bad_level(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "latency", "-O7"])
+
+
+@pytest.mark.parametrize("argv, flag, message", [
+    (["latency", "--num-iters", "0"], "--num-iters", "an int >= 1, got '0'"),
+    (["latency", "--batch-size", "0"], "--batch-size", "an int >= 1"),
+    (["latency", "--batch-size", "-3"], "--batch-size", "an int >= 1"),
+    (["latency", "--input-len", "0"], "--input-len", "an int >= 1"),
+    (["latency", "--output-len", "2.5"], "--output-len", "an int >= 1, got '2.5'"),
+    (["latency", "--num-iters-warmup", "-1"], "--num-iters-warmup", "an int >= 0"),
+    (["serve", "--request-rate", "0"], "--request-rate", "a number > 0"),
+    (["serve", "--request-rate", "nan"], "--request-rate", "a number > 0"),
+    (["serve", "--request-rate=-inf"], "--request-rate", "a number > 0"),
+    (["serve", "--num-prompts", "0"], "--num-prompts", "an int >= 1"),
+    (["serve", "--random-input-len", "0"], "--random-input-len", "an int >= 1"),
+    (["serve", "--random-output-len", "x"], "--random-output-len", "an int >= 1, got 'x'"),
+    (["serve", "--max-num-seqs", "0"], "--max-num-seqs", "an int >= 1"),
+    (["latency", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens", "an int >= 1"),
+    (["latency", "--max-model-len", "0"], "--max-model-len", "an int >= 1"),
+    (["latency", "--num-kv-blocks", "0"], "--num-kv-blocks", "an int >= 1"),
+    (["latency", "--gpu-memory-utilization", "0"], "--gpu-memory-utilization", r"a number in \(0, 1\]"),
+    (["latency", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization", r"a number in \(0, 1\]"),
+    (["latency", "--capture-sizes", "4,0,8"], "--capture-sizes", "a comma list of ints >= 1, got '4,0,8'"),
+    (["latency", "--capture-sizes", "4,,8"], "--capture-sizes", "a comma list of ints >= 1"),
+    (["serve", "--seed", "-1"], "--seed", r"an int in \[0, 2\*\*64 - 1\]"),
+    (["serve", "--seed", str(2**64)], "--seed", r"an int in \[0, 2\*\*64 - 1\]"),
+])
+def test_bad_numbers_are_usage_errors_naming_the_flag(argv, flag, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.search(rf"argument {flag}: must be {message}", err), err
+
+
+@pytest.mark.parametrize("parse, text, value", [
+    (COUNT, "0", 0), (POSITIVE, "1", 1), (RATE, "inf", float("inf")), (RATE, "1e-3", 1e-3),
+    (FRACTION, "1", 1.0), (SIZES, "1, 8,16", (1, 8, 16)), (SEED, str(2**64 - 1), 2**64 - 1), (SEED, "0", 0),
+])
+def test_edge_values_are_accepted(parse, text, value):
+    assert parse(text) == value

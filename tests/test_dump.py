@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
+import shutil
+import threading
+import warnings
 
 import pytest
 import torch
@@ -19,14 +23,19 @@ from fullgraph_backend import use_forward_context
 from fullgraph_backend.cli import main
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.dump import DumpError, dump_compilation, load_dump, print_overview, warnings_of
+from fullgraph_backend.dump import write_html
 from fullgraph_backend.dump.compilation import dump_compilation as dump_compilation_fn
 from fullgraph_backend.dump.leftovers import output_code_calls, post_grad_leftovers
+from fullgraph_backend.dump.quiet import INDUCTOR_TRACE_LOGGER
+from fullgraph_backend.dump.writer import GraphDump
+from passes import PassManager
 
 from conftest import ctx_for, own_block_tables, tiny_attention_model
 
 GRAPH_FILES = ("graph.json", "00_dynamo_graph.py", "01_swap_attention.py", "passes.txt", "passes.json",
                "capture.json", "capture.txt")
 INDUCTOR_FILES = ("fx_graph_readable.py", "fx_graph_transformed.py", "output_code.py")
+PGO_NOTICE = "dynamo_pgo force disabled by torch.compiler.config.force_disable_caches"
 
 
 def run_attention_model(compiled, ctx, query_lens=(3, 2)):
@@ -259,3 +268,291 @@ def get_args():
     assert calls["custom_op_calls"] == {"fullgraph.reference_attention": 1}
     assert calls["aten_fallbacks"] == {"aten.clone": 1, "aten.nonzero": 1}
     assert calls["kv_cache_copies_in_output_code"] == 2
+
+
+# ---- a dump nobody vouches for --------------------------------------------------------------------
+# A dump is a folder anyone may have written: these tamper with a real one (the MLP, compiled once)
+# and check that reading it never runs markup, reads outside it, blocks, or raises anything but DumpError.
+SECRET = "top secret: not part of the dump"
+
+
+@pytest.fixture(scope="module")
+def mlp_dump_source(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mlp_dump") / "dump")
+    compiled = torch.compile(MLP().eval(), backend="fullgraph",
+                             options={"compiler": "eager", "capture_sizes": (4,), "dump_dir": root})
+    with torch.inference_mode():
+        compiled(torch.randn(4, 8))
+    torch._dynamo.reset()
+    return root
+
+
+@pytest.fixture
+def dump_dir(mlp_dump_source, tmp_path):
+    """A fresh copy of the MLP dump, next to a file that must never be read: ``tmp_path / "secret.txt"``."""
+    (tmp_path / "secret.txt").write_text(SECRET)
+    return shutil.copytree(mlp_dump_source, tmp_path / "dump")
+
+
+def edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def first_pass(dump_dir) -> dict:
+    return json.loads((dump_dir / "0_0" / "passes.json").read_text())["passes"][0]
+
+
+def cli_dump(dump_dir, tmp_path, capsys) -> tuple[int, str, str]:
+    code = main(["dump", str(dump_dir), "--html", str(tmp_path / "page.html")])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_html_escapes_everything_read_from_the_dump(dump_dir, tmp_path, capsys):
+    attack = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+
+    def poison_passes(data):
+        p = data["passes"][0]
+        p.update(name=attack, summary=attack)
+        p["report"] = {"swapped": [{"node": attack, "layer_idx": 0, "impl": attack, "reads": [attack]}],
+                       "left_alone": [[attack, attack]]}
+
+    edit_json(dump_dir / "0_0" / "passes.json", poison_passes)
+    edit_json(dump_dir / "0_0" / "graph.json", lambda g: g.update(compile_id=attack, graph_break=attack))
+    edit_json(dump_dir / "0_0" / "capture.json", lambda rows: rows[0].update(kind=attack))
+    edit_json(dump_dir / "fullgraph_dump.json", lambda m: m.update(torch=attack))
+    (dump_dir / "0_0" / first_pass(dump_dir)["graph"]).write_text(attack + "\n")
+    code, _, err = cli_dump(dump_dir, tmp_path, capsys)
+    assert code == 0, err
+    page = (tmp_path / "page.html").read_text()
+    assert not re.search(r"<script|<img|onerror=alert\(2\)>", page, re.I)
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10  # shown, as text
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("fullgraph_dump.json", lambda m: m["graphs"][0].update(folder="../.."), r"graphs\[0\]\.folder .* outside"),
+    ("fullgraph_dump.json", lambda m: m["graphs"][0].update(folder="/etc"), r"graphs\[0\]\.folder is an absolute"),
+    ("0_0/passes.json", lambda p: p["passes"][0].update(graph="../../secret.txt"), r"passes\[0\]\.graph .* outside"),
+    ("0_0/passes.json", lambda p: p["passes"][0].update(graph="/etc/hostname"), r"passes\[0\]\.graph is an absolute"),
+    ("0_0/graph.json", lambda g: g["pieces"][0].update(inductor="..", output_code="../secret.txt"),
+     r"pieces\[0\]\.output_code .* outside"),
+    ("0_0/passes.json", lambda p: p["passes"][0].update(graph="x\0y"), r"passes\[0\]\.graph must be a path inside"),
+])
+def test_file_names_leading_outside_the_dump_are_refused(dump_dir, tmp_path, capsys, file, change, message):
+    edit_json(dump_dir / file, change)
+    with pytest.raises(DumpError, match=message):
+        load_dump(str(dump_dir))
+    code, out, err = cli_dump(dump_dir, tmp_path, capsys)
+    assert code == 2 and SECRET not in out and not (tmp_path / "page.html").exists()
+    assert err.startswith("fullgraph dump: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("planted", ["graph", "folder", "graph.json"])
+def test_symlinks_pointing_outside_the_dump_are_refused(dump_dir, tmp_path, planted):
+    folder = dump_dir / "0_0"
+    if planted == "graph":
+        target = folder / first_pass(dump_dir)["graph"]
+        target.unlink()
+        target.symlink_to(tmp_path / "secret.txt")
+    elif planted == "folder":
+        (tmp_path / "elsewhere").mkdir()
+        shutil.move(str(folder), tmp_path / "elsewhere" / "0_0")
+        folder.symlink_to(tmp_path / "elsewhere" / "0_0")
+    else:
+        (tmp_path / "graph.json").write_text((folder / "graph.json").read_text())
+        (folder / "graph.json").unlink()
+        (folder / "graph.json").symlink_to(tmp_path / "graph.json")
+    with pytest.raises(DumpError, match="leads outside the dump folder"):
+        load_dump(str(dump_dir))
+
+
+def test_symlinks_inside_the_dump_are_followed(dump_dir, tmp_path):
+    graph = dump_dir / "0_0" / first_pass(dump_dir)["graph"]
+    graph.rename(dump_dir / "elsewhere.py")
+    graph.symlink_to(dump_dir / "elsewhere.py")
+    write_html(load_dump(str(dump_dir)), str(tmp_path / "page.html"))
+    assert "elsewhere.py is missing" not in (tmp_path / "page.html").read_text()
+
+
+def finishes(fn, seconds: float = 60.0):
+    """``fn()``'s result or exception, or a failure if it is still running after ``seconds`` (blocked)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # handed to the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("name", ["fullgraph_dump.json", "0_0/graph.json", "0_0/00_dynamo_graph.py", "dynamo.json"])
+def test_a_fifo_in_the_dump_is_an_error_not_a_hang(dump_dir, tmp_path, name):
+    (dump_dir / name).unlink(missing_ok=True)
+    os.mkfifo(dump_dir / name)
+    with pytest.raises(DumpError, match=rf"{re.escape(name)} is not a regular file"):
+        finishes(lambda: write_html(load_dump(str(dump_dir)), str(tmp_path / "page.html")))
+
+
+def test_terminal_output_has_no_escapes_or_markup(dump_dir):
+    ansi = "\x1b[31mred\x1b[0m \x1b]0;window title\x07 \x9b2J [bold red]markup[/] \u202eevil"
+
+    def poison_passes(data):
+        data["passes"][0].update(name=ansi, summary=ansi)
+        data["passes"][0]["report"] = {"swapped": [{"node": ansi, "layer_idx": 0, "impl": ansi, "reads": [ansi]}],
+                                       "left_alone": [[ansi, ansi]]}
+
+    edit_json(dump_dir / "0_0" / "passes.json", poison_passes)
+    edit_json(dump_dir / "0_0" / "graph.json", lambda g: g.update(compile_id=ansi, graph_break=ansi))
+    edit_json(dump_dir / "0_0" / "capture.json", lambda rows: rows[0].update(kind=ansi))
+    text = overview(load_dump(str(dump_dir)))
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", text)
+    assert "[bold red]markup[/]" in text and "red" in text and "window title" not in text
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("fullgraph_dump.json", lambda m: m.pop("graphs"), r"fullgraph_dump.json: the top level lacks the key 'graphs'"),
+    ("fullgraph_dump.json", lambda m: m["graphs"].append(7), r"fullgraph_dump.json: graphs\[1\] must be an object"),
+    ("fullgraph_dump.json", lambda m: m["graphs"][0].update(folder=0), r"graphs\[0\]\.folder must be a string"),
+    ("0_0/graph.json", lambda g: g.update(pieces="all"), r"0_0/graph.json: pieces must be a list"),
+    ("0_0/graph.json", lambda g: g["pieces"][0].update(aten_fallbacks={"aten.mm": "2"}),
+     r"0_0/graph.json: pieces\[0\]\.aten_fallbacks\.aten\.mm must be an int"),
+    ("0_0/graph.json", lambda g: g.update(config=[]), r"0_0/graph.json: config must be an object"),
+    ("0_0/passes.json", lambda p: p["passes"][0].pop("name"), r"0_0/passes.json: passes\[0\] lacks the key 'name'"),
+    ("0_0/passes.json", lambda p: p["passes"][0].update(report={"swapped": [{"node": "n"}]}),
+     r"0_0/passes.json: passes\[0\]\.report\.swapped\[0\] lacks the key 'layer_idx'"),
+    ("0_0/passes.json", lambda p: p["passes"][0].update(report={"swapped": [], "left_alone": [["n"]]}),
+     r"passes\[0\]\.report\.left_alone\[0\] must be a list of 2"),
+    ("0_0/capture.json", lambda rows: rows[0].update(size="big"), r"0_0/capture.json: \[0\]\.size must be an int"),
+    ("0_0/capture.json", lambda rows: rows[0].pop("warmup_ms"), r"\[0\] lacks the key 'warmup_ms'"),
+])
+def test_missing_or_ill_typed_keys_name_the_file_and_key(dump_dir, tmp_path, capsys, file, change, message):
+    edit_json(dump_dir / file, change)
+    with pytest.raises(DumpError, match=message):
+        load_dump(str(dump_dir))
+    code, out, err = cli_dump(dump_dir, tmp_path, capsys)
+    assert code == 2 and re.search(message, err) and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("0_0/graph.json", "{not json", r"cannot read 0_0/graph.json"),
+    ("0_0/passes.json", "[]", r"0_0/passes.json: the top level must be an object, got \[\]"),
+    ("dynamo.json", '["0/0"]', r"dynamo.json: \[0\] must be an object"),
+    ("fullgraph_dump.json", '"fullgraph-dump"', r"is not a fullgraph dump manifest"),
+])
+def test_unreadable_json_files_name_the_file(dump_dir, name, text, message):
+    (dump_dir / name).write_text(text)
+    with pytest.raises(DumpError, match=message):
+        load_dump(str(dump_dir))
+
+
+def test_cli_error_lines_carry_no_escapes(tmp_path, capsys):
+    folder = tmp_path / "\x1b[31mred"
+    folder.mkdir()
+    assert main(["dump", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "red is not a fullgraph dump" in err
+
+
+# ---- writing never goes through a planted link -------------------------------------------------
+def plant_link(path, target) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to(target)
+
+
+def test_pass_manager_replaces_a_planted_symlink(tmp_path):
+    folder = tmp_path / "graph"
+    folder.mkdir()
+    (tmp_path / "secret.txt").write_text(SECRET)
+    for name in ("00_dynamo_graph.py", "passes.json"):
+        plant_link(folder / name, tmp_path / "secret.txt")
+    os.mkfifo(folder / "passes.txt")
+    gm = torch.fx.symbolic_trace(MLP())
+    finishes(lambda: PassManager([("noop", lambda g: "nothing")], str(folder)).run(gm))
+    assert (tmp_path / "secret.txt").read_text() == SECRET
+    for name in ("00_dynamo_graph.py", "passes.json", "passes.txt"):
+        assert (folder / name).is_file() and not (folder / name).is_symlink(), name
+    assert "def forward" in (folder / "00_dynamo_graph.py").read_text()
+
+
+def test_dump_writer_replaces_planted_symlinks(tmp_path):
+    root = tmp_path / "dump"
+    (tmp_path / "secret.txt").write_text(SECRET)
+    root.mkdir()
+    plant_link(root / "0_0", tmp_path / "nowhere")  # a dangling link takes the name: the graph goes to 0_0.1
+    compiled = torch.compile(MLP().eval(), backend="fullgraph",
+                             options={"compiler": "eager", "capture_sizes": (4,), "dump_dir": str(root)})
+    with torch.inference_mode():
+        compiled(torch.randn(4, 8))
+    folder = root / "0_0.1"
+    dump = GraphDump(str(root), str(folder), json.loads((folder / "graph.json").read_text()))
+    for name in ("graph.json", "capture.json", "capture.txt"):
+        plant_link(folder / name, tmp_path / "secret.txt")
+    dump.write_capture_table([])
+    dump._save()
+    assert (tmp_path / "secret.txt").read_text() == SECRET and not (tmp_path / "nowhere").exists()
+    assert not any(p.is_symlink() for p in folder.iterdir())
+    assert json.loads((folder / "capture.json").read_text()) == []
+
+
+def test_a_fifo_planted_where_dump_compilation_reads_is_an_error_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "dynamo.json")
+    compiled = torch.compile(MLP().eval(), backend="fullgraph", options={"compiler": "eager", "capture_sizes": (4,)})
+
+    def run():
+        with torch.inference_mode(), dump_compilation(str(tmp_path)):
+            compiled(torch.randn(4, 8))
+
+    with pytest.raises(DumpError, match="dynamo.json is not a regular file"):
+        finishes(run)
+
+
+def test_a_depyf_folder_linked_outside_the_dump_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "dump").mkdir()
+    (tmp_path / "dump" / "depyf").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DumpError, match="depyf .* leads outside the dump folder"):
+        with dump_compilation(str(tmp_path / "dump")):
+            pass
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+# ---- quiet while dumping ------------------------------------------------------------------------------
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_dumping_silences_the_third_party_notices_and_nothing_else(tmp_path):
+    torch._dynamo.utils.warn_once_cache.discard(PGO_NOTICE)  # an earlier test may have used up its one warning
+    inductor_log, records = logging.getLogger(INDUCTOR_TRACE_LOGGER), Records()
+    inductor_log.addHandler(records)
+    compiled = torch.compile(MLP().eval(), backend="fullgraph", options={"compiler": "eager", "capture_sizes": (4,)})
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with torch.inference_mode(), dump_compilation(str(tmp_path)):
+                compiled(torch.randn(4, 8))
+                warnings.warn("ours", UserWarning)
+                inductor_log.warning("%s debug trace: %s", "graph_0", tmp_path)
+                inductor_log.warning("a real problem")
+            warnings.warn(PGO_NOTICE, UserWarning)  # after the dump: shown again
+    finally:
+        inductor_log.removeHandler(records)
+    shown = [str(w.message) for w in seen]
+    assert "ours" in shown and shown.count(PGO_NOTICE) == 1
+    assert not any("You are trying to debug" in m for m in shown)
+    assert records.messages == ["a real problem"]

@@ -8,8 +8,9 @@ depyf's decompiled bytecode and guards and Dynamo's per-frame records. Read one 
 """
 from fullgraph_backend.dump.compilation import dump_compilation
 from fullgraph_backend.dump.html import write_html
-from fullgraph_backend.dump.manifest import DumpError
-from fullgraph_backend.dump.report import Dump, GraphInfo, load_dump, print_overview, warnings_of
+from fullgraph_backend.dump.overview import print_overview
+from fullgraph_backend.dump.report import Dump, GraphInfo, load_dump, warnings_of
+from fullgraph_backend.dump.schema import DumpError
 
 __all__ = ["dump_compilation", "write_html", "DumpError", "Dump", "GraphInfo", "load_dump", "print_overview",
            "warnings_of"]

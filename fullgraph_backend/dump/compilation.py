@@ -9,7 +9,8 @@ from typing import Iterator
 import torch
 
 from fullgraph_backend import compat
-from fullgraph_backend.dump import manifest
+from fullgraph_backend.dump import files, manifest, schema
+from fullgraph_backend.dump.quiet import quiet_third_party
 from fullgraph_backend.dump.writer import dumping_into
 
 
@@ -31,7 +32,9 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
 
     Inside the block, Inductor's caches are off (a cache hit would skip the passes and the
     trace), and graphs compiled by ``backend="fullgraph"`` without a ``dump_dir`` option are
-    dumped into ``dump_dir`` (with the option, their folders go there instead). Files written:
+    dumped into ``dump_dir`` (with the option, their folders go there instead). The warnings
+    depyf, Dynamo and Inductor print about the dump itself are silenced
+    (:mod:`fullgraph_backend.dump.quiet`). Files written:
 
     - ``fullgraph_dump.json``: the manifest (compile ids, every file); marks the folder as a dump.
     - ``<compile id>/`` per graph (``0_0``, ``1_0``, ``0_1`` for a recompile; ``0_0.1`` when an id
@@ -61,10 +64,12 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
 
     os.makedirs(dump_dir, exist_ok=True)
     manifest.update(dump_dir)
+    # depyf writes its folder itself: it must not be a link planted to lead outside the dump
+    depyf_dir = files.locate(dump_dir, manifest.DEPYF_FOLDER, manifest.DEPYF_FOLDER)
     seen = {id(r) for r in compat.compilation_records()}
     try:
-        with dumping_into(dump_dir), torch.compiler.config.patch(force_disable_caches=True), \
-                depyf.prepare_debug(os.path.join(dump_dir, manifest.DEPYF_FOLDER)):
+        with quiet_third_party(), dumping_into(dump_dir), torch.compiler.config.patch(force_disable_caches=True), \
+                depyf.prepare_debug(depyf_dir):
             yield dump_dir
     finally:
         _append_dynamo_records(dump_dir, [r for r in compat.compilation_records() if id(r) not in seen])
@@ -72,17 +77,12 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
 
 
 def _append_dynamo_records(dump_dir: str, records: list) -> None:
-    path = os.path.join(dump_dir, manifest.DYNAMO_RECORD)
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = json.load(f)
+    rows = files.read_json(dump_dir, manifest.DYNAMO_RECORD, schema.DYNAMO, [])
     rows += [{"compile_id": str(r.compile_id), "function": r.co_name,
               "where": f"{r.co_filename}:{r.co_firstlineno}", "fail_type": r.fail_type,
               "fail_reason": _first_lines(r.fail_reason), "recompile_reason": _first_lines(r.recompile_reason)}
              for r in records]
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    files.write_text(os.path.join(dump_dir, manifest.DYNAMO_RECORD), json.dumps(rows, indent=1))
 
 
 def _first_lines(text: str | None, n: int = 3) -> str | None:

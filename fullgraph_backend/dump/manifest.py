@@ -14,6 +14,9 @@ import os
 
 import torch
 
+from fullgraph_backend.dump import files, schema
+from fullgraph_backend.dump.schema import DumpError
+
 MANIFEST = "fullgraph_dump.json"
 FORMAT = "fullgraph-dump"
 VERSION = 1
@@ -22,24 +25,17 @@ DYNAMO_RECORD = "dynamo.json"
 DEPYF_FOLDER = "depyf"
 
 
-class DumpError(Exception):
-    """A folder that cannot be read as a fullgraph dump."""
-
-
 def update(root: str, compile_id: str | None = None, folder: str | None = None) -> dict:
     """Add graph ``folder`` (if given) to the manifest of ``root`` and refresh every file list."""
-    path = os.path.join(root, MANIFEST)
-    manifest = _load(path) if os.path.exists(path) else {"format": FORMAT, "version": VERSION,
-                                                          "torch": torch.__version__, "graphs": []}
+    os.makedirs(root, exist_ok=True)
+    manifest = _load(root) or {"format": FORMAT, "version": VERSION, "torch": torch.__version__, "graphs": []}
     if folder is not None and all(g["folder"] != folder for g in manifest["graphs"]):
         manifest["graphs"].append({"compile_id": compile_id, "folder": folder})
-    for graph in manifest["graphs"]:
-        graph["files"] = files_under(os.path.join(root, graph["folder"]))
+    for i, graph in enumerate(manifest["graphs"]):
+        graph["files"] = files_under(files.locate(root, graph["folder"], f"{MANIFEST}: graphs[{i}].folder"))
     manifest["depyf"] = [os.path.join(DEPYF_FOLDER, f) for f in files_under(os.path.join(root, DEPYF_FOLDER))]
     manifest["dynamo"] = DYNAMO_RECORD if os.path.exists(os.path.join(root, DYNAMO_RECORD)) else None
-    os.makedirs(root, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
+    files.write_text(os.path.join(root, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -47,14 +43,11 @@ def read(root: str) -> dict:
     """The manifest of dump folder ``root``; a :class:`DumpError` saying what is wrong otherwise."""
     if not os.path.isdir(root):
         raise DumpError(f"no such folder: {root}")
-    path = os.path.join(root, MANIFEST)
-    if not os.path.exists(path):
+    manifest = _load(root)
+    if manifest is None:
         raise DumpError(f"{root} is not a fullgraph dump (it has no {MANIFEST}); make one with "
                         f"torch.compile(..., backend='fullgraph', options={{'dump_dir': ...}}), "
                         f"fullgraph_backend.dump.dump_compilation(...) or `fullgraph demo --dump-dir ...`")
-    manifest = _load(path)
-    if manifest.get("format") != FORMAT:
-        raise DumpError(f"{path} is not a fullgraph dump manifest (format {manifest.get('format')!r})")
     return manifest
 
 
@@ -66,9 +59,12 @@ def files_under(folder: str) -> list[str]:
     return sorted(found)
 
 
-def _load(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise DumpError(f"cannot read {path}: {e}") from e
+def _load(root: str) -> dict | None:
+    """The checked manifest of ``root``, None if it has none; a foreign format is a DumpError."""
+    manifest = files.read_json(root, MANIFEST, schema.ANY, None)
+    if manifest is None:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise DumpError(f"{os.path.join(root, MANIFEST)} is not a fullgraph dump manifest (format {found!r:.80})")
+    return schema.checked(manifest, schema.MANIFEST, MANIFEST)

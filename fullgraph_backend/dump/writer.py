@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 import torch
 
 from fullgraph_backend import compat
-from fullgraph_backend.dump import leftovers, manifest
+from fullgraph_backend.dump import files, leftovers, manifest
+from fullgraph_backend.dump.quiet import quiet_third_party
 
 _active_root: str | None = None  # set by dump_compilation(); the dump_dir option wins over it
 
@@ -68,7 +69,7 @@ class GraphDump:
         def compile_and_inspect(gm: torch.fx.GraphModule, example_inputs: list):
             traces = os.path.join(self.folder, "torchinductor")
             before = set(os.listdir(traces)) if os.path.isdir(traces) else set()
-            with torch._inductor.config.patch(compat.inductor_trace_patches(self.folder)):
+            with quiet_third_party(), torch._inductor.config.patch(compat.inductor_trace_patches(self.folder)):
                 compiled = compile_fn(gm, example_inputs)
             new = sorted(set(os.listdir(traces)) - before) if os.path.isdir(traces) else []
             inputs = list(gm.graph.find_nodes(op="placeholder"))
@@ -88,23 +89,22 @@ class GraphDump:
         if self.folder is None:
             return
         rows = [dataclasses.asdict(r) for r in table]
-        with open(os.path.join(self.folder, "capture.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        files.write_text(os.path.join(self.folder, "capture.json"), json.dumps(rows, indent=1))
         lines = [f"{'size':>6} {'kind':<7} {'warmup ms':>10} {'capture ms':>11} {'pool MiB':>9}"]
         lines += [f"{str(r['size']):>6} {r['kind']:<7} {r['warmup_ms']:>10.2f} {r['capture_ms']:>11.2f} "
                   f"{r['pool_mib']:>9.2f}" for r in rows]
-        with open(os.path.join(self.folder, "capture.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        files.write_text(os.path.join(self.folder, "capture.txt"), "\n".join(lines) + "\n")
         manifest.update(self.root)
 
     def _save(self) -> None:
-        with open(os.path.join(self.folder, manifest.GRAPH_RECORD), "w") as f:
-            json.dump(self.record, f, indent=1, default=str)
+        record = json.dumps(self.record, indent=1, default=str)
+        files.write_text(os.path.join(self.folder, manifest.GRAPH_RECORD), record)
         manifest.update(self.root, self.record["compile_id"], self.record["folder"])
 
 
 def _free_name(root: str, name: str) -> str:
-    taken = lambda n: os.path.exists(os.path.join(root, n))  # noqa: E731
+    # lexists: a dangling symlink planted under a name takes it too (makedirs would fail on it)
+    taken = lambda n: os.path.lexists(os.path.join(root, n))  # noqa: E731
     if not taken(name):
         return name
     return next(f"{name}.{i}" for i in range(1, 10_000) if not taken(f"{name}.{i}"))

@@ -3,12 +3,14 @@
 A directory holds ``config.json`` (``model_type`` ``qwen2`` or ``llama``) and one or more
 ``*.safetensors`` files, read with the safetensors library; EOS ids come from ``config.json``
 and ``generation_config.json``; a tokenizer (``tokenizer.json``) is loaded with transformers
-when both are there, and is optional.
+when both are there, and is optional. A file that cannot be read, or a value or tensor that
+does not fit, is a ``ValueError`` naming the file and the key or tensor.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,54 +30,106 @@ class LoadedModel:
 
 
 def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
-    """Build a named config (random weights from ``seed``) or load a local HF-format directory."""
-    path = Path(model)
-    if model in CONFIGS:
+    """Build a named config (random weights from ``seed``) or load a local HF-format directory.
+
+    Which one ``model`` means is :func:`model_directory`'s rule.
+    """
+    path = model_directory(model)
+    if path is None:
         return LoadedModel(build_model(get_config(model), seed=seed, dtype=dtype, device=device), frozenset())
-    if not path.is_dir():
-        raise ValueError(f"model {model!r} is neither a named config ({sorted(CONFIGS)}) nor a local directory "
-                         f"(nothing is downloaded)")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model directory {path} has no config.json")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json(config_file)
     try:
         config = DecoderConfig.from_hf_config(hf, name=path.name)
     except KeyError as missing:
         raise ValueError(f"{config_file} lacks {missing}") from None
+    except ValueError as bad:
+        raise ValueError(f"{config_file}: {bad}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model directory {path} has no *.safetensors weights")
+    state, origin = _read_safetensors(files)
     decoder = build_model(config, dtype=dtype, device="meta")
     decoder.to_empty(device=device)
     decoder.tie_weights()
     decoder.rotary.reset()
-    decoder.load_hf_state_dict(_read_safetensors(files))
+    decoder.load_hf_state_dict(state, origin)
     return LoadedModel(decoder, _eos_ids(path, hf), _tokenizer(path))
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def model_directory(model: str) -> Path | None:
+    """The directory ``model`` names, or None when it names a built-in config.
+
+    An existing path always means the directory. A built-in config name that is also an
+    existing path (``tiny`` with a ``./tiny`` folder) is ambiguous, so an error; so is a name
+    that is neither, and a path-looking name (``./x``, ``a/b``, ``~/x``) that does not exist.
+    """
+    path = Path(model).expanduser()
+    if model in CONFIGS:
+        if path.exists():
+            raise ValueError(f"model {model!r} is both a built-in config (random weights) and the path "
+                             f"{path.resolve()}: pass {'./' + model!r} (or an absolute path) to load the directory; "
+                             f"for the built-in config, run from a folder without {model!r} in it or rename it")
+        return None
+    if not path.exists():
+        if os.sep in model or "/" in model or model.startswith((".", "~")):
+            raise ValueError(f"model directory {model!r} does not exist ({path.absolute()}); nothing is downloaded: "
+                             f"a Hugging Face hub id must be downloaded first and its directory passed")
+        raise ValueError(f"model {model!r} is neither a named config ({sorted(CONFIGS)}) nor a local directory "
+                         f"(nothing is downloaded)")
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is a file; pass the directory that holds config.json and *.safetensors")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; anything else is a ValueError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError covers bad JSON and bad UTF-8
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_safetensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of ``files`` by name, and the file each came from."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for f in files:
-        for name, tensor in load_file(str(f)).items():
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read weights file {f}: {e}; it is truncated, empty or not a safetensors file "
+                             f"(download it again)") from None
+        for name, tensor in tensors.items():
             if name in state:
-                raise ValueError(f"tensor {name!r} appears in more than one safetensors file ({f.name})")
-            state[name] = tensor
-    return state
+                raise ValueError(f"tensor {name!r} appears in more than one safetensors file ({origin[name]} and "
+                                 f"{f.name})")
+            state[name], origin[name] = tensor, f.name
+    return state, origin
 
 
 def _eos_ids(path: Path, hf: dict) -> frozenset[int]:
     ids: set[int] = set()
-    sources = [hf]
+    sources = {path / "config.json": hf}
     generation = path / "generation_config.json"
     if generation.is_file():
-        sources.append(json.loads(generation.read_text()))
-    for source in sources:
+        sources[generation] = _read_json(generation)
+    for file, source in sources.items():
         eos = source.get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return frozenset(int(i) for i in ids)
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise ValueError(f"{file}: eos_token_id must be a token id or a list of them, got "
+                             f"{source.get('eos_token_id')!r:.80}")
+        ids.update(eos)
+    return frozenset(ids)
 
 
 def _tokenizer(path: Path) -> Any:
@@ -86,4 +140,8 @@ def _tokenizer(path: Path) -> Any:
     except ImportError:
         log.warning("fullgraph: %s has a tokenizer but transformers is not installed: no text", path)
         return None
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises whatever its parsers raise (JSON, KeyError, tokenizers' own)
+        raise ValueError(f"cannot load the tokenizer in {path} (tokenizer.json and tokenizer_config.json): "
+                         f"{type(e).__name__}: {e}") from e

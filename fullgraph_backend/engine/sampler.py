@@ -13,6 +13,8 @@ import torch
 from fullgraph_backend.engine.host import to_device
 from fullgraph_backend.engine.params import SamplingParams
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 class Sampler:
     """``sampler(logits [rows, vocab], params per row, request ids) -> token ids [rows]``."""
@@ -26,8 +28,7 @@ class Sampler:
         if all(p.greedy for p in params):
             return logits.argmax(-1)  # widening to float32 is exact: the same argmax, one kernel less
         logits = logits.float()
-        temperature = to_device([p.temperature or 1.0 for p in params], torch.float32, logits.device)
-        probs = self._filter(logits / temperature.unsqueeze(1), params).softmax(-1)
+        probs = self.probabilities(logits, params)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, (p, rid) in enumerate(zip(params, request_ids)):
             if p.seed is not None and not p.greedy:
@@ -35,6 +36,20 @@ class Sampler:
         sampled = (probs / noise.clamp_(min=1e-20)).argmax(-1)  # an exact 0 from Exp(1) is (barely) possible
         greedy = to_device([p.greedy for p in params], torch.bool, logits.device)
         return torch.where(greedy, logits.argmax(-1), sampled)
+
+    @classmethod
+    def probabilities(cls, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's distribution after temperature, top-k and top-p (greedy rows at temperature 1).
+
+        Finite for finite float32 ``logits`` at every temperature ``SamplingParams`` accepts.
+        """
+        # a float32 temperature of inf (from a huge float) would turn -inf logits into NaN
+        temperature = to_device([1.0 if p.greedy else min(p.temperature, FLOAT32_MAX) for p in params],
+                                torch.float32, logits.device)
+        # with the largest logit at 0, dividing by a small temperature can only overflow to -inf (probability 0),
+        # never to +inf (NaN after softmax)
+        shifted = logits - logits.amax(-1, keepdim=True)
+        return cls._filter(shifted / temperature.unsqueeze(1), params).softmax(-1)
 
     def forget(self, request_id: int) -> None:
         """Drop a finished request's generator."""

@@ -112,41 +112,51 @@ class DecoderConfig:
         """Build from a Hugging Face ``config.json`` dict of a ``qwen2`` or ``llama`` model.
 
         Features our decoder lacks (biases on o_proj or the MLP, activations other than SiLU,
-        RoPE scalings other than llama3, sliding windows on some layers only) are errors.
+        RoPE scalings other than llama3, sliding windows on some layers only) are errors. A
+        missing required key is a ``KeyError`` naming it; a value of the wrong type is a
+        ``ValueError`` naming its key.
         """
         model_type = hf.get("model_type")
         if model_type not in ("qwen2", "llama"):
             raise ValueError(f"from_hf_config supports model_type 'qwen2' and 'llama', got {model_type!r}")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"only hidden_act 'silu' is supported, got {hf['hidden_act']!r}")
-        if hf.get("mlp_bias"):
+        if _hf(hf, "mlp_bias", _BOOL, False):
             raise ValueError("mlp_bias=True is not supported")
-        if model_type == "llama" and hf.get("attention_bias"):
+        attention_bias = _hf(hf, "attention_bias", _BOOL, False)
+        if model_type == "llama" and attention_bias:
             raise ValueError("llama attention_bias=True (biases on q, k, v and o_proj) is not supported")
-        heads = hf["num_attention_heads"]
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        heads = _hf(hf, "num_attention_heads", _POSITIVE)
+        hidden = _hf(hf, "hidden_size", _POSITIVE)
+        rope_key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        rope = hf.get(rope_key) or {}
+        if not isinstance(rope, Mapping):
+            raise ValueError(f"{rope_key} must be an object, got {rope!r:.80}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "llama3":
-            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                                  high_freq_factor=float(rope["high_freq_factor"]),
-                                  original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+            where = rope_key + "."
+            scaling = RopeScaling(factor=_hf(rope, "factor", _NUMBER, where=where),
+                                  low_freq_factor=_hf(rope, "low_freq_factor", _NUMBER, where=where),
+                                  high_freq_factor=_hf(rope, "high_freq_factor", _NUMBER, where=where),
+                                  original_max_position_embeddings=_hf(rope, "original_max_position_embeddings",
+                                                                       _POSITIVE, where=where))
         elif rope_type == "default":
             scaling = None
         else:
             raise ValueError(f"rope scaling type {rope_type!r} is not supported (only 'default' and 'llama3')")
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=_hf(hf, "vocab_size", _POSITIVE),
+            hidden_size=hidden,
+            intermediate_size=_hf(hf, "intermediate_size", _POSITIVE),
+            num_layers=_hf(hf, "num_hidden_layers", _POSITIVE),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            max_position_embeddings=hf["max_position_embeddings"],
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            num_kv_heads=_hf(hf, "num_key_value_heads", _POSITIVE, heads),
+            head_dim=_hf(hf, "head_dim", _POSITIVE, hidden // heads),
+            rms_norm_eps=_hf(hf, "rms_norm_eps", _NUMBER, 1e-6),
+            rope_theta=_hf(hf, "rope_theta", _NUMBER, _hf(rope, "rope_theta", _NUMBER, 10000.0, rope_key + ".")),
+            max_position_embeddings=_hf(hf, "max_position_embeddings", _POSITIVE),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            tie_word_embeddings=_hf(hf, "tie_word_embeddings", _BOOL, False),
             sliding_window=_hf_sliding_window(hf),
             rope_scaling=scaling,
             name=name or hf.get("_name_or_path") or model_type,
@@ -175,19 +185,59 @@ def _check_positive(field: str, value: Any, name: str) -> None:
 def _hf_sliding_window(hf: Mapping[str, Any]) -> int | None:
     """Qwen2: ``use_sliding_window`` makes layers ``>= max_window_layers`` slide; we need all or none."""
     layer_types = hf.get("layer_types")
+    if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+        raise ValueError(f"layer_types must be a list of strings, got {layer_types!r:.80}")
+    window = _hf(hf, "sliding_window", _COUNT, 0)  # 0 or null: no window
     if layer_types:
         sliding = [t == "sliding_attention" for t in layer_types]
-    elif hf.get("use_sliding_window") and hf.get("sliding_window"):
-        first = hf.get("max_window_layers", 0)
-        sliding = [i >= first for i in range(hf["num_hidden_layers"])]
+    elif _hf(hf, "use_sliding_window", _BOOL, False) and window:
+        first = _hf(hf, "max_window_layers", _COUNT, 0)
+        sliding = [i >= first for i in range(_hf(hf, "num_hidden_layers", _POSITIVE))]
     else:
         return None
-    if all(sliding) and hf.get("sliding_window"):
-        return int(hf["sliding_window"])
+    if all(sliding) and window:
+        return window
     if not any(sliding):
         return None
     raise ValueError(f"sliding window on some layers only is not supported (sliding layers: "
                      f"{[i for i, s in enumerate(sliding) if s]}); the decoder applies one window to all layers")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+# what a config.json value must be: a description for the error, and the test
+_POSITIVE = ("a positive int", lambda v: _is_int(v) and v > 0)
+_COUNT = ("an int >= 0", lambda v: _is_int(v) and v >= 0)
+_NUMBER = ("a finite number", _is_number)
+_BOOL = ("true or false", lambda v: isinstance(v, bool))
+_REQUIRED = object()
+
+
+def _hf(hf: Mapping[str, Any], key: str, kind: tuple, default: Any = _REQUIRED, where: str = "") -> Any:
+    """``hf[key]`` of ``kind``; missing or null gives ``default`` (a ``KeyError`` naming it if required).
+
+    Numbers come back as floats; ``where`` prefixes the key in messages (``"rope_scaling."``).
+    """
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise KeyError(where + key)
+        return default
+    description, test = kind
+    if not test(value):
+        raise ValueError(f"{where}{key} must be {description}, got {value!r:.80}")
+    return float(value) if kind is _NUMBER else value
 
 
 CONFIGS: dict[str, DecoderConfig] = {

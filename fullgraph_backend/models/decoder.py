@@ -158,34 +158,50 @@ class Decoder(nn.Module):
         self.rotary.reset()
 
     @torch.no_grad()
-    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                           origin: Mapping[str, str] | None = None) -> None:
         """Load a Hugging Face ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` state dict, strictly.
 
         ``model.`` prefixes are dropped, q/k/v and gate/up are concatenated into our fused
         projections, rotary ``inv_freq`` buffers are ignored, and with tied embeddings so is
-        ``lm_head.weight``. A missing, unexpected or mis-shaped tensor is an error naming it.
+        ``lm_head.weight``. A missing, unexpected, mis-shaped or non-float tensor is an error
+        naming it, and the file it came from when ``origin`` (tensor name -> file) says.
         """
-        hf = {k.removeprefix("model."): v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+        hf_names = {k.removeprefix("model."): k for k in state_dict if not k.endswith("rotary_emb.inv_freq")}
         if self.config.tie_word_embeddings:
-            hf.pop("lm_head.weight", None)
+            hf_names.pop("lm_head.weight", None)
         used, missing = set(), []
         for name, param in self.named_parameters():
-            module, _, leaf = name.rpartition(".")
-            parent, _, proj = module.rpartition(".")
-            sources = [f"{parent}.{p}.{leaf}" for p in FUSED[proj]] if proj in FUSED else [name]
-            if any(s not in hf for s in sources):
-                missing += [s for s in sources if s not in hf]
+            sources = self._hf_sources(name, tuple(param.shape))
+            if any(s not in hf_names for s in sources):
+                missing += [s for s in sources if s not in hf_names]
                 continue
-            value = torch.cat([hf[s] for s in sources]) if len(sources) > 1 else hf[sources[0]]
-            if value.shape != param.shape:
-                raise ValueError(f"{' + '.join(sources)}: shape {tuple(value.shape)} does not fit our {name} "
-                                 f"{tuple(param.shape)}; is the config right?")
-            param.copy_(value)
+            for source, shape in sources.items():
+                key = hf_names[source]
+                tensor = state_dict[key]
+                where = key + (f" (in {origin[key]})" if origin and key in origin else "")
+                if tuple(tensor.shape) != shape:
+                    raise ValueError(f"{where}: shape {tuple(tensor.shape)}, expected {shape} for {self.config.name!r} "
+                                     f"(our {name} is {tuple(param.shape)}); is the config right?")
+                if not tensor.is_floating_point():
+                    raise ValueError(f"{where}: dtype {tensor.dtype}, expected a floating-point tensor")
+            values = [state_dict[hf_names[s]] for s in sources]
+            param.copy_(torch.cat(values) if len(values) > 1 else values[0])
             used.update(sources)
-        unexpected = sorted(set(hf) - used)
+        unexpected = sorted(set(hf_names) - used)
         if missing or unexpected:
             raise ValueError(f"state dict does not match {self.config.name!r}: missing {missing}, "
                              f"unexpected {unexpected}")
+
+    def _hf_sources(self, name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """The Hugging Face tensors (without ``model.``) that make our parameter ``name``, and their shapes."""
+        module, _, leaf = name.rpartition(".")
+        parent, _, proj = module.rpartition(".")
+        if proj not in FUSED:
+            return {name: shape}
+        c = self.config
+        rows = [c.q_size, c.kv_size, c.kv_size] if proj == "qkv_proj" else [c.intermediate_size] * 2
+        return {f"{parent}.{p}.{leaf}": (r, *shape[1:]) for p, r in zip(FUSED[proj], rows)}
 
 
 def build_model(config: DecoderConfig | str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
