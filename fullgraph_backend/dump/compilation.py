@@ -6,8 +6,6 @@ import json
 import os
 from typing import Iterator
 
-import torch
-
 from fullgraph_backend import compat
 from fullgraph_backend.dump import manifest
 from fullgraph_backend.dump.writer import dumping_into
@@ -29,9 +27,9 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
             compiled(torch.randn(4, 8))
         # then: fullgraph dump dump --html dump.html
 
-    Inside the block, Inductor's caches are off (a cache hit would skip the passes and the
-    trace), and graphs compiled by ``backend="fullgraph"`` without a ``dump_dir`` option are
-    dumped into ``dump_dir`` (with the option, their folders go there instead). Files written:
+    Inside the block, graphs compiled by ``backend="fullgraph"`` without a ``dump_dir`` option are
+    dumped into ``dump_dir`` (with the option, their folders go there instead), Inductor's caches
+    off while they compile (a cache hit would skip the passes and the trace). Files written:
 
     - ``fullgraph_dump.json``: the manifest (compile ids, every file); marks the folder as a dump.
     - ``<compile id>/`` per graph (``0_0``, ``1_0``, ``0_1`` for a recompile; ``0_0.1`` when an id
@@ -63,8 +61,7 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
     manifest.update(dump_dir)
     seen = {id(r) for r in compat.compilation_records()}
     try:
-        with dumping_into(dump_dir), torch.compiler.config.patch(force_disable_caches=True), \
-                depyf.prepare_debug(os.path.join(dump_dir, manifest.DEPYF_FOLDER)):
+        with dumping_into(dump_dir), depyf.prepare_debug(os.path.join(dump_dir, manifest.DEPYF_FOLDER)):
             yield dump_dir
     finally:
         _append_dynamo_records(dump_dir, [r for r in compat.compilation_records() if id(r) not in seen])
