@@ -38,8 +38,10 @@ def test_readme_blocks_are_found():
     assert readme_python_blocks(text) == ["x = 1\n", "y = 2\n"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, expected", [
-    ("api_tour.py", r"logits \(6, 512\) on cpu, max \|compiled - eager\| \d\.\de[+-]\d\d\nnext token of each request: \[\d+, \d+\]"),
+    ("api_tour.py", r"logits \(6, 512\) torch\.\w+ on (cpu|cuda), max \|compiled - eager\| \d\.\de[+-]\d\d\n"
+                    r"next token of each request: \[\d+, \d+\]"),
     ("engine.py", r"-O4 \(full\): compile .* graphs.*\nprompt \[1, 2, 3, 4, 5\]: 100 tokens \[.*\]\.\.\., length, "
                   r"first token after \d+ ms\nprompt \[6, 7, 8\]: 100 tokens"),
 ], ids=["api_tour", "engine"])
