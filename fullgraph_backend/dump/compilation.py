@@ -6,8 +6,6 @@ import json
 import os
 from typing import Iterator
 
-import torch
-
 from fullgraph_backend import compat
 from fullgraph_backend.dump import files, manifest, schema
 from fullgraph_backend.dump.quiet import quiet_third_party
@@ -30,10 +28,10 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
             compiled(torch.randn(4, 8))
         # then: fullgraph dump dump --html dump.html
 
-    Inside the block, Inductor's caches are off (a cache hit would skip the passes and the
-    trace), and graphs compiled by ``backend="fullgraph"`` without a ``dump_dir`` option are
-    dumped into ``dump_dir`` (with the option, their folders go there instead). The warnings
-    depyf, Dynamo and Inductor print about the dump itself are silenced
+    Inside the block, graphs compiled by ``backend="fullgraph"`` without a ``dump_dir`` option are
+    dumped into ``dump_dir`` (with the option, their folders go there instead), Inductor's caches
+    off while they compile (a cache hit would skip the passes and the trace). The warnings depyf,
+    Dynamo and Inductor print about the dump itself are silenced
     (:mod:`fullgraph_backend.dump.quiet`). Files written:
 
     - ``fullgraph_dump.json``: the manifest (compile ids, every file); marks the folder as a dump.
@@ -68,8 +66,7 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
     depyf_dir = files.locate(dump_dir, manifest.DEPYF_FOLDER, manifest.DEPYF_FOLDER)
     seen = {id(r) for r in compat.compilation_records()}
     try:
-        with quiet_third_party(), dumping_into(dump_dir), torch.compiler.config.patch(force_disable_caches=True), \
-                depyf.prepare_debug(depyf_dir):
+        with quiet_third_party(), dumping_into(dump_dir), depyf.prepare_debug(depyf_dir):
             yield dump_dir
     finally:
         _append_dynamo_records(dump_dir, [r for r in compat.compilation_records() if id(r) not in seen])
