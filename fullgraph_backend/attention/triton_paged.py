@@ -29,15 +29,15 @@ program per KV head, segment 0 of its request (which also folds that key into it
 padded token (``t >= query_start_loc[num_reqs]``) is stored only if its slot is not ``PAD_SLOT``,
 and its output rows are zeroed, by split program ``(t mod num_reqs, kv_head, 0)``.
 
-Graph safety (DESIGN.md rules 1-2): every grid, tile size and segment count is a function of the
-padded token count ``T``, the metadata buffers' fixed sizes (``max_num_seqs``, the block table's
-width times the block size as the bound on any KV length) and the model's head counts, never of
-the values in the buffers. Each program finds its request, its query rows and its KV range on the
-device from ``query_start_loc``, ``seq_lens`` and ``block_table``, so one captured launch serves
-any batch of the same padded size. ``num_reqs = min(T, max_num_seqs)``: at most that many
-requests can own tokens; programs of padded requests (query length 0) exit at once. The TMA
-descriptors are built on the host from the cache's address and shape, fixed for its lifetime,
-so a captured launch keeps valid ones.
+Graph safety (docs/architecture.md, "What a kernel may read"): every grid, tile size and segment
+count is a function of the padded token count ``T``, the metadata buffers' fixed sizes
+(``max_num_seqs``, the block table's width times the block size as the bound on any KV length)
+and the model's head counts, never of the values in the buffers. Each program finds its request,
+its query rows and its KV range on the device from ``query_start_loc``, ``seq_lens`` and
+``block_table``, so one captured launch serves any batch of the same padded size.
+``num_reqs = min(T, max_num_seqs)``: at most that many requests can own tokens; programs of
+padded requests (query length 0) exit at once. The TMA descriptors are built on the host from the
+cache's address and shape, fixed for its lifetime, so a captured launch keeps valid ones.
 
 The split-KV partials live in scratch that is allocated on the first call for its shape and
 kept for the life of the process (``_SCRATCH``). That first call must not be under CUDA graph
