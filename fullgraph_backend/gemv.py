@@ -1,14 +1,14 @@
 """``fullgraph::linear``: ``F.linear`` that runs one-row 16-bit products on a Triton GEMV.
 
 At batch 1 a decode step's projections are matrix-vector products. cuBLAS tiles them 64 output
-columns to a CTA, which leaves most of the H100's 132 SMs idle on the narrow ones (Qwen2.5-1.5B's
-qkv and o_proj at ~1 TB/s in the model profile). Here each program owns ``BLOCK_N`` = 4 weight
-rows and walks K in 512-wide slices, so a 1536-wide output is 384 programs. Measured per call
-with cold weights (H100, torch 2.11.0+cu130, 2026-11-26, ``python3 tools/bench_gemv.py``): qkv
-6.13 -> 4.67 us, o_proj 5.39 -> 4.16, gate_up 22.90 -> 20.15, LM head 165.8 -> 150.1; down
-(K = 8960) 14.44 -> 14.24, a tie, and slower (14.55 -> 16.41) in an exploratory sweep the same
-day, so long K stays on cuBLAS's split-K. A two-row variant lost to cuBLAS on gate_up and down in
-that sweep: more rows stay ``F.linear`` (:func:`uses_gemv`; docs/perf-notes.md, section 10).
+columns to a CTA, which leaves most of an H100's SMs idle on the narrow ones (Qwen2.5-1.5B's qkv
+and o_proj read their weights at a third of the card's bandwidth in the batch-1 profile,
+docs/perf-notes.md, section 3). Here each program owns ``BLOCK_N`` = 4 weight rows and walks K
+in 512-wide slices, so a 1536-wide output is 384 programs. Per call with cold weights it beats
+cuBLAS on every projection with K = 1536 and on the LM head; on down (K = 8960) it tied in one
+measurement and lost in another, so long K stays on cuBLAS's split-K; a two-row variant lost on
+gate_up and down, so more rows stay ``F.linear`` (:func:`uses_gemv`; docs/perf-notes.md,
+section 10, and the GEMV table of docs/benchmarks.md, ``python3 tools/bench_gemv.py``).
 
 The op is defined like every ``fullgraph`` op (``fullgraph_backend/library.py``: cheap Python
 dispatch, which matters where a graph runs without CUDA graphs, larger than the largest capture
@@ -28,7 +28,7 @@ try:
 except ImportError:  # triton is an optional dependency: without it every linear stays F.linear
     triton = None
 
-# Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (module docstring).
+# Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (docs/perf-notes.md, section 10).
 MAX_K = 4096
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 4, 512, 4, 3
 _DTYPES = (torch.bfloat16, torch.float16)

@@ -1,10 +1,10 @@
 """The ``fullgraph`` op namespace, and how an op joins it.
 
 Ops are defined through ``torch.library.Library`` rather than ``torch.library.custom_op``: a
-custom op wraps every call in Python-level checks, ~32 us a call against ~3 us
-(``python tools/bench_op_dispatch.py``, CPU, torch 2.13). That matters wherever an op runs
-outside a CUDA graph: attention between the graph pieces of -O2/-O3, one call per layer and
-step, and every op of a batch larger than the largest capture size.
+custom op wraps every call in Python-level checks, which cost about ten times the dispatch of a
+``Library`` op (docs/perf-notes.md, section 8). That matters wherever an op runs outside a CUDA
+graph: attention between the graph pieces of -O2/-O3, one call per layer and step, and every op
+of a batch larger than the largest capture size.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """A generic model called with a new batch size almost every call, in four modes side by side.
 
-The workload of ../shared/anchors/dynamic_batch_anchor.py: 6 transformer blocks (d=512, 8 heads,
-per-sample SDPA over 16 positions), fp16, 300 calls with batch sizes drawn from 1..256. Modes:
+The workload where one graph per distinct size costs most (a server of a generic model whose
+batch changes every call): 6 transformer blocks (d=512, 8 heads, per-sample SDPA over 16
+positions), fp16, 300 calls with batch sizes drawn from 1..256. Modes:
 eager, Inductor (dynamic=True), Inductor mode="reduce-overhead" (records one graph per distinct
 size) and backend="fullgraph" (pads to the capture sizes: one graph per size class). Reports the
 total time of all calls (compile and capture included) and the steady median of the last 100.

@@ -1,5 +1,9 @@
 """Sweep the triton split-KV decode kernel's launch parameters in one GPU run (< 4 minutes on an H100).
 
+What it is for: the data behind ``triton_paged.launch_plan``'s choices (tile, warps, stages,
+segments per shape), and the way to pick them for a device or shape not measured yet (the
+current plans come from H100 runs: docs/perf-notes.md, sections 4, 6 and 13).
+
 Shapes (bf16, head dim 128, paged cache with 16-token blocks, shuffled block tables, q/k/v strided
 views of one fused QKV output as models pass them):
   32 q / 8 kv heads, context 4096 (graph bound 4096), batch 1 / 8 / 64;

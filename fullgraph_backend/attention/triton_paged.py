@@ -12,8 +12,8 @@ uniform-decode batch:
   heads that share a KV head are packed along the tile's M dimension next to the ``BLOCK_Q``
   tokens, so even a one-token decode row feeds ``tl.dot`` a 16-row tile and every KV tile is read
   once for all heads of its group. (Fusing the store here, new keys taken from the ``k``/``v``
-  inputs by a per-key source select in the loop, cost ~40 registers per thread and 15-20% of the
-  kernel's time on the H100: 2k-token prefill 175 -> 202 us. So mixed batches keep the store launch.)
+  inputs by a per-key source select in the loop, cost registers and prefill speed, so mixed
+  batches keep the store launch: docs/perf-notes.md, section 4.)
 * uniform-decode graphs: ``_split_kv_kernel``, grid ``(num_reqs, kv_heads, segments)``, with the
   store fused, which cuts each request's cached keys into a fixed number of segments. With one
   segment it writes the output itself; with more it writes fp32 partials (unnormalised output,
@@ -29,15 +29,15 @@ program per KV head, segment 0 of its request (which also folds that key into it
 padded token (``t >= query_start_loc[num_reqs]``) is stored only if its slot is not ``PAD_SLOT``,
 and its output rows are zeroed, by split program ``(t mod num_reqs, kv_head, 0)``.
 
-Graph safety (DESIGN.md rules 1-2): every grid, tile size and segment count is a function of the
-padded token count ``T``, the metadata buffers' fixed sizes (``max_num_seqs``, the block table's
-width times the block size as the bound on any KV length) and the model's head counts, never of
-the values in the buffers. Each program finds its request, its query rows and its KV range on the
-device from ``query_start_loc``, ``seq_lens`` and ``block_table``, so one captured launch serves
-any batch of the same padded size. ``num_reqs = min(T, max_num_seqs)``: at most that many
-requests can own tokens; programs of padded requests (query length 0) exit at once. The TMA
-descriptors are built on the host from the cache's address and shape, fixed for its lifetime,
-so a captured launch keeps valid ones.
+Graph safety (docs/architecture.md, "What a kernel may read"): every grid, tile size and segment
+count is a function of the padded token count ``T``, the metadata buffers' fixed sizes
+(``max_num_seqs``, the block table's width times the block size as the bound on any KV length)
+and the model's head counts, never of the values in the buffers. Each program finds its request,
+its query rows and its KV range on the device from ``query_start_loc``, ``seq_lens`` and
+``block_table``, so one captured launch serves any batch of the same padded size.
+``num_reqs = min(T, max_num_seqs)``: at most that many requests can own tokens; programs of
+padded requests (query length 0) exit at once. The TMA descriptors are built on the host from the
+cache's address and shape, fixed for its lifetime, so a captured launch keeps valid ones.
 
 The split-KV partials live in scratch that is allocated on the first call for its shape and
 kept for the life of the process (``_SCRATCH``). That first call must not be under CUDA graph
@@ -67,29 +67,26 @@ MAX_SEGMENTS = 32
 # Each segment gets at least this many tokens of the longest possible KV range (the graph's
 # bound, block-table width x block size; the segment count is at most the bound's number of
 # such chunks), so short-context graphs take few segments or one (no partials, no merge). One
-# 128-key tile: at Qwen2.5-1.5B's 12q/2kv, context 1001, batch 1, 8 one-tile segments take 10.75 us
-# against 12.45 for 4 two-tile ones (H100, 2026-11-27). Fewer, longer segments trade the merge
-# (partials written and read back by the last program) for a longer serial loop per program.
+# 128-key tile, because one-tile segments beat two-tile ones for Qwen2.5-1.5B's decode at batch 1
+# (docs/perf-notes.md, section 13). Fewer, longer segments trade the merge (partials written and
+# read back by the last program) for a longer serial loop per program.
 MIN_SEGMENT_TOKENS = 128
-# Decode launches aim at this many programs per SM. The split-KV program (4 warps, 128-key tiles)
-# compiles to 168 registers and 73 KB of shared memory on sm_90 (Triton 3.6), so three fit, but
-# two are faster: at 32q/8kv, context 4096, the best segment count gave 256 programs at every
-# batch from 1 to 32 (batch 8: 54.8 us with 4 segments, 58.4 with 8; H100, 2026-11-27).
+# Decode launches aim at this many programs per SM. Three of the split-KV programs (4 warps,
+# 128-key tiles) fit an SM on sm_90, but two are faster: the best segment count at every batch
+# from 1 to 32 was the one that fills one wave of two per SM (docs/perf-notes.md, section 13).
 PROGRAMS_PER_SM = 2
 # 16-bit decode launches with at least a quarter as many (request, KV head) pairs as SMs run
-# narrower programs (2 warps, 16 KiB K and V tiles), twice as many per SM. 32q/8kv, context 4096:
-# batch 8 53.8-54.3 us against 54.7-54.9 with the 4-warp program, batch 16 and 32 tie, batch 64
-# 359.4 against 364.0; 12q/2kv context 1001 batch 64 32.5 against 33.1. Below that (32q/8kv batch 1,
-# 12q/2kv batch 1 and 16) the 4-warp program is 4-14% faster (H100, 2026-11-27).
+# narrower programs (2 warps, 16 KiB K and V tiles), twice as many per SM: from that many pairs
+# on they were as fast as the 4-warp program or faster, below it slower, on both measured shapes
+# (docs/perf-notes.md, section 13).
 NARROW_WARPS = 2
 NARROW_PROGRAMS_PER_SM = 4
 # Narrow programs on Hopper read K/V a whole 16-token cache block a tile through TMA descriptors,
-# PAGE_TILE_STAGES buffers deep (5 and 6 tie; 3-4 are 15% slower). 32q/8kv, context 4096, each
-# request's blocks in order: batch 64 351.5 us against 355.7 gathered (FlexAttention on a dense
-# cache: 355.2), batch 8 52.9 against 53.4; 12q/2kv context 1001 batch 64, blocks scattered: 32.1
-# against 32.6. Only 32q/8kv on scattered blocks loses: batch 64 361.8 against 359.6 (batch 8
-# ties). Our engine's block manager keeps each request's blocks in order where it can (98.9-100% of
-# block boundaries in simulated serving, tools/block_layout.py; H100, 2026-11-27, perf-notes 15).
+# PAGE_TILE_STAGES buffers deep: the fastest depth measured (fewer buffers keep fewer bytes in
+# flight, more cut the programs per SM). Against gathered tiles they win where each request's
+# blocks run in order and lose only for 32q/8kv on scattered blocks at batch 64; the engine's
+# block manager keeps a request's blocks in order where it can, which engine/block_layout.py
+# measures (docs/perf-notes.md, section 15).
 PAGE_TILE_STAGES = 5
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 _NOMINAL_SMS = 16
@@ -585,9 +582,8 @@ def _page_tiles_fit(block_size: int, head_dim: int) -> bool:
 def _tiles(head_dim: int, dtype: torch.dtype, large: bool = False) -> tuple[int, int]:
     """``(D_PAD, BLOCK_N)``: the padded head dim and a KV tile of 16 KiB per K or V load, 32 KiB
     (``large``) for the 4-warp split-KV decode program, whose 16-row query tile leaves registers for
-    the larger tile (the sweep of results/sweep_attention.json: Qwen2.5-1.5B's 12q/2kv at context
-    1000 takes 14.1 instead of 16.9 us at batch 1 with 128-key tiles, 19.6 instead of 21.3 at batch
-    16; 32q/8kv within 1% either way)."""
+    the larger tile: in the tile sweep it sped up Qwen2.5-1.5B's 12q/2kv decode and left 32q/8kv
+    unchanged (docs/perf-notes.md, section 6)."""
     d_pad = max(16, triton.next_power_of_2(head_dim))
     elem = torch.finfo(dtype).bits // 8
     tile_bytes = 32768 if large else 16384
@@ -819,7 +815,7 @@ def paged_attention(
 
     # Mixed batches: store first (its own launch), then attend with every key read from the cache.
     # Fusing the store into the unified kernel (new keys from the k/v inputs, picked per key inside
-    # the loop) cost it ~40 registers per thread and 15-20% of its time on the H100; see module doc.
+    # the loop) cost it registers and prefill speed (docs/perf-notes.md, section 4).
     _store_kv_kernel[(tokens,)](
         k, v, k_cache, v_cache, slot_mapping, out, query_start_loc, num_reqs,
         *k.stride(), *v.stride(), *cache_strides, out.stride(0), out.stride(1),

@@ -247,7 +247,7 @@ CONFIGS: dict[str, DecoderConfig] = {
         DecoderConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
                       max_position_embeddings=1024, qkv_bias=True, tie_word_embeddings=True, name="tiny"),
-        # Qwen/Qwen2.5-1.5B-Instruct: ~1.54B parameters, the benchmark model of DESIGN.md
+        # Qwen/Qwen2.5-1.5B-Instruct: ~1.54B parameters, the model of the decode and serving benchmarks
         DecoderConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
                       num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
                       qkv_bias=True, tie_word_embeddings=True, name="qwen2.5-1.5b"),
