@@ -1,9 +1,10 @@
 """The engine's model: a named reference config with random weights, or a Hugging Face directory.
 
-A directory holds ``config.json`` (``model_type`` ``qwen2`` or ``llama``) and one or more
-``*.safetensors`` files, read with the safetensors library; EOS ids come from ``config.json``
-and ``generation_config.json``; a tokenizer (``tokenizer.json``) is loaded with transformers
-when both are there, and is optional.
+A directory holds ``config.json`` and one or more ``*.safetensors`` files, read with the
+safetensors library; EOS ids come from ``config.json`` and ``generation_config.json``; a
+tokenizer (``tokenizer.json``) is loaded with transformers when both are there, and is optional.
+``model_impl`` picks who defines the model: our decoder (``model_type`` ``qwen2`` or ``llama``)
+or transformers' modeling code for any family (:mod:`fullgraph_backend.models.hf`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from fullgraph_backend.models import CONFIGS, Decoder, DecoderConfig, build_model, get_config
+from fullgraph_backend.models.hf_configs import NAMED_CONFIGS
 
 log = logging.getLogger("fullgraph")
 
@@ -27,18 +29,29 @@ class LoadedModel:
     tokenizer: Any = None  # a transformers tokenizer, or None
 
 
-def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
-    """Build a named config (random weights from ``seed``) or load a local HF-format directory."""
+def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: int,
+               model_impl: str = "auto") -> LoadedModel:
+    """Build a named config (random weights from ``seed``) or load a local HF-format directory,
+    as our decoder or through transformers' modeling code (``model_impl``, see :func:`_uses_transformers`)."""
     path = Path(model)
-    if model in CONFIGS:
+    if model in CONFIGS or model in NAMED_CONFIGS:
+        if _uses_transformers(model_impl, model, None if model in CONFIGS else "fullgraph has no config of that name"):
+            from fullgraph_backend.models.hf import build_transformers_model  # imports transformers: only here
+
+            return LoadedModel(build_transformers_model(model, dtype=dtype, device=device, seed=seed), frozenset())
         return LoadedModel(build_model(get_config(model), seed=seed, dtype=dtype, device=device), frozenset())
     if not path.is_dir():
-        raise ValueError(f"model {model!r} is neither a named config ({sorted(CONFIGS)}) nor a local directory "
-                         f"(nothing is downloaded)")
+        raise ValueError(f"model {model!r} is neither a named config ({sorted({*CONFIGS, *NAMED_CONFIGS})}) nor a "
+                         f"local directory (nothing is downloaded)")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model directory {path} has no config.json")
     hf = json.loads(config_file.read_text())
+    if _uses_transformers(model_impl, str(path), _why_not_ours(hf)):
+        from fullgraph_backend.models.hf import load_transformers_model
+
+        return LoadedModel(load_transformers_model(path, dtype=dtype, device=device), _eos_ids(path, hf),
+                           _tokenizer(path))
     try:
         config = DecoderConfig.from_hf_config(hf, name=path.name)
     except KeyError as missing:
@@ -52,6 +65,34 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: in
     decoder.rotary.reset()
     decoder.load_hf_state_dict(_read_safetensors(files))
     return LoadedModel(decoder, _eos_ids(path, hf), _tokenizer(path))
+
+
+def _uses_transformers(model_impl: str, model: str, why_not_ours: str | None) -> bool:
+    """Whether ``model`` runs through transformers' modeling code (else our decoder).
+
+    ``why_not_ours`` is None where our decoder can run it. ``auto`` takes ours then, transformers'
+    otherwise, and logs which; ``fullgraph`` where ours cannot is an error saying why.
+    """
+    if model_impl == "auto":
+        log.info("fullgraph: model_impl='auto' runs %s with %s", model,
+                 "fullgraph's own decoder" if why_not_ours is None else f"transformers' modeling code ({why_not_ours})")
+        return why_not_ours is not None
+    if model_impl == "fullgraph" and why_not_ours is not None:
+        raise ValueError(f"model_impl='fullgraph' cannot run {model}: {why_not_ours}; use model_impl='transformers' "
+                         f"or 'auto'")
+    return model_impl == "transformers"
+
+
+def _why_not_ours(hf: dict) -> str | None:
+    """Why our decoder cannot run this ``config.json``, or None. A missing key is None: the
+    fullgraph path reports it by name."""
+    try:
+        DecoderConfig.from_hf_config(hf)
+    except ValueError as error:
+        return str(error)
+    except KeyError:
+        pass
+    return None
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
