@@ -16,6 +16,7 @@ from engine_helpers import mixed_prompts
 from hf_helpers import hf_greedy, sharpen
 from fullgraph_backend import compat, use_forward_context
 from fullgraph_backend.attention.op import attention_node
+from fullgraph_backend.cli import main
 from fullgraph_backend.engine import LLM, SamplingParams
 from fullgraph_backend.models import Decoder, DecoderConfig, get_config
 from fullgraph_backend.models.hf import (NAMED_CONFIGS, TransformersDecoder, build_transformers_model, inspect_model,
@@ -104,7 +105,8 @@ def test_engine_equals_transformers_generate(family, level, caplog):
     assert [o.token_ids for o in outs] == family.want
     assert sum(o.num_preemptions for o in outs) > 0
     assert llm.block_manager.num_free == 6
-    if level:  # the swap pass found every layer's attention
+    if level:  # graphs (emulated on CPU) were captured, and the swap pass found every layer's attention
+        assert llm.startup.num_graphs > 0
         swapped = [r.getMessage() for r in caplog.records if "swapped" in r.getMessage()]
         assert len(swapped) == 1 and all(f"(layer {i})" in swapped[0] for i in range(2)), swapped
 
@@ -234,6 +236,8 @@ def test_model_impl_is_validated_and_fullgraph_says_what_it_cannot_run(mistral):
         make_llm("mistral-7b", model_impl="fullgraph")
     with pytest.raises(ValueError, match="no transformers config named 'tiny'; known: .*'mistral-7b'"):
         make_llm("tiny", model_impl="transformers")
+    with pytest.raises(ValueError, match="model_impl='fullgraph' cannot run"):  # the bench CLI passes it on
+        main(["bench", "latency", "--model", str(mistral.path), "--model-impl", "fullgraph"])
 
 
 @pytest.mark.parametrize("name, params, layout", [
