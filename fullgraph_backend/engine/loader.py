@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fullgraph_backend.models import CONFIGS, Decoder, DecoderConfig, build_model, get_config
+from fullgraph_backend.models import CONFIGS, DecoderConfig, build_model, get_config
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS
 
 log = logging.getLogger("fullgraph")
@@ -24,7 +24,7 @@ log = logging.getLogger("fullgraph")
 
 @dataclass
 class LoadedModel:
-    model: Decoder
+    model: torch.nn.Module  # a Decoder, or a models.hf.TransformersDecoder
     eos_token_ids: frozenset[int]
     tokenizer: Any = None  # a transformers tokenizer, or None
 
