@@ -29,9 +29,10 @@ def small_dir(tmp_path_factory):
     return write_hf_model(tmp_path_factory.mktemp("small"), sharp_model(SMALL, std=1.6 / math.sqrt(SMALL.hidden_size)))
 
 
-def workload(batch: int) -> tuple[list[list[int]], list[SamplingParams]]:
-    """Mixed prompt lengths (1..300, so prefills are chunked) and output lengths (5, 10, 30)."""
-    prompts = mixed_prompts(batch, seed=batch, vocab=SMALL.vocab_size, max_len=300)
+def workload(batch: int, vocab: int = SMALL.vocab_size,
+             max_len: int = 300) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Mixed prompt lengths (1..max_len, so prefills are chunked) and output lengths (5, 10, 30)."""
+    prompts = mixed_prompts(batch, seed=batch, vocab=vocab, max_len=max_len)
     params = [SamplingParams(temperature=0.0, max_tokens=(5, 10, 30)[i % 3]) for i in range(batch)]
     return prompts, params
 
@@ -77,10 +78,12 @@ class ForcedSampler:
         pass
 
 
-def run_forced(llm: LLM, batch: int, forced: list[list[int]] | None = None) -> tuple[list[list[int]], dict]:
-    """Generate ``workload(batch)`` with a recording sampler; the tokens and the logits per request."""
+def run_forced(llm: LLM, batch: int, forced: list[list[int]] | None = None,
+               **workload_kw) -> tuple[list[list[int]], dict]:
+    """Generate ``workload(batch, **workload_kw)`` with a recording sampler; the tokens and the logits
+    per request."""
     llm.runner.sampler = sampler = ForcedSampler(llm._next_id, forced)
-    return [o.token_ids for o in llm.generate(*workload(batch))], sampler.logits
+    return [o.token_ids for o in llm.generate(*workload(batch, **workload_kw))], sampler.logits
 
 
 def relative_error(got: dict, want: dict) -> float:

@@ -9,6 +9,7 @@ import torch
 from fullgraph_backend.engine.levels import backend_options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_IMPLS = ("auto", "fullgraph", "transformers")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,9 @@ class EngineConfig:
 
     - ``model``: a named reference config (``tiny``, ``qwen2.5-1.5b``, ``llama-3.2-1b``; random
       weights from ``seed``) or a local Hugging Face-format directory.
+    - ``model_impl``: ``fullgraph`` (our own Llama / Qwen2 decoder), ``transformers`` (the family's
+      transformers modeling code, attention through ours: :mod:`fullgraph_backend.models.hf`), or
+      ``auto``: ours where it can run the model, transformers' otherwise (logged).
     - ``optimization_level``: 0..4, see :mod:`fullgraph_backend.engine.levels`; ``cudagraph_mode``
       overrides its graph mode, ``compile_options`` any backend option (``capture_sizes``,
       ``compiler``, ``inductor_config``, ``dump_dir``, ...).
@@ -47,6 +51,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_impl: str = "auto"
     async_scheduling: bool = True
+    model_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -62,6 +67,8 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {list(MODEL_IMPLS)}, got {self.model_impl!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

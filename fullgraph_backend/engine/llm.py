@@ -44,7 +44,7 @@ class LLM:
     def __init__(self, model: str, **options) -> None:
         self.config = c = EngineConfig.from_kwargs(model, **options)
         device, dtype = c.torch_device, c.torch_dtype
-        loaded = load_model(c.model, dtype=dtype, device=device, seed=c.seed)
+        loaded = load_model(c.model, dtype=dtype, device=device, seed=c.seed, model_impl=c.model_impl)
         self.model_config = mc = loaded.model.config
         self.eos_token_ids, self.tokenizer = loaded.eos_token_ids, loaded.tokenizer
         self.max_model_len = c.max_model_len or min(2048, mc.max_position_embeddings)

@@ -1,10 +1,12 @@
 """The engine's model: a named reference config with random weights, or a Hugging Face directory.
 
-A directory holds ``config.json`` (``model_type`` ``qwen2`` or ``llama``) and one or more
-``*.safetensors`` files, read with the safetensors library; EOS ids come from ``config.json``
-and ``generation_config.json``; a tokenizer (``tokenizer.json``) is loaded with transformers
-when both are there, and is optional. A file that cannot be read, or a value or tensor that
-does not fit, is a ``ValueError`` naming the file and the key or tensor.
+A directory holds ``config.json`` and one or more ``*.safetensors`` files, read with the
+safetensors library; EOS ids come from ``config.json`` and ``generation_config.json``; a
+tokenizer (``tokenizer.json``) is loaded with transformers when both are there, and is optional.
+``model_impl`` picks who defines the model: our decoder (``model_type`` ``qwen2`` or ``llama``)
+or transformers' modeling code for any family (:mod:`fullgraph_backend.models.hf`). A file that
+cannot be read, or a value or tensor that does not fit, is a ``ValueError`` naming the file and
+the key or tensor.
 """
 from __future__ import annotations
 
@@ -17,30 +19,42 @@ from typing import Any
 
 import torch
 
-from fullgraph_backend.models import CONFIGS, Decoder, DecoderConfig, build_model, get_config
+from fullgraph_backend.models import CONFIGS, DecoderConfig, build_model, get_config
+from fullgraph_backend.models.hf_configs import NAMED_CONFIGS
 
 log = logging.getLogger("fullgraph")
 
 
 @dataclass
 class LoadedModel:
-    model: Decoder
+    model: torch.nn.Module  # a Decoder, or a models.hf.TransformersDecoder
     eos_token_ids: frozenset[int]
     tokenizer: Any = None  # a transformers tokenizer, or None
 
 
-def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
-    """Build a named config (random weights from ``seed``) or load a local HF-format directory.
+def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: int,
+               model_impl: str = "auto") -> LoadedModel:
+    """Build a named config (random weights from ``seed``) or load a local HF-format directory,
+    as our decoder or through transformers' modeling code (``model_impl``, see :func:`_uses_transformers`).
 
     Which one ``model`` means is :func:`model_directory`'s rule.
     """
     path = model_directory(model)
     if path is None:
+        if _uses_transformers(model_impl, model, None if model in CONFIGS else "fullgraph has no config of that name"):
+            from fullgraph_backend.models.hf import build_transformers_model  # imports transformers: only here
+
+            return LoadedModel(build_transformers_model(model, dtype=dtype, device=device, seed=seed), frozenset())
         return LoadedModel(build_model(get_config(model), seed=seed, dtype=dtype, device=device), frozenset())
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model directory {path} has no config.json")
     hf = _read_json(config_file)
+    if _uses_transformers(model_impl, str(path), _why_not_ours(hf)):
+        from fullgraph_backend.models.hf import load_transformers_model
+
+        return LoadedModel(load_transformers_model(path, dtype=dtype, device=device), _eos_ids(path, hf),
+                           _tokenizer(path))
     try:
         config = DecoderConfig.from_hf_config(hf, name=path.name)
     except KeyError as missing:
@@ -67,7 +81,7 @@ def model_directory(model: str) -> Path | None:
     that is neither, and a path-looking name (``./x``, ``a/b``, ``~/x``) that does not exist.
     """
     path = Path(model).expanduser()
-    if model in CONFIGS:
+    if model in CONFIGS or model in NAMED_CONFIGS:
         if path.exists():
             raise ValueError(f"model {model!r} is both a built-in config (random weights) and the path "
                              f"{path.resolve()}: pass {'./' + model!r} (or an absolute path) to load the directory; "
@@ -77,11 +91,39 @@ def model_directory(model: str) -> Path | None:
         if os.sep in model or "/" in model or model.startswith((".", "~")):
             raise ValueError(f"model directory {model!r} does not exist ({path.absolute()}); nothing is downloaded: "
                              f"a Hugging Face hub id must be downloaded first and its directory passed")
-        raise ValueError(f"model {model!r} is neither a named config ({sorted(CONFIGS)}) nor a local directory "
-                         f"(nothing is downloaded)")
+        raise ValueError(f"model {model!r} is neither a named config ({sorted({*CONFIGS, *NAMED_CONFIGS})}) nor a "
+                         f"local directory (nothing is downloaded)")
     if not path.is_dir():
         raise ValueError(f"model {model!r} is a file; pass the directory that holds config.json and *.safetensors")
     return path
+
+
+def _uses_transformers(model_impl: str, model: str, why_not_ours: str | None) -> bool:
+    """Whether ``model`` runs through transformers' modeling code (else our decoder).
+
+    ``why_not_ours`` is None where our decoder can run it. ``auto`` takes ours then, transformers'
+    otherwise, and logs which; ``fullgraph`` where ours cannot is an error saying why.
+    """
+    if model_impl == "auto":
+        log.info("fullgraph: model_impl='auto' runs %s with %s", model,
+                 "fullgraph's own decoder" if why_not_ours is None else f"transformers' modeling code ({why_not_ours})")
+        return why_not_ours is not None
+    if model_impl == "fullgraph" and why_not_ours is not None:
+        raise ValueError(f"model_impl='fullgraph' cannot run {model}: {why_not_ours}; use model_impl='transformers' "
+                         f"or 'auto'")
+    return model_impl == "transformers"
+
+
+def _why_not_ours(hf: dict) -> str | None:
+    """Why our decoder cannot run this ``config.json``, or None. A missing key is None: the
+    fullgraph path reports it by name."""
+    try:
+        DecoderConfig.from_hf_config(hf)
+    except ValueError as error:
+        return str(error)
+    except KeyError:
+        pass
+    return None
 
 
 def _read_json(path: Path) -> dict:

@@ -50,8 +50,31 @@ class RopeScaling:
         return torch.where(medium, smoothed, scaled)
 
 
+class ForwardContextMixin:
+    """What the engine asks of every model's config: ``forward_context(...)`` from the fields
+    ``num_layers``, ``num_kv_heads``, ``head_dim``, ``max_position_embeddings`` and ``name``.
+
+    Shared by our :class:`DecoderConfig` and the transformers adapter's config
+    (:mod:`fullgraph_backend.models.hf`), so both size the paged KV cache the same way.
+    """
+
+    def forward_context(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                        **kw: Any) -> ForwardContext:
+        """A :class:`ForwardContext` with this model's layers and KV heads; ``kw`` go to it as is.
+
+        ``max_model_len`` defaults to ``min(2048, max_position_embeddings)`` and may not exceed
+        ``max_position_embeddings`` (the rotary table's length).
+        """
+        max_model_len = kw.pop("max_model_len", min(2048, self.max_position_embeddings))
+        if max_model_len > self.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds {self.name!r}'s max_position_embeddings "
+                             f"{self.max_position_embeddings}")
+        return ForwardContext(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                              dtype=dtype, device=device, max_model_len=max_model_len, **kw)
+
+
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ForwardContextMixin):
     """Shapes and constants of a Llama / Qwen2-family decoder; validated on construction.
 
     ``sliding_window`` (if set) applies to every layer; ``rope_scaling`` is None or Llama 3's.
@@ -161,20 +184,6 @@ class DecoderConfig:
             rope_scaling=scaling,
             name=name or hf.get("_name_or_path") or model_type,
         )
-
-    def forward_context(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                        **kw: Any) -> ForwardContext:
-        """A :class:`ForwardContext` with this model's layers and KV heads; ``kw`` go to it as is.
-
-        ``max_model_len`` defaults to ``min(2048, max_position_embeddings)`` and may not exceed
-        ``max_position_embeddings`` (the rotary table's length).
-        """
-        max_model_len = kw.pop("max_model_len", min(2048, self.max_position_embeddings))
-        if max_model_len > self.max_position_embeddings:
-            raise ValueError(f"max_model_len {max_model_len} exceeds {self.name!r}'s max_position_embeddings "
-                             f"{self.max_position_embeddings}")
-        return ForwardContext(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                              dtype=dtype, device=device, max_model_len=max_model_len, **kw)
 
 
 def _check_positive(field: str, value: Any, name: str) -> None:
