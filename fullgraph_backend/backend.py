@@ -20,8 +20,8 @@ from fullgraph_backend.forward_context import BatchKind, ForwardContext, current
 from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.staging import aliased_writes
-from passes import (PassManager, find_batch_mixing, move_host_inputs, split_at_attention, swap_attention,
-                    swap_linear)
+from passes import (HostInputReport, PassManager, find_batch_mixing, move_host_inputs, split_at_attention,
+                    swap_attention, swap_linear)
 
 log = logging.getLogger("fullgraph")
 
@@ -44,7 +44,8 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     dump = GraphDump.open(config, gm)  # writes nothing unless dumping (dump_dir / dump_compilation)
     gm = compat.copy_dynamo_graph(gm)
     results = {r.name: r for r in PassManager(graph_passes(config, device, ctx, impl), dump.folder).run(gm)}
-    swap, host = results["swap_attention"].report, results["move_host_inputs"].report
+    swap = results["swap_attention"].report
+    host = results["move_host_inputs"].report if "move_host_inputs" in results else HostInputReport()
     has_attention = bool(swap.swapped)
     for result in results.values():
         log.info("fullgraph: %s", result.summary.replace("\n", "; "))
@@ -82,11 +83,12 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
 
 def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None,
                  impl: AttentionImpl) -> list[tuple[str, Callable[[torch.fx.GraphModule], object]]]:
-    """The passes for one graph, in order: CPU inputs of a CUDA graph moved to the device, the
-    attention swap; the linear swap where the graph will be captured on CUDA (there the GEMV's
-    choice is made once per captured size)."""
-    passes = [("move_host_inputs", lambda g: move_host_inputs(g, device)),
-              ("swap_attention", lambda g: swap_attention(g, ctx, impl))]
+    """The passes for one graph, in order: the attention swap always; on CUDA, CPU inputs the graph
+    copies to the device moved out of it; the linear swap where the graph will be captured on CUDA
+    (there the GEMV's choice is made once per captured size)."""
+    passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl))]
+    if device.type == "cuda":
+        passes.append(("move_host_inputs", lambda g: move_host_inputs(g, device)))
     if config.gemv and device.type == "cuda" and config.cudagraph_mode != "none":
         passes.append(("swap_linear", swap_linear))
     return passes

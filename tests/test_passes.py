@@ -134,13 +134,14 @@ def test_swap_linear_leaves_autocast_graphs_alone():
 
 
 @pytest.mark.parametrize("device, options, names", [
-    ("cuda", {}, ["swap_attention", "swap_linear"]),
-    ("cuda", {"cudagraph_mode": "piecewise"}, ["swap_attention", "swap_linear"]),
-    ("cuda", {"cudagraph_mode": "none"}, ["swap_attention"]),  # no capture: each call would pay dispatch
-    ("cuda", {"gemv": False}, ["swap_attention"]),
+    ("cuda", {}, ["swap_attention", "move_host_inputs", "swap_linear"]),
+    ("cuda", {"cudagraph_mode": "piecewise"}, ["swap_attention", "move_host_inputs", "swap_linear"]),
+    ("cuda", {"cudagraph_mode": "none"}, ["swap_attention", "move_host_inputs"]),  # no capture: dispatch per call
+    ("cuda", {"gemv": False}, ["swap_attention", "move_host_inputs"]),
     ("cpu", {}, ["swap_attention"]),
 ])
 def test_linear_swap_runs_only_for_graphs_captured_on_cuda(device, options, names):
+    """And CPU inputs leave graphs on CUDA only (on CPU they are where the graph computes)."""
     from fullgraph_backend.backend import graph_passes
     from fullgraph_backend.config import FullgraphConfig
 

@@ -1,6 +1,6 @@
-"""transformers' own ``generate`` on its static cache, five ways, side by side in one process.
+"""transformers' own ``generate`` on its static cache, and our engine, side by side in one process.
 
-A ``LlamaForCausalLM`` with a named config's shapes (random bf16 weights) decodes greedily from
+A transformers model with a named config's shapes (random bf16 weights) decodes greedily from
 ``--prompt-len`` random tokens. TPOT is the time per token after the first: two ``generate`` calls
 of ``--tokens`` and ``2 * --tokens`` new tokens, their difference over ``--tokens`` (prefill and
 setup cancel out), median of ``--repeats``. Modes:
@@ -8,7 +8,8 @@ setup cancel out), median of ``--repeats``. Modes:
   hf-compiled      transformers' own auto-compiled static-cache decode (its default compile config)
   fullgraph        ``model.forward = torch.compile(model.forward, backend="fullgraph")``
   reduce-overhead  ``model.forward = torch.compile(model.forward, mode="reduce-overhead")``
-  engine           fullgraph's engine (``LLM``, -O4) on the same shapes, ``generate`` with token ids
+  engine           fullgraph's engine (``LLM``, -O4) with our own decoder, ``generate`` with token ids
+  engine-hf        the engine with ``model_impl="transformers"``: transformers' modeling code, our attention
 
 Usage (GPU): python tools/bench_transformers.py --out OUT_DIR [--batches 1,8] [--model llama-3.2-1b]
 """
@@ -27,29 +28,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend.backend import RecordingBackend  # noqa: E402
-from fullgraph_backend.models import get_config  # noqa: E402
+from fullgraph_backend.models.hf_configs import NAMED_CONFIGS  # noqa: E402
 
-MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine")
+MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine", "engine-hf")
+ENGINE_IMPLS = {"engine": "fullgraph", "engine-hf": "transformers"}
+# the decode keys (batch 1 and 8) and the prefill chunk: enough for TPOT, quick to capture
+ENGINE_CAPTURE_SIZES = (1, 2, 4, 8, 16, 512)
 
 
-def llama_for(name: str):
-    """A random bf16 ``LlamaForCausalLM`` on CUDA with the shapes of our named config ``name``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def transformers_model(name: str):
+    """A random bf16 transformers model on CUDA with the shapes of the named config ``name``, on its
+    own SDPA attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    c = get_config(name)
-    scaling = None if c.rope_scaling is None else {
-        "rope_type": "llama3", "factor": c.rope_scaling.factor, "low_freq_factor": c.rope_scaling.low_freq_factor,
-        "high_freq_factor": c.rope_scaling.high_freq_factor,
-        "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings}
-    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                         rope_theta=c.rope_theta, rope_scaling=scaling, attention_bias=c.qkv_bias,
-                         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-                         pad_token_id=0, attn_implementation="sdpa")
+    values = dict(NAMED_CONFIGS[name])
+    config = AutoConfig.for_model(values.pop("model_type"), **values, pad_token_id=0, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     return model
 
 
@@ -93,19 +89,20 @@ def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: 
     return row
 
 
-def engine_row(name: str, batch: int, prompt_len: int, tokens: int, repeats: int) -> dict:
+def engine_row(name: str, mode: str, batch: int, prompt_len: int, tokens: int, repeats: int) -> dict:
     from fullgraph_backend.engine import LLM, SamplingParams
     from fullgraph_backend.engine.bench import random_prompts
 
     torch._dynamo.reset()
-    llm = LLM(name, optimization_level=4, max_num_seqs=max(batch, 2), max_model_len=prompt_len + 2 * tokens + 16,
+    llm = LLM(name, model_impl=ENGINE_IMPLS[mode], optimization_level=4, max_num_seqs=max(batch, 2),
+              max_model_len=prompt_len + 2 * tokens + 16, compile_options={"capture_sizes": ENGINE_CAPTURE_SIZES},
               seed=0)
     prompts = random_prompts(batch, prompt_len, llm.model_config.vocab_size)
 
     def generate(n: int):
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
 
-    row = {"mode": "engine", "tpot_ms": tpot_ms(generate, tokens, repeats), "graphs": llm.startup.num_graphs,
+    row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats), "graphs": llm.startup.num_graphs,
            "startup": str(llm.startup)}
     del llm
     torch.cuda.empty_cache()
@@ -129,12 +126,12 @@ def main() -> None:
               "transformers": transformers.__version__, "model": args.model, "prompt_len": args.prompt_len,
               "tokens": args.tokens, "date": datetime.date.today().isoformat(),
               "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}
-    model = llama_for(args.model) if set(modes) - {"engine"} else None
+    model = transformers_model(args.model) if set(modes) - set(ENGINE_IMPLS) else None
     for batch in (int(b) for b in args.batches.split(",")):
         ids = torch.randint(3, model.config.vocab_size if model else 1000, (batch, args.prompt_len), device="cuda")
         for mode in modes:
-            row = (engine_row(args.model, batch, args.prompt_len, args.tokens, args.repeats) if mode == "engine"
-                   else transformers_row(model, mode, ids, args.tokens, args.repeats))
+            row = (engine_row(args.model, mode, batch, args.prompt_len, args.tokens, args.repeats)
+                   if mode in ENGINE_IMPLS else transformers_row(model, mode, ids, args.tokens, args.repeats))
             row["batch"] = batch
             result["rows"].append(row)
             print(json.dumps(row), flush=True)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fullgraph_backend.models import CONFIGS, DecoderConfig, build_model, get_config
+from fullgraph_backend.models.config import UnsupportedConfig
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS
 
 log = logging.getLogger("fullgraph")
@@ -115,13 +116,13 @@ def _uses_transformers(model_impl: str, model: str, why_not_ours: str | None) ->
 
 
 def _why_not_ours(hf: dict) -> str | None:
-    """Why our decoder cannot run this ``config.json``, or None. A missing key is None: the
-    fullgraph path reports it by name."""
+    """Why our decoder cannot run this ``config.json``, or None. A missing key or a bad value is
+    None: the fullgraph path reports it by name."""
     try:
         DecoderConfig.from_hf_config(hf)
-    except ValueError as error:
+    except UnsupportedConfig as error:
         return str(error)
-    except KeyError:
+    except (KeyError, ValueError):
         pass
     return None
 

@@ -134,21 +134,21 @@ class DecoderConfig(ForwardContextMixin):
     def from_hf_config(cls, hf: Mapping[str, Any], name: str | None = None) -> "DecoderConfig":
         """Build from a Hugging Face ``config.json`` dict of a ``qwen2`` or ``llama`` model.
 
-        Features our decoder lacks (biases on o_proj or the MLP, activations other than SiLU,
-        RoPE scalings other than llama3, sliding windows on some layers only) are errors. A
-        missing required key is a ``KeyError`` naming it; a value of the wrong type is a
-        ``ValueError`` naming its key.
+        Features our decoder lacks (other families, biases on o_proj or the MLP, activations other
+        than SiLU, RoPE scalings other than llama3, sliding windows on some layers only) are an
+        :class:`UnsupportedConfig`. A missing required key is a ``KeyError`` naming it; a value of
+        the wrong type is a ``ValueError`` naming its key.
         """
         model_type = hf.get("model_type")
         if model_type not in ("qwen2", "llama"):
-            raise ValueError(f"from_hf_config supports model_type 'qwen2' and 'llama', got {model_type!r}")
+            raise UnsupportedConfig(f"from_hf_config supports model_type 'qwen2' and 'llama', got {model_type!r}")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"only hidden_act 'silu' is supported, got {hf['hidden_act']!r}")
+            raise UnsupportedConfig(f"only hidden_act 'silu' is supported, got {hf['hidden_act']!r}")
         if _hf(hf, "mlp_bias", _BOOL, False):
-            raise ValueError("mlp_bias=True is not supported")
+            raise UnsupportedConfig("mlp_bias=True is not supported")
         attention_bias = _hf(hf, "attention_bias", _BOOL, False)
         if model_type == "llama" and attention_bias:
-            raise ValueError("llama attention_bias=True (biases on q, k, v and o_proj) is not supported")
+            raise UnsupportedConfig("llama attention_bias=True (biases on q, k, v and o_proj) is not supported")
         heads = _hf(hf, "num_attention_heads", _POSITIVE)
         hidden = _hf(hf, "hidden_size", _POSITIVE)
         rope_key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
@@ -166,7 +166,7 @@ class DecoderConfig(ForwardContextMixin):
         elif rope_type == "default":
             scaling = None
         else:
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported (only 'default' and 'llama3')")
+            raise UnsupportedConfig(f"rope scaling type {rope_type!r} is not supported (only 'default' and 'llama3')")
         return cls(
             vocab_size=_hf(hf, "vocab_size", _POSITIVE),
             hidden_size=hidden,
@@ -184,6 +184,10 @@ class DecoderConfig(ForwardContextMixin):
             rope_scaling=scaling,
             name=name or hf.get("_name_or_path") or model_type,
         )
+
+
+class UnsupportedConfig(ValueError):
+    """A valid config of a model our decoder does not define (transformers' modeling code may)."""
 
 
 def _check_positive(field: str, value: Any, name: str) -> None:
@@ -208,7 +212,7 @@ def _hf_sliding_window(hf: Mapping[str, Any]) -> int | None:
         return window
     if not any(sliding):
         return None
-    raise ValueError(f"sliding window on some layers only is not supported (sliding layers: "
+    raise UnsupportedConfig(f"sliding window on some layers only is not supported (sliding layers: "
                      f"{[i for i, s in enumerate(sliding) if s]}); the decoder applies one window to all layers")
 
 
