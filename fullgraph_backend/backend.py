@@ -42,6 +42,10 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
                         device)
     max_num_seqs = _max_num_seqs(config, ctx)
     dump = GraphDump.open(config, gm)  # writes nothing unless dumping (dump_dir / dump_compilation)
+    sources = [n.meta["grapharg"].source if n.meta.get("grapharg") else None
+               for n in gm.graph.nodes if n.op == "placeholder"]
+    # what stays fixed between calls (weights, buffers), kept for DirectCall; not the call's own inputs
+    dynamo_inputs = [None if src is not None and compat.local_input(src) else x for src, x in zip(sources, example_inputs)]
     gm = compat.copy_dynamo_graph(gm)
     results = {r.name: r for r in PassManager(graph_passes(config, device, ctx, impl), dump.folder).run(gm)}
     swap = results["swap_attention"].report
@@ -78,7 +82,8 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     return GraphRunner(paths, signature, extra_args, graphs=graphs, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
                        ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,
                        max_num_seqs=max_num_seqs, on_capture=dump.write_capture_table,
-                       static_tokens=ctx.num_tokens if has_attention and signature.is_static else None)
+                       static_tokens=ctx.num_tokens if has_attention and signature.is_static else None,
+                       input_sources=sources, example_inputs=dynamo_inputs)
 
 
 def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None,

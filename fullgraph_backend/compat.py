@@ -34,6 +34,30 @@ def source_name(source) -> str:
     return name() if callable(name) else name
 
 
+def local_input(source) -> tuple[str, int | None] | None:
+    """``(name, None)`` for a Dynamo source reading the frame's local ``name``, ``(name, dim)`` for
+    one reading that local's ``size()[dim]``; None otherwise. ``LocalSource`` and
+    ``TensorPropertySource`` are the same from 2.11 through 2.14."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+
+    if isinstance(source, LocalSource):
+        return source.local_name, None
+    if (isinstance(source, TensorPropertySource) and source.prop is TensorProperty.SIZE
+            and isinstance(source.base, LocalSource)):
+        return source.base.local_name, source.idx
+    return None
+
+
+def root_local(source) -> str | None:
+    """The frame local a Dynamo source reads from (``model`` for ``L['model']._modules[...]``), or
+    None for a global. Chained sources keep their parent in ``base`` (2.11 through 2.14)."""
+    from torch._dynamo.source import LocalSource
+
+    while source is not None and not isinstance(source, LocalSource):
+        source = getattr(source, "base", None)
+    return source.local_name if source is not None else None
+
+
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | None = None) -> object:
     """Inductor once, symbolic in the batch dim, with Inductor's own CUDA graphs off.
 

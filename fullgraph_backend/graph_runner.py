@@ -239,7 +239,8 @@ class GraphRunner:
                  extra_args: tuple[torch.Tensor, ...], *, graphs: CudaGraphs | EmulatedGraphs,
                  capture_sizes: tuple[int, ...], pad: bool, use_graphs: bool, ctx: ForwardContext | None,
                  decode_variant: bool, max_num_seqs: int | None, static_tokens: int | None = None,
-                 on_capture: Callable[[list[CaptureRecord]], None] | None = None) -> None:
+                 on_capture: Callable[[list[CaptureRecord]], None] | None = None,
+                 input_sources: list | None = None, example_inputs: list | None = None) -> None:
         self.paths = {BatchKind.MIXED: paths[BatchKind.MIXED],
                       BatchKind.DECODE: paths.get(BatchKind.DECODE, paths[BatchKind.MIXED])}
         self.sig, self.graphs = signature, graphs
@@ -249,6 +250,8 @@ class GraphRunner:
         self.on_capture = on_capture  # called with the capture table after each capture loop (the dump)
         self.extra_args = extra_args  # the forward-context buffers the attention swap made graph inputs
         self.capture_sizes, self.pad, self.use_graphs = capture_sizes, pad, use_graphs
+        # Dynamo's source and compile-time value of each argument before extra_args, for DirectCall
+        self.input_sources, self.example_inputs = input_sources or [], example_inputs
         self.ctx = ctx
         self.static_tokens = static_tokens  # the token count a static (size-specialised) graph was traced at
         # uniform-decode graphs exist up to the first capture size holding max_num_seqs requests

@@ -80,33 +80,39 @@ def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: 
                                   min_new_tokens=n, cache_implementation="static",
                                   disable_compile=mode != "hf-compiled")
 
-    row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats)}
+    try:
+        row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats)}
+    finally:  # the next mode starts from transformers' own forward
+        model.__dict__.pop("forward", None)
+        model.__dict__.pop("_compiled_call", None)
     if backend is not None:
         row["graphs"] = backend.graphs
         row["graph_keys"] = [[rec.size, rec.kind] for r in backend.runners for rec in r.capture_table]
-    model.__dict__.pop("forward", None)
-    model.__dict__.pop("_compiled_call", None)
     return row
 
 
-def engine_row(name: str, mode: str, batch: int, prompt_len: int, tokens: int, repeats: int) -> dict:
+def engine_rows(name: str, mode: str, batches: list[int], prompt_len: int, tokens: int, repeats: int) -> list[dict]:
+    """One engine (built once: its token counts are unbacked, so every batch shares its graphs), a row
+    per batch."""
     from fullgraph_backend.engine import LLM, SamplingParams
     from fullgraph_backend.engine.bench import random_prompts
 
     torch._dynamo.reset()
-    llm = LLM(name, model_impl=ENGINE_IMPLS[mode], optimization_level=4, max_num_seqs=max(batch, 2),
+    llm = LLM(name, model_impl=ENGINE_IMPLS[mode], optimization_level=4, max_num_seqs=max(*batches, 2),
               max_model_len=prompt_len + 2 * tokens + 16, compile_options={"capture_sizes": ENGINE_CAPTURE_SIZES},
               seed=0)
-    prompts = random_prompts(batch, prompt_len, llm.model_config.vocab_size)
+    rows = []
+    for batch in batches:
+        prompts = random_prompts(batch, prompt_len, llm.model_config.vocab_size)
 
-    def generate(n: int):
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        def generate(n: int):
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
 
-    row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats), "graphs": llm.startup.num_graphs,
-           "startup": str(llm.startup)}
+        rows.append({"mode": mode, "batch": batch, "tpot_ms": tpot_ms(generate, tokens, repeats),
+                     "graphs": llm.startup.num_graphs, "startup": str(llm.startup)})
     del llm
     torch.cuda.empty_cache()
-    return row
+    return rows
 
 
 def main() -> None:
@@ -122,26 +128,40 @@ def main() -> None:
     import transformers
 
     modes = args.modes.split(",")
+    os.makedirs(args.out, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "model": args.model, "prompt_len": args.prompt_len,
               "tokens": args.tokens, "date": datetime.date.today().isoformat(),
               "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}
-    model = transformers_model(args.model) if set(modes) - set(ENGINE_IMPLS) else None
-    for batch in (int(b) for b in args.batches.split(",")):
-        ids = torch.randint(3, model.config.vocab_size if model else 1000, (batch, args.prompt_len), device="cuda")
-        for mode in modes:
-            row = (engine_row(args.model, mode, batch, args.prompt_len, args.tokens, args.repeats)
-                   if mode in ENGINE_IMPLS else transformers_row(model, mode, ids, args.tokens, args.repeats))
-            row["batch"] = batch
+    batches = [int(b) for b in args.batches.split(",")]
+
+    def record(rows: list[dict]) -> None:
+        for row in rows:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_transformers.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "bench_transformers.json"), "w") as f:  # kept if a later row fails
+            json.dump(result, f, indent=1)
+
+    for mode in (m for m in modes if m in ENGINE_IMPLS):
+        try:
+            record(engine_rows(args.model, mode, batches, args.prompt_len, args.tokens, args.repeats))
+        except Exception as error:  # noqa: BLE001 - as below
+            record([{"mode": mode, "batch": b, "error": f"{type(error).__name__}: {error}"[:500]} for b in batches])
+    hf_modes = [m for m in modes if m not in ENGINE_IMPLS]
+    model = transformers_model(args.model) if hf_modes else None
+    for batch in batches:
+        ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device="cuda") if model else None
+        for mode in hf_modes:
+            try:
+                row = transformers_row(model, mode, ids, args.tokens, args.repeats)
+            except Exception as error:  # noqa: BLE001 - one mode failing must not lose the others' rows
+                row = {"mode": mode, "error": f"{type(error).__name__}: {error}"[:500]}
+            record([{**row, "batch": batch}])
     print(f"\n{result['device']}, torch {result['torch']}, transformers {result['transformers']}, {args.model} shapes, "
           f"bf16, prompt {args.prompt_len}, TPOT ms (median of {args.repeats})")
     for batch in sorted({r["batch"] for r in result["rows"]}):
-        cells = [f"{r['mode']} {r['tpot_ms']:.2f}" for r in result["rows"] if r["batch"] == batch]
+        cells = [f"{r['mode']} {r['tpot_ms']:.2f}" if "tpot_ms" in r else f"{r['mode']} failed"
+                 for r in result["rows"] if r["batch"] == batch]
         print(f"batch {batch}: " + " | ".join(cells))
 
 

@@ -10,21 +10,30 @@ rules of the compiled model shape it:
   GEMV). With an unbacked size, one graph serves every step, one token included.
 - Outputs of a compiled call are overwritten by the next call: the rows to sample are indexed
   out (a copy) and sampled before the next step. Logits are taken only at those rows.
+- Compile once, then call without Dynamo. Dynamo compiles an engine's entry function, whose code
+  object is the engine's own (:func:`engine_entry`): Dynamo keeps compiled code per code object,
+  so engines do not share its recompile limit (the 9th engine of a process ran uncompiled). After
+  warm-up, steps call the graph runner directly (:class:`~fullgraph_backend.direct_call.DirectCall`),
+  skipping Dynamo's guards.
 
 :meth:`warm_up` runs a dummy step at the token budget, where compilation and the capture of
 every graph key happen, then a dummy uniform-decode step, and reports what startup cost.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from fullgraph_backend import compat
 from fullgraph_backend.backend import RecordingBackend
+from fullgraph_backend.direct_call import CannotBind, DirectCall
 from fullgraph_backend.engine.host import to_device
 from fullgraph_backend.engine.levels import backend_options
 from fullgraph_backend.engine.sampler import Sampler
@@ -32,6 +41,8 @@ from fullgraph_backend.engine.scheduler import ScheduledBatch
 from fullgraph_backend.forward_context import ForwardContext, use_forward_context
 from fullgraph_backend.kv_cache import NULL_BLOCK
 from fullgraph_backend.models import Decoder
+
+log = logging.getLogger("fullgraph")
 
 SCRATCH_BLOCK = NULL_BLOCK + 1  # written by dummy requests only, never read by a real one
 NUM_RESERVED_BLOCKS = SCRATCH_BLOCK + 1
@@ -73,7 +84,9 @@ class ModelRunner:
                                 attention_impl=attention_impl)
         self.eager_model = model
         self._backend = RecordingBackend(self.options) if self.options is not None else None
-        self.model = torch.compile(model, backend=self._backend) if self._backend else model
+        # the per-step call: compiled through Dynamo until warm_up swaps in a DirectCall
+        self.model: Callable = (functools.partial(torch.compile(engine_entry(), backend=self._backend), model)
+                                if self._backend else model)
         self.sampler = Sampler(self.device, seed)
         pin = self.device.type == "cuda"
         self._ids = torch.zeros(self.ctx.max_num_tokens, dtype=torch.int64, pin_memory=pin)  # staging
@@ -164,7 +177,21 @@ class ModelRunner:
         report.compile_s = first_call - report.capture_s
         report.num_graphs = self._backend.graphs
         report.graph_mib = sum(rec.pool_mib for rec in table)
+        self.model = self._direct_call()
         return report
+
+    def _direct_call(self) -> Callable:
+        """The graph runner called directly, where Dynamo compiled the step into one graph; else the
+        Dynamo path, logged."""
+        runners = self._backend.runners
+        try:
+            if len(runners) != 1:
+                raise CannotBind(f"Dynamo compiled the step into {len(runners)} graphs")
+            return functools.partial(DirectCall(runners[0], ("model", "input_ids", "positions"), fixed=("model",)),
+                                     self.eager_model)
+        except CannotBind as why:
+            log.warning("fullgraph engine: steps go through Dynamo's guards: %s", why)
+            return self.model
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -189,6 +216,20 @@ class SampledTokens:
             self._ready.synchronize()
         values = iter(self._host.tolist() if self._host is not None else ())
         return [next(values) if sample else None for sample in self.samples]
+
+
+def engine_entry() -> Callable:
+    """``entry(model, input_ids, positions) = model(input_ids, positions)``, with a code object no
+    other engine shares: Dynamo keeps compiled code, and counts recompiles against its limit, per
+    code object, so each engine compiles as if it were the first."""
+    def entry(model, input_ids, positions):
+        return model(input_ids, positions)
+
+    entry.__code__ = entry.__code__.replace(co_name=f"engine_step_{next(_ENTRIES)}")  # named in Dynamo's logs
+    return entry
+
+
+_ENTRIES = itertools.count()
 
 
 def dummy_step(ctx: ForwardContext, num_tokens: int,

@@ -1,0 +1,55 @@
+"""Calling a compiled graph without Dynamo, for a caller that controls its inputs (the engine).
+
+Dynamo evaluates its guards on every call of a compiled function (host time each step, growing
+with the parameter count), and keeps compiled code per code object with a recompile limit that
+every instance of a model class shares. An engine compiles once through Dynamo, then calls the
+graph runner directly with the arguments Dynamo would pass: its own tensors by name, their sizes,
+and everything else (weights, buffers) as Dynamo saw it at compile time.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from fullgraph_backend import compat
+from fullgraph_backend.graph_runner import GraphRunner
+
+
+class CannotBind(ValueError):
+    """The graph reads something per call that :class:`DirectCall` cannot supply."""
+
+
+class DirectCall:
+    """``DirectCall(runner, ("input_ids", "positions"), fixed=("model",))(ids, pos)`` is what the
+    compiled ``f(model, input_ids, positions)`` returned for ``(model, ids, pos)``, without Dynamo.
+
+    Valid while the caller passes tensors like those it compiled with (same dtypes, devices and
+    ranks: no guard checks them any more), and the locals named ``fixed`` are the objects they
+    were at compile time, so what the graph reads from them (weights, buffers) is too.
+    """
+
+    def __init__(self, runner: GraphRunner, arg_names: tuple[str, ...], fixed: tuple[str, ...] = ()) -> None:
+        if runner.example_inputs is None or len(runner.sig.outputs) != 1:
+            raise CannotBind("the compiled graph does not return exactly one value")
+        self.runner = runner
+        self._binders: list[Callable[[tuple], object]] = [
+            _binder(source, value, arg_names, fixed)
+            for source, value in zip(runner.input_sources, runner.example_inputs)]
+
+    def __call__(self, *args):
+        (out,) = self.runner(*[bind(args) for bind in self._binders])
+        return out
+
+
+def _binder(source, value, arg_names: tuple[str, ...], fixed: tuple[str, ...]) -> Callable[[tuple], object]:
+    read = compat.local_input(source) if source is not None else None
+    if read is None:
+        root = compat.root_local(source) if source is not None else None
+        if root is not None and root not in fixed:
+            raise CannotBind(f"the graph reads {compat.source_name(source)} of the call, which DirectCall cannot "
+                             f"follow")
+        return lambda args: value  # a global, or read from a fixed local: the same at every call
+    name, dim = read
+    if name not in arg_names:
+        raise CannotBind(f"the graph reads the argument {name!r}, which is not one of {arg_names}")
+    i = arg_names.index(name)
+    return (lambda args: args[i]) if dim is None else (lambda args: args[i].shape[dim])
