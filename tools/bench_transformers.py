@@ -7,7 +7,8 @@ setup cancel out), median of ``--repeats``. Modes:
   eager            transformers, no compilation (``disable_compile=True``)
   hf-compiled      transformers' own auto-compiled static-cache decode (its default compile config)
   fullgraph        ``model.forward = torch.compile(model.forward, backend="fullgraph")``
-  reduce-overhead  ``model.forward = torch.compile(model.forward, mode="reduce-overhead")``
+  reduce-overhead  ``model.forward = torch.compile(model.forward, mode="reduce-overhead")``, a new
+                   cudagraph-trees step marked before each call
   engine           fullgraph's engine (``LLM``, -O4) with our own decoder, ``generate`` with token ids
   engine-hf        the engine with ``model_impl="transformers"``: transformers' modeling code, our attention
 
@@ -72,7 +73,15 @@ def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: 
         backend = RecordingBackend()
         model.forward = torch.compile(model.forward, backend=backend)
     elif mode == "reduce-overhead":
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+        compiled = torch.compile(model.forward, mode="reduce-overhead")
+
+        def forward(*args, **kwargs):
+            # generate keeps the cache's tensors across calls: without a new step, cudagraph trees
+            # raise "accessing tensor output of CUDAGraphs that has been overwritten"
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args, **kwargs)
+
+        model.forward = forward
 
     def generate(n: int):
         with torch.no_grad():
@@ -129,7 +138,7 @@ def main() -> None:
 
     modes = args.modes.split(",")
     os.makedirs(args.out, exist_ok=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    result = {"kind": "transformers", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "model": args.model, "prompt_len": args.prompt_len,
               "tokens": args.tokens, "date": datetime.date.today().isoformat(),
               "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}

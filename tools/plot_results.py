@@ -102,12 +102,31 @@ def plot_attention(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_transformers(result: dict, path: str) -> None:
+    """TPOT by batch, one bar per way of running transformers' decode (log scale: eager is 10x)."""
+    rows = [r for r in result["rows"] if "tpot_ms" in r]
+    batches = sorted({r["batch"] for r in rows})
+    series = {mode: [next((r["tpot_ms"] for r in rows if r["mode"] == mode and r["batch"] == b), 0) for b in batches]
+              for mode in dict.fromkeys(r["mode"] for r in rows)}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    _grouped_bars(ax, [f"batch {b}" for b in batches], series)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per output token (log)")
+    ax.set_title(f"{result['model']} shapes, prompt {result['prompt_len']}, {result['device']}, torch {result['torch']}, "
+                 f"transformers {result['transformers']}", fontsize=9)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     source, target = sys.argv[1:3]
     with open(source) as f:
         result = json.load(f)
     if result.get("kind") == "serving":
         plot_serving(result, target)
+    elif result.get("kind") == "transformers":
+        plot_transformers(result, target)
     elif "shapes" in result:  # tools/bench_attention.py
         plot_attention(result, target)
     else:
