@@ -92,8 +92,6 @@ class ForwardContext:
         num_blocks: int | None = None,
         attention_impl: str = "auto",
     ) -> None:
-        from fullgraph_backend.attention.registry import resolve_impl
-
         self.device = torch.device(device)
         if max_num_tokens < 1 or max_num_seqs < 1 or max_model_len < 1:
             raise ValueError("max_num_tokens, max_num_seqs and max_model_len must be positive")
@@ -103,7 +101,9 @@ class ForwardContext:
         # default: room for every sequence at full length, plus the null block
         self.num_blocks = num_blocks or max_num_seqs * self.max_blocks_per_seq + 1
         self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
-        self.attention_impl = resolve_impl(attention_impl, self.device).name
+        # a name ("auto" or an implementation), resolved for the device where attention runs: by the
+        # backend when it compiles, by the attention op in eager mode (the context only holds buffers)
+        self.attention_impl = attention_impl
         self.kv_caches = allocate_kv_caches(num_layers, self.num_blocks, block_size, num_kv_heads, head_dim,
                                             dtype, self.device)
         self.metadata = AttentionMetadata.allocate(max_num_seqs, max_num_tokens, self.max_blocks_per_seq, self.device)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph_backend import use_forward_context
-from fullgraph_backend.attention.registry import get_impl
+from fullgraph_backend.attention.registry import get_impl, resolve_impl
 from fullgraph_backend.forward_context import BatchKind, ForwardContext
 from fullgraph_backend.kv_cache import NULL_BLOCK
 
@@ -55,8 +55,8 @@ def _prepare(ctx: ForwardContext, query_lens, seq_lens, rng: random.Random) -> N
 
 def _call(ctx: ForwardContext, q, k, v, window: int) -> torch.Tensor:
     m = ctx.metadata
-    return get_impl(ctx.attention_impl).op(q, k, v, ctx.kv_caches[0], m.query_start_loc, m.seq_lens, m.block_table,
-                                           m.slot_mapping, HEAD_DIM ** -0.5, window)
+    return resolve_impl(ctx.attention_impl, ctx.device).op(q, k, v, ctx.kv_caches[0], m.query_start_loc, m.seq_lens,
+                                                           m.block_table, m.slot_mapping, HEAD_DIM ** -0.5, window)
 
 
 def _sdpa(ctx: ForwardContext, q: torch.Tensor, window: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from fullgraph_backend import NULL_BLOCK, use_forward_context
 from fullgraph_backend.models import build_model, get_config
 
-from conftest import RunnerCapture, eager_then_compiled, own_block_tables, random_batch
+from helpers import RunnerCapture, eager_then_compiled, own_block_tables, random_batch
 
 MODES = ["full", "piecewise"]
 

@@ -13,7 +13,7 @@ from fullgraph_backend import use_forward_context
 from fullgraph_backend.attention.registry import get_impl
 from fullgraph_backend.config import default_capture_sizes
 
-from conftest import eager_then_compiled, own_block_tables, random_batch
+from helpers import eager_then_compiled, own_block_tables, random_batch
 
 pytestmark = pytest.mark.gpu
 

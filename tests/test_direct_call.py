@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine_helpers import make_llm, mixed_prompts, reference_greedy, sharp_model, write_hf_model
+from helpers import make_llm, mixed_prompts, reference_greedy, sharp_model, write_hf_model
 from fullgraph_backend.backend import RecordingBackend
 from fullgraph_backend.direct_call import CannotBind, DirectCall
 from fullgraph_backend.engine import SamplingParams
@@ -24,7 +24,7 @@ def test_steps_skip_dynamo_after_warm_up(sharp_dir, monkeypatch):
     llm = make_llm(sharp_dir, 4, compile_options=CAPTURE)
     assert isinstance(llm.runner.model.func, DirectCall)
     calls = []
-    runner = llm.runner._backend.runners[0]
+    runner = llm.runner.graph_runners[0]
     monkeypatch.setattr(type(runner), "__call__", lambda self, *a, _c=type(runner).__call__: (calls.append(1), _c(self, *a))[1])
     frames = []
     monkeypatch.setattr(torch._dynamo.eval_frame, "_maybe_set_eval_frame",

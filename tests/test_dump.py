@@ -30,7 +30,7 @@ from fullgraph_backend.dump.quiet import INDUCTOR_TRACE_LOGGER
 from fullgraph_backend.dump.writer import GraphDump
 from passes import PassManager
 
-from conftest import ctx_for, own_block_tables, tiny_attention_model
+from helpers import ctx_for, own_block_tables, tiny_attention_model
 
 GRAPH_FILES = ("graph.json", "00_dynamo_graph.py", "01_swap_attention.py", "passes.txt", "passes.json",
                "capture.json", "capture.txt")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from engine_helpers import (MAX_MODEL_LEN, SHARP, make_llm, mixed_prompts, reference_greedy, sharp_model,
+from helpers import (MAX_MODEL_LEN, SHARP, make_llm, mixed_prompts, reference_greedy, sharp_model,
                             write_hf_model)
 from fullgraph_backend.engine import LLM, SamplingParams
 from fullgraph_backend.engine.levels import OPTIMIZATION_LEVELS, backend_options
@@ -57,7 +57,7 @@ def test_compiled_levels_equal_o0_token_for_token(sharp_dir, reference, level):
         params = [SamplingParams(temperature=0.0, max_tokens=2 + i % 6) for i in range(batch)]
         got = [o.token_ids for o in llm.generate(prompts, params)]
         assert got == [reference(p, sp.max_tokens) for p, sp in zip(prompts, params)], f"batch {batch}"
-    assert len(llm.runner._backend.runners) == 1  # one compile: one-token steps reuse the unbacked-size graph
+    assert len(llm.runner.graph_runners) == 1  # one compile: one-token steps reuse the unbacked-size graph
     assert llm.block_manager.num_free == llm.block_manager.num_usable
 
 
@@ -224,6 +224,8 @@ def test_bad_requests_are_clear_errors_and_run_nothing(eager_llm, prompt, params
     ({"max_model_len": 4096}, ValueError, "max_position_embeddings"),
     ({"gpu_memory_utilization": 1.5}, ValueError, "gpu_memory_utilization"),
     ({"async_scheduling": "yes"}, ValueError, "async_scheduling must be True or False"),
+    ({"attention_impl": "fast"}, ValueError, "attention_impl must be one of"),
+    ({"seed": 2**64}, ValueError, "seed"),
 ])
 def test_bad_engine_options(sharp_dir, kw, error, message):
     with pytest.raises(error, match=message):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from engine_helpers import make_llm, mixed_prompts, sharp_model, write_hf_model
+from helpers import make_llm, mixed_prompts, sharp_model, write_hf_model
 from fullgraph_backend.cuda_graph import EmulatedGraphs
 from fullgraph_backend.engine import SamplingParams
 from fullgraph_backend.engine.sequence import Status

@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from engine_helpers import mixed_prompts, sharp_model, write_hf_model
+from helpers import mixed_prompts, sharp_model, write_hf_model
 from fullgraph_backend.engine import LLM, SamplingParams
 from fullgraph_backend.models import DecoderConfig
 

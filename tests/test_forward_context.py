@@ -10,7 +10,7 @@ import fullgraph_backend
 from fullgraph_backend import NULL_BLOCK, PAD_SLOT, BatchKind, use_forward_context
 from fullgraph_backend.forward_context import get_forward_context
 
-from conftest import make_ctx
+from helpers import make_ctx
 
 
 @pytest.fixture()
@@ -200,8 +200,14 @@ def test_context_constructor_errors():
         make_ctx(max_num_tokens=0)
     with pytest.raises(ValueError, match="multiple of 16"):
         make_ctx(block_size=8)
-    with pytest.raises(ValueError, match="attention_impl"):
-        make_ctx(attention_impl="nope")
+
+
+def test_an_unknown_attention_impl_is_named_where_attention_runs():
+    ctx = make_ctx(num_layers=1, num_kv_heads=4, head_dim=8, attention_impl="nope")
+    with fullgraph_backend.use_forward_context(ctx), torch.inference_mode():
+        ctx.prepare([3], [3], [[1]])
+        with pytest.raises(ValueError, match="unknown attention_impl 'nope'"):
+            fullgraph_backend.attention(torch.randn(3, 4, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8), 0)
 
 
 # Messages of the per-request loop that validated before the numpy version (8d2407c^), verbatim:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import RunnerCapture
+from helpers import RunnerCapture
 
 ORDER = [5, 1, 3, 7, 16, 33, 2, 16, 9]  # the first call compiles (symbolic: >= 2 rows)
 

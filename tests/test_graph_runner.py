@@ -21,7 +21,7 @@ from fullgraph_backend.backend import fullgraph
 from fullgraph_backend.cuda_graph import EmulatedGraphs
 from fullgraph_backend.graph_runner import GraphRunner
 
-from conftest import RunnerCapture, ctx_for, own_block_tables, random_batch, tiny_attention_model
+from helpers import RunnerCapture, ctx_for, own_block_tables, random_batch, tiny_attention_model
 
 SIZES = [1, 3, 7, 16, 33]
 CAPTURE = [1, 2, 4, 8, 16, 32]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from engine_helpers import mixed_prompts
-from hf_helpers import hf_greedy, sharpen
+from helpers import mixed_prompts
+from helpers import hf_greedy, sharpen
 from fullgraph_backend import compat, use_forward_context
 from fullgraph_backend.attention.op import attention_node
 from fullgraph_backend.cli import main

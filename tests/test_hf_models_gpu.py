@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf_helpers import hf_greedy, hf_logits, sharpen
+from helpers import hf_greedy, hf_logits, sharpen
 from fullgraph_backend.engine import LLM
 from test_engine_gpu import BF16_LOGIT_TOLERANCE, relative_error, run_forced, workload
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine_helpers import SHARP, hf_config_dict, hf_state_dict, sharp_model, write_hf_model
+from helpers import SHARP, hf_config_dict, hf_state_dict, sharp_model, write_hf_model
 from fullgraph_backend.engine.loader import load_model, model_directory
 from fullgraph_backend.models import CONFIGS
 

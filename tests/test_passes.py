@@ -16,7 +16,7 @@ from passes.swap_attention import ATTENTION_TARGET
 from passes.swap_linear import LINEAR_TARGETS
 from fullgraph_backend.gemv import linear as LINEAR_OP
 
-from conftest import ctx_for, dynamo_graph, tiny_attention_model
+from helpers import ctx_for, dynamo_graph, tiny_attention_model
 
 IMPL = get_impl("reference")
 IMPL_TARGET = IMPL.op

@@ -18,7 +18,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import RunnerCapture
+from helpers import RunnerCapture
 
 CAPTURE = [1, 2, 4, 8]
 DEVICE = torch.device("cpu")

@@ -12,7 +12,7 @@ import fullgraph_backend
 from fullgraph_backend import NULL_BLOCK, use_forward_context
 from fullgraph_backend.attention.reference import reference_attention
 
-from conftest import make_ctx, naive_attention
+from helpers import make_ctx, naive_attention
 
 MAX_LEN = 64
 

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import use_forward_context  # noqa: E402
+from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
@@ -104,7 +105,7 @@ def main() -> None:
     max_len = args.context + 1
     ctx = config.forward_context(dtype=dtype, device="cuda", max_num_seqs=max(batches), max_num_tokens=max(batches),
                                  max_model_len=max_len, attention_impl=args.attention_impl)
-    header["attention_impl"] = ctx.attention_impl
+    header["attention_impl"] = resolve_impl(ctx.attention_impl, ctx.device).name
     for cache in ctx.kv_caches:
         cache.normal_(0, 0.1)
     model = build_model(config, seed=0, dtype=dtype, device="cuda")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph_backend.attention.registry import get_impl
+from fullgraph_backend.attention.registry import resolve_impl
 from fullgraph_backend.forward_context import get_forward_context
 
 
@@ -28,7 +28,7 @@ def attention_node(
         raise ValueError(f"layer {layer_idx}: K of shape {tuple(k.shape)} on {q.device} does not fit the cache "
                          f"[.., kv_heads={cache.shape[3]}, head_dim={cache.shape[4]}] on {cache.device}")
     m = ctx.metadata
-    impl = get_impl(ctx.attention_impl)
+    impl = resolve_impl(ctx.attention_impl, ctx.device)
     return impl.op(q, k, v, cache, m.query_start_loc, m.seq_lens, m.block_table, m.slot_mapping,
                    scale, sliding_window)
 

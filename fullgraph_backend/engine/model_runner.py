@@ -98,6 +98,11 @@ class ModelRunner:
     def compiled(self) -> bool:
         return self._backend is not None
 
+    @property
+    def graph_runners(self) -> list:
+        """The graph runners the backend returned for this engine's model (one per Dynamo graph)."""
+        return list(self._backend.runners) if self._backend else []
+
     # ---- one step --------------------------------------------------------------------------
     def execute(self, batch: ScheduledBatch) -> "SampledTokens":
         """Launch ``batch`` (the model, then sampling) without waiting for the device.
@@ -183,7 +188,7 @@ class ModelRunner:
     def _direct_call(self) -> Callable:
         """The graph runner called directly, where Dynamo compiled the step into one graph; else the
         Dynamo path, logged."""
-        runners = self._backend.runners
+        runners = self.graph_runners
         try:
             if len(runners) != 1:
                 raise CannotBind(f"Dynamo compiled the step into {len(runners)} graphs")
