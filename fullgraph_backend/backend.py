@@ -77,7 +77,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
         paths[BatchKind.MIXED] = Path(split, _compile_pieces(split, attention_parts, gm, example_inputs, compile_fn,
                                                              graphs))
     if BatchKind.MIXED not in paths or config.cudagraph_mode == "full_and_piecewise":
-        piece = CapturedPiece(compile_fn(gm, example_inputs), signature, graphs)
+        piece = CapturedPiece(compile_fn(gm, example_inputs), signature, graphs, adopt_inputs=True)
         paths[BatchKind.DECODE if BatchKind.MIXED in paths else BatchKind.MIXED] = Path(piece, [piece])
     return GraphRunner(paths, signature, extra_args, graphs=graphs, capture_sizes=sizes, pad=pad, use_graphs=use_graphs,
                        ctx=ctx if has_attention else None, decode_variant=impl.decode_variant and has_attention,

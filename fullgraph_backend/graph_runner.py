@@ -35,6 +35,9 @@ from fullgraph_backend.staging import InputPlan, Role, StagedInputs
 
 log = logging.getLogger("fullgraph")
 
+# a key whose state inputs moved this often is not worth capturing again: its inputs get copied
+RECAPTURES_BEFORE_COPYING = 2
+
 OVERWRITTEN = ("fullgraph: this output of a compiled call was overwritten by a later call of the same compiled "
                "model (outputs live in CUDA-graph memory until the next call, from any thread); clone() it before "
                "calling again, under a lock of your own when several threads share the model")
@@ -114,8 +117,9 @@ class CaptureSession:
         produced = self.produced(key)
         staged = self._staged.get((id(piece), key))
         if staged is None or any(isinstance(args[i], torch.Tensor) and args[i].data_ptr() in produced
-                                 for i in staged.reads):
-            staged = self._staged[(id(piece), key)] = StagedInputs(piece.sig, piece.plan, key.size, args, produced)
+                                 for i in staged.reads if i not in staged.adopted):
+            staged = self._staged[(id(piece), key)] = StagedInputs(piece.sig, piece.plan, key.size, args, produced,
+                                                                   adopt=piece.adopts(key))
         return staged
 
 
@@ -134,17 +138,32 @@ class Recording:
         return self.staged.reads
 
 
+class InputsMoved(Exception):
+    """An input a recording reads in place is no longer there: capture the key again."""
+
+
 class CapturedPiece:
     """A compiled callable captured once per key. Called by the runner's path (directly, or by the
-    split module between eager attention calls); what it does comes from the call in progress."""
+    split module between eager attention calls); what it does comes from the call in progress.
+
+    ``adopt_inputs``: read state inputs the graph writes (``InputPlan.adopt``) where the caller
+    keeps them. Only for a piece that is the whole path: its address check runs before anything
+    replays, so a moved input can be captured again instead.
+    """
 
     def __init__(self, fn: Callable, signature: BatchSignature, graphs: CudaGraphs | EmulatedGraphs,
-                 single_output: bool = False) -> None:
+                 single_output: bool = False, adopt_inputs: bool = False) -> None:
         self.fn, self.sig, self.graphs = fn, signature, graphs
         self.single_output = single_output  # fn returns one value, not a tuple
         self.plan = InputPlan.of(signature)
         self.static = self.plan.indices(Role.IN_PLACE)
         self.recordings: dict[GraphKey, Recording] = {}
+        self.adopt_inputs = adopt_inputs
+        self.copy_only: set[GraphKey] = set()  # keys whose adopted inputs moved too often: copied instead
+
+    def adopts(self, key: GraphKey) -> bool:
+        """Whether ``key``'s recording reads the plan's state inputs in place."""
+        return self.adopt_inputs and key not in self.copy_only
 
     def __call__(self, *args):
         step = _STEP.get()
@@ -153,9 +172,10 @@ class CapturedPiece:
         if step.phase is Phase.REPLAY:
             return self._as_fn_returns(self._replay(self.recordings[step.key], args))
         session = step.session
-        written = [args[i] for i in self.plan.restore]
-        session.keep(written)
         staged = session.staged(self, step.key, args)
+        # adopted inputs are the caller's own state: warm-up and capture runs must leave them as found
+        written = [args[i] for i in (*self.plan.restore, *staged.adopted)]
+        session.keep(written)
         try:
             if step.phase is Phase.WARMUP:
                 return self._as_fn_returns(self.graphs.warmup(self.fn, staged.stage(args)))
@@ -174,6 +194,8 @@ class CapturedPiece:
     def _replay(self, rec: Recording, args: tuple) -> tuple:
         if [args[i].data_ptr() for i in self.static] != rec.static_ptrs:
             self._raise_moved(rec, args)
+        if not rec.staged.holds(args):
+            raise InputsMoved()
         rec.staged.stage(args)
         rec.call.replay()
         rec.staged.write_back(args)
@@ -263,6 +285,7 @@ class GraphRunner:
         self._all_owned: set[int] = set()
         self._copied = self.plan.indices(Role.COPY)
         self._handed_out: list[torch.Tensor] = []  # outputs of the last call that live in graph memory
+        self._moves: dict[GraphKey, int] = {}  # per key, recaptures because an adopted input moved
         self._lock = device_lock(graphs.device)
 
     @property
@@ -288,7 +311,11 @@ class GraphRunner:
                 self._capture(self._keys_to_capture(key), args)
             args = self._unshare(args)
             self._expire_outputs()
-            out = self._run(_Step(Phase.REPLAY, key), args)
+            try:
+                out = self._run(_Step(Phase.REPLAY, key), args)
+            except InputsMoved:  # raised before anything replayed: capture the key for the new addresses
+                self._recapture(key, args)
+                out = self._run(_Step(Phase.REPLAY, key), args)
             return self._hand_out(out if n is None else self.sig.slice_outputs(out, n), key)
 
     # ---- keys ----------------------------------------------------------------------------
@@ -365,6 +392,20 @@ class GraphRunner:
                  time.perf_counter() - start)
         if self.on_capture:
             self.on_capture(self.capture_table)
+
+    def _recapture(self, key: GraphKey, args: tuple) -> None:
+        """Capture ``key`` again: a state input it reads in place moved. After
+        :data:`RECAPTURES_BEFORE_COPYING` moves of one key, copy such inputs in and out instead."""
+        moves = self._moves[key] = self._moves.get(key, 0) + 1
+        pieces = self.paths[key.kind].pieces
+        if moves > RECAPTURES_BEFORE_COPYING:
+            self._say_once(f"moved {key}", f"state inputs of the graph for {key.size} rows moved {moves} times: "
+                                           f"copying them in and out at every call instead of reading them in place")
+            for piece in pieces:
+                piece.copy_only.add(key)
+        for piece in pieces:
+            del piece.recordings[key]
+        self._capture([key], args)
 
     def _unshare(self, args: tuple) -> tuple:
         """Copy inputs that live in this runner's memory (an earlier call's outputs fed back): a replay

@@ -8,7 +8,9 @@ holds:
   written in place; its address is checked at every replay;
 - any other tensor: copied into a buffer the recording owns (rows past the real count keep
   stale, finite values); if the graph writes it, the write is copied back into the caller's
-  tensor after the replay (the real rows only);
+  tensor after the replay (the real rows only). A tensor without a batch dim that the graph
+  writes (state the caller keeps: transformers' static cache, a counter) is instead read and
+  written where the caller's tensor is, for as long as the caller passes it there: no copies;
 - anything else: passed through.
 
 :class:`StagedInputs` holds one recording's buffers and does the copies.
@@ -42,6 +44,7 @@ class InputPlan:
     write_back: frozenset[int]  # copied inputs the graph writes: copied back after every replay
     restore: frozenset[int]  # in-place inputs the graph writes: kept across warm-up and capture runs
     host: frozenset[int]  # CPU tensors the graph reads on the device: moved there before the call
+    adopt: frozenset[int]  # written copied inputs without a batch dim: read in place while their address holds
 
     @classmethod
     def of(cls, sig: BatchSignature) -> "InputPlan":
@@ -56,8 +59,9 @@ class InputPlan:
         in_place = {i for i, r in enumerate(roles) if r is Role.IN_PLACE}
         forward_context = {i for i, s in enumerate(sig.inputs) if s.role.forward_context}
         host = {i for i, s in enumerate(sig.inputs) if s.role.host}
+        whole = {i for i, s in enumerate(sig.inputs) if s.kind is ArgKind.COPIED}
         return cls(roles, frozenset(mutated & copied), frozenset((mutated & in_place) - forward_context),
-                   frozenset(host))
+                   frozenset(host), frozenset((mutated & whole) - host))
 
     def indices(self, role: Role) -> list[int]:
         """Input positions with ``role``, in order."""
@@ -67,37 +71,48 @@ class InputPlan:
 class StagedInputs:
     """The copied inputs of one recording at its padded size: where the graph reads each one.
 
-    ``reads[i]`` is a buffer of its own, or (piecewise mode) the output of a piece captured earlier
-    for the same key, which the graph reads where it lives so a replay copies only what moved.
+    ``reads[i]`` is a buffer of its own; or (piecewise mode) the output of a piece captured earlier
+    for the same key, which the graph reads where it lives so a replay copies only what moved; or,
+    with ``adopt``, the caller's own tensor for the inputs the plan lets it adopt (:attr:`adopted`),
+    valid while :meth:`holds`.
     """
 
     def __init__(self, sig: BatchSignature, plan: InputPlan, size: int | None, args: tuple,
-                 produced: set[int]) -> None:
+                 produced: set[int], adopt: bool = False) -> None:
         self.sig, self.plan, self.size = sig, plan, size
         self.reads: dict[int, torch.Tensor] = {}
+        self.adopted: set[int] = set()
         for i in plan.indices(Role.COPY):
             spec, arg = sig.inputs[i], args[i]
             shape, stride = sig.at(spec.shape, size), sig.at(spec.stride, size)
-            in_place = (isinstance(arg, torch.Tensor) and arg.data_ptr() in produced
-                        and tuple(arg.shape) == shape and arg.stride() == stride and arg.dtype == spec.dtype)
-            self.reads[i] = arg if in_place else _buffer(spec, shape, stride)
+            fits = (isinstance(arg, torch.Tensor) and tuple(arg.shape) == shape and arg.stride() == stride
+                    and arg.dtype == spec.dtype)
+            if fits and adopt and i in plan.adopt:
+                self.adopted.add(i)
+            self.reads[i] = arg if fits and (i in self.adopted or arg.data_ptr() in produced) else _buffer(
+                spec, shape, stride)
         self.owned = {t.untyped_storage().data_ptr() for i, t in self.reads.items() if t is not args[i]}
+
+    def holds(self, args: tuple) -> bool:
+        """Whether every adopted input is where the recording reads it (same address and layout)."""
+        return all(args[i].data_ptr() == self.reads[i].data_ptr() and args[i].shape == self.reads[i].shape
+                   and args[i].stride() == self.reads[i].stride() for i in self.adopted)
 
     def stage(self, args: tuple) -> list:
         """The args the graph sees: each copied input copied to where the graph reads it (its real rows
-        into the padded buffer), the size replaced by the padded size."""
+        into the padded buffer), the size replaced by the padded size; adopted inputs as they are."""
         staged = list(args)
         for i, dst in self.reads.items():
-            if args[i] is not dst:
+            if i not in self.adopted and args[i] is not dst:
                 _copy_rows(self.sig.inputs[i], dst, args[i])
-            staged[i] = dst
+            staged[i] = args[i] if i in self.adopted else dst
         for i in self.plan.indices(Role.SIZE):
             staged[i] = self.size
         return staged
 
     def write_back(self, args: tuple) -> None:
         """Copy what the graph wrote into copied inputs back into the caller's tensors (real rows)."""
-        for i in self.plan.write_back:
+        for i in self.plan.write_back - self.adopted:
             if args[i] is not self.reads[i]:
                 _copy_rows(self.sig.inputs[i], args[i], self.reads[i])
 

@@ -355,3 +355,29 @@ def test_threads_on_cuda_clone_under_their_lock(threads):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).to(CUDA).eval().requires_grad_(False)
     assert race(model, CUDA, threads, calls=100, width=64, compiler="inductor", lock=threading.Lock()) == 0
+
+
+def test_state_input_is_read_in_place_until_it_moves(caplog):
+    """A tensor without a batch dim that the graph writes (a cache, a counter) is the graph's to read
+    where the caller keeps it: no copies. A new tensor captures the key again; one that keeps moving
+    is copied in and out instead, logged."""
+
+    def f(x, state):
+        state.add_(x.sum(-1)[:3])
+        return x * state.sum()
+
+    compiled, backend = _compile(f)
+    state, eager_state = torch.zeros(3), torch.zeros(3)
+    with caplog.at_level(logging.WARNING, logger="fullgraph"), torch.inference_mode():
+        for i in range(8):
+            if i >= 3:  # from the fourth call on, a new state tensor each call
+                state, eager_state = state.clone(), eager_state.clone()
+            x = torch.randn(4, 3)
+            torch.testing.assert_close(compiled(x, state), f(x, eager_state), msg=f"call {i}")
+            torch.testing.assert_close(state, eager_state, msg=f"state after call {i}")
+            if i == 2:
+                (recording,) = backend.runner.pieces[0].recordings.values()
+                assert any(t is state for t in recording.reads.values()), "the state is not read in place"
+    rows = len(backend.runner.capture_table)
+    assert rows == 1 + 3, f"captured {rows} times: once, then again for each of the first moves"
+    assert sum("moved" in r.getMessage() for r in caplog.records) == 1
