@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from helpers import SHARP, sharp_model, write_hf_model
 from fullgraph_backend.distributed import Shard, TensorParallel, check_tensor_parallel, rank_cache_config, shard_decoder
@@ -91,3 +92,35 @@ def test_a_model_that_does_not_split_is_an_error_naming_what_and_the_sizes_that_
     with pytest.raises(ValueError, match="does not divide"):
         rank_model(get_config("tiny"), 0, size)
     check_tensor_parallel(get_config("llama-3.1-8b"), 8)  # 32 heads, 8 KV heads, 128256 tokens, 14336 wide
+
+
+@pytest.fixture
+def one_rank():
+    """A gloo process group of one rank in this process: the collectives run, as identities."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield TensorParallel(0, 1, dist.group.WORLD.group_name)
+    dist.destroy_process_group()
+
+
+def test_inductor_compiles_the_collectives_into_the_captured_graph(one_rank, tmp_path):
+    """Inductor lowers the all-reduce in place and the all-gather, with their waits, inside the code
+    the runner captures; the padded graph computes what eager does."""
+    class Split(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o = RowParallelLinear(Shard(1, 8, ((0, 8),)), 16, one_rank, torch.float32)
+            self.head = VocabParallelHead(16, 32, one_rank, torch.float32)
+
+        def forward(self, x):
+            return self.head(self.o(x))
+
+    model = Split().requires_grad_(False)
+    compiled = torch.compile(model, backend="fullgraph", options={"dump_dir": str(tmp_path), "capture_sizes": (8,)})
+    x = torch.randn(5, 8)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), model(x))
+    (code,) = tmp_path.glob("*/torchinductor/*/output_code.py")
+    text = code.read_text()
+    assert "torch.ops._c10d_functional.all_reduce_.default" in text  # in place, on Inductor's buffer
+    assert "torch.ops._c10d_functional.all_gather_into_tensor.default" in text and "wait_tensor" in text

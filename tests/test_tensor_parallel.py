@@ -106,6 +106,7 @@ class TestTwoRanksAtO4:
 
 
 def test_two_ranks_piecewise_at_o2(sharp_dir, expected):
+    """-O2: the collectives sit in the pieces between the attention calls."""
     llm = make_llm(sharp_dir, 2, tensor_parallel_size=2)
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], PARAMS[:3])] == expected[:3]
 
