@@ -14,6 +14,9 @@ engine one step at a time (the serving benchmark does); ``abort_request`` drops 
 
 An error inside ``generate`` or ``step`` (a KeyboardInterrupt too) aborts the requests it could
 have left half done and re-raises; the engine stays ready for the next call, every block back.
+With ``tensor_parallel_size > 1`` an error that stops rank 0 between the collectives of a step
+(or a worker's death) also shuts the workers down: the engine then says to create a new one
+(:mod:`fullgraph_backend.engine.parallel`).
 """
 from __future__ import annotations
 
