@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import SHARP, sharp_model, write_hf_model
+from fullgraph_backend import compat
 from fullgraph_backend.distributed import Shard, TensorParallel, check_tensor_parallel, rank_cache_config, shard_decoder
 from fullgraph_backend.distributed.layers import RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from fullgraph_backend.engine.loader import load_model
@@ -117,7 +118,7 @@ def test_inductor_compiles_the_collectives_into_the_captured_graph(one_rank, tmp
     model = Split().requires_grad_(False)
     compiled = torch.compile(model, backend="fullgraph", options={"dump_dir": str(tmp_path), "capture_sizes": (8,)})
     x = torch.randn(5, 8)
-    torch._dynamo.mark_dynamic(x, 0)
+    compat.mark_unbacked(x, 0)  # as the engine marks its token inputs
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), model(x))
     (code,) = tmp_path.glob("*/torchinductor/*/output_code.py")

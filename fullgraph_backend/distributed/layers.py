@@ -62,6 +62,7 @@ class Shard:
 
     @property
     def size(self) -> int:
+        """The slice's length along ``dim``."""
         return sum(n for _, n in self.ranges)
 
     def full_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -107,6 +108,7 @@ class RowParallelLinear(nn.Linear):
         self.shards, self.group = {"weight": shard}, tp.group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: this rank's share of the input features -> the whole output, on every rank."""
         return all_reduce(F.linear(x, self.weight), self.group)
 
 
@@ -120,6 +122,7 @@ class VocabParallelEmbedding(nn.Embedding):
         self.shards, self.group, self.start = {"weight": shard}, tp.group, shard.ranges[0][0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (any in the vocabulary) -> their rows, on every rank."""
         local = input_ids - self.start
         inside = (local >= 0) & (local < self.num_embeddings)
         x = F.embedding(torch.where(inside, local, 0), self.weight)
@@ -136,6 +139,7 @@ class VocabParallelHead(nn.Linear):
         self.shards, self.group, self.ranks = {"weight": shard}, tp.group, tp.size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> the logits over the whole vocabulary, on every rank."""
         return all_gather_columns(F.linear(x, self.weight), self.ranks, self.group)
 
 

@@ -38,11 +38,12 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from fullgraph_backend import compat
 from fullgraph_backend.distributed.layers import TensorParallel
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # longer than ranks' compile times differ
@@ -142,19 +143,19 @@ class ParallelGroup:
             with contextlib.suppress(Exception):  # a worker already gone is what close is for
                 self.send(_STOP)
         self._stop_workers(EXIT_WAIT)
-        self._leave()
+        self._leave(dist.destroy_process_group)
 
     def _shut_down(self, why: str) -> None:
-        """After a failure: kill the workers and leave the groups at once, so this process can start
-        another engine while this one still exists."""
+        """After a failure: kill the workers and leave the groups at once, collectives in flight
+        aborted, so this process can start another engine while this one still exists."""
         if not self._broken:
             self._broken = why
             self._stop_workers(0.0)
-            self._leave()
+            self._leave(compat.abort_process_groups)
 
-    def _leave(self) -> None:
+    def _leave(self, how: Callable[[], None]) -> None:
         if self._world is not None and dist.is_initialized() and dist.group.WORLD is self._world:
-            dist.destroy_process_group()
+            how()
         self._world = None
 
     def _stop_workers(self, grace: float) -> None:
