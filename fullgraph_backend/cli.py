@@ -138,7 +138,8 @@ def _bench(args: argparse.Namespace) -> int:
               tensor_parallel_size=args.tensor_parallel_size)
     device = llm.runner.device
     split = f", tensor parallel {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
-    print(f"model {llm.model_config.name}, {llm.runner.dtype}, {_device_name(device)}{split}, torch {torch.__version__}")
+    print(f"model {llm.model_config.name}, {llm.runner.dtype}, {_device_name(device)}{split}, "
+          f"torch {torch.__version__}")
     print(f"startup: {llm.startup}")
     if serve:
         result = bench.bench_serve(llm, num_prompts=args.num_prompts, request_rate=args.request_rate,

@@ -48,12 +48,13 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: in
         if shard is not None:
             raise ValueError(f"tensor_parallel_size > 1 runs fullgraph's own decoder (Llama, Qwen2) only; {model} "
                              f"needs transformers' modeling code: use tensor_parallel_size=1")
-        from fullgraph_backend.models.hf import build_transformers_model, load_transformers_model  # imports transformers
+        # imports transformers: only here
+        from fullgraph_backend.models.hf import build_transformers_model, load_transformers_model
 
         if path is None:
             return LoadedModel(build_transformers_model(model, dtype=dtype, device=device, seed=seed), frozenset())
-        return LoadedModel(load_transformers_model(path, dtype=dtype, device=device), _eos_ids(path, _config_json(path)),
-                           _tokenizer(path))
+        return LoadedModel(load_transformers_model(path, dtype=dtype, device=device),
+                           _eos_ids(path, _config_json(path)), _tokenizer(path))
     if path is None:
         return LoadedModel(build_model(config, seed=seed, dtype=dtype, device=device, shard=shard), frozenset())
     files = sorted(path.glob("*.safetensors"))

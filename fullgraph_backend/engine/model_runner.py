@@ -386,7 +386,8 @@ def build_runner(config: EngineConfig, group: ParallelGroup | None = None) -> tu
                   max_model_len=max_model_len, block_size=c.block_size, attention_impl=c.attention_impl,
                   cache_config=cache)
     activations = 0 if c.num_kv_blocks else profile_activation_bytes(loaded.model, **limits)
-    blocks = num_kv_blocks(cache, block_size=c.block_size, dtype=c.torch_dtype, device=next(loaded.model.parameters()).device,
+    device = next(loaded.model.parameters()).device
+    blocks = num_kv_blocks(cache, block_size=c.block_size, dtype=c.torch_dtype, device=device,
                            max_num_seqs=c.max_num_seqs, max_model_len=max_model_len, num_reserved=NUM_RESERVED_BLOCKS,
                            override=c.num_kv_blocks, gpu_memory_utilization=c.gpu_memory_utilization,
                            activation_bytes=activations)
