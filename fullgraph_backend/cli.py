@@ -82,6 +82,9 @@ def _add_bench(sub) -> None:
         p.add_argument("--attention-impl", default="auto")
         p.add_argument("--model-impl", default="auto", choices=["auto", "fullgraph", "transformers"],
                        help="our decoder, transformers' modeling code, or ours where it can (auto)")
+        p.add_argument("-tp", "--tensor-parallel-size", type=POSITIVE, default=1,
+                       help="processes (GPUs) the model is split over; the engine starts them, or run the command "
+                            "under `torchrun --nproc-per-node N` (rank 0 reports)")
         p.add_argument("--seed", type=SEED, default=0)
         p.add_argument("--output-json", default=None, help="also write the results here")
         p.add_argument("-v", "--verbose", action="store_true", help="log what the backend does")
@@ -131,9 +134,12 @@ def _bench(args: argparse.Namespace) -> int:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len or input_len + output_len, dtype=args.dtype, device=args.device,
               gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-              attention_impl=args.attention_impl, model_impl=args.model_impl, seed=args.seed)
+              attention_impl=args.attention_impl, model_impl=args.model_impl, seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size)
     device = llm.runner.device
-    print(f"model {llm.model_config.name}, {llm.runner.dtype}, {_device_name(device)}, torch {torch.__version__}")
+    split = f", tensor parallel {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    print(f"model {llm.model_config.name}, {llm.runner.dtype}, {_device_name(device)}{split}, "
+          f"torch {torch.__version__}")
     print(f"startup: {llm.startup}")
     if serve:
         result = bench.bench_serve(llm, num_prompts=args.num_prompts, request_rate=args.request_rate,

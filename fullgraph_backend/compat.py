@@ -153,3 +153,17 @@ def inductor_trace_patches(debug_dir: str) -> dict:
     are off too, since a cache hit skips Inductor's passes and its trace. Same keys in 2.11-2.14.
     """
     return {"trace.enabled": True, "trace.debug_dir": debug_dir, "force_disable_caches": True}
+
+
+def abort_process_groups() -> None:
+    """Tear down every process group without waiting for collectives in flight. After a peer died
+    NCCL's never finish (one inside a CUDA graph spins on the device), and ``destroy_process_group``
+    may wait for them; ``_abort_process_group`` aborts the communicators. It is private and NCCL
+    only (2.11 through 2.13): gloo's groups, whose collectives fail on a closed connection, are
+    destroyed."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()

@@ -35,7 +35,7 @@ def test_rope_scaling_validation_and_unknown_name():
         RopeScaling(rope_type="yarn")
     with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
         RopeScaling(low_freq_factor=4.0, high_freq_factor=1.0)
-    with pytest.raises(ValueError, match=r"known: \['llama-3.2-1b', 'qwen2.5-1.5b', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"known: \['llama-3.1-8b', 'llama-3.2-1b', 'qwen2.5-1.5b', 'tiny'\]"):
         get_config("qwen-7b")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         get_config("tiny").forward_context(max_model_len=4096)
@@ -45,6 +45,7 @@ def test_rope_scaling_validation_and_unknown_name():
     # (layers, hidden, intermediate, heads, kv heads, head dim, vocab)
     ("qwen2.5-1.5b", 1_543_714_304, (28, 1536, 8960, 12, 2, 128, 151936)),
     ("llama-3.2-1b", 1_235_814_400, (16, 2048, 8192, 32, 8, 64, 128256)),
+    ("llama-3.1-8b", 8_030_261_248, (32, 4096, 14336, 32, 8, 128, 128256)),  # untied head
     ("tiny", 107_072, (2, 64, 128, 4, 2, 16, 512)),
 ])
 def test_named_configs_shapes_and_parameter_counts(name, params, shapes):
@@ -52,7 +53,7 @@ def test_named_configs_shapes_and_parameter_counts(name, params, shapes):
     assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
             c.vocab_size) == shapes
     model = build_model(name, device="meta", dtype=torch.bfloat16)
-    assert model.lm_head.weight is model.embed_tokens.weight  # tied, counted once below
+    assert (model.lm_head.weight is model.embed_tokens.weight) == c.tie_word_embeddings  # tied: counted once below
     assert sum(p.numel() for p in model.parameters()) == params
     assert model.layers[0].self_attn.qkv_proj.weight.shape == (c.q_size + 2 * c.kv_size, c.hidden_size)
     assert model.embed_tokens.weight.dtype == torch.bfloat16

@@ -4,7 +4,8 @@ Modules, one job each: ``config`` (options), ``levels`` (-O0..-O4), ``params`` (
 ``sequence`` (request state and outputs), ``block_manager`` (KV blocks), ``scheduler``
 (continuous batching, chunked prefill), ``kv_budget`` (cache size), ``loader`` (models),
 ``model_runner`` (metadata, model, sampling per step), ``sampler``, ``llm`` (the front),
-``bench`` (latency and serving benchmarks).
+``parallel`` (the engine over several processes: ``tensor_parallel_size``), ``bench`` (latency and
+serving benchmarks).
 """
 from fullgraph_backend.engine.config import EngineConfig
 from fullgraph_backend.engine.levels import OPTIMIZATION_LEVELS

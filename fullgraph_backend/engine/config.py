@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from fullgraph_backend.attention.registry import impl_names
+from fullgraph_backend.distributed.processes import torchrun_rank
 from fullgraph_backend.engine.levels import backend_options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +36,8 @@ class EngineConfig:
     - ``async_scheduling``: schedule and launch the next step while the device runs the current
       one (vLLM's ``async_scheduling``), so host time hides behind device time; a request that
       stops on a stop token costs one spare step. False: one step at a time.
+    - ``tensor_parallel_size``: processes (one device each: a GPU, or the CPU with gloo) the model
+      is split over, our own decoder only (:mod:`fullgraph_backend.engine.parallel`).
     """
 
     model: str
@@ -53,6 +56,7 @@ class EngineConfig:
     attention_impl: str = "auto"
     async_scheduling: bool = True
     model_impl: str = "auto"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -78,10 +82,24 @@ class EngineConfig:
             raise ValueError("device='cuda' but no CUDA device is available")
         if not (self.dtype == "auto" or self.dtype in DTYPES or self.dtype in DTYPES.values()):
             raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}")
+        self._check_tensor_parallel()
         if _is_int(self.optimization_level):
             backend_options(self.optimization_level, self.cudagraph_mode, self.compile_options)  # raises if bad
         else:
             raise ValueError(f"optimization_level must be an int 0..4, got {self.optimization_level!r}")
+
+    def _check_tensor_parallel(self) -> None:
+        size = self.tensor_parallel_size
+        _check_int("tensor_parallel_size", size, low=1)
+        if size > 1 and self.model_impl == "transformers":
+            raise ValueError(f"tensor_parallel_size={size} splits fullgraph's own decoder only; model_impl="
+                             f"'transformers' has no tensor-parallel split yet: use model_impl='fullgraph' (Llama, "
+                             f"Qwen2) or tensor_parallel_size=1")
+        if size > 1 and self.torch_device.type == "cuda" and torchrun_rank() is None:
+            count = torch.cuda.device_count()
+            if size > count:
+                raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs (one process each), and {count} "
+                                 f"{'is' if count == 1 else 'are'} visible: lower it, or check CUDA_VISIBLE_DEVICES")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

@@ -14,23 +14,25 @@ engine one step at a time (the serving benchmark does); ``abort_request`` drops 
 
 An error inside ``generate`` or ``step`` (a KeyboardInterrupt too) aborts the requests it could
 have left half done and re-raises; the engine stays ready for the next call, every block back.
+With ``tensor_parallel_size > 1`` an error that stops rank 0 between the collectives of a step
+(or a worker's death) also shuts the workers down: the engine then says to create a new one
+(:mod:`fullgraph_backend.engine.parallel`).
 """
 from __future__ import annotations
 
 import logging
 import operator
 import time
+import weakref
 from collections import deque
 from typing import Iterable, Sequence as Seq
 
 from rich.progress import Progress
 
+from fullgraph_backend.engine import parallel
 from fullgraph_backend.engine.block_manager import BlockManager
 from fullgraph_backend.engine.config import EngineConfig
-from fullgraph_backend.engine.kv_budget import num_kv_blocks
-from fullgraph_backend.engine.loader import load_model
-from fullgraph_backend.engine.model_runner import (NUM_RESERVED_BLOCKS, ModelRunner, SampledTokens,
-                                                   profile_activation_bytes)
+from fullgraph_backend.engine.model_runner import NUM_RESERVED_BLOCKS, SampledTokens, build_runner
 from fullgraph_backend.engine.params import SamplingParams
 from fullgraph_backend.engine.scheduler import ScheduledBatch, Scheduler
 from fullgraph_backend.engine.sequence import RequestOutput, Sequence, Status
@@ -43,23 +45,16 @@ class LLM:
 
     def __init__(self, model: str, **options) -> None:
         self.config = c = EngineConfig.from_kwargs(model, **options)
-        device, dtype = c.torch_device, c.torch_dtype
-        loaded = load_model(c.model, dtype=dtype, device=device, seed=c.seed, model_impl=c.model_impl)
-        self.model_config = mc = loaded.model.config
+        # tensor_parallel_size > 1: this process is rank 0, and these the others (else None)
+        self.workers = parallel.start(c)
+        with parallel.lockstep(self.workers):  # startup: an error on one rank stops them all
+            loaded, self.max_model_len, self.runner = build_runner(c, self.workers)
+            self.startup = self.runner.warm_up()
+        if self.workers is not None:  # stop them when the engine goes, or at the latest when the interpreter exits
+            weakref.finalize(self, self.workers.close)
+        self.model_config = loaded.model.config
         self.eos_token_ids, self.tokenizer = loaded.eos_token_ids, loaded.tokenizer
-        self.max_model_len = c.max_model_len or min(2048, mc.max_position_embeddings)
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds {mc.name!r}'s max_position_embeddings "
-                             f"{mc.max_position_embeddings}")
-        limits = dict(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                      max_model_len=self.max_model_len, block_size=c.block_size, attention_impl=c.attention_impl)
-        activations = 0 if c.num_kv_blocks else profile_activation_bytes(loaded.model, **limits)
-        blocks = num_kv_blocks(mc, block_size=c.block_size, dtype=dtype, device=device, max_num_seqs=c.max_num_seqs,
-                               max_model_len=self.max_model_len, num_reserved=NUM_RESERVED_BLOCKS,
-                               override=c.num_kv_blocks, gpu_memory_utilization=c.gpu_memory_utilization,
-                               activation_bytes=activations)
-        self.runner = ModelRunner(loaded.model, level=c.optimization_level, cudagraph_mode=c.cudagraph_mode,
-                                  compile_options=c.compile_options, num_blocks=blocks, seed=c.seed, **limits)
+        blocks = self.runner.ctx.num_blocks
         self.block_manager = BlockManager(blocks, c.block_size, num_reserved=NUM_RESERVED_BLOCKS)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=c.max_num_seqs,
                                    max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
@@ -67,7 +62,6 @@ class LLM:
         self._requests: dict[int, Sequence] = {}  # added, not yet handed back or aborted
         self._outputs: list[RequestOutput] = []  # finished, handed back by the next step()
         self._in_flight: deque[tuple[ScheduledBatch, SampledTokens]] = deque()  # launched, not read back
-        self.startup = self.runner.warm_up()
         log.info("fullgraph engine: %s", self.startup)
 
     # ---- requests ------------------------------------------------------------------------
@@ -198,7 +192,7 @@ class LLM:
         """``seq`` finished: its output goes out with the next :meth:`step` return."""
         self._outputs.append(RequestOutput.of(seq, self._decode(seq.output_token_ids)))
         del self._requests[seq.request_id]
-        self.runner.sampler.forget(seq.request_id)
+        self.runner.forget(seq.request_id)
 
     def _abort(self, seqs: Iterable[Sequence]) -> None:
         """Abort those of ``seqs`` not yet handed back, forget them, and drop the steps in flight
@@ -206,7 +200,7 @@ class LLM:
         seqs = [s for s in seqs if self._requests.pop(s.request_id, None) is not None]
         self.scheduler.abort(seqs)
         for seq in seqs:
-            self.runner.sampler.forget(seq.request_id)
+            self.runner.forget(seq.request_id)
         self._in_flight = deque((batch, tokens) for batch, tokens in self._in_flight
                                 if any(sample and s.status is not Status.FINISHED
                                        for s, sample in zip(batch.seqs, batch.samples)))

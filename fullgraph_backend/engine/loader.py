@@ -15,11 +15,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from fullgraph_backend.models import CONFIGS, DecoderConfig, build_model, get_config
+from fullgraph_backend.models import CONFIGS, Decoder, DecoderConfig, build_model, get_config
 from fullgraph_backend.models.config import UnsupportedConfig
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS
 
@@ -34,44 +34,57 @@ class LoadedModel:
 
 
 def load_model(model: str, *, dtype: torch.dtype, device: torch.device, seed: int,
-               model_impl: str = "auto") -> LoadedModel:
+               model_impl: str = "auto", shard: Callable[[Decoder], None] | None = None) -> LoadedModel:
     """Build a named config (random weights from ``seed``) or load a local HF-format directory,
     as our decoder or through transformers' modeling code (``model_impl``, see :func:`_uses_transformers`).
 
-    Which one ``model`` means is :func:`model_directory`'s rule.
+    Which one ``model`` means is :func:`model_directory`'s rule. ``shard`` (tensor parallelism:
+    :func:`fullgraph_backend.distributed.shard_decoder`) makes our decoder one rank's part before
+    its weights are allocated; transformers' code has no such split, so it is an error there.
     """
+    config = decoder_config(model, model_impl)
     path = model_directory(model)
-    if path is None:
-        if _uses_transformers(model_impl, model, None if model in CONFIGS else "fullgraph has no config of that name"):
-            from fullgraph_backend.models.hf import build_transformers_model  # imports transformers: only here
+    if config is None:
+        if shard is not None:
+            raise ValueError(f"tensor_parallel_size > 1 runs fullgraph's own decoder (Llama, Qwen2) only; {model} "
+                             f"needs transformers' modeling code: use tensor_parallel_size=1")
+        # imports transformers: only here
+        from fullgraph_backend.models.hf import build_transformers_model, load_transformers_model
 
+        if path is None:
             return LoadedModel(build_transformers_model(model, dtype=dtype, device=device, seed=seed), frozenset())
-        return LoadedModel(build_model(get_config(model), seed=seed, dtype=dtype, device=device), frozenset())
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"model directory {path} has no config.json")
-    hf = _read_json(config_file)
-    if _uses_transformers(model_impl, str(path), _why_not_ours(hf)):
-        from fullgraph_backend.models.hf import load_transformers_model
-
-        return LoadedModel(load_transformers_model(path, dtype=dtype, device=device), _eos_ids(path, hf),
-                           _tokenizer(path))
-    try:
-        config = DecoderConfig.from_hf_config(hf, name=path.name)
-    except KeyError as missing:
-        raise ValueError(f"{config_file} lacks {missing}") from None
-    except ValueError as bad:
-        raise ValueError(f"{config_file}: {bad}") from None
+        return LoadedModel(load_transformers_model(path, dtype=dtype, device=device),
+                           _eos_ids(path, _config_json(path)), _tokenizer(path))
+    if path is None:
+        return LoadedModel(build_model(config, seed=seed, dtype=dtype, device=device, shard=shard), frozenset())
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model directory {path} has no *.safetensors weights")
     state, origin = _read_safetensors(files)
-    decoder = build_model(config, dtype=dtype, device="meta")
+    decoder = build_model(config, dtype=dtype, device="meta", shard=shard)
     decoder.to_empty(device=device)
     decoder.tie_weights()
     decoder.rotary.reset()
     decoder.load_hf_state_dict(state, origin)
-    return LoadedModel(decoder, _eos_ids(path, hf), _tokenizer(path))
+    return LoadedModel(decoder, _eos_ids(path, _config_json(path)), _tokenizer(path))
+
+
+def decoder_config(model: str, model_impl: str = "auto") -> DecoderConfig | None:
+    """The config our decoder runs ``model`` with (a named config, or the directory's ``config.json``),
+    read without weights; None where ``model_impl`` picks transformers' modeling code."""
+    path = model_directory(model)
+    if path is None:
+        why_not_ours = None if model in CONFIGS else "fullgraph has no config of that name"
+        return None if _uses_transformers(model_impl, model, why_not_ours) else get_config(model)
+    hf = _config_json(path)
+    if _uses_transformers(model_impl, str(path), _why_not_ours(hf)):
+        return None
+    try:
+        return DecoderConfig.from_hf_config(hf, name=path.name)
+    except KeyError as missing:
+        raise ValueError(f"{path / 'config.json'} lacks {missing}") from None
+    except ValueError as bad:
+        raise ValueError(f"{path / 'config.json'}: {bad}") from None
 
 
 def model_directory(model: str) -> Path | None:
@@ -113,6 +126,13 @@ def _uses_transformers(model_impl: str, model: str, why_not_ours: str | None) ->
         raise ValueError(f"model_impl='fullgraph' cannot run {model}: {why_not_ours}; use model_impl='transformers' "
                          f"or 'auto'")
     return model_impl == "transformers"
+
+
+def _config_json(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model directory {path} has no config.json")
+    return _read_json(config_file)
 
 
 def _why_not_ours(hf: dict) -> str | None:

@@ -25,22 +25,32 @@ import functools
 import itertools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from fullgraph_backend import compat
 from fullgraph_backend.backend import RecordingBackend
+from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.direct_call import CannotBind, DirectCall
+from fullgraph_backend.distributed.layers import rank_cache_config, shard_decoder
+from fullgraph_backend.engine.config import EngineConfig
 from fullgraph_backend.engine.host import to_device
+from fullgraph_backend.engine.kv_budget import num_kv_blocks
 from fullgraph_backend.engine.levels import backend_options
+from fullgraph_backend.engine.loader import LoadedModel, load_model
+from fullgraph_backend.engine.params import SamplingParams
 from fullgraph_backend.engine.sampler import Sampler
 from fullgraph_backend.engine.scheduler import ScheduledBatch
 from fullgraph_backend.forward_context import ForwardContext, use_forward_context
 from fullgraph_backend.kv_cache import NULL_BLOCK
-from fullgraph_backend.models import Decoder
+from fullgraph_backend.models import Decoder, DecoderConfig
+
+if TYPE_CHECKING:
+    from fullgraph_backend.distributed.processes import ParallelGroup
 
 log = logging.getLogger("fullgraph")
 
@@ -67,12 +77,40 @@ class StartupReport:
                 f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB)")
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step on the host: what :meth:`ModelRunner.run` launches, and what rank 0 of a
+    tensor-parallel engine sends the other ranks, which run it too.
+
+    ``input_ids`` holds 0 where a token is still being sampled by the previous launch; ``gathers``
+    lists, per such token, (its index in ``input_ids``, its row in that launch's samples).
+    ``rows`` are the packed rows whose logits are sampled, for ``request_ids`` with ``params``.
+    ``forget``: requests whose sampling state can go (finished since the step before).
+    """
+
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    input_ids: list[int]
+    gathers: list[tuple[int, int]]
+    rows: list[int]
+    params: list[SamplingParams]
+    request_ids: list[int]
+    forget: list[int]
+
+
 class ModelRunner:
-    """Owns the forward context and the (compiled) model; ``execute(batch)`` runs one step."""
+    """Owns the forward context and the (compiled) model; ``execute(batch)`` runs one step.
+
+    ``workers``: on rank 0 of a tensor-parallel engine, the other ranks, sent every step
+    (:mod:`fullgraph_backend.engine.parallel`); ``cache_config``: the KV cache's shapes where they are
+    not ``model.config``'s (a rank holds some of the KV heads).
+    """
 
     def __init__(self, model: Decoder, *, level: int, cudagraph_mode: str | None, compile_options: dict | None,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
-                 num_blocks: int, attention_impl: str, seed: int) -> None:
+                 num_blocks: int, attention_impl: str, seed: int, cache_config: DecoderConfig | None = None,
+                 workers: ParallelGroup | None = None) -> None:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.options = backend_options(level, cudagraph_mode, compile_options)
@@ -81,7 +119,9 @@ class ModelRunner:
         self.level = level
         self.ctx = make_context(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
-                                attention_impl=attention_impl)
+                                attention_impl=attention_impl, cache_config=cache_config)
+        self.workers = workers
+        self._forgotten: list[int] = []  # for the workers' samplers, with the next step
         self.eager_model = model
         self._backend = RecordingBackend(self.options) if self.options is not None else None
         # the per-step call: compiled through Dynamo until warm_up swaps in a DirectCall
@@ -108,19 +148,44 @@ class ModelRunner:
         """Launch ``batch`` (the model, then sampling) without waiting for the device.
 
         A token the previous launch is still sampling (:data:`~fullgraph_backend.engine.sequence.PENDING`)
-        is fed from that launch's device tensor, so the host never waits between steps.
+        is fed from that launch's device tensor, so the host never waits between steps. With
+        ``workers``, every rank runs the step: it is sent to them first.
         """
-        samples = batch.samples
+        step = self.plan(batch)
+        if self.workers is None:
+            return SampledTokens(batch.samples, self.run(step))
+        with self.workers.lockstep():  # an error between sending and finishing shuts the workers down
+            self.workers.send(step)
+            tokens = self.run(step)
+        return SampledTokens(batch.samples, tokens, watch=self.workers.check)
+
+    def plan(self, batch: ScheduledBatch) -> Step:
+        """``batch`` as a :class:`Step`: host work only, nothing launched."""
         query_lens = list(batch.num_new)
-        seq_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
-        tables = [s.block_table for s in batch.seqs]
         ids, gathers = self._input_ids(batch)
-        rows = [end - 1 for end, sample in zip(itertools.accumulate(query_lens), samples) if sample]
-        logits = self._forward(query_lens, seq_lens, tables, ids, rows, gathers)
-        picked = [(s.params, s.request_id) for s, sample in zip(batch.seqs, samples) if sample]
-        tokens = None if logits is None else self.sampler(logits, [p for p, _ in picked], [r for _, r in picked])
-        self._last_sampled = tokens, {rid: row for row, (_, rid) in enumerate(picked)}
-        return SampledTokens(samples, tokens)
+        rows = [end - 1 for end, sample in zip(itertools.accumulate(query_lens), batch.samples) if sample]
+        picked = [s for s, sample in zip(batch.seqs, batch.samples) if sample]
+        forget, self._forgotten = self._forgotten, []
+        return Step(query_lens, [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
+                    [s.block_table for s in batch.seqs], ids, gathers, rows, [s.params for s in picked],
+                    [s.request_id for s in picked], forget)
+
+    def run(self, step: Step) -> torch.Tensor | None:
+        """Launch ``step``: the model, then sampling. Returns the sampled tokens on the device (None
+        when no row samples), before the device has computed them."""
+        for request_id in step.forget:
+            self.sampler.forget(request_id)
+        logits = self._forward(step.query_lens, step.seq_lens, step.block_tables, step.input_ids, step.rows,
+                               step.gathers)
+        tokens = None if logits is None else self.sampler(logits, step.params, step.request_ids)
+        self._last_sampled = tokens, {rid: row for row, rid in enumerate(step.request_ids)}
+        return tokens
+
+    def forget(self, request_id: int) -> None:
+        """Drop a finished request's sampling state (the workers' samplers drop theirs with the next step)."""
+        self.sampler.forget(request_id)
+        if self.workers is not None:
+            self._forgotten.append(request_id)
 
     def _input_ids(self, batch: ScheduledBatch) -> tuple[list[int], list[tuple[int, int]]]:
         """The packed token ids (0 where a token is pending) and, per pending token, (its index in
@@ -204,10 +269,16 @@ class ModelRunner:
 
 
 class SampledTokens:
-    """The tokens a launched step samples, on their way to the host; :meth:`wait` reads them."""
+    """The tokens a launched step samples, on their way to the host; :meth:`wait` reads them.
 
-    def __init__(self, samples: list[bool], tokens: torch.Tensor | None) -> None:
-        self.samples = samples
+    ``watch``, if given, is called while waiting for the device and may raise (rank 0 of a
+    tensor-parallel engine checks that its workers live: a replay waiting in a collective for a
+    dead rank would never end).
+    """
+
+    def __init__(self, samples: list[bool], tokens: torch.Tensor | None,
+                 watch: Callable[[], None] | None = None) -> None:
+        self.samples, self._watch = samples, watch
         self._host = None if tokens is None else tokens.to("cpu", non_blocking=True)
         self._ready = None
         if tokens is not None and tokens.is_cuda:
@@ -217,8 +288,10 @@ class SampledTokens:
     def wait(self) -> list[int | None]:
         """Per request of the step: its sampled token, or None where it samples nothing. Blocks
         until the step has run: the one host-device synchronisation of a step."""
-        if self._ready is not None:
+        if self._ready is not None and self._watch is None:
             self._ready.synchronize()
+        while self._ready is not None and self._watch is not None and not self._ready.query():
+            self._watch()
         values = iter(self._host.tolist() if self._host is not None else ())
         return [next(values) if sample else None for sample in self.samples]
 
@@ -256,11 +329,13 @@ def dummy_step(ctx: ForwardContext, num_tokens: int,
 
 
 def make_context(model: Decoder, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 block_size: int, num_blocks: int, attention_impl: str) -> ForwardContext:
+                 block_size: int, num_blocks: int, attention_impl: str,
+                 cache_config: DecoderConfig | None = None) -> ForwardContext:
     """The forward context of an engine: one more request and at least two tokens than the limits,
-    room for the warm-up's dummy steps of at least two requests."""
+    room for the warm-up's dummy steps of at least two requests. Its KV cache has ``cache_config``'s
+    shapes (default: the model's)."""
     param = next(model.parameters())
-    return model.config.forward_context(
+    return (cache_config or model.config).forward_context(
         dtype=param.dtype, device=param.device, max_num_seqs=max_num_seqs + 1,
         max_num_tokens=max(max_num_batched_tokens, 2), max_model_len=max_model_len, block_size=block_size,
         num_blocks=num_blocks, attention_impl=attention_impl)
@@ -287,3 +362,43 @@ def profile_activation_bytes(model: Decoder, **limits) -> int:
     torch.cuda.empty_cache()
     return peak
 
+
+def build_runner(config: EngineConfig, group: ParallelGroup | None = None) -> tuple[LoadedModel, int, ModelRunner]:
+    """What each process of an engine builds from ``config``: the model, the KV cache's size and the
+    runner; returns them with ``max_model_len``.
+
+    With ``group`` (tensor parallelism, every rank calls this in step): this rank's part of the model
+    on its device, a KV cache of its KV heads with as many blocks as the rank with the least room
+    has, and a dump folder of its own (``<dump_dir>/rank<r>``). Rank 0's runner sends its steps to
+    the others.
+    """
+    c = config
+    tp = group is not None
+    loaded = load_model(c.model, dtype=c.torch_dtype, device=group.device if tp else c.torch_device, seed=c.seed,
+                        model_impl=c.model_impl, shard=functools.partial(shard_decoder, tp=group.tp) if tp else None)
+    mc = loaded.model.config
+    max_model_len = c.max_model_len or min(2048, mc.max_position_embeddings)
+    if max_model_len > mc.max_position_embeddings:
+        raise ValueError(f"max_model_len {max_model_len} exceeds {mc.name!r}'s max_position_embeddings "
+                         f"{mc.max_position_embeddings}")
+    cache = rank_cache_config(mc, group.size) if tp else mc
+    limits = dict(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                  max_model_len=max_model_len, block_size=c.block_size, attention_impl=c.attention_impl,
+                  cache_config=cache)
+    activations = 0 if c.num_kv_blocks else profile_activation_bytes(loaded.model, **limits)
+    device = next(loaded.model.parameters()).device
+    blocks = num_kv_blocks(cache, block_size=c.block_size, dtype=c.torch_dtype, device=device,
+                           max_num_seqs=c.max_num_seqs, max_model_len=max_model_len, num_reserved=NUM_RESERVED_BLOCKS,
+                           override=c.num_kv_blocks, gpu_memory_utilization=c.gpu_memory_utilization,
+                           activation_bytes=activations)
+    compile_options = c.compile_options
+    if tp:
+        blocks = group.min(blocks)  # the scheduler hands out block ids every rank's cache must hold
+        options = backend_options(c.optimization_level, c.cudagraph_mode, c.compile_options)
+        root = options and FullgraphConfig.from_options(options).dump_dir
+        if root:  # ranks compile the same graphs: one dump each, not one folder written by all
+            compile_options = {**(c.compile_options or {}), "dump_dir": os.path.join(root, f"rank{group.rank}")}
+    runner = ModelRunner(loaded.model, level=c.optimization_level, cudagraph_mode=c.cudagraph_mode,
+                         compile_options=compile_options, num_blocks=blocks, seed=c.seed,
+                         workers=group if tp and group.is_driver else None, **limits)
+    return loaded, max_model_len, runner

@@ -271,6 +271,13 @@ CONFIGS: dict[str, DecoderConfig] = {
                       rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                original_max_position_embeddings=8192),
                       name="llama-3.2-1b"),
+        # meta-llama/Llama-3.1-8B: ~8.03B parameters, the tensor-parallel benchmark's model
+        DecoderConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                      num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=131072, qkv_bias=False, tie_word_embeddings=False,
+                      rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                               original_max_position_embeddings=8192),
+                      name="llama-3.1-8b"),
     ]
 }
 

@@ -14,7 +14,7 @@ it as one graph with a dynamic token dimension. Parameter names are Hugging Face
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -153,9 +153,27 @@ class Decoder(nn.Module):
         for name, p in self.named_parameters():  # a tied head is listed once, as embed_tokens.weight
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
-            else:
-                p.copy_(torch.empty(p.shape, device=device).normal_(0.0, 0.02, generator=gen))
+            else:  # drawn whole, so a tensor-parallel rank's slice holds the single-process model's values
+                self.load_full(name, torch.empty(self.full_shape(name), device=device).normal_(0.0, 0.02,
+                                                                                              generator=gen))
         self.rotary.reset()
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """Parameter ``name``'s shape in the whole model. A tensor-parallel rank holds a slice of some
+        parameters (:func:`fullgraph_backend.distributed.shard_decoder`); their modules say which."""
+        shard = self._shard(name)
+        shape = tuple(self.get_parameter(name).shape)
+        return shard.full_shape(shape) if shard else shape
+
+    def load_full(self, name: str, value: torch.Tensor) -> None:
+        """Copy ``value``, parameter ``name`` of the whole model, into this model: whole, or the slice this
+        tensor-parallel rank holds."""
+        shard = self._shard(name)
+        self.get_parameter(name).copy_(shard.take(value) if shard else value)
+
+    def _shard(self, name: str):
+        module, _, leaf = name.rpartition(".")
+        return getattr(self.get_submodule(module), "shards", {}).get(leaf)
 
     @torch.no_grad()
     def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor],
@@ -172,7 +190,7 @@ class Decoder(nn.Module):
             hf_names.pop("lm_head.weight", None)
         used, missing = set(), []
         for name, param in self.named_parameters():
-            sources = self._hf_sources(name, tuple(param.shape))
+            sources = self._hf_sources(name, self.full_shape(name))
             if any(s not in hf_names for s in sources):
                 missing += [s for s in sources if s not in hf_names]
                 continue
@@ -182,11 +200,11 @@ class Decoder(nn.Module):
                 where = key + (f" (in {origin[key]})" if origin and key in origin else "")
                 if tuple(tensor.shape) != shape:
                     raise ValueError(f"{where}: shape {tuple(tensor.shape)}, expected {shape} for {self.config.name!r} "
-                                     f"(our {name} is {tuple(param.shape)}); is the config right?")
+                                     f"(our {name} is {self.full_shape(name)}); is the config right?")
                 if not tensor.is_floating_point():
                     raise ValueError(f"{where}: dtype {tensor.dtype}, expected a floating-point tensor")
             values = [state_dict[hf_names[s]] for s in sources]
-            param.copy_(torch.cat(values) if len(values) > 1 else values[0])
+            self.load_full(name, torch.cat(values) if len(values) > 1 else values[0])
             used.update(sources)
         unexpected = sorted(set(hf_names) - used)
         if missing or unexpected:
@@ -205,16 +223,20 @@ class Decoder(nn.Module):
 
 
 def build_model(config: DecoderConfig | str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> Decoder:
+                device: torch.device | str = "cpu", shard: Callable[[Decoder], None] | None = None) -> Decoder:
     """A :class:`Decoder` with random weights from ``seed``, in eval mode without gradients.
 
     Built on the ``meta`` device and then materialised, so a large model is allocated once, at
     ``dtype``, on ``device``; ``device="meta"`` returns it unmaterialised (for shapes and counts).
+    ``shard`` changes the model on the meta device, before anything is allocated: tensor
+    parallelism swaps in the layers of one rank there (:func:`fullgraph_backend.distributed.shard_decoder`).
     """
     config = get_config(config) if isinstance(config, str) else config
     with torch.device("meta"):
         model = Decoder(config)
     model = model.to(dtype).eval().requires_grad_(False)
+    if shard is not None:
+        shard(model)
     if torch.device(device).type == "meta":
         return model
     model.to_empty(device=device)

@@ -1,0 +1,76 @@
+"""Tensor parallelism on two GPUs (NCCL): float32 greedy tokens of two ranks equal one process's at
+1, 7 and 45 prompts, -O4 and -O2; Inductor's collectives sit in the captured code; a worker killed
+while rank 0 waits on a replay is an error, not a hang. Skipped without two CUDA devices."""
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_engine_gpu import small_dir, workload  # noqa: F401  (small_dir: the fixture of the one-GPU tests' model)
+from fullgraph_backend.engine import LLM
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")]
+
+BATCHES = (1, 7, 45)
+MAX_MODEL_LEN = 512
+
+
+def engine(model, level: int, size: int, **options) -> LLM:
+    return LLM(str(model), optimization_level=level, dtype="float32", max_num_seqs=128, max_num_batched_tokens=512,
+               max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.4, seed=0, tensor_parallel_size=size, **options)
+
+
+def release(llm: LLM) -> None:
+    """Free the engine's GPUs before the next one sizes its KV cache from what is free."""
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def one_process(small_dir):
+    llm = engine(small_dir, 4, 1)
+    tokens = {b: [o.token_ids for o in llm.generate(*workload(b))] for b in BATCHES}
+    release(llm)
+    return tokens
+
+
+@pytest.mark.parametrize("level", [4, 2])
+def test_float32_greedy_tokens_of_two_ranks_equal_one_process(small_dir, one_process, level, tmp_path):
+    llm = engine(small_dir, level, 2, compile_options={"dump_dir": str(tmp_path)})
+    assert llm.startup.num_graphs > 0 and all(r.use_graphs for r in llm.runner.graph_runners)
+    for batch in BATCHES:
+        got = [o.token_ids for o in llm.generate(*workload(batch))]
+        bad = [i for i, (a, b) in enumerate(zip(got, one_process[batch])) if a != b]
+        assert not bad, f"-O{level}, batch {batch}: prompts {bad[:5]} differ, e.g. {got[bad[0]]} vs " \
+                        f"{one_process[batch][bad[0]]}"
+    release(llm)
+    for rank in (0, 1):  # Inductor's code, which the graphs capture, calls the collectives
+        code = "".join(p.read_text() for p in (tmp_path / f"rank{rank}").glob("*/torchinductor/*/output_code.py"))
+        assert "_c10d_functional.all_reduce_" in code and "all_gather_into_tensor" in code
+
+
+def test_a_worker_killed_while_rank_0_waits_on_a_replay_is_an_error(small_dir):
+    """In a process of its own: rank 0's GPU keeps a collective that never completes."""
+    script = f"""
+import os, signal, threading
+from fullgraph_backend.distributed.processes import WorkerDied
+from fullgraph_backend.engine import LLM, SamplingParams
+llm = LLM({str(small_dir)!r}, optimization_level=4, dtype="bfloat16", tensor_parallel_size=2, max_num_seqs=8,
+          max_num_batched_tokens=256, max_model_len={MAX_MODEL_LEN}, gpu_memory_utilization=0.4)
+(pid,) = llm.workers.worker_pids.values()
+threading.Timer(3.0, os.kill, (pid, signal.SIGKILL)).start()
+try:
+    while True:
+        llm.generate([[1, 2, 3]] * 4, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+except WorkerDied as error:
+    print("raised:", str(error).splitlines()[0], flush=True)
+os._exit(0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "raised: tensor-parallel worker rank 1" in done.stdout, done.stderr[-3000:]
