@@ -8,8 +8,6 @@ and everything else (weights, buffers) as Dynamo saw it at compile time.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from fullgraph_backend import compat
 from fullgraph_backend.graph_runner import GraphRunner
 
@@ -31,25 +29,33 @@ class DirectCall:
         if runner.example_inputs is None or len(runner.sig.outputs) != 1:
             raise CannotBind("the compiled graph does not return exactly one value")
         self.runner = runner
-        self._binders: list[Callable[[tuple], object]] = [
-            _binder(source, value, arg_names, fixed)
-            for source, value in zip(runner.input_sources, runner.example_inputs)]
+        # the graph's arguments as compiled; a call fills in only the slots that read its own arguments
+        self._template = list(runner.example_inputs)
+        self._per_call: list[tuple[int, int, int | None]] = []  # (slot, argument, dim or None)
+        for slot, source in enumerate(runner.input_sources):
+            read = _per_call_read(source, arg_names, fixed)
+            if read is not None:
+                self._per_call.append((slot, *read))
 
     def __call__(self, *args):
-        (out,) = self.runner(*[bind(args) for bind in self._binders])
+        graph_args = self._template.copy()
+        for slot, i, dim in self._per_call:
+            graph_args[slot] = args[i] if dim is None else args[i].shape[dim]
+        (out,) = self.runner(*graph_args)
         return out
 
 
-def _binder(source, value, arg_names: tuple[str, ...], fixed: tuple[str, ...]) -> Callable[[tuple], object]:
+def _per_call_read(source, arg_names: tuple[str, ...], fixed: tuple[str, ...]) -> tuple[int, int | None] | None:
+    """(argument position, dim or None) where ``source`` reads a call argument (or its size), None
+    where it reads what stays fixed: a global, or something of a local named in ``fixed``."""
     read = compat.local_input(source) if source is not None else None
     if read is None:
         root = compat.root_local(source) if source is not None else None
         if root is not None and root not in fixed:
             raise CannotBind(f"the graph reads {compat.source_name(source)} of the call, which DirectCall cannot "
                              f"follow")
-        return lambda args: value  # a global, or read from a fixed local: the same at every call
+        return None
     name, dim = read
     if name not in arg_names:
         raise CannotBind(f"the graph reads the argument {name!r}, which is not one of {arg_names}")
-    i = arg_names.index(name)
-    return (lambda args: args[i]) if dim is None else (lambda args: args[i].shape[dim])
+    return arg_names.index(name), dim

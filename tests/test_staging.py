@@ -9,37 +9,37 @@ from fullgraph_backend.staging import InputPlan, Role, StagedInputs, aliased_wri
 from test_padding import signature_of
 
 
-def _graph_args(sig, tensors, n):
-    """The graph's args, in placeholder order, for a call with ``tensors`` (by the names of ``fn``'s
-    parameters) and batch size ``n``."""
-    return tuple(n if spec.kind is ArgKind.SIZE else tensors[name.removeprefix("l_").removesuffix("_")]
-                 for name, spec in zip(sig.names, sig.inputs))
-
-
 def _staged(fn, size, n, dynamic=((0, 0),), **tensors):
+    """The plan and the staging at ``size`` of ``fn``'s graph, first staged for ``tensors`` (by the
+    names of ``fn``'s parameters) at batch size ``n``; and ``args_for(tensors, n)``, the graph's args
+    in placeholder order for such a call."""
     sig, specs = signature_of(fn, *tensors.values(), dynamic=dynamic)
-    sig.names = list(specs)
+
+    def args_for(call_tensors, batch):
+        return tuple(batch if spec.kind is ArgKind.SIZE else call_tensors[name.removeprefix("l_").removesuffix("_")]
+                     for name, spec in specs.items())
+
     plan = InputPlan.of(sig)
-    return sig, plan, StagedInputs(sig, plan, size, _graph_args(sig, tensors, n), produced=set())
+    return args_for, plan, StagedInputs(sig, plan, size, args_for(tensors, n), produced=set())
 
 
 def test_batch_dim_not_first_pads_that_dim():
     x = torch.randn(4, 7, 8)
-    sig, plan, staged = _staged(lambda x: x * 2, size=16, n=7, dynamic=((0, 1),), x=x)
+    args_for, plan, staged = _staged(lambda x: x * 2, size=16, n=7, dynamic=((0, 1),), x=x)
     (i,) = plan.indices(Role.COPY)
     buffer = staged.reads[i]
     assert buffer.shape == (4, 16, 8) and buffer.stride() == (128, 8, 1)
-    args = staged.stage(_graph_args(sig, {"x": x}, 7))
+    args = staged.stage(args_for({"x": x}, 7))
     assert args[i] is buffer and torch.equal(buffer[:, :7], x)
 
 
 def test_transposed_input_keeps_traced_strides_at_every_size():
     x = torch.randn(8, 5).t()  # [5, 8], strides (1, 5)
     for size in (5, 7, 32):
-        sig, plan, staged = _staged(lambda x: x + 1, size=size, n=5, x=x)
+        args_for, plan, staged = _staged(lambda x: x + 1, size=size, n=5, x=x)
         (buffer,) = staged.reads.values()
         assert buffer.shape == (size, 8) and buffer.stride() == (1, size)
-        staged.stage(_graph_args(sig, {"x": x}, 5))
+        staged.stage(args_for({"x": x}, 5))
         assert torch.equal(buffer[:5], x)
 
 
@@ -47,10 +47,10 @@ def test_expanded_input_is_copied_once_per_element():
     """A stride-0 dim shares one element: copying every row into it would write overlapping memory."""
     row = torch.randn(1, 6)
     x = row.expand(5, 6)
-    sig, plan, staged = _staged(lambda x, y: x * y, size=8, n=5, dynamic=((0, 0), (1, 0)), x=torch.randn(5, 6), y=x)
+    args_for, plan, staged = _staged(lambda x, y: x * y, size=8, n=5, dynamic=((0, 0), (1, 0)), x=torch.randn(5, 6), y=x)
     expanded = [t for t in staged.reads.values() if 0 in t.stride()]
     assert expanded, "the traced layout keeps the expanded dim"
-    staged.stage(_graph_args(sig, {"x": torch.randn(5, 6), "y": x}, 5))
+    staged.stage(args_for({"x": torch.randn(5, 6), "y": x}, 5))
     assert torch.equal(expanded[0][0], row[0])
 
 
@@ -60,10 +60,10 @@ def test_write_back_copies_only_the_real_rows():
         return cache.sum(-1)
 
     x, cache = torch.randn(5, 3), torch.randn(5, 3)
-    sig, plan, staged = _staged(f, size=8, n=5, dynamic=((0, 0), (1, 0)), x=x, cache=cache)
+    args_for, plan, staged = _staged(f, size=8, n=5, dynamic=((0, 0), (1, 0)), x=x, cache=cache)
     assert len(plan.write_back) == 1  # the cache: the graph writes it, x only read
     (w,) = plan.write_back
-    call = _graph_args(sig, {"x": x, "cache": cache}, 5)
+    call = args_for({"x": x, "cache": cache}, 5)
     args = staged.stage(call)
     assert args[w].shape == (8, 3)
     args[w].add_(1.0)  # what the graph would do

@@ -1,7 +1,7 @@
 """Tensor-parallel decode: TPOT of one GPU against two, at -O4 and -O2, and the collectives' time per step.
 
 Llama-3.1-8B shapes (random bf16 weights) decode greedily from ``--prompt-len`` random tokens at
-each batch of ``--batches``. TPOT is ``bench_transformers.tpot_ms``'s: two ``generate`` calls of
+each batch of ``--batches``. TPOT is ``bench_transformers.engine_tpot_rows``'s: two ``generate`` calls of
 ``--tokens`` and ``2 * --tokens`` new tokens, their difference over ``--tokens`` (prefill cancels
 out), median of ``--repeats``. Each (level, tensor-parallel size) is one engine, built, timed and
 deleted before the next: a process holds one tensor-parallel engine, and each engine sizes its KV
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import socket
@@ -36,35 +35,13 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_decode import copy_bandwidth  # noqa: E402  (tools/ is on the path when run as a script)
-from bench_transformers import tpot_ms  # noqa: E402
+from bench_transformers import engine_tpot_rows  # noqa: E402
 from fullgraph_backend.distributed.layers import all_gather_columns, all_reduce  # noqa: E402
-from fullgraph_backend.engine import LLM, SamplingParams  # noqa: E402
-from fullgraph_backend.engine.bench import random_prompts  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402
 
 MODEL = "llama-3.1-8b"
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 512)  # the decode batches, and a prefill chunk
-
-
-def engine_rows(level: int, size: int, batches: list[int], prompt_len: int, tokens: int, repeats: int) -> list[dict]:
-    """TPOT per batch of one engine (-O``level``, ``size`` GPUs)."""
-    torch._dynamo.reset()
-    llm = LLM(MODEL, optimization_level=level, tensor_parallel_size=size, max_num_seqs=max(batches),
-              max_model_len=prompt_len + 2 * tokens + 16, compile_options={"capture_sizes": CAPTURE_SIZES}, seed=0)
-    rows = []
-    for batch in batches:
-        prompts = random_prompts(batch, prompt_len, llm.model_config.vocab_size)
-
-        def generate(n: int):
-            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-
-        rows.append({"level": level, "tp": size, "batch": batch, "tpot_ms": tpot_ms(generate, tokens, repeats),
-                     "startup": str(llm.startup)})
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return rows
 
 
 def collective_step_us(rank: int, port: int, batches: list[int], iters: int, out: mp.SimpleQueue) -> None:
@@ -138,7 +115,10 @@ def main() -> None:
     for level in (int(v) for v in args.levels.split(",")):
         for size in (int(v) for v in args.sizes.split(",")):
             try:
-                record(engine_rows(level, size, batches, args.prompt_len, args.tokens, args.repeats))
+                rows = engine_tpot_rows(batches, args.prompt_len, args.tokens, args.repeats, model=MODEL,
+                                        optimization_level=level, tensor_parallel_size=size,
+                                        max_num_seqs=max(batches), compile_options={"capture_sizes": CAPTURE_SIZES})
+                record([{"level": level, "tp": size, **row} for row in rows])
             except Exception as error:  # noqa: BLE001 - one engine failing must not lose the others' rows
                 record([{"level": level, "tp": size, "batch": b, "error": f"{type(error).__name__}: {error}"[:500]}
                         for b in batches])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -100,16 +101,14 @@ def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: 
     return row
 
 
-def engine_rows(name: str, mode: str, batches: list[int], prompt_len: int, tokens: int, repeats: int) -> list[dict]:
-    """One engine (built once: its token counts are unbacked, so every batch shares its graphs), a row
-    per batch."""
+def engine_tpot_rows(batches: list[int], prompt_len: int, tokens: int, repeats: int, **options) -> list[dict]:
+    """One engine, ``LLM(**options)`` (built once: its token counts are unbacked, so every batch
+    shares its graphs), a row per batch with its TPOT and the engine's startup."""
     from fullgraph_backend.engine import LLM, SamplingParams
     from fullgraph_backend.engine.bench import random_prompts
 
     torch._dynamo.reset()
-    llm = LLM(name, model_impl=ENGINE_IMPLS[mode], optimization_level=4, max_num_seqs=max(*batches, 2),
-              max_model_len=prompt_len + 2 * tokens + 16, compile_options={"capture_sizes": ENGINE_CAPTURE_SIZES},
-              seed=0)
+    llm = LLM(max_model_len=prompt_len + 2 * tokens + 16, seed=0, **options)
     rows = []
     for batch in batches:
         prompts = random_prompts(batch, prompt_len, llm.model_config.vocab_size)
@@ -117,9 +116,10 @@ def engine_rows(name: str, mode: str, batches: list[int], prompt_len: int, token
         def generate(n: int):
             llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
 
-        rows.append({"mode": mode, "batch": batch, "tpot_ms": tpot_ms(generate, tokens, repeats),
-                     "graphs": llm.startup.num_graphs, "startup": str(llm.startup)})
+        rows.append({"batch": batch, "tpot_ms": tpot_ms(generate, tokens, repeats), "graphs": llm.startup.num_graphs,
+                     "startup": str(llm.startup)})
     del llm
+    gc.collect()
     torch.cuda.empty_cache()
     return rows
 
@@ -153,7 +153,11 @@ def main() -> None:
 
     for mode in (m for m in modes if m in ENGINE_IMPLS):
         try:
-            record(engine_rows(args.model, mode, batches, args.prompt_len, args.tokens, args.repeats))
+            rows = engine_tpot_rows(batches, args.prompt_len, args.tokens, args.repeats, model=args.model,
+                                    model_impl=ENGINE_IMPLS[mode], optimization_level=4,
+                                    max_num_seqs=max(*batches, 2),
+                                    compile_options={"capture_sizes": ENGINE_CAPTURE_SIZES})
+            record([{"mode": mode, **row} for row in rows])
         except Exception as error:  # noqa: BLE001 - as below
             record([{"mode": mode, "batch": b, "error": f"{type(error).__name__}: {error}"[:500]} for b in batches])
     hf_modes = [m for m in modes if m not in ENGINE_IMPLS]
