@@ -92,20 +92,24 @@ class StagedInputs:
             self.reads[i] = arg if fits and (i in self.adopted or arg.data_ptr() in produced) else _buffer(
                 spec, shape, stride)
         self.owned = {t.untyped_storage().data_ptr() for i, t in self.reads.items() if t is not args[i]}
+        # where the adopted inputs were, as numbers: the tensors themselves may be another graph's
+        # outputs, unreadable once that graph replays again
+        self._adopted_at = {i: _layout(args[i]) for i in self.adopted}
+        for i in self.adopted:
+            del self.reads[i]
 
     def holds(self, args: tuple) -> bool:
         """Whether every adopted input is where the recording reads it (same address and layout)."""
-        return all(args[i].data_ptr() == self.reads[i].data_ptr() and args[i].shape == self.reads[i].shape
-                   and args[i].stride() == self.reads[i].stride() for i in self.adopted)
+        return all(_layout(args[i]) == at for i, at in self._adopted_at.items())
 
     def stage(self, args: tuple) -> list:
         """The args the graph sees: each copied input copied to where the graph reads it (its real rows
         into the padded buffer), the size replaced by the padded size; adopted inputs as they are."""
         staged = list(args)
         for i, dst in self.reads.items():
-            if i not in self.adopted and args[i] is not dst:
+            if args[i] is not dst:
                 _copy_rows(self.sig.inputs[i], dst, args[i])
-            staged[i] = args[i] if i in self.adopted else dst
+            staged[i] = dst
         for i in self.plan.indices(Role.SIZE):
             staged[i] = self.size
         return staged
@@ -115,6 +119,10 @@ class StagedInputs:
         for i in self.plan.write_back - self.adopted:
             if args[i] is not self.reads[i]:
                 _copy_rows(self.sig.inputs[i], args[i], self.reads[i])
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), t.stride()
 
 
 def _buffer(spec: ArgSpec, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:

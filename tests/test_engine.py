@@ -74,7 +74,7 @@ def test_startup_report(sharp_dir):
     assert (eager.startup.cudagraph_mode, eager.startup.num_graphs) == ("eager", 0)
     report = full.startup
     assert report.cudagraph_mode == "full" and report.num_graphs == 7  # sizes 1, 2, 4, 8, 16, 24, 32
-    assert report.capture_s >= 0 and report.kv_blocks > 2 and "graphs" in str(report)
+    assert report.capture_s >= 0 and report.load_s > 0 and report.kv_blocks > 2 and "graphs" in str(report)
 
 
 def test_a_one_token_prompt_and_max_model_len(sharp_dir, reference, monkeypatch):

@@ -48,8 +48,11 @@ class LLM:
         # tensor_parallel_size > 1: this process is rank 0, and these the others (else None)
         self.workers = parallel.start(c)
         with parallel.lockstep(self.workers):  # startup: an error on one rank stops them all
+            start = time.perf_counter()
             loaded, self.max_model_len, self.runner = build_runner(c, self.workers)
+            load_s = time.perf_counter() - start
             self.startup = self.runner.warm_up()
+            self.startup.load_s = load_s
         if self.workers is not None:  # stop them when the engine goes, or at the latest when the interpreter exits
             weakref.finalize(self, self.workers.close)
         self.model_config = loaded.model.config

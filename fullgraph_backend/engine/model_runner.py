@@ -60,10 +60,12 @@ NUM_RESERVED_BLOCKS = SCRATCH_BLOCK + 1
 
 @dataclass
 class StartupReport:
-    """What getting the engine ready cost (compile = first-call time minus warmup/capture time)."""
+    """What getting the engine ready cost: ``load_s`` builds the model, profiles activations and
+    allocates the KV cache; compile = first-call time minus warmup/capture time."""
 
     level: int
     cudagraph_mode: str  # "eager" at -O0
+    load_s: float = 0.0
     compile_s: float = 0.0
     capture_s: float = 0.0
     num_graphs: int = 0
@@ -72,7 +74,7 @@ class StartupReport:
     kv_gib: float = 0.0
 
     def __str__(self) -> str:
-        return (f"-O{self.level} ({self.cudagraph_mode}): compile {self.compile_s:.1f} s, "
+        return (f"-O{self.level} ({self.cudagraph_mode}): load {self.load_s:.1f} s, compile {self.compile_s:.1f} s, "
                 f"capture {self.capture_s:.2f} s, {self.num_graphs} graphs, graph memory {self.graph_mib:.0f} MiB, "
                 f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB)")
 

@@ -1,0 +1,109 @@
+"""Engine startup, each run in a fresh process: cold (empty compile caches), warm (the caches the
+cold run left), and warm with other engine options (which of them miss the caches).
+
+Each run is ``python tools/bench_startup.py --child ...`` with its own ``TORCHINDUCTOR_CACHE_DIR``
+and ``TRITON_CACHE_DIR`` under ``--cache-root``; the parent times it from spawn to ready and the
+child reports its phases: ``import`` (torch and fullgraph), then ``llm.startup``'s load (model,
+activation profile, KV cache), compile and capture, plus Inductor's cache hits and misses.
+Runs (``--runs``, comma-separated, in order; ``cold`` first empties the caches):
+  cold, warm          the options given
+  len=N, seqs=N, kv=N the options given with max_model_len / max_num_seqs / num_kv_blocks changed
+
+Usage (GPU): python tools/bench_startup.py --out OUT_DIR [--model qwen2.5-1.5b] [--level 4]
+                 [--max-model-len 2048] [--runs cold,warm,len=640,seqs=64,kv=4000]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+RUN_OPTIONS = {"len": "max_model_len", "seqs": "max_num_seqs", "kv": "num_kv_blocks"}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Build one engine and print what it cost as the last line of stdout (JSON)."""
+    start = time.perf_counter()
+    import torch
+    from torch._dynamo.utils import counters
+
+    from fullgraph_backend.engine import LLM
+
+    import_s = time.perf_counter() - start
+    llm = LLM(args.model, **json.loads(args.options))
+    ready_at = time.time()
+    s = llm.startup
+    print(json.dumps({
+        "ready_at": ready_at, "import_s": import_s, "load_s": s.load_s, "compile_s": s.compile_s,
+        "capture_s": s.capture_s, "num_graphs": s.num_graphs, "graph_mib": s.graph_mib,
+        "kv_blocks": s.kv_blocks, "torch": torch.__version__,
+        "inductor_cache": {k: v for k, v in counters["inductor"].items() if "cache" in k},
+        "aot_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
+        "compile_times": torch._dynamo.utils.compile_times(repr="str"),
+    }), flush=True)
+    os._exit(0)  # ready is what is measured: skip tearing the engine and the compile workers down
+
+
+def run_once(options: dict, model: str, cache_dir: str) -> dict:
+    """One fresh process building one engine with ``options`` against ``cache_dir``."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
+    spawned = time.time()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--model", model,
+                           "--options", json.dumps(options)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"startup run failed ({options}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["ready_s"] = result.pop("ready_at") - spawned  # from spawn to ready, the interpreter's start included
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--out")
+    parser.add_argument("--model", default="qwen2.5-1.5b")
+    parser.add_argument("--level", type=int, default=4)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--runs", default="cold,warm,len=640")
+    parser.add_argument("--cache-root", help="where the runs' caches live (default: a new temporary folder)")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    base = dict(optimization_level=args.level, seed=0, max_model_len=args.max_model_len)
+    cache_dir = args.cache_root or tempfile.mkdtemp(prefix="fullgraph-startup-")
+    rows = []
+    for run in args.runs.split(","):
+        options = dict(base)
+        if run == "cold":
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        elif run != "warm":
+            key, value = run.split("=")
+            options[RUN_OPTIONS[key]] = int(value)
+        result = run_once(options, args.model, cache_dir)
+        rows.append({"run": run, "options": options, **result})
+        print(f"{run:>10}: ready in {result['ready_s']:.1f} s (import {result['import_s']:.1f}, load "
+              f"{result['load_s']:.1f}, compile {result['compile_s']:.1f}, capture {result['capture_s']:.1f} s, "
+              f"{result['num_graphs']} graphs, {result['graph_mib']:.0f} MiB) inductor {result['inductor_cache']}",
+              flush=True)
+    if args.out:
+        import torch
+
+        os.makedirs(args.out, exist_ok=True)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        meta = {"device": device, "torch": torch.__version__, "model": args.model, "date": str(datetime.date.today()),
+                "command": "python3 tools/bench_startup.py " + " ".join(sys.argv[1:])}
+        with open(os.path.join(args.out, "bench_startup.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
