@@ -12,6 +12,9 @@ setup cancel out), median of ``--repeats``. Modes:
   engine           fullgraph's engine (``LLM``, -O4) with our own decoder, ``generate`` with token ids
   engine-hf        the engine with ``model_impl="transformers"``: transformers' modeling code, our attention
 
+Results go to ``OUT_DIR/bench_transformers_<model>.json`` (one file per model, so runs of several
+models in one command sit side by side).
+
 Usage (GPU): python tools/bench_transformers.py --out OUT_DIR [--batches 1,8] [--model llama-3.2-1b]
 """
 from __future__ import annotations
@@ -148,7 +151,7 @@ def main() -> None:
         for row in rows:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-        with open(os.path.join(args.out, "bench_transformers.json"), "w") as f:  # kept if a later row fails
+        with open(os.path.join(args.out, f"bench_transformers_{args.model}.json"), "w") as f:  # kept if a later row fails
             json.dump(result, f, indent=1)
 
     for mode in (m for m in modes if m in ENGINE_IMPLS):
