@@ -20,6 +20,19 @@ def test_gemv_matches_linear_in_fp32(n, k, with_bias):
     torch.testing.assert_close(gemv(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n, k", [(37, 1000), (9, 7), (130, 1536), (8, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_pdl_path_gives_the_same_bits(n, k, dtype):
+    """pdl=True runs the kernel's PDL path (first weight slice loaded before the wait; on CPU the
+    wait is a no-op): the same sums in the same order, so the same bits; K at, below and off the
+    512-wide slice."""
+    torch.manual_seed(k)
+    x, weight, bias = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    plain = gemv(x, weight, bias, pdl=False)
+    assert torch.equal(gemv(x, weight, bias, pdl=True), plain)
+    torch.testing.assert_close(plain.float(), F.linear(x.float(), weight.float(), bias.float()), atol=1e-4, rtol=1e-2)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 70), k=st.integers(1, 1100), with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_gemv_matches_linear_on_random_shapes(n, k, with_bias, seed):
