@@ -1,4 +1,4 @@
-"""Every torch-version difference the package handles, in one place (torch >= 2.11)."""
+"""Every torch- and Triton-version difference the package handles, in one place (torch >= 2.11)."""
 from __future__ import annotations
 
 import torch
