@@ -19,6 +19,8 @@ from fullgraph_backend.attention.triton_paged import decode_segments, launch_pla
 from fullgraph_backend.forward_context import BatchKind, ForwardContext
 from fullgraph_backend.kv_cache import NULL_BLOCK, PAD_SLOT
 
+from helpers import run_compiler_script
+
 MAX_LEN = 256
 
 
@@ -609,19 +611,7 @@ print("compiled")
 
 def test_kernels_compile_for_sm90():
     """The interpreter is lenient; compile the kernels for sm_90 (Triton's own ptxas), no GPU needed."""
-    pytest.importorskip("triton.backends.nvidia")
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=root, timeout=300)
-    if result.returncode and ("ptxas" in result.stderr and "not found" in result.stderr):
-        pytest.skip("no ptxas in this Triton install")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    run_compiler_script(_SM90_SCRIPT)
 
 
 def test_split_kv_narrow_decode_batch():
