@@ -19,6 +19,7 @@ from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
 from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
+from fullgraph_backend.pdl import supported as pdl_supported, with_launches
 from fullgraph_backend.staging import aliased_writes
 from passes import (HostInputReport, PassManager, find_batch_mixing, move_host_inputs, split_at_attention,
                     swap_attention, swap_linear)
@@ -69,7 +70,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
 
     sizes = _capture_sizes(config, ctx if has_attention else None)
     graphs = graphs_for(device)
-    compile_fn = dump.compiler(_compiler(config))
+    compile_fn = dump.compiler(_compiler(config, pdl=config.pdl and use_graphs and pdl_supported(device)))
     paths: dict[BatchKind, Path] = {}
     if config.cudagraph_mode in ("piecewise", "full_and_piecewise") and has_attention:
         # split before compiling the whole graph: compile_fx may change the module it is given
@@ -168,10 +169,14 @@ def _capture_sizes(config: FullgraphConfig, ctx: ForwardContext | None) -> tuple
     return sizes
 
 
-def _compiler(config: FullgraphConfig) -> Callable[[torch.fx.GraphModule, list], Callable]:
+def _compiler(config: FullgraphConfig, pdl: bool) -> Callable[[torch.fx.GraphModule, list], Callable]:
+    """Compiles one graph (or piece). With ``pdl`` its calls launch our kernels with PDL, and
+    Inductor's kernels wait for and launch their neighbours with it too (unless the options say
+    otherwise), so the chain of a captured step overlaps end to end."""
     if config.compiler == "eager":
-        return lambda gm, example_inputs: gm
-    return lambda gm, example_inputs: compat.compile_fx(gm, example_inputs, config.inductor_config)
+        return lambda gm, example_inputs: with_launches(gm, pdl)
+    patches = {**(compat.inductor_pdl_patches() if pdl else {}), **config.inductor_config}
+    return lambda gm, example_inputs: with_launches(compat.compile_fx(gm, example_inputs, patches), pdl)
 
 
 def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm: torch.fx.GraphModule,

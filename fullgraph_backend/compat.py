@@ -1,4 +1,4 @@
-"""Every torch-version difference the package handles, in one place (torch >= 2.11)."""
+"""Every torch- and Triton-version difference the package handles, in one place (torch >= 2.11)."""
 from __future__ import annotations
 
 import torch
@@ -167,3 +167,35 @@ def abort_process_groups() -> None:
         dist.distributed_c10d._abort_process_group()
     else:
         dist.destroy_process_group()
+
+
+# ---- programmatic dependent launch (fullgraph_backend/pdl.py) ------------------------------------
+def triton_has_pdl() -> bool:
+    """Whether the installed Triton compiles grid-dependency control and launches with PDL: the
+    ``launch_pdl`` launch option and ``tl.extra.cuda.gdc_wait`` / ``gdc_launch_dependents`` came with
+    triton-lang/triton#6394 (merged 2025-04); 3.6.0 has both (inline PTX), 3.9 too (builder ops).
+    False under ``TRITON_INTERPRET=1``: the interpreter (3.9) cannot run the gdc ops."""
+    try:
+        import triton
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents") and not _interpreting(triton)
+
+
+def _interpreting(triton) -> bool:
+    knobs = getattr(triton, "knobs", None)  # Triton's own reading of TRITON_INTERPRET (3.6, 3.9)
+    if knobs is None:
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(knobs.runtime.interpret)
+
+
+def inductor_pdl_patches() -> dict:
+    """``torch._inductor.config`` patches that make Inductor's own Triton kernels wait for and launch
+    their neighbours with PDL (``triton.enable_pdl``, pytorch#160928 and #162014; 2.11.0 and 2.13 have it),
+    or nothing where this torch lacks the option."""
+    import torch._inductor.config as inductor_config
+
+    return {"triton.enable_pdl": True} if "triton.enable_pdl" in inductor_config._config else {}

@@ -35,6 +35,10 @@ class FullgraphConfig:
       ``{"coordinate_descent_tuning": True}``; ``triton.cudagraphs`` stays off (we capture).
     - ``gemv``: in graphs captured on CUDA, run one-row 16-bit linears on our Triton GEMV instead
       of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass); False keeps cuBLAS.
+    - ``pdl``: in graphs captured on CUDA devices of compute capability 9.0+, launch our Triton
+      kernels (the GEMV, split-KV decode) and Inductor's with programmatic dependent launch, so a
+      kernel starts (and the GEMV loads weights) while the one before it drains
+      (:mod:`fullgraph_backend.pdl`). Off until measured; elsewhere it changes nothing.
     """
 
     capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)
@@ -45,6 +49,7 @@ class FullgraphConfig:
     dump_dir: str | None = field(default_factory=lambda: os.environ.get("FULLGRAPH_DUMP_DIR") or None)
     inductor_config: dict = field(default_factory=dict)
     gemv: bool = True
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         from fullgraph_backend.attention.registry import impl_names
@@ -57,8 +62,9 @@ class FullgraphConfig:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
         self._check_inductor_config()
-        if not isinstance(self.gemv, bool):
-            raise ValueError(f"gemv must be True or False, got {self.gemv!r}")
+        for name in ("gemv", "pdl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):
             raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
 

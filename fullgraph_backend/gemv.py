@@ -14,6 +14,9 @@ The op is defined like every ``fullgraph`` op (``fullgraph_backend/library.py``:
 dispatch, which matters where a graph runs without CUDA graphs, larger than the largest capture
 size). Inside a captured graph the choice is made once, at capture, from the row count of that
 graph's padded size.
+
+With ``pdl=True`` (the backend option) the kernel is launched with programmatic dependent launch
+on Hopper: its first weight loads overlap the previous kernel (docs/perf-notes.md, section 18).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph_backend.library import define_op
+from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
 
 try:
     import triton
@@ -38,18 +42,33 @@ def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+
 @_jit
 def _gemv_kernel(x, w, bias, out, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program ``i``: ``out[i*BLOCK_N : (i+1)*BLOCK_N] = w[rows] @ x (+ bias)``, fp32 accumulation.
 
     Products accumulate elementwise in a ``[BLOCK_N, BLOCK_K]`` tile and are summed once after the
-    loop, so the loop body is loads and FMAs only.
+    loop, so the loop body is loads and FMAs only. ``PDL``: launched with programmatic dependent
+    launch (:mod:`fullgraph_backend.pdl`), the program lets the next kernel launch, loads its first
+    weight slice (weights depend on no kernel), and only then waits for the previous kernel, whose
+    output ``x`` may be; the sums are the same, in the same order, as without it.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = 0
+    if PDL:
+        gdc_launch_dependents()
+        offs_k = tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        weight = tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+        gdc_wait()
+        row = tl.load(x + offs_k, mask=k_ok, other=0.0)
+        acc += weight.to(tl.float32) * row.to(tl.float32)[None, :]
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         weight = tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
@@ -62,11 +81,14 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK
     tl.store(out + offs_n, result.to(out.dtype.element_ty), mask=n_ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         pdl: bool | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one row ``x [..., K]`` (leading dims of size 1) on the Triton kernel.
 
     ``weight [N, K]`` must have unit stride along K; ``bias [N]`` is optional. Runs wherever Triton
-    does (CPU tensors under ``TRITON_INTERPRET=1``). Example::
+    does (CPU tensors under ``TRITON_INTERPRET=1``). ``pdl``: launch with programmatic dependent
+    launch where the device supports it; None takes :func:`fullgraph_backend.pdl.enabled` (on
+    inside the compiled calls of a ``pdl=True`` backend). Example::
 
         y = gemv(torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
@@ -78,13 +100,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if weight.stride(1) != 1 or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"gemv needs weight [N, K] with unit stride along K and bias [N]; got weight strides "
                          f"{weight.stride()}, bias {None if bias is None else tuple(bias.shape)}")
-    row = x.reshape(k).contiguous()
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
-        row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
+    _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl)
     return out
+
+
+def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, use_pdl: bool):
+    """Launch the kernel; returns Triton's compiled kernel (its ``metadata.launch_pdl`` says how it launched)."""
+    n, k = weight.shape
+    flag = kernel_flag(use_pdl, row.device)
+    return _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+        row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=flag, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES, launch_pdl=flag and row.is_cuda,
+    )
 
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:

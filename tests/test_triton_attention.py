@@ -19,6 +19,8 @@ from fullgraph_backend.attention.triton_paged import decode_segments, launch_pla
 from fullgraph_backend.forward_context import BatchKind, ForwardContext
 from fullgraph_backend.kv_cache import NULL_BLOCK, PAD_SLOT
 
+from helpers import run_compiler_script
+
 MAX_LEN = 256
 
 
@@ -554,7 +556,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fullgraph_backend.attention import triton_paged as tp
 
-def compile_sm90(fn, ints, consts, num_warps=4, num_stages=3, dns=()):
+def compile_sm90(fn, ints, consts, num_warps=4, num_stages=3, dns=(), launch_pdl=False):
     """Specialise like a launch: 16-aligned pointers, ints == 1 constant, ints % 16 == 0 divisible."""
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -570,7 +572,8 @@ def compile_sm90(fn, ints, consts, num_warps=4, num_stages=3, dns=()):
             if value % 16 == 0 and name not in dns:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=launch_pdl))
 
 row = (32 + 16) * 128
 ints = dict(query_start_loc="*i32", seq_lens="*i32", block_table="*i32", slot_mapping="*i64",
@@ -579,7 +582,7 @@ ints = dict(query_start_loc="*i32", seq_lens="*i32", block_table="*i32", slot_ma
             stride_vh=128, stride_vd=1, stride_ot=4096, stride_oh=128, stride_bt=256, stride_cb=16384,
             stride_cs=1024, stride_ch=128)
 base = dict(GROUP=4, G_PAD=4, HEAD_DIM=128, D_PAD=128, BLOCK_N=64, BLOCK_SIZE=16, SLIDING_WINDOW=0,
-            DOT_PRECISION="tf32", DOT_FP32=False, Q_HEADS=32, BLOCK_M=16)
+            DOT_PRECISION="tf32", DOT_FP32=False, Q_HEADS=32, BLOCK_M=16, PDL=False)
 pick = lambda fn, c: {k: v for k, v in c.items() if k in fn.arg_names}
 gather = dict(k_desc=None, v_desc=None, PAGE_TILES=False)
 for segments, window in ((1, 0), (4, 256), (32, 0)):
@@ -590,6 +593,13 @@ for segments, window in ((1, 0), (8, 256)):
     compile_sm90(tp._split_kv_kernel, boxes, pick(tp._split_kv_kernel, dict(base, BLOCK_N=16, NUM_SEGMENTS=segments,
                  MERGE_CHUNK=tp._merge_chunk(segments, 4), SLIDING_WINDOW=window, PAGE_TILES=True)),
                  num_warps=2, num_stages=tp.PAGE_TILE_STAGES, dns=("num_tokens",))
+for consts, warps, stages in ((dict(NUM_SEGMENTS=8, MERGE_CHUNK=tp._merge_chunk(8, 4), **gather), 4, 3),
+                              (dict(BLOCK_N=16, NUM_SEGMENTS=1, MERGE_CHUNK=1, PAGE_TILES=True), 2, tp.PAGE_TILE_STAGES)):
+    kernel = compile_sm90(tp._split_kv_kernel, boxes if consts["PAGE_TILES"] else ints,
+                          pick(tp._split_kv_kernel, dict(base, **consts, PDL=True)), num_warps=warps, num_stages=stages,
+                          dns=("num_tokens",), launch_pdl=True)
+    ptx = kernel.asm["ptx"]
+    assert kernel.metadata.launch_pdl and ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
 compile_sm90(tp._store_kv_kernel, ints, dict(KV_HEADS=8, Q_HEADS=32, HEAD_DIM=128, KV_HEADS_PAD=8, Q_HEADS_PAD=32,
              D_PAD=128, BLOCK_SIZE=16), dns=("num_reqs",))
 for block_m in (16, 64):
@@ -601,19 +611,7 @@ print("compiled")
 
 def test_kernels_compile_for_sm90():
     """The interpreter is lenient; compile the kernels for sm_90 (Triton's own ptxas), no GPU needed."""
-    pytest.importorskip("triton.backends.nvidia")
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=root, timeout=300)
-    if result.returncode and ("ptxas" in result.stderr and "not found" in result.stderr):
-        pytest.skip("no ptxas in this Triton install")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    run_compiler_script(_SM90_SCRIPT)
 
 
 def test_split_kv_narrow_decode_batch():
@@ -623,3 +621,18 @@ def test_split_kv_narrow_decode_batch():
     plan = launch_plan(q, 2, ctx.metadata.block_table, ctx.block_size, 20, split_kv=True)
     assert plan["num_warps"] == triton_paged.NARROW_WARPS
     _check(ctx, q, k, v, run=lambda *a: paged_attention(*a, split_kv=True))
+
+
+@pytest.mark.parametrize("segments", [1, 4])
+def test_split_kv_pdl_path_equals_the_plain_launch(segments):
+    """pdl=True runs the kernel's PDL path (on CPU its waits are no-ops): same outputs and caches,
+    bit for bit, including padded tokens and merged segments."""
+    ctx, q, k, v = _batch([1, 1, 1], [5, 40, 90], pad_tokens=2, dtype=torch.float32)
+    cache = ctx.kv_caches[0]
+    runs = {}
+    for pdl in (False, True):
+        mine = cache.clone()
+        out = paged_attention(*_args(ctx, q, k, v, mine, 0), split_kv=True, num_segments=segments, pdl=pdl)
+        runs[pdl] = out, mine
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    _check(ctx, q, k, v, run=lambda *a: paged_attention(*a, split_kv=True, num_segments=segments, pdl=True))

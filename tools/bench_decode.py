@@ -12,6 +12,9 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +cublaslt  cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
   +nogemv    the backend's ``gemv=False``: one-row linears stay on cuBLAS
   +combo     Inductor's combo kernels (independent small kernels launched as one)
+  +pdl       the backend's ``pdl=True``: our kernels and Inductor's launched with programmatic
+             dependent launch (sm_90+)
+  +inductorpdl  Inductor's kernels alone with PDL (``triton.enable_pdl``), ours launched plainly
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
@@ -157,13 +160,15 @@ def main() -> None:
     plot_decode({**header, "rows": rows}, os.path.join(args.out, "bench_decode.png"))
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "combo")
+FLAGS = ("tuned", "cublaslt", "nogemv", "combo", "pdl", "inductorpdl")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
     inductor_config = {"coordinate_descent_tuning": True} if "tuned" in flags else {}
     if "combo" in flags:
         inductor_config["combo_kernels"] = True
+    if "inductorpdl" in flags:
+        inductor_config["triton.enable_pdl"] = True
     if mode == "eager":
         return model
     if mode == "reduce-overhead":
@@ -172,7 +177,7 @@ def _compiled(model, mode: str, flags: set[str], impl: str):
         return torch.compile(model, mode="reduce-overhead")
     return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl,
                                                              "inductor_config": inductor_config,
-                                                             "gemv": "nogemv" not in flags})
+                                                             "gemv": "nogemv" not in flags, "pdl": "pdl" in flags})
 
 
 def _print_table(header: dict, rows: list[dict], batches: list[int]) -> None:

@@ -3,7 +3,10 @@
 Qwen2.5-1.5B's projections (qkv with bias, o_proj, gate_up, down, the LM head) at one row, bf16. Each op is timed as a CUDA-graph replay of one call per layer over distinct weight copies
 (28, as in the model; 3 for the LM head), after an L2-clearing read, and reported per call, with
 the effective TB/s of the weight read. The rows justify ``fullgraph_backend.gemv``'s rule (one
-row, K <= MAX_K).
+row, K <= MAX_K). ``gemv_pdl_us``: the same graph with every GEMV launched with programmatic
+dependent launch (sm_90+; docs/perf-notes.md, section 18). A last row times a decode step's
+chain of projections in one graph, each reading the one before it (28 x qkv, o_proj, gate_up on the
+GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
 Usage (GPU): python tools/bench_gemv.py --out bench_gemv.json
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fullgraph_backend import pdl  # noqa: E402
 from fullgraph_backend.gemv import gemv  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
@@ -41,6 +46,37 @@ def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int) -> tuple[fl
     return replay_us(graph, iters, "read") / copies, error
 
 
+def time_chain(iters: int) -> dict:
+    """One graph per setting of a decode step's projections at one row, each input the output of
+    the one before (down on cuBLAS, as ``uses_gemv`` rules): microseconds without and with PDL."""
+    def weight(name):
+        n, k, bias, _ = SHAPES[name]
+        return (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5,
+                torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None)
+
+    layers = [{name: weight(name) for name in ("qkv", "o_proj", "gate_up", "down")} for _ in range(LAYERS)]
+    head = weight("lm_head")[0]
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+    def step(use_pdl: bool) -> torch.Tensor:
+        h = x
+        for w in layers:
+            qkv = gemv(h, *w["qkv"], pdl=use_pdl)
+            o = gemv(qkv[:, :HIDDEN], *w["o_proj"], pdl=use_pdl)
+            gate_up = gemv(o, *w["gate_up"], pdl=use_pdl)
+            h = F.linear(gate_up[:, :INTERMEDIATE], *w["down"])
+        return gemv(h, head, pdl=use_pdl)
+
+    times, outs = {}, {}
+    for use_pdl in (False, True):
+        outs[use_pdl] = step(use_pdl)
+        times[use_pdl] = replay_us(capture(lambda: step(use_pdl)), iters, "read")
+    launches = 3 * LAYERS + 1
+    return dict(op="layer chain", N=launches, K=HIDDEN, gemv_us=round(times[False], 1), gemv_pdl_us=round(times[True], 1),
+                pdl_saved_us_per_gemv=round((times[False] - times[True]) / launches, 3),
+                same_bits=bool(torch.equal(outs[False], outs[True])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench_gemv.json")
@@ -58,18 +94,24 @@ def main() -> None:
         mb = n * k * 2 / 1e6  # megabytes over microseconds is TB/s
         cublas_us, _ = time_op(F.linear, n, k, bias, copies, args.iters)
         gemv_us, error = time_op(gemv, n, k, bias, copies, args.iters)
+        gemv_pdl_us, _ = time_op(functools.partial(gemv, pdl=True), n, k, bias, copies, args.iters)
         rows.append(dict(op=name, N=n, K=k, cublas_us=round(cublas_us, 2), cublas_TBs=round(mb / cublas_us, 2),
                          gemv_us=round(gemv_us, 2), gemv_TBs=round(mb / gemv_us, 2),
-                         speedup=round(cublas_us / gemv_us, 3), max_abs_diff=error))
+                         speedup=round(cublas_us / gemv_us, 3), max_abs_diff=error, gemv_pdl_us=round(gemv_pdl_us, 2)))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
+    header["pdl"] = pdl.supported(torch.device("cuda"))  # False: the pdl columns time plain launches
+    chain = time_chain(args.iters)
+    print(json.dumps(chain), flush=True)
     with open(args.out, "w") as f:
-        json.dump({**header, "rows": rows}, f, indent=1)
-    print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV |")
-    print("|---|---|---|---|---|")
+        json.dump({**header, "rows": rows, "chain": chain}, f, indent=1)
+    print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV | GEMV with PDL us |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['op']} | {r['N']} x {r['K']} | {r['cublas_us']} ({r['cublas_TBs']}) | {r['gemv_us']} "
-              f"({r['gemv_TBs']}) | {r['speedup']} |")
+              f"({r['gemv_TBs']}) | {r['speedup']} | {r['gemv_pdl_us']} |")
+    print(f"\nlayer chain ({chain['N']} GEMVs, {LAYERS} cuBLAS downs, one graph): {chain['gemv_us']} us, with PDL "
+          f"{chain['gemv_pdl_us']} us ({chain['pdl_saved_us_per_gemv']} us a GEMV launch; same bits: {chain['same_bits']})")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.forward_context import BatchKind, current_forward_context
+from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
 
 LOG2E = 1.4426950408889634
 # Cap on split-KV segments per request, which bounds the scratch and the merge's work (untuned;
@@ -388,7 +389,7 @@ def _split_kv_kernel(
     Q_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
     MERGE_CHUNK: tl.constexpr, SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    k_desc, v_desc, PAGE_TILES: tl.constexpr,
+    k_desc, v_desc, PAGE_TILES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (request, KV head, segment) of a uniform-decode batch: one query token's GROUP heads.
 
@@ -401,7 +402,10 @@ def _split_kv_kernel(
     Segment-0 programs also serve the padded tokens ``t = req + i * num_reqs`` (zero output,
     store only where a slot is set). ``PAGE_TILES``: K/V tiles are whole cache blocks read through
     the descriptors ``k_desc``/``v_desc`` (:func:`_attend_pages`, ``BLOCK_N == BLOCK_SIZE``);
-    otherwise the descriptors are None and tiles are gathered by :func:`_attend`.
+    otherwise the descriptors are None and tiles are gathered by :func:`_attend`. ``PDL``: launched
+    with programmatic dependent launch (:mod:`fullgraph_backend.pdl`), the program lets the next
+    kernel launch and reads the step's metadata (host copies that precede the graph) before it
+    waits for the previous kernel, whose outputs ``q``/``k``/``v`` are.
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -412,6 +416,9 @@ def _split_kv_kernel(
     q_end = tl.load(query_start_loc + req + 1)
     real_tokens = tl.load(query_start_loc + num_reqs)
     seq_len = tl.load(seq_lens + req)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # before any read of q/k/v and any store (the pool may hand `out` a neighbour's memory)
     if segment == 0:
         for t in range(req, num_tokens, num_reqs):
             if t >= real_tokens:
@@ -752,6 +759,7 @@ def paged_attention(
     *,
     split_kv: bool = False,
     num_segments: int | None = None,
+    pdl: bool | None = None,
     _config: dict | None = None,
 ) -> torch.Tensor:
     """Store this step's K/V and attend causally per request: ``reference_attention``'s function.
@@ -760,7 +768,9 @@ def paged_attention(
     fused QKV projection). ``split_kv=True`` is legal only for a uniform-decode batch (every
     request has at most one new token, the last of its sequence); it splits each request's keys
     into ``num_segments`` (default :func:`decode_segments`), in one launch either way (the last
-    segment to finish merges). Without it, a store launch precedes the unified kernel.
+    segment to finish merges). Without it, a store launch precedes the unified kernel. ``pdl``:
+    launch the split-KV kernel with programmatic dependent launch where the device supports it;
+    None takes :func:`fullgraph_backend.pdl.enabled` (mixed batches' kernels never use it).
     ``_config`` (private, for tuning; see ``CONFIG_KEYS``) overrides tile sizes, warps, pipeline
     stages and the segment choice. Returns a new contiguous ``[T, q_heads, D]`` tensor.
 
@@ -805,11 +815,12 @@ def paged_attention(
             scratch = (out,) * 4
         page_tiles = plan["page_tiles"] and kv_cache.data_ptr() % 16 == 0  # TMA needs a 16-byte aligned base
         descs = _descriptors(kv_cache, head_dim) if page_tiles else (None, None)
+        flag = kernel_flag(pdl_enabled(q.device) if pdl is None else pdl, q.device)
         _split_kv_kernel[(num_reqs, kv_heads, segments)](
             out, *scratch, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
             block_table, slot_mapping, tokens, qk_scale, *strides,
             Q_HEADS=q_heads, NUM_SEGMENTS=segments, MERGE_CHUNK=_merge_chunk(segments, group), **common, **launch,
-            k_desc=descs[0], v_desc=descs[1], PAGE_TILES=page_tiles,
+            k_desc=descs[0], v_desc=descs[1], PAGE_TILES=page_tiles, PDL=flag, launch_pdl=flag and q.is_cuda,
         )
         return out
 

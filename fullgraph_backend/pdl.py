@@ -1,0 +1,99 @@
+"""Programmatic dependent launch (PDL) for our Triton kernels: which launches take it.
+
+On Hopper and later a kernel launched with PDL (``launch_pdl=True``, the CUDA launch attribute
+"programmatic stream serialization") may start while the kernel before it on the stream is still
+running, once every program of that kernel has signalled ``gdc_launch_dependents`` (or exited).
+Before it reads anything the previous kernel wrote, it must ``gdc_wait`` (PTX
+``griddepcontrol.wait``: all prerequisite grids complete, their writes visible). What comes before
+the wait overlaps the previous kernel's tail and the launch gap: our GEMV issues its first weight
+loads there, which depend on no kernel. Stream capture turns the launch attribute into a
+programmatic edge of the CUDA graph (docs/perf-notes.md, section 18, has the sources;
+``tests/test_pdl.py`` checks it on a GPU).
+
+Rules our kernels keep, so the chain stays ordered however its neighbours launch:
+- every program waits before its first load of another kernel's output and before its first store
+  (a buffer it writes may be one the previous kernel still reads: graphs reuse pool memory);
+- so a PDL kernel never completes before the kernel before it, and a wait on it covers them all;
+- ``gdc_launch_dependents`` comes early: the next kernel may launch once our last programs run.
+
+The backend turns PDL on for the compiled calls of a ``pdl=True`` config (:func:`launches`);
+the kernel wrappers ask :func:`enabled` at launch, i.e. at warm-up and capture of each graph.
+Kernels call this module's ``gdc_wait`` and ``gdc_launch_dependents``: Triton's, or no-ops where
+it has none (older Triton) or interprets, under a ``PDL`` constexpr (:func:`kernel_flag`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from contextvars import ContextVar
+from typing import Callable, Iterator
+
+import torch
+
+from fullgraph_backend import compat
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401  (the interpreter wants it visible to the jitted no-ops)
+except ImportError:  # optional: without Triton no kernel of ours runs
+    triton = gdc_wait = gdc_launch_dependents = None
+
+if triton is not None and compat.triton_has_pdl():
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+elif triton is not None:  # no PDL in this Triton, or its interpreter: the PDL path runs with no-op waits
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+_PDL: ContextVar[bool] = ContextVar("fullgraph_pdl", default=False)
+
+
+@contextlib.contextmanager
+def launches(pdl: bool = True) -> Iterator[None]:
+    """Kernels our wrappers launch inside this block use PDL where :func:`supported` (or not, for
+    ``pdl=False``). Example::
+
+        with pdl.launches():
+            y = gemv(x, w)  # launch_pdl=True on an H100 or H200
+    """
+    token = _PDL.set(pdl)
+    try:
+        yield
+    finally:
+        _PDL.reset(token)
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether a kernel launched now on ``device`` takes PDL: asked for and :func:`supported`."""
+    return _PDL.get() and supported(device)
+
+
+def with_launches(fn: Callable, pdl: bool) -> Callable:
+    """``fn`` running under ``launches(pdl)``: what the backend wraps each compiled graph in."""
+    if not pdl:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with launches(True):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def supported(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or later, with a Triton that has PDL (not interpreting)."""
+    return (device.type == "cuda" and compat.triton_has_pdl()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def kernel_flag(requested: bool, device: torch.device) -> bool:
+    """The ``PDL`` constexpr of our kernels: the waits and early loads of the PDL path. Off on a CUDA
+    device without PDL (``griddepcontrol`` needs sm_90); on CPU (Triton's interpreter) the path runs
+    with no-op waits, so CPU tests cover its control flow."""
+    return requested and (device.type == "cpu" or supported(device))

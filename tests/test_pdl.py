@@ -1,0 +1,214 @@
+"""Programmatic dependent launch: which launches take it (CPU), and on a Hopper GPU that the option
+reaches the launch, that stream capture keeps the programmatic edges, and that graphs replay the
+same bits with it as without (``PYTHONPATH=. python -m pytest -m gpu tests/test_pdl.py``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fullgraph_backend import backend, compat, pdl
+from fullgraph_backend.config import FullgraphConfig
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from fullgraph_backend.pdl import gdc_launch_dependents
+except ImportError:  # triton is optional; the GPU tests below skip without it
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _primary(flag, seen, SPINS: tl.constexpr):
+        """Lets dependents launch, then spins (at most SPINS reads) until ``flag`` is set."""
+        gdc_launch_dependents()
+        value = tl.atomic_add(flag, 0)
+        spins = 0
+        while (value == 0) & (spins < SPINS):
+            value = tl.atomic_add(flag, 0)
+            spins += 1
+        tl.store(seen, value)
+
+    @triton.jit
+    def _secondary(flag):
+        """Sets ``flag`` without waiting for the kernel before it."""
+        tl.atomic_xchg(flag, 1)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and pdl.supported(torch.device("cuda"))
+
+
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a CUDA device of compute capability 9.0+")
+
+
+def test_launches_ask_for_pdl_only_inside_the_block_and_only_where_supported():
+    cpu = torch.device("cpu")
+    assert not pdl.enabled(cpu)
+    with pdl.launches():
+        assert pdl._PDL.get() and not pdl.enabled(cpu)  # asked for, but no CPU launch takes it
+        with pdl.launches(False):
+            assert not pdl._PDL.get()
+        assert pdl._PDL.get()
+    assert not pdl._PDL.get()
+    assert not pdl.supported(cpu)
+    # the kernels' PDL path: on CPU (the interpreter) it runs with no-op waits; off where not asked
+    assert pdl.kernel_flag(True, cpu) and not pdl.kernel_flag(False, cpu)
+
+
+def test_with_launches_wraps_only_when_asked():
+    seen = []
+
+    def fn(x):
+        seen.append(pdl._PDL.get())
+        return x + 1
+
+    assert pdl.with_launches(fn, False) is fn
+    assert pdl.with_launches(fn, True)(1) == 2 and seen == [True]
+    assert not pdl._PDL.get()
+
+
+def test_interpreter_has_no_gdc_ops():
+    """Under TRITON_INTERPRET=1 (the CPU tests) Triton's gdc ops cannot run: ours are no-ops then."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert not compat.triton_has_pdl()
+
+
+def test_pdl_option_patches_inductor_and_wraps_the_compiled_call(monkeypatch):
+    """With pdl the compiled call runs under pdl.launches and Inductor gets triton.enable_pdl (where
+    this torch has it), unless the options set it; without, neither."""
+    calls = []
+    monkeypatch.setattr(compat, "compile_fx", lambda gm, inputs, patches: calls.append(patches) or gm)
+
+    def graph():
+        return pdl._PDL.get()
+
+    on = backend._compiler(FullgraphConfig(pdl=True), pdl=True)(graph, [])
+    assert on() is True and calls[-1] == compat.inductor_pdl_patches()
+    off = backend._compiler(FullgraphConfig(pdl=True), pdl=False)(graph, [])
+    assert off() is False and calls[-1] == {}
+    if compat.inductor_pdl_patches():
+        options = FullgraphConfig(pdl=True, inductor_config={"triton.enable_pdl": False})
+        backend._compiler(options, pdl=True)(graph, [])
+        assert calls[-1] == {"triton.enable_pdl": False}
+
+
+def test_pdl_option_is_checked():
+    assert not FullgraphConfig().pdl
+    with pytest.raises(ValueError, match="pdl must be True or False"):
+        FullgraphConfig(pdl="yes")
+
+
+# ---- GPU (sm_90+) -----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_hopper
+def test_the_option_reaches_the_gemv_launch():
+    from fullgraph_backend import gemv as gemv_module
+
+    w = torch.randn(256, 1536, device="cuda", dtype=torch.bfloat16)
+    row = torch.randn(1536, device="cuda", dtype=torch.bfloat16)
+    for use in (False, True):
+        out = torch.empty(256, device="cuda", dtype=torch.bfloat16)
+        kernel = gemv_module._launch(row, w, None, out, use)
+        assert kernel.metadata.launch_pdl is use
+        assert ("griddepcontrol.wait" in kernel.asm["ptx"]) is use
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_capture_keeps_the_programmatic_edge():
+    """A primary that lets dependents launch, then spins until a flag is set; a secondary launched
+    with PDL that sets it without waiting. Replayed from a CUDA graph, the primary sees the flag
+    only if the secondary ran while it was still running: the edge is programmatic."""
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    seen = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def step(launch_pdl: bool):
+        flag.zero_()
+        _primary[(1,)](flag, seen, SPINS=1 << 18)
+        _secondary[(1,)](flag, launch_pdl=launch_pdl)
+
+    for launch_pdl, expected in ((True, 1), (False, 0)):
+        step(launch_pdl)  # compile outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(launch_pdl)
+        for _ in range(3):
+            seen.fill_(-1)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert seen.item() == expected, f"launch_pdl={launch_pdl}"
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_a_captured_gemv_chain_replays_the_same_bits_with_pdl():
+    """Each GEMV reads the one before it, so a read before the wait would show; 30 replays with
+    new inputs, PDL against plain launches, bit for bit."""
+    from fullgraph_backend.gemv import gemv
+
+    torch.manual_seed(0)
+    k = 1536
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for n in (k, k, k, k)]
+    x = torch.zeros(1, k, device="cuda", dtype=torch.bfloat16)
+
+    def chain(use):
+        y = x
+        for w in weights * 4:
+            y = gemv(y, w, pdl=use)
+        return y
+
+    graphs = {}
+    for use in (False, True):
+        chain(use)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(use)
+        graphs[use] = graph, out
+    for step in range(30):
+        x.copy_(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        results = {}
+        for use, (graph, out) in graphs.items():
+            graph.replay()
+            results[use] = out.clone()
+        assert torch.equal(results[True], results[False]), f"replay {step}"
+    assert torch.equal(results[False], chain(False))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_backend_pdl_graphs_match_plain_graphs():
+    """The tiny decoder in bf16, full graphs: pdl=True (our GEMV and split-KV decode kernels and
+    Inductor's with PDL) gives the same logits as pdl=False, step after step."""
+    from fullgraph_backend import use_forward_context
+    from fullgraph_backend.models import build_model, get_config
+
+    from helpers import own_block_tables
+
+    config = get_config("tiny")
+    model = build_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    logits = {}
+    for use in (False, True):
+        torch._dynamo.reset()
+        ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=8, max_num_tokens=16,
+                                     max_model_len=64)
+        compiled = torch.compile(model, backend="fullgraph", options={"cudagraph_mode": "full", "pdl": use})
+        logits[use] = []
+        with use_forward_context(ctx), torch.inference_mode():
+            torch.manual_seed(1)
+            for cache in ctx.kv_caches:
+                cache.normal_(0, 0.5)
+            for step, (query, seq) in enumerate([([1], [17])] * 6 + [([1, 1, 1], [4, 8, 40])] * 4):
+                positions = ctx.prepare(query, [s + step for s in seq], own_block_tables(ctx, len(query)))
+                ids = torch.randint(0, config.vocab_size, (len(query),), device="cuda")
+                torch._dynamo.mark_dynamic(ids, 0)
+                torch._dynamo.mark_dynamic(positions, 0)
+                logits[use].append(compiled(ids, positions).clone())
+    for step, (plain, with_pdl) in enumerate(zip(logits[False], logits[True])):
+        assert torch.equal(plain, with_pdl), f"step {step}"
+    torch._dynamo.reset()
