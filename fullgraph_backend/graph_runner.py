@@ -126,11 +126,14 @@ class CaptureSession:
 class Recording:
     """One key of one piece: the captured call, the buffers it reads, the fixed addresses it read."""
 
-    def __init__(self, call: CapturedCall, staged: StagedInputs, static_ptrs: list[int]) -> None:
-        self.call, self.staged, self.static_ptrs = call, staged, static_ptrs
-        # storages a caller must not keep past the next call: staging buffers and graph outputs
+    def __init__(self, call: CapturedCall, staged: StagedInputs, inputs: list) -> None:
+        self.call, self.staged = call, staged
+        self.static_ptrs = [inputs[i].data_ptr() for i in staged.plan.indices(Role.IN_PLACE)]
+        # storages a caller must not keep past the next call: staging buffers and graph outputs;
+        # an output aliasing an input the caller owns (an adopted or fixed-address one) is not ours
+        theirs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)} - staged.owned
         self.owned = staged.owned | {o.untyped_storage().data_ptr() for o in call.outputs
-                                     if isinstance(o, torch.Tensor)}
+                                     if isinstance(o, torch.Tensor)} - theirs
 
     @property
     def reads(self) -> dict[int, torch.Tensor]:
@@ -183,7 +186,7 @@ class CapturedPiece:
             call = self.graphs.capture(self.fn, inputs)
         finally:
             session.restore(written)
-        self.recordings[step.key] = Recording(call, staged, [inputs[i].data_ptr() for i in self.static])
+        self.recordings[step.key] = Recording(call, staged, inputs)
         session.produced(step.key).update(o.data_ptr() for o in call.outputs if isinstance(o, torch.Tensor))
         return self._as_fn_returns(call.outputs)
 
@@ -316,7 +319,7 @@ class GraphRunner:
             except InputsMoved:  # raised before anything replayed: capture the key for the new addresses
                 self._recapture(key, args)
                 out = self._run(_Step(Phase.REPLAY, key), args)
-            return self._hand_out(out if n is None else self.sig.slice_outputs(out, n), key)
+            return self._hand_out(out if n is None else self.sig.slice_outputs(out, n), key, args)
 
     # ---- keys ----------------------------------------------------------------------------
     def _check_context(self, n: int | None) -> BatchKind:
@@ -414,12 +417,17 @@ class GraphRunner:
                   if isinstance(args[i], torch.Tensor) and args[i].untyped_storage().data_ptr() in self._all_owned]
         return tuple(a.clone() if i in shared else a for i, a in enumerate(args)) if shared else args
 
-    def _hand_out(self, outputs: tuple, key: GraphKey) -> tuple:
-        """Outputs for the caller. Those in graph memory are new tensor objects over it (CUDA: marked
+    def _hand_out(self, outputs: tuple, key: GraphKey, args: tuple) -> tuple:
+        """Outputs for the caller. A view of a copied input is that view of the caller's tensor, as
+        eagerly; other outputs in graph memory are new tensor objects over it (CUDA: marked
         unreadable once the next call overwrites them), or copies where that cannot be marked."""
         owned = self._owned[key]
+        copied_at = {t.untyped_storage().data_ptr(): (t, args[i])
+                     for piece in self.paths[key.kind].pieces for i, t in piece.recordings[key].reads.items()}
         result = []
         for out in outputs:
+            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in copied_at:
+                out = _caller_view(out, *copied_at[out.untyped_storage().data_ptr()])
             if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in owned:
                 if self.graphs.emulated or not compat.can_forbid_access():
                     out = out.clone()
@@ -438,3 +446,11 @@ class GraphRunner:
         if topic not in self._said:
             self._said.add(topic)
             log.warning("fullgraph: %s", message)
+
+
+def _caller_view(out: torch.Tensor, buffer: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """``out``, a view of the staging ``buffer`` of the caller's ``arg``, as the same view of ``arg``
+    (what an eager call returns); ``out`` itself where the two are laid out differently."""
+    if arg.dim() != buffer.dim() or arg.stride() != buffer.stride() or arg.dtype != buffer.dtype:
+        return out
+    return arg.as_strided(out.shape, out.stride(), arg.storage_offset() + out.storage_offset() - buffer.storage_offset())
