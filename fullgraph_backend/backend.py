@@ -170,13 +170,13 @@ def _capture_sizes(config: FullgraphConfig, ctx: ForwardContext | None) -> tuple
 
 
 def _compiler(config: FullgraphConfig, pdl: bool) -> Callable[[torch.fx.GraphModule, list], Callable]:
-    """Compiles one graph (or piece). With ``pdl`` its calls launch our kernels with PDL, and
-    Inductor's kernels wait for and launch their neighbours with it too (unless the options say
-    otherwise), so the chain of a captured step overlaps end to end."""
+    """Compiles one graph (or piece). With ``pdl`` its calls launch our kernels with PDL. Inductor's
+    own kernels keep plain launches (``inductor_config={"triton.enable_pdl": True}`` changes that):
+    on the H200 their PDL cost 7% at batch 16 and 64 and gained nothing at batch 1 (perf-notes
+    section 18)."""
     if config.compiler == "eager":
         return lambda gm, example_inputs: with_launches(gm, pdl)
-    patches = {**(compat.inductor_pdl_patches() if pdl else {}), **config.inductor_config}
-    return lambda gm, example_inputs: with_launches(compat.compile_fx(gm, example_inputs, patches), pdl)
+    return lambda gm, example_inputs: with_launches(compat.compile_fx(gm, example_inputs, config.inductor_config), pdl)
 
 
 def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm: torch.fx.GraphModule,

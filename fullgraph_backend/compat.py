@@ -190,12 +190,3 @@ def _interpreting(triton) -> bool:
 
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return bool(knobs.runtime.interpret)
-
-
-def inductor_pdl_patches() -> dict:
-    """``torch._inductor.config`` patches that make Inductor's own Triton kernels wait for and launch
-    their neighbours with PDL (``triton.enable_pdl``, pytorch#160928 and #162014; 2.11.0 and 2.13 have it),
-    or nothing where this torch lacks the option."""
-    import torch._inductor.config as inductor_config
-
-    return {"triton.enable_pdl": True} if "triton.enable_pdl" in inductor_config._config else {}

@@ -36,9 +36,9 @@ class FullgraphConfig:
     - ``gemv``: in graphs captured on CUDA, run one-row 16-bit linears on our Triton GEMV instead
       of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass); False keeps cuBLAS.
     - ``pdl``: in graphs captured on CUDA devices of compute capability 9.0+, launch our Triton
-      kernels (the GEMV, split-KV decode) and Inductor's with programmatic dependent launch, so a
-      kernel starts (and the GEMV loads weights) while the one before it drains
-      (:mod:`fullgraph_backend.pdl`). Off until measured; elsewhere it changes nothing.
+      kernels (the GEMV, split-KV decode) with programmatic dependent launch, so a kernel starts
+      (and the GEMV loads weights) while the one before it drains (:mod:`fullgraph_backend.pdl`).
+      Off by default (perf-notes section 18); elsewhere it changes nothing.
     """
 
     capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)

@@ -12,8 +12,8 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +cublaslt  cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
   +nogemv    the backend's ``gemv=False``: one-row linears stay on cuBLAS
   +combo     Inductor's combo kernels (independent small kernels launched as one)
-  +pdl       the backend's ``pdl=True``: our kernels and Inductor's launched with programmatic
-             dependent launch (sm_90+)
+  +pdl       the backend's ``pdl=True``: our kernels launched with programmatic dependent launch
+             (sm_90+); add +inductorpdl for Inductor's too
   +inductorpdl  Inductor's kernels alone with PDL (``triton.enable_pdl``), ours launched plainly
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
