@@ -99,7 +99,7 @@ class TransformersConfig(ForwardContextMixin):
     num_kv_heads: int
     head_dim: int
     sliding_windows: tuple[int | None, ...]
-    sibling_linears: tuple[tuple[str, ...], ...] = ()
+    sibling_linears: tuple[tuple[str, ...], ...]
 
 
 class TransformersDecoder(nn.Module):
