@@ -21,8 +21,8 @@ from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.pdl import supported as pdl_supported, with_launches
 from fullgraph_backend.staging import aliased_writes
-from passes import (HostInputReport, PassManager, find_batch_mixing, move_host_inputs, split_at_attention,
-                    swap_attention, swap_linear)
+from passes import (HostInputReport, PassManager, find_batch_mixing, merge_linears, move_host_inputs,
+                    split_at_attention, swap_attention, swap_linear)
 
 log = logging.getLogger("fullgraph")
 
@@ -48,7 +48,8 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
     # what stays fixed between calls (weights, buffers), kept for DirectCall; not the call's own inputs
     dynamo_inputs = [None if src is not None and compat.local_input(src) else x for src, x in zip(sources, example_inputs)]
     gm = compat.copy_dynamo_graph(gm)
-    results = {r.name: r for r in PassManager(graph_passes(config, device, ctx, impl), dump.folder).run(gm)}
+    passes = graph_passes(config, device, ctx, impl, example_inputs)
+    results = {r.name: r for r in PassManager(passes, dump.folder).run(gm)}
     swap = results["swap_attention"].report
     host = results["move_host_inputs"].report if "move_host_inputs" in results else HostInputReport()
     has_attention = bool(swap.swapped)
@@ -87,12 +88,14 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
                        input_sources=sources, example_inputs=dynamo_inputs)
 
 
-def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None,
-                 impl: AttentionImpl) -> list[tuple[str, Callable[[torch.fx.GraphModule], object]]]:
-    """The passes for one graph, in order: the attention swap always; on CUDA, CPU inputs the graph
-    copies to the device moved out of it; the linear swap where the graph will be captured on CUDA
-    (there the GEMV's choice is made once per captured size)."""
-    passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl))]
+def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None, impl: AttentionImpl,
+                 example_inputs: list) -> list[tuple[str, Callable[[torch.fx.GraphModule], object]]]:
+    """The passes for one graph, in order: the attention swap and the merge of linears over one
+    packed weight always; on CUDA, CPU inputs the graph copies to the device moved out of it; the
+    linear swap where the graph will be captured on CUDA (there the GEMV's choice is made once per
+    captured size)."""
+    passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl)),
+              ("merge_linears", lambda g: merge_linears(g, example_inputs))]
     if device.type == "cuda":
         passes.append(("move_host_inputs", lambda g: move_host_inputs(g, device)))
     if config.gemv and device.type == "cuda" and config.cudagraph_mode != "none":

@@ -46,7 +46,7 @@ def swap_linear(gm: torch.fx.GraphModule) -> LinearSwapReport:
         report.skipped = "autocast is active, and fullgraph::linear has no autocast rule"
         return report
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]:
-        x, weight, bias = _linear_args(node)
+        x, weight, bias = linear_args(node)
         with graph.inserting_before(node):
             new = graph.call_function(linear, (x, weight, bias))
         new.meta.update(node.meta)
@@ -59,7 +59,8 @@ def swap_linear(gm: torch.fx.GraphModule) -> LinearSwapReport:
     return report
 
 
-def _linear_args(node: torch.fx.Node) -> tuple:
+def linear_args(node: torch.fx.Node) -> tuple:
+    """A linear node's ``(input, weight, bias)``, passed by position or keyword (bias None if absent)."""
     names = ("input", "weight", "bias")
     values = list(node.args) + [node.kwargs.get(name) for name in names[len(node.args):]]
     return tuple(values) + (None,) * (3 - len(values))

@@ -134,19 +134,20 @@ def test_swap_linear_leaves_autocast_graphs_alone():
 
 
 @pytest.mark.parametrize("device, options, names", [
-    ("cuda", {}, ["swap_attention", "move_host_inputs", "swap_linear"]),
-    ("cuda", {"cudagraph_mode": "piecewise"}, ["swap_attention", "move_host_inputs", "swap_linear"]),
-    ("cuda", {"cudagraph_mode": "none"}, ["swap_attention", "move_host_inputs"]),  # no capture: dispatch per call
-    ("cuda", {"gemv": False}, ["swap_attention", "move_host_inputs"]),
-    ("cpu", {}, ["swap_attention"]),
+    ("cuda", {}, ["move_host_inputs", "swap_linear"]),
+    ("cuda", {"cudagraph_mode": "piecewise"}, ["move_host_inputs", "swap_linear"]),
+    ("cuda", {"cudagraph_mode": "none"}, ["move_host_inputs"]),  # no capture: dispatch per call
+    ("cuda", {"gemv": False}, ["move_host_inputs"]),
+    ("cpu", {}, []),
 ])
 def test_linear_swap_runs_only_for_graphs_captured_on_cuda(device, options, names):
-    """And CPU inputs leave graphs on CUDA only (on CPU they are where the graph computes)."""
+    """And CPU inputs leave graphs on CUDA only (on CPU they are where the graph computes); the
+    attention swap and the merge of linears run everywhere, the merge before the linear swap."""
     from fullgraph_backend.backend import graph_passes
     from fullgraph_backend.config import FullgraphConfig
 
-    passes = graph_passes(FullgraphConfig.from_options(options), torch.device(device), None, IMPL)
-    assert [name for name, _ in passes] == names
+    passes = graph_passes(FullgraphConfig.from_options(options), torch.device(device), None, IMPL, [])
+    assert [name for name, _ in passes] == ["swap_attention", "merge_linears", *names]
 
 
 def test_swap_through_a_custom_backend_matches_eager():

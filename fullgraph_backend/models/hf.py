@@ -46,6 +46,7 @@ import fullgraph_backend
 from fullgraph_backend.attention.op import attention_node
 from fullgraph_backend.models.config import ForwardContextMixin
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS
+from fullgraph_backend.models.packing import RecordLinearInputs, pack_linears
 
 ATTN_IMPLEMENTATION = "fullgraph"
 LAYER_TYPES = ("full_attention", "sliding_attention")  # the layer types the paged kernels compute
@@ -86,8 +87,9 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
 @dataclass(frozen=True)
 class TransformersConfig(ForwardContextMixin):
     """What the engine reads of a transformers model, as :func:`inspect_model` found it: name and
-    family, vocabulary, position limit, the paged KV cache's layout, and each layer's sliding
-    window (None: full attention)."""
+    family, vocabulary, position limit, the paged KV cache's layout, each layer's sliding window
+    (None: full attention), and the groups of linears that read one input (module names, packed
+    into one tensor each by :class:`TransformersDecoder`)."""
 
     name: str
     model_type: str
@@ -97,11 +99,14 @@ class TransformersConfig(ForwardContextMixin):
     num_kv_heads: int
     head_dim: int
     sliding_windows: tuple[int | None, ...]
+    sibling_linears: tuple[tuple[str, ...], ...]
 
 
 class TransformersDecoder(nn.Module):
     """A transformers causal LM loaded with ``attn_implementation="fullgraph"``, behind the
-    engine's model contract; in eval mode, without gradients."""
+    engine's model contract; in eval mode, without gradients. Each group of linears that reads one
+    input (``config.sibling_linears``) has its weights packed into one tensor
+    (:mod:`~fullgraph_backend.models.packing`), for the ``merge_linears`` pass."""
 
     def __init__(self, model: nn.Module, config: TransformersConfig) -> None:
         super().__init__()
@@ -110,6 +115,7 @@ class TransformersDecoder(nn.Module):
                              f"{model.config._attn_implementation!r}, which would attend across the packed "
                              f"requests; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         self.model, self.config = model, config
+        pack_linears(model, config.sibling_linears)
         self.eval().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -144,7 +150,8 @@ def inspect_model(hf_config: PretrainedConfig, name: str, dtype: torch.dtype) ->
     Builds the model on the meta device (no memory, no weights) and runs one two-token step,
     recording each attention call. A ValueError names the family and what it lacks: a causal-LM
     class in transformers, attention through ``AttentionInterface``, one call per layer with one
-    KV shape, or a feature :func:`paged_attention_forward` refuses.
+    KV shape, or a feature :func:`paged_attention_forward` refuses. The same run finds the linears
+    that read one input (:class:`~fullgraph_backend.models.packing.RecordLinearInputs`).
     """
     family = hf_config.model_type
     text = hf_config.get_text_config()
@@ -163,9 +170,9 @@ def inspect_model(hf_config: PretrainedConfig, name: str, dtype: torch.dtype) ->
     if not model.is_backend_compatible():
         raise ValueError(f"{family}: transformers' {type(model).__name__} does not call attention through "
                          f"AttentionInterface, so fullgraph's paged attention cannot take its place")
-    record = _RecordAttention()
+    record, linears = _RecordAttention(), RecordLinearInputs(model)
     try:
-        with record, torch.inference_mode():
+        with record, linears, torch.inference_mode():
             logits = model.eval()(input_ids=torch.zeros(1, 2, dtype=torch.int64, device="meta"),
                                   position_ids=torch.arange(2, device="meta")[None], use_cache=False).logits
     except ValueError as error:  # a feature paged_attention_forward refuses
@@ -190,7 +197,8 @@ def inspect_model(hf_config: PretrainedConfig, name: str, dtype: torch.dtype) ->
                          f"makes them {list(expected)}; fullgraph applies the windows passed")
     return TransformersConfig(name=name, model_type=family, vocab_size=logits.shape[-1],
                               max_position_embeddings=text.max_position_embeddings, num_layers=num_layers,
-                              num_kv_heads=shapes[0][0], head_dim=shapes[0][1], sliding_windows=windows)
+                              num_kv_heads=shapes[0][0], head_dim=shapes[0][1], sliding_windows=windows,
+                              sibling_linears=linears.groups())
 
 
 def _config_window(text: PretrainedConfig, layer: int) -> int | None:
