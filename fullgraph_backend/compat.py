@@ -77,6 +77,25 @@ def mark_unbacked(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.decorators.mark_unbacked(tensor, dim)
 
 
+def fake_with_unbacked_dims(fake_mode, tensor: torch.Tensor, name: str, dims: tuple[int, ...]) -> torch.Tensor:
+    """A fake of ``tensor`` for a graph input the backend adds, with ``dims`` as unbacked sizes.
+
+    Unbacked: compiled code reads them off the tensor at each call and no guard can pin them, so
+    the graph, and Inductor's cache key, does not hold their values. The fake is memoised for
+    ``tensor``, so AOTAutograd, handed the real tensor, traces with this fake. The symbols are not
+    left pending (no traced node binds them: they are inputs). ``StatelessSymbolicContext``,
+    ``DimDynamic.UNBACKED``, ``ConstantSource`` and ``ignore_fresh_unbacked_symbols`` are the same
+    from 2.11 through 2.13.
+    """
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    sizes = [DimDynamic.UNBACKED if d in dims else DimDynamic.STATIC for d in range(tensor.dim())]
+    context = StatelessSymbolicContext(dynamic_sizes=sizes, dynamic_strides=[DimDynamic.INFER_STRIDE] * tensor.dim())
+    with fake_mode.shape_env.ignore_fresh_unbacked_symbols():
+        return fake_mode.from_tensor(tensor, symbolic_context=context, source=ConstantSource(name))
+
+
 def outputs_as_tuple(out: object) -> tuple:
     """Dynamo graphs return a tuple; compiled Inductor code may return a list."""
     return tuple(out) if isinstance(out, (list, tuple)) else (out,)

@@ -65,6 +65,15 @@ class AttentionMetadata:
         self.slot_mapping[:num_tokens].copy_(other.slot_mapping[:num_tokens], non_blocking=True)
 
 
+# Dims of the context's buffers whose sizes come from engine limits (num_blocks, max_num_seqs,
+# max_model_len, max_num_tokens), by graph input name (``fg_<name>``, the KV caches
+# ``fg_kv_cache_<layer>``). Compiled code takes them as sizes read from the buffers at run time,
+# not constants: the kernels read their shapes when called anyway, and a change of those limits
+# then reuses the compiled code (Inductor's cache key holds the graph's shapes).
+SIZED_BY_LIMITS = {"kv_cache": (1,), "query_start_loc": (0,), "seq_lens": (0,), "block_table": (0, 1),
+                   "slot_mapping": (0,)}
+
+
 class ForwardContext:
     """Owns the paged KV cache, the static metadata buffers and the current step's shape.
 

@@ -90,12 +90,15 @@ class BatchSignature:
     """The batch structure of a graph's inputs and outputs, read from Dynamo's fake values."""
 
     def __init__(self, inputs: list, outputs: list, roles: list[InputRole] | None = None) -> None:
-        symbols = set().union(set(), *(_symbols(v) for v in (*inputs, *outputs)))
+        roles = roles or [InputRole()] * len(inputs)
+        # the forward context's buffers have sizes of their own (its limits), read in place, never padded
+        batch_inputs = [v for v, role in zip(inputs, roles) if not role.forward_context]
+        symbols = set().union(set(), *(_symbols(v) for v in (*batch_inputs, *outputs)))
         self.symbol: sympy.Symbol | None = next(iter(symbols)) if len(symbols) == 1 else None
         self.why_not_paddable: str | None = None
         if len(symbols) > 1:
             self.why_not_paddable = f"{len(symbols)} dynamic sizes ({sorted(map(str, symbols))}); padding needs one"
-        self.inputs = [self._spec(v, role) for v, role in zip(inputs, roles or [InputRole()] * len(inputs))]
+        self.inputs = [self._spec(v, role) for v, role in zip(inputs, roles)]
         self.outputs = [self._spec(v, InputRole()) for v in outputs]
         self.is_static = not symbols
         self._concrete: dict[tuple, tuple[int, ...]] = {}
@@ -127,7 +130,8 @@ class BatchSignature:
             return ArgSpec(ArgKind.OTHER)
         shape = tuple(_expr(s) for s in value.shape)
         stride = tuple(_expr(s) for s in value.stride())
-        dims = tuple(i for i, e in enumerate(shape) if e.free_symbols)
+        # the forward context's sizes are its limits, not batch dims (see ``__init__``)
+        dims = () if role.forward_context else tuple(i for i, e in enumerate(shape) if e.free_symbols)
         if role.static:
             if dims and self.why_not_paddable is None:  # read in place: there is no larger buffer to pad into
                 self.why_not_paddable = f"a fixed-address input of shape {list(shape)} has a batch dim"

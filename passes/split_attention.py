@@ -34,5 +34,24 @@ def split_at_attention(gm: torch.fx.GraphModule, is_attention: Callable[[torch.f
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.users and all(is_attention(u) for u in node.users):
             partition_of[node] = partition_of[next(iter(node.users))]
-    split = split_module(gm, None, lambda n: partition_of[n], keep_original_order=True)
+    split = _split_module(gm, lambda n: partition_of[n])
     return split, [f"submod_{p}" for p in sorted(attention_parts)]
+
+
+def _split_module(gm: torch.fx.GraphModule, partition: Callable[[torch.fx.Node], int]) -> torch.fx.GraphModule:
+    """``split_module``, with the forward context's buffers (placeholders the attention swap added)
+    entering it without their fakes: ``split_module`` looks up, for every symbol in the shape of a
+    part's input, the node that binds it, and nothing binds the buffers' sizes (the attention ops
+    read them off the buffers). Only attention parts, which run eagerly, read the buffers."""
+    hidden = {n.name: n.meta.pop("example_value") for n in gm.graph.find_nodes(op="placeholder")
+              if n.meta.get("fullgraph_input") and "example_value" in n.meta}
+    try:
+        split = split_module(gm, None, partition, keep_original_order=True)
+    finally:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            if node.name in hidden:
+                node.meta["example_value"] = hidden[node.name]
+    for node in split.graph.find_nodes(op="placeholder"):
+        if node.name in hidden:
+            node.meta["example_value"] = hidden[node.name]
+    return split

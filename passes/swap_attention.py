@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fullgraph_backend import compat
 from fullgraph_backend.attention.op import attention_node
 from fullgraph_backend.attention.registry import AttentionImpl
-from fullgraph_backend.forward_context import ForwardContext
+from fullgraph_backend.forward_context import SIZED_BY_LIMITS, ForwardContext
 
 ATTENTION_TARGET = attention_node._opoverload
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
@@ -75,9 +76,10 @@ def swap_attention(gm: torch.fx.GraphModule, ctx: ForwardContext | None, impl: A
         if not 0 <= layer_idx < len(ctx.kv_caches):
             raise IndexError(f"attention node {node.name} uses layer_idx {layer_idx}, but the forward context "
                              f"has {len(ctx.kv_caches)} layers")
-        reads = {"kv_cache": _input(graph, report, f"fg_kv_cache_{layer_idx}", ctx.kv_caches[layer_idx])}
+        reads = {"kv_cache": _input(graph, report, f"fg_kv_cache_{layer_idx}", ctx.kv_caches[layer_idx],
+                                    SIZED_BY_LIMITS["kv_cache"])}
         for attr in METADATA_ATTRS:
-            reads[attr] = _input(graph, report, f"fg_{attr}", getattr(ctx.metadata, attr))
+            reads[attr] = _input(graph, report, f"fg_{attr}", getattr(ctx.metadata, attr), SIZED_BY_LIMITS[attr])
         with graph.inserting_before(node):
             new = graph.call_function(impl.op, (q, k, v, *reads.values(), scale, window))
         new.meta.update(node.meta)
@@ -95,8 +97,18 @@ def _attention_args(node: torch.fx.Node) -> tuple:
     return tuple(values)
 
 
-def _input(graph: torch.fx.Graph, report: SwapReport, name: str, tensor: torch.Tensor) -> torch.fx.Node:
-    """The placeholder that feeds ``tensor`` into the graph, added after the last one once."""
+def _fake(fake_mode, name: str, tensor: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The fake a buffer is traced with: ``dims`` (sized by the engine's limits) symbolic where
+    there is a shape env, so the compiled code serves any limits; else every dim static."""
+    if fake_mode.shape_env is None:
+        return fake_mode.from_tensor(tensor, static_shapes=True)
+    return compat.fake_with_unbacked_dims(fake_mode, tensor, name, dims)
+
+
+def _input(graph: torch.fx.Graph, report: SwapReport, name: str, tensor: torch.Tensor,
+           sized_dims: tuple[int, ...]) -> torch.fx.Node:
+    """The placeholder that feeds ``tensor`` into the graph, added after the last one once;
+    ``sized_dims`` are symbolic in its fake (see ``SIZED_BY_LIMITS``)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     for node in placeholders:
         if node.name == name:
@@ -106,7 +118,7 @@ def _input(graph: torch.fx.Graph, report: SwapReport, name: str, tensor: torch.T
     with graph.inserting_after(placeholders[-1]):
         node = graph.placeholder(name)
     fake_mode = torch._guards.detect_fake_mode()
-    node.meta["example_value"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
+    node.meta["example_value"] = _fake(fake_mode, name, tensor, sized_dims) if fake_mode else tensor
     node.meta["fullgraph_input"] = name
     # what AOTAutograd expects of placeholders of a Dynamo graph: a source (none here) and,
     # for a fixed-address input, the static marker

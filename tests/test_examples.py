@@ -42,8 +42,9 @@ def test_readme_blocks_are_found():
 @pytest.mark.parametrize("path, expected", [
     ("api_tour.py", r"logits \(6, 512\) torch\.\w+ on (cpu|cuda), max \|compiled - eager\| \d\.\de[+-]\d\d\n"
                     r"next token of each request: \[\d+, \d+\]"),
-    ("engine.py", r"-O4 \(full\): load .* compile .* graphs.*\nprompt \[1, 2, 3, 4, 5\]: 100 tokens \[.*\]\.\.\., length, "
-                  r"first token after \d+ ms\nprompt \[6, 7, 8\]: 100 tokens"),
+    ("engine.py", r"-O4 \(full\): load .* compile .* graphs.*compile cache: \w+.*\n"
+                  r"prompt \[1, 2, 3, 4, 5\]: 100 tokens \[.*\]\.\.\., length, first token after \d+ ms\n"
+                  r"prompt \[6, 7, 8\]: 100 tokens"),
 ], ids=["api_tour", "engine"])
 def test_example_runs_and_prints_for_a_newcomer(path, expected):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -3,7 +3,8 @@
 Modules, one job each: ``config`` (options), ``levels`` (-O0..-O4), ``params`` (sampling),
 ``sequence`` (request state and outputs), ``block_manager`` (KV blocks), ``scheduler``
 (continuous batching, chunked prefill), ``kv_budget`` (cache size), ``loader`` (models),
-``model_runner`` (metadata, model, sampling per step), ``sampler``, ``llm`` (the front),
+``model_runner`` (metadata, model, sampling per step), ``compile_cache`` (what Inductor's caches
+did at startup), ``sampler``, ``llm`` (the front),
 ``parallel`` (the engine over several processes: ``tensor_parallel_size``), ``bench`` (latency and
 serving benchmarks).
 """

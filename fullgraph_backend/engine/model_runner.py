@@ -37,6 +37,7 @@ from fullgraph_backend.backend import RecordingBackend
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.direct_call import CannotBind, DirectCall
 from fullgraph_backend.distributed.layers import rank_cache_config, shard_decoder
+from fullgraph_backend.engine import compile_cache
 from fullgraph_backend.engine.config import EngineConfig
 from fullgraph_backend.engine.host import to_device
 from fullgraph_backend.engine.kv_budget import num_kv_blocks
@@ -72,11 +73,15 @@ class StartupReport:
     graph_mib: float = 0.0  # graph pool growth over all captures (0 on CPU: graphs are emulated)
     kv_blocks: int = 0
     kv_gib: float = 0.0
+    # Inductor's on-disk cache for the compile: hit, miss, bypass or unused, and why (compile_cache.py)
+    compile_cache: str = "unused"
+    compile_cache_why: str = ""
 
     def __str__(self) -> str:
+        cache = f"; compile cache: {self.compile_cache} ({self.compile_cache_why})" if self.compile_cache_why else ""
         return (f"-O{self.level} ({self.cudagraph_mode}): load {self.load_s:.1f} s, compile {self.compile_s:.1f} s, "
                 f"capture {self.capture_s:.2f} s, {self.num_graphs} graphs, graph memory {self.graph_mib:.0f} MiB, "
-                f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB)")
+                f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB){cache}")
 
 
 @dataclass(frozen=True)
@@ -238,10 +243,12 @@ class ModelRunner:
                                kv_gib=sum(c.numel() * c.element_size() for c in self.ctx.kv_caches) / 2**30)
         if not self.compiled:
             return report
+        events = compile_cache.cache_events()
         start = time.perf_counter()
         self._forward(*dummy_step(self.ctx, self.ctx.max_num_tokens, mixed=True), rows=[])
         self._sync()
         first_call = time.perf_counter() - start
+        report.compile_cache, report.compile_cache_why = compile_cache.outcome(events, compile_cache.cache_events())
         self._forward(*dummy_step(self.ctx, self.ctx.max_num_seqs, mixed=False), rows=[])  # eager attention kernels
         self._sync()
         table = [rec for r in self._backend.runners for rec in r.capture_table]

@@ -153,6 +153,8 @@ class Decoder(nn.Module):
         for name, p in self.named_parameters():  # a tied head is listed once, as embed_tokens.weight
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
+            elif p.dtype == torch.float32 and self._shard(name) is None:
+                p.normal_(0.0, 0.02, generator=gen)  # the same numbers, drawn in place: no copy
             else:  # drawn whole, so a tensor-parallel rank's slice holds the single-process model's values
                 self.load_full(name, torch.empty(self.full_shape(name), device=device).normal_(0.0, 0.02,
                                                                                               generator=gen))

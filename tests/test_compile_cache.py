@@ -1,0 +1,42 @@
+"""Inductor's compile cache across engines: limits (max_model_len, max_num_seqs, num_kv_blocks) are
+sizes the compiled graph reads at run time, so changing them loads the graph an earlier engine
+compiled; the startup report says hit or miss and why."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import fresh_cache
+
+from fullgraph_backend.engine import LLM, SamplingParams
+from fullgraph_backend.engine.compile_cache import outcome
+
+LIMITS = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, num_kv_blocks=24)
+
+
+def tiny_llm(**changes) -> LLM:
+    """A tiny engine, compiled with Inductor, capturing the warm-up's two sizes (emulated on CPU)."""
+    return LLM("tiny", optimization_level=4, seed=0, compile_options={"capture_sizes": (8, 16)},
+               **{**LIMITS, **changes})
+
+
+@pytest.mark.slow
+def test_changed_limits_load_the_compiled_graph():
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    with fresh_cache():
+        first = tiny_llm()
+        assert first.startup.compile_cache == "miss" and "not part of the key" in str(first.startup)
+        tokens = first.generate([[1, 2, 3]], greedy)[0].token_ids
+        for changes in ({}, {"max_model_len": 128}, {"max_num_seqs": 8}, {"num_kv_blocks": 40}):
+            torch._dynamo.reset()
+            llm = tiny_llm(**changes)
+            assert llm.startup.compile_cache == "hit", (changes, str(llm.startup))
+            assert llm.generate([[1, 2, 3]], greedy)[0].token_ids == tokens, changes
+
+
+def test_outcome_names_the_worst_event():
+    zero = dict(hit=0, miss=0, bypass=0)
+    assert outcome(zero, dict(zero, hit=2))[0] == "hit"
+    assert outcome(zero, dict(zero, hit=1, miss=1))[0] == "miss"
+    assert outcome(zero, dict(zero, bypass=1))[0] == "bypass"
+    verdict, why = outcome(zero, zero)
+    assert verdict == "unused" and "compiler='eager'" in why
