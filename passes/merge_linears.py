@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 
 from passes.swap_linear import LINEAR_TARGETS, linear_args
@@ -156,6 +157,8 @@ def _add(graph: torch.fx.Graph, target, *args) -> torch.fx.Node:
     inputs = [a.meta.get("example_value") for a in node.all_input_nodes]
     fake_modes = {id(v.fake_mode): v.fake_mode for v in pytree.tree_leaves(inputs) if isinstance(v, FakeTensor)}
     if len(fake_modes) == 1 and all(v is not None for v in inputs):
-        with next(iter(fake_modes.values())):
+        # as Dynamo traces: composite ops (linear -> matmul) on symbolic sizes need the Python
+        # dispatcher in 2.11 ("Cannot call numel() on tensor with symbolic sizes/strides")
+        with next(iter(fake_modes.values())), enable_python_dispatcher():
             node.meta["example_value"] = target(*torch.fx.node.map_arg(args, lambda a: a.meta["example_value"]))
     return node
