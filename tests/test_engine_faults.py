@@ -12,7 +12,6 @@ import pytest
 from helpers import make_llm, mixed_prompts, sharp_model, write_hf_model
 from fullgraph_backend.cuda_graph import EmulatedGraphs
 from fullgraph_backend.engine import SamplingParams
-from fullgraph_backend.engine.sequence import Status
 
 PHASES = ("schedule", "prepare", "model", "sample", "commit", "update")
 PROMPTS = mixed_prompts(6, seed=7, max_len=30)

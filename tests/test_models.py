@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from fullgraph_backend import use_forward_context
-from fullgraph_backend.models import CONFIGS, Decoder, DecoderConfig, RopeScaling, build_model, get_config
+from fullgraph_backend.models import Decoder, DecoderConfig, RopeScaling, build_model, get_config
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16)

@@ -126,7 +126,7 @@ def engine_tpot_rows(batches: list[int], prompt_len: int, tokens: int, repeats: 
 
         rows.append({"batch": batch, "tpot_ms": tpot_ms(generate, tokens, repeats), "graphs": llm.startup.num_graphs,
                      "startup": str(llm.startup)})
-    del llm
+    llm = None  # the closures above share this cell: the engine goes with it
     gc.collect()
     torch.cuda.empty_cache()
     return rows
