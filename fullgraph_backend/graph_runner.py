@@ -422,8 +422,11 @@ class GraphRunner:
         eagerly; other outputs in graph memory are new tensor objects over it (CUDA: marked
         unreadable once the next call overwrites them), or copies where that cannot be marked."""
         owned = self._owned[key]
+        path = self.paths[key.kind]
+        # a whole-graph piece's inputs are the call's; split pieces number their own inputs
+        whole = path.pieces[0] if path.fn is path.pieces[0] else None
         copied_at = {t.untyped_storage().data_ptr(): (t, args[i])
-                     for piece in self.paths[key.kind].pieces for i, t in piece.recordings[key].reads.items()}
+                     for i, t in (whole.recordings[key].reads.items() if whole else ())}
         result = []
         for out in outputs:
             if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in copied_at:
