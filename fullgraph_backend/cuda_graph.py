@@ -73,13 +73,19 @@ class EmulatedGraphs:
         return outputs_as_tuple(fn(*args))
 
     def capture(self, fn: Callable, args: list) -> CapturedCall:
-        # own copies: outputs may be views of one another, which must not be written in place
-        outputs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs_as_tuple(fn(*args)))
+        # An output aliasing an input stays that view, as under CUDA capture (each replay writes the
+        # same memory); other outputs get copies of their own, refilled by each replay (outputs may be
+        # views of one another, which must not be written in place).
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        outputs = tuple(o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs
+                        else o for o in outputs_as_tuple(fn(*args)))
+        refilled = [i for i, o in enumerate(outputs)
+                    if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs]
 
         def replay() -> None:
-            for dst, src in zip(outputs, outputs_as_tuple(fn(*args))):
-                if isinstance(dst, torch.Tensor):
-                    dst.copy_(src)
+            fresh = outputs_as_tuple(fn(*args))
+            for i in refilled:
+                outputs[i].copy_(fresh[i])
 
         return CapturedCall(replay, outputs)
 

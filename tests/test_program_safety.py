@@ -293,6 +293,7 @@ programs = st.tuples(st.lists(st.sampled_from(OPS), min_size=1, max_size=5), st.
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs)
+@example(program=([_write_input], True, [2, 1, 1]))  # see the CUDA variant below
 def test_random_programs_match_eager(program):
     ops, return_view, sizes = program
     torch._dynamo.reset()
@@ -327,16 +328,17 @@ def test_random_programs_match_eager_in_cuda_graphs(program):
     _run_program(ops, return_view, [max(2, sizes[0]), *sizes[1:]], "eager", CUDA)
 
 
-@pytest.mark.gpu
-def test_a_view_of_a_copied_input_is_a_view_of_the_callers_tensor():
+@pytest.mark.parametrize("device", [DEVICE, pytest.param(CUDA, marks=pytest.mark.gpu)])
+def test_a_view_of_a_copied_input_is_a_view_of_the_callers_tensor(device):
     def f(x, y):
         y.add_(x)
         return x * 2, y[:, 1:3]
 
+    torch._dynamo.reset()
     compiled = torch.compile(f, backend="fullgraph", options={"compiler": "eager"})
     with torch.inference_mode():
         for n in (3, 5, 2):
-            x, y = torch.randn(n, 4, device=CUDA), torch.randn(n, 4, device=CUDA)
+            x, y = torch.randn(n, 4, device=device), torch.randn(n, 4, device=device)
             _, view = compiled(x, y)
             assert view.data_ptr() == y[:, 1:3].data_ptr(), f"batch {n}: the output is not a view of y"
             torch.testing.assert_close(view, y[:, 1:3])
