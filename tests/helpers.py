@@ -140,15 +140,16 @@ def naive_attention(q, k_cache, v_cache, query_lens, seq_lens, block_tables, blo
 
 
 # ---- Dynamo graphs for pass and padding tests ----------------------------------------------------
-def dynamo_graph(fn, *args, dynamic=((0, 0),)):
-    """The one FX graph Dynamo hands a backend for ``fn(*args)``, with its example inputs.
+def dynamo_graph(fn, *args, dynamic=((0, 0),), read=lambda gm, example_inputs: (gm, example_inputs)):
+    """The one FX graph Dynamo hands a backend for ``fn(*args)``, with its example inputs; or what
+    ``read(gm, example_inputs)`` returns, called while Dynamo is calling the backend.
 
     ``dynamic`` lists ``(arg index, dim)`` pairs marked dynamic before the call.
     """
     graphs = []
 
     def backend(gm, example_inputs):
-        graphs.append((gm, example_inputs))
+        graphs.append(read(gm, example_inputs))
         return gm.forward
 
     for i, d in dynamic:

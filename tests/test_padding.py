@@ -8,24 +8,16 @@ import torch.nn as nn
 
 from fullgraph_backend import compat
 from fullgraph_backend.padding import ArgKind, BatchSignature
+from helpers import dynamo_graph
 
 
 def signature_of(fn, *args, dynamic=((0, 0),)):
     """The BatchSignature of the graph Dynamo hands a backend, read while Dynamo is calling it, by placeholder name."""
-    found = []
-
-    def backend(gm, example_inputs):
+    def read(gm, example_inputs):
         gm = compat.copy_dynamo_graph(gm)
-        sig = BatchSignature.of(gm)
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        found.append((sig, names))
-        return gm.forward
+        return BatchSignature.of(gm), [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
-    for i, d in dynamic:
-        torch._dynamo.mark_dynamic(args[i], d)
-    with torch.inference_mode():
-        torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    (sig, names), = found
+    sig, names = dynamo_graph(fn, *args, dynamic=dynamic, read=read)
     return sig, dict(zip(names, sig.inputs))
 
 
