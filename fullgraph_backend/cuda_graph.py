@@ -77,10 +77,10 @@ class EmulatedGraphs:
         # same memory); other outputs get copies of their own, refilled by each replay (outputs may be
         # views of one another, which must not be written in place).
         inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        outputs = tuple(o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs
-                        else o for o in outputs_as_tuple(fn(*args)))
-        refilled = [i for i, o in enumerate(outputs)
+        first = outputs_as_tuple(fn(*args))
+        refilled = [i for i, o in enumerate(first)
                     if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs]
+        outputs = tuple(o.clone() if i in refilled else o for i, o in enumerate(first))
 
         def replay() -> None:
             fresh = outputs_as_tuple(fn(*args))

@@ -134,6 +134,8 @@ class Recording:
         theirs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)} - staged.owned
         self.owned = staged.owned | {o.untyped_storage().data_ptr() for o in call.outputs
                                      if isinstance(o, torch.Tensor)} - theirs
+        # per staging buffer's storage: the input position it holds, and the buffer
+        self.buffers = {t.untyped_storage().data_ptr(): (i, t) for i, t in staged.reads.items()}
 
     @property
     def reads(self) -> dict[int, torch.Tensor]:
@@ -424,13 +426,12 @@ class GraphRunner:
         owned = self._owned[key]
         path = self.paths[key.kind]
         # a whole-graph piece's inputs are the call's; split pieces number their own inputs
-        whole = path.pieces[0] if path.fn is path.pieces[0] else None
-        copied_at = {t.untyped_storage().data_ptr(): (t, args[i])
-                     for i, t in (whole.recordings[key].reads.items() if whole else ())}
+        buffers = path.pieces[0].recordings[key].buffers if path.fn is path.pieces[0] else {}
         result = []
         for out in outputs:
-            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in copied_at:
-                out = _caller_view(out, *copied_at[out.untyped_storage().data_ptr()])
+            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in buffers:
+                i, buffer = buffers[out.untyped_storage().data_ptr()]
+                out = _caller_view(out, buffer, args[i])
             if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in owned:
                 if self.graphs.emulated or not compat.can_forbid_access():
                     out = out.clone()

@@ -81,22 +81,20 @@ class StagedInputs:
                  produced: set[int], adopt: bool = False) -> None:
         self.sig, self.plan, self.size = sig, plan, size
         self.reads: dict[int, torch.Tensor] = {}
-        self.adopted: set[int] = set()
+        # where each adopted input was, as numbers: the tensors themselves may be another graph's
+        # outputs, unreadable once that graph replays again
+        self._adopted_at: dict[int, tuple] = {}
         for i in plan.indices(Role.COPY):
             spec, arg = sig.inputs[i], args[i]
             shape, stride = sig.at(spec.shape, size), sig.at(spec.stride, size)
             fits = (isinstance(arg, torch.Tensor) and tuple(arg.shape) == shape and arg.stride() == stride
                     and arg.dtype == spec.dtype)
             if fits and adopt and i in plan.adopt:
-                self.adopted.add(i)
-            self.reads[i] = arg if fits and (i in self.adopted or arg.data_ptr() in produced) else _buffer(
-                spec, shape, stride)
+                self._adopted_at[i] = _layout(arg)
+            else:
+                self.reads[i] = arg if fits and arg.data_ptr() in produced else _buffer(spec, shape, stride)
+        self.adopted = set(self._adopted_at)
         self.owned = {t.untyped_storage().data_ptr() for i, t in self.reads.items() if t is not args[i]}
-        # where the adopted inputs were, as numbers: the tensors themselves may be another graph's
-        # outputs, unreadable once that graph replays again
-        self._adopted_at = {i: _layout(args[i]) for i in self.adopted}
-        for i in self.adopted:
-            del self.reads[i]
 
     def holds(self, args: tuple) -> bool:
         """Whether every adopted input is where the recording reads it (same address and layout)."""
