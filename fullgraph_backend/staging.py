@@ -104,9 +104,8 @@ class StagedInputs:
         """The args the graph sees: each copied input copied to where the graph reads it (its real rows
         into the padded buffer), the size replaced by the padded size; adopted inputs as they are."""
         staged = list(args)
+        _copy_all([_rows(self.sig.inputs[i], dst, args[i]) for i, dst in self.reads.items() if args[i] is not dst])
         for i, dst in self.reads.items():
-            if args[i] is not dst:
-                _copy_rows(self.sig.inputs[i], dst, args[i])
             staged[i] = dst
         for i in self.plan.indices(Role.SIZE):
             staged[i] = self.size
@@ -114,9 +113,8 @@ class StagedInputs:
 
     def write_back(self, args: tuple) -> None:
         """Copy what the graph wrote into copied inputs back into the caller's tensors (real rows)."""
-        for i in self.plan.write_back - self.adopted:
-            if args[i] is not self.reads[i]:
-                _copy_rows(self.sig.inputs[i], args[i], self.reads[i])
+        _copy_all([_rows(self.sig.inputs[i], args[i], self.reads[i])
+                   for i in self.plan.write_back - self.adopted if args[i] is not self.reads[i]])
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -130,16 +128,31 @@ def _buffer(spec: ArgSpec, shape: tuple[int, ...], stride: tuple[int, ...]) -> t
     return flat.as_strided(shape, stride)
 
 
-def _copy_rows(spec: ArgSpec, dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` over the rows both have along the batch dims, once per element of an
-    expanded (stride-0) dim: a copy into overlapping memory would be an error."""
+def _rows(spec: ArgSpec, dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dst, src)`` cut to the rows both have along the batch dims, and to one element of an
+    expanded (stride-0) dim of ``dst``: a copy into overlapping memory would be an error."""
+    if src.shape == dst.shape and 0 not in dst.stride():  # the common case, checked in C: ~100 per call
+        return dst, src
     for d in range(dst.dim()):
         rows = min(src.shape[d], dst.shape[d])
         if dst.stride(d) == 0 and dst.shape[d] > 1:
             rows = 1
         if rows != dst.shape[d] or rows != src.shape[d]:
             src, dst = src.narrow(d, 0, rows), dst.narrow(d, 0, rows)
-    dst.copy_(src)
+    return dst, src
+
+
+def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``dst.copy_(src)`` for every pair, as one foreach copy per device and dtype: a state kept by
+    the caller (transformers' static cache: two tensors and a counter per layer) is ~100 tensors,
+    and a launch each is ~100 launches per call (docs/perf-notes.md, section 21)."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for dst, src in pairs:
+        dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.device, src.dtype), ([], []))
+        dsts.append(dst)
+        srcs.append(src)
+    for dsts, srcs in groups.values():
+        torch._foreach_copy_(dsts, srcs)
 
 
 def aliased_writes(sig: BatchSignature, inputs: list, names: list[str]) -> list[str]:
