@@ -197,7 +197,7 @@ class CapturedPiece:
         self.recordings[key].call.hold = None
 
     def _replay(self, rec: Recording, args: tuple) -> tuple:
-        if [args[i].data_ptr() for i in self.static] != rec.static_ptrs:
+        if not compat.data_ptrs_equal(args, rec.static_ptrs, self.static):
             self._raise_moved(rec, args)
         if not rec.staged.holds(args):
             raise InputsMoved()

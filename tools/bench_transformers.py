@@ -20,6 +20,7 @@ Usage (GPU): python tools/bench_transformers.py --out OUT_DIR [--batches 1,8] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -75,7 +76,10 @@ def tpot_ms(generate, tokens: int, repeats: int) -> float:
     return statistics.median(per_token)
 
 
-def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: int) -> dict:
+@contextlib.contextmanager
+def compiled_generate(model, mode: str, ids: torch.Tensor):
+    """``(generate(n), backend)`` for one of the transformers modes: ``model.forward`` compiled as
+    ``mode`` asks (backend is the fullgraph backend, else None); transformers' own forward after."""
     torch._dynamo.reset()
     backend = None
     if mode == "fullgraph":
@@ -99,10 +103,15 @@ def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: 
                                   disable_compile=mode != "hf-compiled")
 
     try:
-        row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats)}
+        yield generate, backend
     finally:  # the next mode starts from transformers' own forward
         model.__dict__.pop("forward", None)
         model.__dict__.pop("_compiled_call", None)
+
+
+def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: int) -> dict:
+    with compiled_generate(model, mode, ids) as (generate, backend):
+        row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats)}
     if backend is not None:
         row["graphs"] = backend.graphs
         row["graph_keys"] = [[rec.size, rec.kind] for r in backend.runners for rec in r.capture_table]
