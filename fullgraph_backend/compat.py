@@ -16,12 +16,13 @@ def weak_tensor(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(weak, t.storage_offset(), t.size(), t.stride())
 
 
-def data_ptrs_equal(tensors: tuple, ptrs: list[int], positions: list[int]) -> bool:
-    """Whether ``tensors[positions[k]].data_ptr() == ptrs[k]`` for every k: one C++ call where the
-    build has cudagraph trees' check (CUDA builds, 2.11 through 2.14), a Python loop elsewhere."""
+def data_ptrs_equal(tensors: tuple, ptrs: list, positions: list[int]) -> bool:
+    """Whether ``tensors[i].data_ptr() == ptrs[i]`` at every ``i`` in ``positions`` (``ptrs`` is indexed
+    like ``tensors``): one C++ call where the build has cudagraph trees' check (CUDA builds, 2.11
+    through 2.14), a Python loop elsewhere."""
     if hasattr(torch._C, "_tensors_data_ptrs_at_indices_equal"):
         return torch._C._tensors_data_ptrs_at_indices_equal(list(tensors), ptrs, positions)
-    return [tensors[i].data_ptr() for i in positions] == ptrs
+    return all(tensors[i].data_ptr() == ptrs[i] for i in positions)
 
 
 def can_forbid_access() -> bool:

@@ -128,7 +128,10 @@ class Recording:
 
     def __init__(self, call: CapturedCall, staged: StagedInputs, inputs: list) -> None:
         self.call, self.staged = call, staged
-        self.static_ptrs = [inputs[i].data_ptr() for i in staged.plan.indices(Role.IN_PLACE)]
+        # indexed like the inputs, as compat.data_ptrs_equal reads it
+        self.static_ptrs = [None] * len(inputs)
+        for i in staged.plan.indices(Role.IN_PLACE):
+            self.static_ptrs[i] = inputs[i].data_ptr()
         # storages a caller must not keep past the next call: staging buffers and graph outputs;
         # an output aliasing an input the caller owns (an adopted or fixed-address one) is not ours
         theirs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)} - staged.owned
@@ -210,7 +213,7 @@ class CapturedPiece:
         return outputs[0] if self.single_output else outputs
 
     def _raise_moved(self, rec: Recording, args: tuple) -> None:
-        moved = [i for i, p in zip(self.static, rec.static_ptrs) if args[i].data_ptr() != p]
+        moved = [i for i in self.static if args[i].data_ptr() != rec.static_ptrs[i]]
         raise RuntimeError(
             f"fullgraph: {len(moved)} fixed-address graph input(s) (weights, buffers or marked tensors; arg "
             f"positions {moved[:8]}) are not at the addresses captured in the CUDA graph, so a replay would read "

@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--narrow", action="store_true", help="same layer count, tiny widths (host study on CPU)")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed steps")
+    parser.add_argument("--kernels", type=int, default=0, help="then profile this many steps: GPU kernels per step")
     parser.add_argument("--options", default="{}", help="engine options as JSON, e.g. '{\"async_scheduling\": false}'")
     args = parser.parse_args()
     model = args.model
@@ -91,6 +92,24 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    if args.kernels:
+        print_kernels(llm, args.kernels)
+
+
+def print_kernels(llm: LLM, steps: int) -> None:
+    """The GPU kernels of ``steps`` engine steps (torch.profiler), per step: count and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            llm.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels) / steps
+    print(f"{sum(e.count for e in kernels) / steps:.0f} kernels, {total:.0f} us of GPU time per step")
+    for e in kernels[:30]:
+        print(f"{e.count / steps:6.1f}/step {e.self_device_time_total / steps:8.1f} us  {e.key[:110]}")
 
 
 if __name__ == "__main__":
