@@ -324,7 +324,7 @@ class GraphRunner:
             except InputsMoved:  # raised before anything replayed: capture the key for the new addresses
                 self._recapture(key, args)
                 out = self._run(_Step(Phase.REPLAY, key), args)
-            return self._hand_out(out if n is None else self.sig.slice_outputs(out, n), key, args)
+            return self._hand_out(out if n is None else self.sig.slice_outputs(out, n, args), key, args)
 
     # ---- keys ----------------------------------------------------------------------------
     def _check_context(self, n: int | None) -> BatchKind:

@@ -4,6 +4,12 @@ Dynamo hands the backend fake tensors whose sizes are sympy expressions. A graph
 when exactly one symbol (the batch size) appears, and only as a whole dimension: then an input
 of ``n`` rows can be copied into a static buffer of any capture size ``P >= n``
 (:mod:`fullgraph_backend.staging`), and an output computed at ``P`` is sliced back to ``n``.
+
+One other output dim is allowed: ``Min(s, u + c)``, ``u`` the size of a forward-context buffer (an
+engine limit, not a batch size) and ``c`` an integer, which :func:`fullgraph_backend.request_ends`
+gives the logits (one row per request lane, ``lanes = len(query_start_loc) - 1``). Its rows are
+the same at ``P`` as at ``n`` (the lanes index real tokens), so it is sliced to ``min(n, u + c)``
+with ``u`` read off the buffer at the call.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 
 import sympy
 import torch
+from torch.utils._sympy.functions import Min as _SymMin  # what torch.sym_min makes (2.11 through 2.13)
 
 
 class ArgKind(enum.Enum):
@@ -78,12 +85,43 @@ def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
-def _symbols(value) -> set:
+def _symbols(value, limits: dict | None = None) -> set:
+    """The symbols of a value's sizes and strides; with ``limits``, a ``Min(x, u + c)`` size
+    (see :func:`_lane_bound`) counts as ``x`` alone."""
     if isinstance(value, torch.SymInt):
         return set(value.node.expr.free_symbols)
     if isinstance(value, torch.Tensor):
-        return set().union(*(_expr(s).free_symbols for s in (*value.shape, *value.stride())), set())
+        exprs = [_expr(s) for s in (*value.shape, *value.stride())]
+        return set().union(*((_lane_bound(e, limits) or (e, None))[0].free_symbols for e in exprs), set())
     return set()
+
+
+def _limit_symbols(inputs: list, roles: list[InputRole]) -> dict:
+    """Each symbol that is a whole dim of a forward-context buffer (the engine's limits: the swap
+    pass makes those dims unbacked sizes, ``forward_context.SIZED_BY_LIMITS``), with where a
+    call's value of it is read: ``(input, dim)``."""
+    limits: dict = {}
+    for i, (value, role) in enumerate(zip(inputs, roles)):
+        if role.forward_context and isinstance(value, torch.Tensor):
+            for d, size in enumerate(value.shape):
+                e = _expr(size)
+                if isinstance(e, sympy.Symbol):
+                    limits.setdefault(e, (i, d))
+    return limits
+
+
+def _lane_bound(e, limits: dict | None) -> tuple | None:
+    """``(x, (input, dim, c))`` where ``e`` is ``Min(x, u + c)`` (either order), ``u`` a limit
+    symbol, ``c`` an integer and ``x`` a symbol that is not a limit; else None."""
+    if not limits or not isinstance(e, (_SymMin, sympy.Min)) or len(e.args) != 2:
+        return None
+    for x, bound in (e.args, reversed(e.args)):
+        if isinstance(x, sympy.Symbol) and x not in limits and len(bound.free_symbols) == 1:
+            (u,) = bound.free_symbols
+            c = bound - u
+            if u in limits and c.is_Integer:
+                return x, (*limits[u], int(c))
+    return None
 
 
 class BatchSignature:
@@ -93,13 +131,16 @@ class BatchSignature:
         roles = roles or [InputRole()] * len(inputs)
         # the forward context's buffers have sizes of their own (its limits), read in place, never padded
         batch_inputs = [v for v, role in zip(inputs, roles) if not role.forward_context]
-        symbols = set().union(set(), *(_symbols(v) for v in (*batch_inputs, *outputs)))
+        # an output's rows may be bounded by a limit (``Min(s, u + c)``, the module docstring)
+        self._limits = _limit_symbols(inputs, roles)
+        symbols = set().union(set(), *(_symbols(v) for v in batch_inputs),
+                              *(_symbols(v, self._limits) for v in outputs))
         self.symbol: sympy.Symbol | None = next(iter(symbols)) if len(symbols) == 1 else None
         self.why_not_paddable: str | None = None
         if len(symbols) > 1:
             self.why_not_paddable = f"{len(symbols)} dynamic sizes ({sorted(map(str, symbols))}); padding needs one"
         self.inputs = [self._spec(v, role) for v, role in zip(inputs, roles)]
-        self.outputs = [self._spec(v, InputRole()) for v in outputs]
+        self.outputs = [self._spec(v, InputRole(), output=True) for v in outputs]
         self.is_static = not symbols
         self._concrete: dict[tuple, tuple[int, ...]] = {}
         # where a call's batch size is read: (input, dim), dim None for the size itself; found once
@@ -108,6 +149,12 @@ class BatchSignature:
                               for i, spec in enumerate(self.inputs)
                               for d in ((None,) if spec.kind is ArgKind.SIZE else spec.batch_dims)
                               if spec.kind is ArgKind.SIZE or spec.shape[d] == self.symbol), None)
+        # per output, how each batch dim is cut at a call, found once (slicing is on the per-call path):
+        # (dim, its expression or None for the batch size itself, (input, dim, c) of a Min(s, u + c) dim)
+        self._cuts = [tuple((d, None if spec.shape[d] == self.symbol else spec.shape[d],
+                             (_lane_bound(spec.shape[d], self._limits) or (None, None))[1])
+                            for d in spec.batch_dims) if spec.kind is ArgKind.BATCHED else ()
+                      for spec in self.outputs]
 
     @classmethod
     def of(cls, gm: torch.fx.GraphModule) -> "BatchSignature":
@@ -124,7 +171,7 @@ class BatchSignature:
     def paddable(self) -> bool:
         return self.symbol is not None and self.why_not_paddable is None
 
-    def _spec(self, value, role: InputRole) -> ArgSpec:
+    def _spec(self, value, role: InputRole, output: bool = False) -> ArgSpec:
         sym = self.symbol
         if isinstance(value, torch.SymInt):
             if sym is not None and value.node.expr == sym:
@@ -144,7 +191,8 @@ class BatchSignature:
             return ArgSpec(ArgKind.STATIC, dims, shape, stride, value.dtype, value.device, role)
         if not dims:
             return ArgSpec(ArgKind.COPIED, (), shape, stride, value.dtype, value.device, role)
-        if any(shape[d] != sym for d in dims) and self.why_not_paddable is None:
+        lanes = [d for d in dims if output and (_lane_bound(shape[d], self._limits) or (None,))[0] == sym]
+        if any(shape[d] != sym and d not in lanes for d in dims) and self.why_not_paddable is None:
             self.why_not_paddable = f"a tensor of shape {list(shape)} has a batch dim that is not the batch size itself"
         return ArgSpec(ArgKind.BATCHED, dims, shape, stride, value.dtype, value.device, role)
 
@@ -169,15 +217,19 @@ class BatchSignature:
             self._concrete[key] = tuple(int(e.subs(self.symbol, size)) if e.free_symbols else int(e) for e in values)
         return self._concrete[key]
 
-    def slice_outputs(self, outputs: tuple, size: int) -> tuple:
-        """Cut outputs computed at a padded size back to their shapes at batch size ``size``."""
+    def slice_outputs(self, outputs: tuple, size: int, args: tuple = ()) -> tuple:
+        """Cut outputs computed at a padded size back to their shapes at batch size ``size``; ``args``
+        (the call's, forward-context buffers included) give the limits of ``Min(s, u + c)`` dims."""
         result = []
-        for spec, out in zip(self.outputs, outputs):
-            if spec.kind is ArgKind.BATCHED:
-                shape = self.at(spec.shape, size)
-                for d in spec.batch_dims:
-                    out = out.narrow(d, 0, shape[d])
-            elif spec.kind is ArgKind.SIZE:
+        for spec, cuts, out in zip(self.outputs, self._cuts, outputs):
+            for d, expr, limit in cuts:
+                if limit is not None:
+                    i, dim, c = limit
+                    rows = min(size, args[i].shape[dim] + c)
+                else:
+                    rows = size if expr is None else self.at((expr,), size)[0]
+                out = out.narrow(d, 0, rows)
+            if spec.kind is ArgKind.SIZE:
                 out = size
             result.append(out)
         return tuple(result)

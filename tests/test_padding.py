@@ -147,3 +147,76 @@ def test_at_substitutes_the_symbol(size):
     spec = _kind(specs, "x")
     assert sig.at(spec.shape, size) == (4, size, 8)
     assert sig.at(spec.stride, size) == (8 * size, 8, 1)
+
+
+# ---- outputs bounded by a limit: request_ends' Min(s, lanes) rows ------------------------------
+def _limited(out_fn, batch=(6, 4), extra=None):
+    """The signature of ``out_fn(x, qsl[, y])``'s outputs, ``x`` batched (an unbacked size, as the
+    engine marks its tokens), ``qsl`` a forward-context buffer whose length is a limit (as the
+    attention swap makes it), ``y`` (``extra``) an ordinary input with a size of its own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fullgraph_backend.padding import InputRole
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    inputs = [compat.fake_with_unbacked_dims(mode, torch.zeros(batch), "x", (0,)),
+              compat.fake_with_unbacked_dims(mode, torch.zeros(9, dtype=torch.int32), "fg_query_start_loc", (0,))]
+    roles = [InputRole(), InputRole(static=True, forward_context=True)]
+    if extra is not None:
+        inputs.append(compat.fake_with_unbacked_dims(mode, torch.zeros(extra), "y", (0,)))
+        roles.append(InputRole())
+    with mode:
+        outputs = out_fn(*inputs)
+    return BatchSignature(inputs, list(outputs) if isinstance(outputs, tuple) else [outputs], roles)
+
+
+def _lanes(x, qsl):
+    from fullgraph_backend.request_ends import ends_of
+
+    return x.index_select(0, ends_of(x, qsl))  # Min(s, u - 1) rows
+
+
+@pytest.mark.parametrize("out_fn", [
+    _lanes,
+    lambda x, qsl: x.narrow(0, 0, torch.sym_min(qsl.shape[0], x.shape[0])),  # Min(u, s): the other order, c = 0
+    lambda x, qsl: (x * 2, _lanes(x, qsl).t()),  # beside a plain batched output; the bound dim not first
+])
+def test_rows_bounded_by_a_forward_context_limit_are_paddable(out_fn):
+    sig = _limited(out_fn)
+    assert sig.paddable and sig.why_not_paddable is None, sig.why_not_paddable
+    assert all(sig.symbol in spec.shape[d].free_symbols for spec in sig.outputs for d in spec.batch_dims)
+    assert all(spec.kind is ArgKind.BATCHED for spec in sig.outputs)
+
+
+@pytest.mark.parametrize("size, lanes, rows", [(5, 8, 5), (20, 8, 8), (20, 3, 3), (8, 8, 8)])
+def test_rows_bounded_by_a_limit_are_sliced_to_the_limit_of_the_call(size, lanes, rows):
+    """``Min(n, len(qsl) - 1)``, ``len(qsl)`` read off the call's buffer (a limit changed since the
+    compile is read, not the compile-time length)."""
+    sig = _limited(lambda x, qsl: (_lanes(x, qsl), x * 2))
+    padded = (torch.randn(min(32, lanes), 4), torch.randn(32, 4))
+    args = (torch.randn(size, 4), torch.zeros(lanes + 1, dtype=torch.int32))
+    lanes_out, plain = sig.slice_outputs(padded, size, args)
+    assert lanes_out.shape == (rows, 4) and lanes_out.data_ptr() == padded[0].data_ptr()
+    assert plain.shape == (size, 4)
+
+
+@pytest.mark.parametrize("out_fn, why", [
+    # Min(s, 16), a constant bound: user code's x[:16] or x[-16:] alike, and padding moves the rows of the second
+    (lambda x, qsl: x.narrow(0, 0, torch.sym_min(x.shape[0], 16)), "not the batch size itself"),
+    (lambda x, qsl: x.narrow(0, 1, x.shape[0] - 1), "not the batch size itself"),  # s - 1
+    (lambda x, qsl, y: x.narrow(0, 0, torch.sym_min(x.shape[0], y.shape[0])), "2 dynamic sizes"),  # Min(s, s2)
+    (lambda x, qsl: x.narrow(0, 0, torch.sym_min(x.shape[0], 2 * qsl.shape[0] - 3)), "2 dynamic sizes"),  # not u + c
+    (lambda x, qsl: _lanes(x, qsl).reshape(-1), "2 dynamic sizes"),  # 4 * Min(s, u - 1): not a bound alone
+    (lambda x, qsl: qsl[: qsl.shape[0] - 1], "2 dynamic sizes"),  # u - 1 alone: a limit is no batch size
+])
+def test_near_misses_of_a_limit_bound_stay_unpaddable(out_fn, why):
+    sig = _limited(out_fn, extra=(7, 4) if out_fn.__code__.co_argcount == 3 else None)
+    assert not sig.paddable
+    assert why in sig.why_not_paddable, sig.why_not_paddable
+
+
+def test_a_limit_bound_input_or_size_is_not_paddable():
+    """Only outputs may have limit-bounded rows: a returned size expression stays refused."""
+    sig = _limited(lambda x, qsl: (x * 2, torch.sym_min(x.shape[0], qsl.shape[0] - 1)))
+    assert not sig.paddable
