@@ -8,6 +8,7 @@ from fullgraph_backend.attention import attention
 from fullgraph_backend.forward_context import (AttentionMetadata, BatchKind, ForwardContext, get_forward_context,
                                                use_forward_context)
 from fullgraph_backend.kv_cache import NULL_BLOCK, PAD_SLOT
+from fullgraph_backend.request_ends import request_ends
 
-__all__ = ["attention", "AttentionMetadata", "BatchKind", "ForwardContext", "get_forward_context",
+__all__ = ["attention", "request_ends", "AttentionMetadata", "BatchKind", "ForwardContext", "get_forward_context",
            "use_forward_context", "NULL_BLOCK", "PAD_SLOT"]

@@ -18,8 +18,10 @@ from fullgraph_backend import compat
 from fullgraph_backend.attention.op import attention_node
 from fullgraph_backend.attention.registry import AttentionImpl
 from fullgraph_backend.forward_context import SIZED_BY_LIMITS, ForwardContext
+from fullgraph_backend.request_ends import ends_of, request_ends_node
 
 ATTENTION_TARGET = attention_node._opoverload
+REQUEST_ENDS_TARGET = request_ends_node._opoverload
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 
 
@@ -67,6 +69,9 @@ def swap_attention(gm: torch.fx.GraphModule, ctx: ForwardContext | None, impl: A
             report.left_alone.append((node.name, "plain SDPA over dense per-sample tensors: no paged cache, "
                                                  "so Inductor compiles it as is (safe to capture)"))
             continue
+        if node.target is REQUEST_ENDS_TARGET:
+            _swap_request_ends(graph, report, node, ctx)
+            continue
         if node.target is not ATTENTION_TARGET:
             continue
         if ctx is None:
@@ -89,6 +94,50 @@ def swap_attention(gm: torch.fx.GraphModule, ctx: ForwardContext | None, impl: A
     graph.lint()
     gm.recompile()
     return report
+
+
+def _swap_request_ends(graph: torch.fx.Graph, report: SwapReport, node: torch.fx.Node,
+                       ctx: ForwardContext | None) -> None:
+    """``request_ends(x)`` -> :func:`ends_of` over ``fg_query_start_loc``, plain ops Inductor fuses.
+
+    Dynamo traced the node with ``min(N, max_num_seqs)`` rows, the limit a constant; the swapped
+    node's rows are ``Min(N, lanes)``, lanes read off the buffer (an unbacked size), and so are those
+    of every node it feeds, the graph's outputs included (:class:`~fullgraph_backend.padding.BatchSignature`
+    reads them there)."""
+    if ctx is None:
+        raise RuntimeError("the model calls fullgraph_backend.request_ends but no ForwardContext is active at "
+                           "compile time: call the compiled model inside `with use_forward_context(ctx):`")
+    qsl = _input(graph, report, "fg_query_start_loc", ctx.metadata.query_start_loc,
+                 SIZED_BY_LIMITS["query_start_loc"])
+    (x,) = node.args
+    with graph.inserting_before(node):
+        new = graph.call_function(ends_of, (x, qsl))
+    fake = x.meta.get("example_value")
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    mode = getattr(fake, "fake_mode", None)
+    if mode is not None:  # in the mode Dynamo traced with (the buffer's fake is the backend's; one shape env)
+        with mode:
+            new.meta["example_value"] = ends_of(fake, mode.from_tensor(qsl.meta["example_value"]))
+            _refresh_fakes(graph, new)
+
+
+def _refresh_fakes(graph: torch.fx.Graph, changed: torch.fx.Node) -> None:
+    """Recompute the fake value of every node that ``changed`` feeds, in graph order. A node it
+    cannot run (a module call, an input without a fake) keeps Dynamo's value, and so do the nodes
+    it feeds: the graph's outputs then show the constant bound, and the graph is not padded (logged)."""
+    fed = {changed}
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or not fed.intersection(node.all_input_nodes):
+            continue
+        if any("example_value" not in n.meta for n in node.all_input_nodes):
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["example_value"])
+        if node.op == "call_method":
+            node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            node.meta["example_value"] = node.target(*args, **kwargs)
+        fed.add(node)
 
 
 def _attention_args(node: torch.fx.Node) -> tuple:

@@ -61,6 +61,20 @@ def test_compiled_levels_equal_o0_token_for_token(sharp_dir, reference, level):
     assert llm.block_manager.num_free == llm.block_manager.num_usable
 
 
+@pytest.mark.parametrize("level", [2, 4])
+def test_graphs_compute_logits_only_for_request_lanes(sharp_dir, level):
+    """A captured step of N tokens has logits for min(N, lanes) rows, lanes = the context's
+    max_num_seqs (the engine's + 1): 9 rows at the 32-token budget, not 32 (docs/perf-notes.md, 22)."""
+    llm = make_llm(sharp_dir, level)
+    (runner,) = llm.runner.graph_runners
+    lanes = llm.runner.ctx.max_num_seqs
+    rows = {key.size: rec.call.outputs[0].shape[0] for key, rec in runner.pieces[-1].recordings.items()}
+    assert lanes == 9 and rows[32] == lanes
+    assert rows == {size: min(size, lanes) for size in rows}
+    vocab = llm.runner.eager_model.config.vocab_size
+    assert all(rec.call.outputs[0].shape[1] == vocab for rec in runner.pieces[-1].recordings.values())
+
+
 @pytest.mark.slow
 def test_inductor_o4_equals_o0(sharp_dir, reference):
     llm = make_llm(sharp_dir, 4, compile_options={"capture_sizes": (1, 2, 4, 8, 16, 32)})

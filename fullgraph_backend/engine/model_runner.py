@@ -9,7 +9,8 @@ rules of the compiled model shape it:
   second graph (or need a dummy request beside it, which also kept one-row linears off the
   GEMV). With an unbacked size, one graph serves every step, one token included.
 - Outputs of a compiled call are overwritten by the next call: the rows to sample are indexed
-  out (a copy) and sampled before the next step. Logits are taken only at those rows.
+  out (a copy) and sampled before the next step. The model computes logits only where a request
+  ends (``request_ends=True``: row ``i`` is request ``i``'s last token), not for every token.
 - Compile once, then call without Dynamo. Dynamo compiles an engine's entry function, whose code
   object is the engine's own (:func:`engine_entry`): Dynamo keeps compiled code per code object,
   so engines do not share its recompile limit (the 9th engine of a process ran uncompiled). After
@@ -91,7 +92,8 @@ class Step:
 
     ``input_ids`` holds 0 where a token is still being sampled by the previous launch; ``gathers``
     lists, per such token, (its index in ``input_ids``, its row in that launch's samples).
-    ``rows`` are the packed rows whose logits are sampled, for ``request_ids`` with ``params``.
+    ``rows`` are the logits rows sampled (row ``i``: request ``i`` of the step), for ``request_ids``
+    with ``params``.
     ``forget``: requests whose sampling state can go (finished since the step before).
     """
 
@@ -132,8 +134,8 @@ class ModelRunner:
         self.eager_model = model
         self._backend = RecordingBackend(self.options) if self.options is not None else None
         # the per-step call: compiled through Dynamo until warm_up swaps in a DirectCall
-        self.model: Callable = (functools.partial(torch.compile(engine_entry(), backend=self._backend), model)
-                                if self._backend else model)
+        self.model: Callable = functools.partial(torch.compile(engine_entry(), backend=self._backend)
+                                                 if self._backend else _entry, model)
         self.sampler = Sampler(self.device, seed)
         pin = self.device.type == "cuda"
         self._ids = torch.zeros(self.ctx.max_num_tokens, dtype=torch.int64, pin_memory=pin)  # staging
@@ -170,7 +172,7 @@ class ModelRunner:
         """``batch`` as a :class:`Step`: host work only, nothing launched."""
         query_lens = list(batch.num_new)
         ids, gathers = self._input_ids(batch)
-        rows = [end - 1 for end, sample in zip(itertools.accumulate(query_lens), batch.samples) if sample]
+        rows = [i for i, sample in enumerate(batch.samples) if sample]
         picked = [s for s, sample in zip(batch.seqs, batch.samples) if sample]
         forget, self._forgotten = self._forgotten, []
         return Step(query_lens, [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
@@ -306,17 +308,22 @@ class SampledTokens:
 
 
 def engine_entry() -> Callable:
-    """``entry(model, input_ids, positions) = model(input_ids, positions)``, with a code object no
-    other engine shares: Dynamo keeps compiled code, and counts recompiles against its limit, per
-    code object, so each engine compiles as if it were the first."""
+    """``entry(model, input_ids, positions) = model(input_ids, positions, request_ends=True)``, with a
+    code object no other engine shares: Dynamo keeps compiled code, and counts recompiles against
+    its limit, per code object, so each engine compiles as if it were the first."""
     def entry(model, input_ids, positions):
-        return model(input_ids, positions)
+        return model(input_ids, positions, request_ends=True)
 
     entry.__code__ = entry.__code__.replace(co_name=f"engine_step_{next(_ENTRIES)}")  # named in Dynamo's logs
     return entry
 
 
 _ENTRIES = itertools.count()
+
+
+def _entry(model, input_ids, positions):
+    """The eager step: logits at request ends only, as compiled steps have them."""
+    return model(input_ids, positions, request_ends=True)
 
 
 def dummy_step(ctx: ForwardContext, num_tokens: int,
@@ -363,8 +370,8 @@ def profile_activation_bytes(model: Decoder, **limits) -> int:
     before = torch.cuda.memory_allocated(device)
     with use_forward_context(ctx), torch.inference_mode():
         positions = ctx.prepare(query_lens, seq_lens, tables)
-        logits = model(torch.tensor(ids, device=device), positions)
-        logits[-len(query_lens):].float().softmax(-1)  # what sampling adds
+        logits = model(torch.tensor(ids, device=device), positions, request_ends=True)
+        logits.float().softmax(-1)  # what sampling adds
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     del ctx, logits, positions

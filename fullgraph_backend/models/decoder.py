@@ -133,12 +133,15 @@ class Decoder(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``input_ids``, ``positions``: ``[N]`` int64 packed tokens -> logits ``[N, vocab_size]``."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, request_ends: bool = False) -> torch.Tensor:
+        """``input_ids``, ``positions``: ``[N]`` int64 packed tokens -> logits ``[N, vocab_size]``;
+        with ``request_ends``, logits at :func:`fullgraph_backend.request_ends`'s rows only."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
         for layer in self.layers:
             x = layer(x, cos, sin)
+        if request_ends:
+            x = x.index_select(0, fullgraph_backend.request_ends(x))
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()

@@ -118,9 +118,12 @@ class TransformersDecoder(nn.Module):
         pack_linears(model, config.sibling_linears)
         self.eval().requires_grad_(False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``input_ids``, ``positions``: ``[N]`` int64 packed tokens -> logits ``[N, vocab_size]``."""
-        return self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False).logits[0]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, request_ends: bool = False) -> torch.Tensor:
+        """``input_ids``, ``positions``: ``[N]`` int64 packed tokens -> logits ``[N, vocab_size]``;
+        with ``request_ends``, logits at :func:`fullgraph_backend.request_ends`'s rows only."""
+        keep = fullgraph_backend.request_ends(input_ids) if request_ends else 0
+        return self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+                          logits_to_keep=keep).logits[0]
 
 
 class _AttentionCall(NamedTuple):
