@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch._dispatch.python import enable_python_dispatcher
 
 from fullgraph_backend import compat
 from fullgraph_backend.attention.op import attention_node
@@ -116,8 +117,9 @@ def _swap_request_ends(graph: torch.fx.Graph, report: SwapReport, node: torch.fx
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     mode = getattr(fake, "fake_mode", None)
-    if mode is not None:  # in the mode Dynamo traced with (the buffer's fake is the backend's; one shape env)
-        with mode:
+    if mode is not None:  # as Dynamo traced: its fake mode (the buffer's fake is the backend's; one shape
+        # env) and the Python dispatcher (2.11's C++ matmul cannot take the symbolic sizes without it)
+        with mode, enable_python_dispatcher():
             new.meta["example_value"] = ends_of(fake, mode.from_tensor(qsl.meta["example_value"]))
             _refresh_fakes(graph, new)
 
