@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fullgraph_backend.attention import triton_paged
 from fullgraph_backend.config import default_capture_sizes
@@ -62,9 +63,12 @@ class KeyRecorder:
 
 
 def record_on_h200(monkeypatch) -> dict[str, KeyRecorder]:
-    """Recorders in place of the attention kernels, with an H200's device constants."""
+    """Recorders in place of the attention kernels, with an H200's device constants, and scratch and
+    descriptor tables of their own (the meta tensors must not reach the process-wide ones)."""
     monkeypatch.setattr(triton_paged, "_sm_count", lambda device: 132)
     monkeypatch.setattr(triton_paged, "_has_tma", lambda device: True)
+    monkeypatch.setattr(triton_paged, "_SCRATCH", {})
+    monkeypatch.setattr(triton_paged, "_DESCRIPTORS", WeakIdKeyDictionary())
     recorders = {name: KeyRecorder(getattr(triton_paged, name)) for name in KERNELS}
     for name, recorder in recorders.items():
         monkeypatch.setattr(triton_paged, name, recorder)
