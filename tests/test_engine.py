@@ -91,6 +91,18 @@ def test_startup_report(sharp_dir):
     assert report.capture_s >= 0 and report.load_s > 0 and report.kv_blocks > 2 and "graphs" in str(report)
 
 
+def test_startup_captures_every_key_when_the_budget_is_beyond_the_capture_sizes(sharp_dir):
+    """A token budget (32) beyond the largest capture size (4): the warm-up's first step runs without
+    graphs, and its decode step, within the capture sizes, captures every key at startup, not in the
+    first request; compile and capture are reported apart."""
+    llm = make_llm(sharp_dir, 4, compile_options={"compiler": "eager", "capture_sizes": (1, 2, 4)})
+    report = llm.startup
+    assert report.num_graphs == 3 and report.capture_s > 0 and report.compile_s > 0, str(report)
+    captured = [len(r.capture_table) for r in llm.runner.graph_runners]
+    greedy(llm, [[1, 2, 3], [4, 5]])
+    assert [len(r.capture_table) for r in llm.runner.graph_runners] == captured
+
+
 def test_a_one_token_prompt_and_max_model_len(sharp_dir, reference, monkeypatch):
     llm = make_llm(sharp_dir, 4)
     calls = []

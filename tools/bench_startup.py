@@ -11,7 +11,7 @@ Runs (``--runs``, comma-separated, in order; ``cold`` first empties the caches):
   len=N, seqs=N, kv=N the options given with max_model_len / max_num_seqs / num_kv_blocks changed
 
 Usage (GPU): python tools/bench_startup.py --out OUT_DIR [--model qwen2.5-1.5b] [--level 4]
-                 [--max-model-len 2048] [--runs cold,warm,len=640,seqs=64,kv=4000]
+                 [--max-model-len 2048] [--runs cold,warm,len=640,seqs=64,kv=4000] [--capture-sizes 1,2,...]
 """
 from __future__ import annotations
 
@@ -74,12 +74,15 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=4)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--runs", default="cold,warm,len=640")
+    parser.add_argument("--capture-sizes", help="comma list of padded sizes to capture (default: the backend's)")
     parser.add_argument("--cache-root", help="where the runs' caches live (default: a new temporary folder)")
     args = parser.parse_args()
     if args.child:
         child(args)
         return
     base = dict(optimization_level=args.level, seed=0, max_model_len=args.max_model_len)
+    if args.capture_sizes:
+        base["compile_options"] = {"capture_sizes": [int(s) for s in args.capture_sizes.split(",")]}
     cache_dir = args.cache_root or tempfile.mkdtemp(prefix="fullgraph-startup-")
     rows = []
     for run in args.runs.split(","):

@@ -249,17 +249,23 @@ class ModelRunner:
         start = time.perf_counter()
         self._forward(*dummy_step(self.ctx, self.ctx.max_num_tokens, mixed=True), rows=[])
         self._sync()
-        first_call = time.perf_counter() - start
+        report.compile_s = time.perf_counter() - start - self._capture_table_s()
         report.compile_cache, report.compile_cache_why = compile_cache.outcome(events, compile_cache.cache_events())
-        self._forward(*dummy_step(self.ctx, self.ctx.max_num_seqs, mixed=False), rows=[])  # eager attention kernels
+        # eager attention kernels; and where the budget is beyond the largest capture size (so the step
+        # above ran without graphs), the first step within it: it captures every key now, not in a request
+        decode = min(self.ctx.max_num_seqs, max((s for r in self.graph_runners for s in r.capture_sizes), default=2))
+        self._forward(*dummy_step(self.ctx, decode, mixed=False), rows=[])
         self._sync()
         table = [rec for r in self._backend.runners for rec in r.capture_table]
-        report.capture_s = sum(rec.warmup_ms + rec.capture_ms for rec in table) / 1e3
-        report.compile_s = first_call - report.capture_s
+        report.capture_s = self._capture_table_s()
         report.num_graphs = self._backend.graphs
         report.graph_mib = sum(rec.pool_mib for rec in table)
         self.model = self._direct_call()
         return report
+
+    def _capture_table_s(self) -> float:
+        """Seconds of warm-up and capture runs so far."""
+        return sum(rec.warmup_ms + rec.capture_ms for r in self.graph_runners for rec in r.capture_table) / 1e3
 
     def _direct_call(self) -> Callable:
         """The graph runner called directly, where Dynamo compiled the step into one graph; else the
