@@ -56,13 +56,18 @@ def transformers_model(name: str):
     return model
 
 
-def tpot_ms(generate, tokens: int, repeats: int) -> float:
-    """Median ms per token after the first, from generates of ``tokens`` and ``2 * tokens`` new tokens."""
-    # compile and capture; transformers makes a new static cache per generate, which the graphs
-    # capture again until they copy it instead (RECAPTURES_BEFORE_COPYING): captures stay out of
-    # the timed calls (on 2026-11-29 one warm-up generate let them into the fullgraph row)
+def warm_up(generate, tokens: int) -> None:
+    """Compile and capture before anything is timed. transformers makes a new static cache per
+    generate, which the graphs capture again until they copy it instead (RECAPTURES_BEFORE_COPYING):
+    captures stay out of the timed calls (on 2026-11-29 one warm-up generate let them into the
+    fullgraph row)."""
     for _ in range(RECAPTURES_BEFORE_COPYING + 2):
         generate(2 * tokens)
+
+
+def tpot_ms(generate, tokens: int, repeats: int) -> float:
+    """Median ms per token after the first, from generates of ``tokens`` and ``2 * tokens`` new tokens."""
+    warm_up(generate, tokens)
     per_token = []
     for _ in range(repeats):
         times = []

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_transformers import compiled_generate, transformers_model  # noqa: E402
+from bench_transformers import compiled_generate, transformers_model, warm_up  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +34,7 @@ def main() -> None:
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")
     for mode in args.modes.split(","):
         with compiled_generate(model, mode, ids) as (generate, _):
-            for _ in range(4):
-                generate(2 * args.tokens)
+            warm_up(generate, args.tokens)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 generate(args.tokens)

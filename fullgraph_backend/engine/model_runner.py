@@ -134,8 +134,9 @@ class ModelRunner:
         self.eager_model = model
         self._backend = RecordingBackend(self.options) if self.options is not None else None
         # the per-step call: compiled through Dynamo until warm_up swaps in a DirectCall
-        self.model: Callable = functools.partial(torch.compile(engine_entry(), backend=self._backend)
-                                                 if self._backend else _entry, model)
+        entry = engine_entry()
+        self.model: Callable = functools.partial(torch.compile(entry, backend=self._backend) if self._backend
+                                                 else entry, model)
         self.sampler = Sampler(self.device, seed)
         pin = self.device.type == "cuda"
         self._ids = torch.zeros(self.ctx.max_num_tokens, dtype=torch.int64, pin_memory=pin)  # staging
@@ -314,8 +315,8 @@ class SampledTokens:
 
 
 def engine_entry() -> Callable:
-    """``entry(model, input_ids, positions) = model(input_ids, positions, request_ends=True)``, with a
-    code object no other engine shares: Dynamo keeps compiled code, and counts recompiles against
+    """``entry(model, input_ids, positions) = model(input_ids, positions, request_ends=True)``, the
+    step compiled steps and eager ones (-O0) call alike, with a code object no other engine shares: Dynamo keeps compiled code, and counts recompiles against
     its limit, per code object, so each engine compiles as if it were the first."""
     def entry(model, input_ids, positions):
         return model(input_ids, positions, request_ends=True)
@@ -325,11 +326,6 @@ def engine_entry() -> Callable:
 
 
 _ENTRIES = itertools.count()
-
-
-def _entry(model, input_ids, positions):
-    """The eager step: logits at request ends only, as compiled steps have them."""
-    return model(input_ids, positions, request_ends=True)
 
 
 def dummy_step(ctx: ForwardContext, num_tokens: int,
