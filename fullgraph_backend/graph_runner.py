@@ -326,6 +326,19 @@ class GraphRunner:
                 out = self._run(_Step(Phase.REPLAY, key), args)
             return self._hand_out(out if n is None else self.sig.slice_outputs(out, n, args), key, args)
 
+    def release(self) -> None:
+        """Drop every captured graph (outputs handed out from them become unreadable); the next call
+        captures again. NCCL destroys a communicator only once every graph that captured its
+        collectives is gone: tensor parallelism's shutdown calls this first."""
+        with self._lock:
+            self._expire_outputs()
+            for piece in self.pieces:
+                piece.recordings.clear()
+                piece.copy_only.clear()
+            self._owned.clear()
+            self._all_owned.clear()
+            self._moves.clear()
+
     # ---- keys ----------------------------------------------------------------------------
     def _check_context(self, n: int | None) -> BatchKind:
         if self.ctx is None:

@@ -125,3 +125,21 @@ def test_inductor_compiles_the_collectives_into_the_captured_graph(one_rank, tmp
     text = code.read_text()
     assert "torch.ops._c10d_functional.all_reduce_.default" in text  # in place, on Inductor's buffer
     assert "torch.ops._c10d_functional.all_gather_into_tensor.default" in text and "wait_tensor" in text
+
+
+def test_the_head_gathers_logits_of_a_row_count_that_may_be_one(one_rank):
+    """The logits' rows are ``request_ends``' count, unbacked and possibly 1: Inductor compiles the
+    head's gather of them (torch 2.11 refused a gather laid out as [1, n, k]: a data-dependent guard
+    on n * k > k)."""
+    head = VocabParallelHead(16, 32, one_rank, torch.float32).requires_grad_(False)
+
+    def last_rows(x, n):
+        k = n.item()
+        torch._check(k >= 1)
+        return head(x[: torch.sym_max(1, torch.sym_min(k, x.shape[0] - 1))])
+
+    compiled = torch.compile(last_rows, backend="inductor", fullgraph=True)
+    x = torch.randn(5, 16)
+    compat.mark_unbacked(x, 0)
+    for n in (1, 3):
+        torch.testing.assert_close(compiled(x, torch.tensor(n)), head(x[:n]))

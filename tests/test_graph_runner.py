@@ -133,6 +133,19 @@ def test_capture_table_one_row_per_key_largest_first(mode):
     assert len(h.backend.runners) == 1
 
 
+def test_release_drops_every_graph_and_the_next_call_captures_again():
+    h = Harness("full_and_piecewise", capture_sizes=[2, 4, 8])
+    h.step(5)
+    h.step(3, decode=True)
+    runner = h.backend.runner
+    runner.release()
+    assert all(not p.recordings for p in runner.pieces)
+    for n, decode in [(3, True), (6, False)]:
+        got, expected = h.step(n, decode=decode)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{n} tokens after release")
+    assert all(p.recordings for p in runner.pieces)
+
+
 def test_capture_sizes_cut_to_context_max_tokens():
     h = Harness(capture_sizes=[2, 4, 8, 16, 32, 64, 128], max_num_tokens=40)
     h.step(5)

@@ -104,6 +104,23 @@ class TestTwoRanksAtO4:
         with pytest.raises(RuntimeError, match=r"another tensor-parallel LLM still alive \(one per process: `del`"):
             make_llm(sharp_dir, tensor_parallel_size=2)
 
+    def test_closing_drops_the_graphs_before_leaving_the_groups(self, tp2, monkeypatch):
+        """NCCL destroys a communicator only once every graph that captured its collectives is gone
+        (on a GPU, closing hung in destroy_process_group until the graphs went first)."""
+        llm, _ = tp2
+        graphs_when_leaving = []
+
+        def destroy(*args, **kwargs):
+            graphs_when_leaving.append(llm.runner._backend.graphs)
+            return leave(*args, **kwargs)
+
+        leave = dist.destroy_process_group
+        monkeypatch.setattr(dist, "destroy_process_group", destroy)
+        assert llm.runner._backend.graphs == 7
+        llm.workers.close()
+        assert graphs_when_leaving == [0]
+        assert all(map(gone, llm.workers.worker_pids.values()))
+
 
 def test_two_ranks_piecewise_at_o2(sharp_dir, expected):
     """-O2: the collectives sit in the pieces between the attention calls."""

@@ -56,9 +56,11 @@ def test_float32_greedy_tokens_of_two_ranks_equal_one_process(small_dir, one_pro
 
 
 def test_a_worker_killed_while_rank_0_waits_on_a_replay_is_an_error(small_dir):
-    """In a process of its own: rank 0's GPU keeps a collective that never completes."""
+    """In a process of its own: rank 0's GPU keeps a collective that never completes. A hang dumps
+    the process's stacks (faulthandler) and fails the test, rather than holding the suite."""
     script = f"""
-import os, signal, threading
+import faulthandler, os, signal, threading
+faulthandler.dump_traceback_later(240, exit=True)
 from fullgraph_backend.distributed.processes import WorkerDied
 from fullgraph_backend.engine import LLM, SamplingParams
 llm = LLM({str(small_dir)!r}, optimization_level=4, dtype="bfloat16", tensor_parallel_size=2, max_num_seqs=8,
@@ -72,5 +74,5 @@ except WorkerDied as error:
     print("raised:", str(error).splitlines()[0], flush=True)
 os._exit(0)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "raised: tensor-parallel worker rank 1" in done.stdout, done.stderr[-3000:]

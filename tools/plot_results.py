@@ -119,6 +119,27 @@ def plot_transformers(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_tensor_parallel(result: dict, path: str) -> None:
+    """Grouped bars: TPOT per (level, batch), one bar per tensor-parallel size, and the step's
+    collectives alone; the weights floor of each size as dashed lines."""
+    rows = [r for r in result["rows"] if "tpot_ms" in r]
+    groups = sorted({(r["level"], r["batch"]) for r in rows}, key=lambda key: (-key[0], key[1]))
+    collectives = {r["batch"]: r["us"] / 1e3 for r in result["rows"] if "collectives" in r}
+    series = {f"TP={tp}": [next((r["tpot_ms"] for r in rows if (r["level"], r["batch"], r["tp"]) == (*g, tp)), 0)
+                            for g in groups] for tp in sorted({r["tp"] for r in rows})}
+    series["collectives alone (TP=2)"] = [collectives.get(b, 0) for _, b in groups]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _grouped_bars(ax, [f"-O{level}, batch {b}" for level, b in groups], series)
+    floor = result["weights_gb"] * 1e9 / (result["copy_bandwidth_tbs"] * 1e12) * 1e3
+    for tp, style in ((1, "--"), (2, ":")):
+        ax.axhline(floor / tp, color="gray", linestyle=style, label=f"weights floor TP={tp}")
+    ax.set_ylabel("ms per output token")
+    ax.set_title(f"{result['model']} shapes, {result['device']} x {result['gpus']}, torch {result['torch']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     source, target = sys.argv[1:3]
     with open(source) as f:
@@ -127,6 +148,8 @@ def main() -> None:
         plot_serving(result, target)
     elif result.get("kind") == "transformers":
         plot_transformers(result, target)
+    elif result.get("kind") == "tensor_parallel":
+        plot_tensor_parallel(result, target)
     elif "shapes" in result:  # tools/bench_attention.py
         plot_attention(result, target)
     else:

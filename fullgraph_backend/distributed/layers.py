@@ -83,11 +83,14 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 def all_gather_columns(x: torch.Tensor, size: int, group: str) -> torch.Tensor:
     """``[n, k]`` on each of ``size`` ranks -> ``[n, size * k]``, rank 0's columns first.
 
-    Gathered along a new leading dim, so the token count stays a whole dimension of every tensor
-    (the graph stays paddable; gathering rows would make a ``size * n`` dim).
+    The collective gathers ``x`` itself ([size * n, k], strides (k, 1)): gathering ``x.unsqueeze(0)``
+    gave its wait a stride ``n * k`` that torch 2.11's Inductor compares with ``k`` to fix the
+    layout, a data-dependent guard when ``n`` is the logits' row count (``request_ends``), which
+    may be 1. The result is viewed back with ``-1`` rows: an ``unflatten`` by ``n`` made Dynamo
+    specialise the batch size, and the graph unpaddable.
     """
-    gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.unsqueeze(0), size, group))
-    return gathered.movedim(0, -2).flatten(-2)
+    gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), size, group))
+    return gathered.view(size, -1, x.shape[-1]).movedim(0, -2).flatten(-2)
 
 
 # ---- split layers --------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ STEP_WAIT = datetime.timedelta(days=365)  # a worker waits for the next step as 
 EXIT_WAIT = 10.0  # seconds a worker gets to exit after the stop message
 _ERROR_KEY = "fullgraph/error/{}"
 _READY_KEY = "fullgraph/ready/{}"
+_LEAVING_KEY = "fullgraph/leaving/{}"  # a worker got the stop message and leaves the groups now
 _STOP = None  # the step message that ends a worker's loop
 
 
@@ -71,6 +72,7 @@ class ParallelGroup:
         self._world = dist.group.WORLD if owns_default_group else None
         self._broken: str | None = None  # why the workers were shut down, once they were
         self._closed = False
+        self._before_leaving: list[Callable[[], None]] = []
 
     @property
     def worker_pids(self) -> dict[int, int]:
@@ -134,16 +136,29 @@ class ParallelGroup:
             self._store.set(_ERROR_KEY.format(self.rank), error)
 
     # ---- the end -------------------------------------------------------------------------------
+    def before_leaving(self, release: Callable[[], None]) -> None:
+        """Have ``release`` called just before this rank leaves the groups: it must drop every CUDA
+        graph that captured the model's collectives, or NCCL's destroy (and abort) waits forever."""
+        self._before_leaving.append(release)
+
     def close(self) -> None:
-        """Stop the workers (rank 0) and leave the process groups; safe to call more than once."""
+        """Stop the workers (rank 0) and leave the process groups; safe to call more than once.
+
+        Rank 0 leaves once its workers have the stop message (so closing the steps' group cannot
+        cut it off) and while they leave too, then waits for them to exit: NCCL may tear a
+        communicator down with its peers, so waiting for the workers' exit first could wait on itself."""
         if self._closed:
             return
         self._closed = True
         if self.is_driver and not self._broken:
             with contextlib.suppress(Exception):  # a worker already gone is what close is for
                 self.send(_STOP)
-        self._stop_workers(EXIT_WAIT)
+            if self._store is not None:
+                _wait_for(self._store, self._workers, _LEAVING_KEY, EXIT_WAIT)
+        elif self._store is not None:
+            self._store.set(_LEAVING_KEY.format(self.rank), "1")
         self._leave(dist.destroy_process_group)
+        self._stop_workers(EXIT_WAIT)
 
     def _shut_down(self, why: str) -> None:
         """After a failure: kill the workers and leave the groups at once, collectives in flight
@@ -155,8 +170,11 @@ class ParallelGroup:
 
     def _leave(self, how: Callable[[], None]) -> None:
         if self._world is not None and dist.is_initialized() and dist.group.WORLD is self._world:
+            for release in self._before_leaving:
+                release()
             how()
         self._world = None
+        self._before_leaving.clear()
 
     def _stop_workers(self, grace: float) -> None:
         for proc in self._workers.values():
@@ -277,12 +295,22 @@ def _step_group() -> Any:
 def _wait_ready(store: Any, workers: dict[int, subprocess.Popen]) -> None:
     """Wait until every worker reached the store; a worker that exits first is a WorkerDied at once,
     not after the rendezvous timeout."""
-    keys = [_READY_KEY.format(rank) for rank in workers]
-    deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+    died = _wait_for(store, workers, _READY_KEY, COLLECTIVE_TIMEOUT.total_seconds())
+    if died is not None:
+        raise died
+
+
+def _wait_for(store: Any, workers: dict[int, subprocess.Popen], key: str, seconds: float) -> WorkerDied | None:
+    """Wait up to ``seconds`` until every worker set ``key`` (formatted with its rank) in ``store``;
+    None once they have, else a WorkerDied for the first that exited, or for the time out."""
+    keys = [key.format(rank) for rank in workers]
+    deadline = time.monotonic() + seconds
     while not store.check(keys):
         died = _first_exit(workers, store)
         if died is not None:
-            raise died
+            return died
         if time.monotonic() > deadline:
-            raise WorkerDied(f"tensor-parallel workers did not reach the rendezvous within {COLLECTIVE_TIMEOUT}")
+            return WorkerDied(f"tensor-parallel workers did not set {key.format('<rank>')!r} in the rendezvous "
+                              f"store within {seconds:.0f} s")
         time.sleep(0.01)
+    return None

@@ -23,6 +23,7 @@ every graph key happen, then a dummy uniform-decode step, and reports what start
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import logging
 import math
@@ -152,6 +153,13 @@ class ModelRunner:
     def graph_runners(self) -> list:
         """The graph runners the backend returned for this engine's model (one per Dynamo graph)."""
         return list(self._backend.runners) if self._backend else []
+
+    def release_graphs(self) -> None:
+        """Drop this engine's captured graphs (a later step would capture again), and what still
+        refers to them, now: before its process groups are left (see :meth:`GraphRunner.release`)."""
+        for runner in self.graph_runners:
+            runner.release()
+        gc.collect()
 
     # ---- one step --------------------------------------------------------------------------
     def execute(self, batch: ScheduledBatch) -> "SampledTokens":
@@ -419,4 +427,6 @@ def build_runner(config: EngineConfig, group: ParallelGroup | None = None) -> tu
     runner = ModelRunner(loaded.model, level=c.optimization_level, cudagraph_mode=c.cudagraph_mode,
                          compile_options=compile_options, num_blocks=blocks, seed=c.seed,
                          workers=group if tp and group.is_driver else None, **limits)
+    if tp:
+        group.before_leaving(runner.release_graphs)
     return loaded, max_model_len, runner

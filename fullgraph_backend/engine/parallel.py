@@ -21,6 +21,7 @@ a token still being sampled (asynchronous scheduling). Rank 0's tokens are the o
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 
@@ -74,7 +75,10 @@ def worker_main() -> None:
         serve(config, group)
     except BaseException:
         group.report(traceback.format_exc())
-        sys.exit(1)
+        # Not sys.exit: interpreter teardown destroys process groups with a collective still
+        # pending, which aborts the process (-6) and hides the exit code rank 0 reports.
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def lockstep(group: ParallelGroup | None) -> contextlib.AbstractContextManager:
