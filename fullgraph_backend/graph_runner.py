@@ -204,7 +204,7 @@ class CapturedPiece:
             self._raise_moved(rec, args)
         if not rec.staged.holds(args):
             raise InputsMoved()
-        rec.staged.stage(args)
+        rec.staged.copy_in(args)
         rec.call.replay()
         rec.staged.write_back(args)
         return rec.call.outputs

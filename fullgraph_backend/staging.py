@@ -95,6 +95,10 @@ class StagedInputs:
                 self.reads[i] = arg if fits and arg.data_ptr() in produced else _buffer(spec, shape, stride)
         self.adopted = set(self._adopted_at)
         self.owned = {t.untyped_storage().data_ptr() for i, t in self.reads.items() if t is not args[i]}
+        # a replay's copies, grouped here so a call only gathers its own tensors
+        self._in = _grouped(sig, self.reads, args)
+        self._back = _grouped(sig, {i: self.reads[i] for i in sorted(plan.write_back - self.adopted)}, args)
+        self._sizes = plan.indices(Role.SIZE)
 
     def holds(self, args: tuple) -> bool:
         """Whether every adopted input is where the recording reads it (same address and layout)."""
@@ -103,18 +107,23 @@ class StagedInputs:
     def stage(self, args: tuple) -> list:
         """The args the graph sees: each copied input copied to where the graph reads it (its real rows
         into the padded buffer), the size replaced by the padded size; adopted inputs as they are."""
+        self.copy_in(args)
         staged = list(args)
-        _copy_all([_rows(self.sig.inputs[i], dst, args[i]) for i, dst in self.reads.items() if args[i] is not dst])
         for i, dst in self.reads.items():
             staged[i] = dst
-        for i in self.plan.indices(Role.SIZE):
+        for i in self._sizes:
             staged[i] = self.size
         return staged
 
+    def copy_in(self, args: tuple) -> None:
+        """Copy each copied input to where the graph reads it: what a replay needs of :meth:`stage`."""
+        for copies in self._in:
+            copies.run(args, into_graph=True)
+
     def write_back(self, args: tuple) -> None:
         """Copy what the graph wrote into copied inputs back into the caller's tensors (real rows)."""
-        _copy_all([_rows(self.sig.inputs[i], args[i], self.reads[i])
-                   for i in self.plan.write_back - self.adopted if args[i] is not self.reads[i]])
+        for copies in self._back:
+            copies.run(args, into_graph=False)
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -142,17 +151,44 @@ def _rows(spec: ArgSpec, dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.Te
     return dst, src
 
 
-def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """``dst.copy_(src)`` for every pair, as one foreach copy per device and dtype: a state kept by
-    the caller (transformers' static cache: two tensors and a counter per layer) is ~100 tensors,
-    and a launch each is ~100 launches per call (docs/perf-notes.md, section 21)."""
-    groups: dict[tuple, tuple[list, list]] = {}
-    for dst, src in pairs:
-        dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.device, src.dtype), ([], []))
-        dsts.append(dst)
-        srcs.append(src)
-    for dsts, srcs in groups.values():
+class _Copies:
+    """Copies between a call's inputs at ``positions`` and the tensors a recording reads there, of one
+    device and dtype: one foreach copy, not one launch per tensor (state kept by the caller,
+    transformers' static cache, is ~100 tensors: docs/perf-notes.md, section 21). Grouped when the
+    recording is made, so a call only gathers its own tensors (section 26).
+
+    ``specs`` is None when every pair copies whole: a buffer of the recording's own, of the input's
+    traced shape (no batch dim: Dynamo's guards hold the call's shape to it), no expanded dim. Else
+    each call cuts every pair to its rows (:func:`_rows`) and skips what the graph reads in place.
+    """
+
+    def __init__(self, positions: list[int], graph_side: list[torch.Tensor], specs: list[ArgSpec] | None) -> None:
+        self.positions, self.graph_side, self.specs = positions, graph_side, specs
+
+    def run(self, args: tuple, into_graph: bool) -> None:
+        theirs = [args[i] for i in self.positions]
+        if self.specs is None:
+            dsts, srcs = (self.graph_side, theirs) if into_graph else (theirs, self.graph_side)
+        else:
+            pairs = [_rows(spec, g, t) if into_graph else _rows(spec, t, g)
+                     for spec, g, t in zip(self.specs, self.graph_side, theirs) if g is not t]
+            if not pairs:
+                return
+            dsts, srcs = map(list, zip(*pairs))
         torch._foreach_copy_(dsts, srcs)
+
+
+def _grouped(sig: BatchSignature, reads: dict[int, torch.Tensor], args: tuple) -> list[_Copies]:
+    """``reads`` (input position -> the tensor the graph reads) as :class:`_Copies`, one per device and dtype."""
+    groups: dict[tuple, dict[int, torch.Tensor]] = {}
+    for i, t in reads.items():
+        groups.setdefault((t.device, t.dtype), {})[i] = t
+    result = []
+    for group in groups.values():
+        whole = all(t is not args[i] and sig.inputs[i].kind is ArgKind.COPIED and 0 not in t.stride()
+                    for i, t in group.items())
+        result.append(_Copies(list(group), list(group.values()), None if whole else [sig.inputs[i] for i in group]))
+    return result
 
 
 def aliased_writes(sig: BatchSignature, inputs: list, names: list[str]) -> list[str]:
