@@ -128,10 +128,14 @@ class Recording:
 
     def __init__(self, call: CapturedCall, staged: StagedInputs, inputs: list) -> None:
         self.call, self.staged = call, staged
-        # indexed like the inputs, as compat.data_ptrs_equal reads it
-        self.static_ptrs = [None] * len(inputs)
-        for i in staged.plan.indices(Role.IN_PLACE):
-            self.static_ptrs[i] = inputs[i].data_ptr()
+        # what the graph reads where the caller keeps it, checked at every replay in one C++ call: the
+        # fixed-address inputs and the adopted state; addresses indexed like the inputs, as
+        # compat.data_ptrs_equal reads them (numbers: an adopted input may be another graph's output,
+        # unreadable once that graph replays again)
+        self.in_place = sorted([*staged.plan.indices(Role.IN_PLACE), *staged.adopted])
+        self.ptrs = [None] * len(inputs)
+        for i in self.in_place:
+            self.ptrs[i] = inputs[i].data_ptr()
         # storages a caller must not keep past the next call: staging buffers and graph outputs;
         # an output aliasing an input the caller owns (an adopted or fixed-address one) is not ours
         theirs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)} - staged.owned
@@ -200,10 +204,10 @@ class CapturedPiece:
         self.recordings[key].call.hold = None
 
     def _replay(self, rec: Recording, args: tuple) -> tuple:
-        if not compat.data_ptrs_equal(args, rec.static_ptrs, self.static):
-            self._raise_moved(rec, args)
-        if not rec.staged.holds(args):
-            raise InputsMoved()
+        if not compat.data_ptrs_equal(args, rec.ptrs, rec.in_place):
+            if not compat.data_ptrs_equal(args, rec.ptrs, self.static):
+                self._raise_moved(rec, args)
+            raise InputsMoved()  # only adopted state moved
         rec.staged.copy_in(args)
         rec.call.replay()
         rec.staged.write_back(args)
@@ -213,7 +217,7 @@ class CapturedPiece:
         return outputs[0] if self.single_output else outputs
 
     def _raise_moved(self, rec: Recording, args: tuple) -> None:
-        moved = [i for i in self.static if args[i].data_ptr() != rec.static_ptrs[i]]
+        moved = [i for i in self.static if args[i].data_ptr() != rec.ptrs[i]]
         raise RuntimeError(
             f"fullgraph: {len(moved)} fixed-address graph input(s) (weights, buffers or marked tensors; arg "
             f"positions {moved[:8]}) are not at the addresses captured in the CUDA graph, so a replay would read "

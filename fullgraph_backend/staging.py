@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fullgraph_backend import compat
 from fullgraph_backend.padding import ArgKind, ArgSpec, BatchSignature
 
 
@@ -75,39 +74,30 @@ class StagedInputs:
     ``reads[i]`` is a buffer of its own; or (piecewise mode) the output of a piece captured earlier
     for the same key, which the graph reads where it lives so a replay copies only what moved; or,
     with ``adopt``, the caller's own tensor for the inputs the plan lets it adopt (:attr:`adopted`),
-    valid while :meth:`holds`.
+    valid while it stays at the address it had at capture (its ``graph_runner.Recording`` checks that with
+    the fixed addresses; the layout is the traced one, and Dynamo's guards keep a tensor's shape and
+    strides: a call with others compiles again).
     """
 
     def __init__(self, sig: BatchSignature, plan: InputPlan, size: int | None, args: tuple,
                  produced: set[int], adopt: bool = False) -> None:
         self.sig, self.plan, self.size = sig, plan, size
         self.reads: dict[int, torch.Tensor] = {}
-        # where each adopted input was, as numbers indexed like the inputs (compat.data_ptrs_equal reads
-        # them so): the tensors themselves may be another graph's outputs, unreadable once it replays
-        self._adopted_at: list[int | None] = [None] * len(args)
+        self.adopted: set[int] = set()
         for i in plan.indices(Role.COPY):
             spec, arg = sig.inputs[i], args[i]
             shape, stride = sig.at(spec.shape, size), sig.at(spec.stride, size)
             fits = (isinstance(arg, torch.Tensor) and tuple(arg.shape) == shape and arg.stride() == stride
                     and arg.dtype == spec.dtype)
             if fits and adopt and i in plan.adopt:
-                self._adopted_at[i] = arg.data_ptr()
+                self.adopted.add(i)
             else:
                 self.reads[i] = arg if fits and arg.data_ptr() in produced else _buffer(spec, shape, stride)
-        self._adopted_positions = [i for i, ptr in enumerate(self._adopted_at) if ptr is not None]
-        self.adopted = set(self._adopted_positions)
         self.owned = {t.untyped_storage().data_ptr() for i, t in self.reads.items() if t is not args[i]}
         # a replay's copies, grouped here so a call only gathers its own tensors
         self._in = _grouped(sig, self.reads, args)
         self._back = _grouped(sig, {i: self.reads[i] for i in sorted(plan.write_back - self.adopted)}, args)
         self._sizes = plan.indices(Role.SIZE)
-
-    def holds(self, args: tuple) -> bool:
-        """Whether every adopted input is where the recording reads it. Only addresses are compared (one
-        C++ call): an adopted input had the traced layout at capture and keeps it, as Dynamo's guards
-        hold a tensor's shape and strides (another compiles again) and DirectCall passes the tensors
-        it compiled with for all but its own arguments, whose layout it does not check either."""
-        return not self._adopted_positions or compat.data_ptrs_equal(args, self._adopted_at, self._adopted_positions)
 
     def stage(self, args: tuple) -> list:
         """The args the graph sees: each copied input copied to where the graph reads it (its real rows
