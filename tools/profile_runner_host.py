@@ -21,7 +21,7 @@ replay in the first two rows (on a GPU: host time of the whole step, the launch 
 Usage (CPU, the graphs emulated; compiler eager keeps startup short, the host path is the same):
   PYTHONPATH=. python tools/profile_runner_host.py --narrow --compiler eager [--batch 1] [--generates 1]
 Usage (GPU, where the replay is real):
-  python tools/profile_runner_host.py --device cuda [--batch 1] [--replay real]
+  python tools/profile_runner_host.py --prompt-len 512 --tokens 32 [--batch 1] [--replay real]
 """
 from __future__ import annotations
 
