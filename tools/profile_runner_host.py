@@ -154,7 +154,7 @@ def breakdown(fn, calls: int, top: int) -> str:
     profiler.disable()
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
-    lines = [f"{'own us':>8} {'cum us':>8} {'calls':>6}  function (per runner call; cProfile inflates Python-heavy rows)"]
+    lines = [f"{'own us':>8} {'cum us':>8} {'calls':>6}  function (per runner call; cProfile inflates Python rows)"]
     for (file, line, name), (_, ncalls, own, cum, _) in rows:
         where = f"{os.path.basename(file)}:{line}" if line else file
         lines.append(f"{own / calls * 1e6:8.1f} {cum / calls * 1e6:8.1f} {ncalls / calls:6.1f}  {name} ({where})")
@@ -171,7 +171,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=8, help="new tokens per warm-up generate")
     parser.add_argument("--generates", type=int, default=RECAPTURES_BEFORE_COPYING + 2,
-                        help="generates before timing: from 3 on the moved cache is copied in and out, 1 reads it in place")
+                        help="generates before timing: from 3 on the moved cache is copied in and out; "
+                             "1 reads it in place")
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--replay", default="stub", choices=["stub", "real"])
