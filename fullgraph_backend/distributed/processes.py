@@ -150,13 +150,14 @@ class ParallelGroup:
         if self._closed:
             return
         self._closed = True
-        if self.is_driver and not self._broken:
+        if not self.is_driver:
+            if self._store is not None:
+                self._store.set(_LEAVING_KEY.format(self.rank), "1")
+        elif not self._broken:
             with contextlib.suppress(Exception):  # a worker already gone is what close is for
                 self.send(_STOP)
             if self._store is not None:
                 _wait_for(self._store, self._workers, _LEAVING_KEY, EXIT_WAIT)
-        elif self._store is not None:
-            self._store.set(_LEAVING_KEY.format(self.rank), "1")
         self._leave(dist.destroy_process_group)
         self._stop_workers(EXIT_WAIT)
 

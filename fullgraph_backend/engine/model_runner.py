@@ -265,7 +265,7 @@ class ModelRunner:
         decode = min(self.ctx.max_num_seqs, max((s for r in self.graph_runners for s in r.capture_sizes), default=2))
         self._forward(*dummy_step(self.ctx, decode, mixed=False), rows=[])
         self._sync()
-        table = [rec for r in self._backend.runners for rec in r.capture_table]
+        table = [rec for r in self.graph_runners for rec in r.capture_table]
         report.capture_s = self._capture_table_s()
         report.num_graphs = self._backend.graphs
         report.graph_mib = sum(rec.pool_mib for rec in table)
@@ -324,8 +324,9 @@ class SampledTokens:
 
 def engine_entry() -> Callable:
     """``entry(model, input_ids, positions) = model(input_ids, positions, request_ends=True)``, the
-    step compiled steps and eager ones (-O0) call alike, with a code object no other engine shares: Dynamo keeps compiled code, and counts recompiles against
-    its limit, per code object, so each engine compiles as if it were the first."""
+    step compiled steps and eager ones (-O0) call alike, with a code object no other engine shares:
+    Dynamo keeps compiled code, and counts recompiles against its limit, per code object, so each
+    engine compiles as if it were the first."""
     def entry(model, input_ids, positions):
         return model(input_ids, positions, request_ends=True)
 
