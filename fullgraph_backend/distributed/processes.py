@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -49,10 +51,13 @@ from fullgraph_backend.distributed.layers import TensorParallel
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # longer than ranks' compile times differ
 STEP_WAIT = datetime.timedelta(days=365)  # a worker waits for the next step as long as rank 0 is idle
 EXIT_WAIT = 10.0  # seconds a worker gets to exit after the stop message
+ABORT_WAIT = 30.0  # seconds rank 0 gives its teardown after a worker died before it raises regardless
 _ERROR_KEY = "fullgraph/error/{}"
 _READY_KEY = "fullgraph/ready/{}"
 _LEAVING_KEY = "fullgraph/leaving/{}"  # a worker got the stop message and leaves the groups now
 _STOP = None  # the step message that ends a worker's loop
+
+log = logging.getLogger("fullgraph")
 
 
 class WorkerDied(RuntimeError):
@@ -138,7 +143,7 @@ class ParallelGroup:
     # ---- the end -------------------------------------------------------------------------------
     def before_leaving(self, release: Callable[[], None]) -> None:
         """Have ``release`` called just before this rank leaves the groups: it must drop every CUDA
-        graph that captured the model's collectives, or NCCL's destroy (and abort) waits forever."""
+        graph that captured the model's collectives, or NCCL's destroy waits forever."""
         self._before_leaving.append(release)
 
     def close(self) -> None:
@@ -158,24 +163,46 @@ class ParallelGroup:
                 self.send(_STOP)
             if self._store is not None:
                 _wait_for(self._store, self._workers, _LEAVING_KEY, EXIT_WAIT)
-        self._leave(dist.destroy_process_group)
+        if not self._broken:  # a shut-down rank left (or is stuck leaving) on its abort thread
+            self._leave(dist.destroy_process_group)
         self._stop_workers(EXIT_WAIT)
 
     def _shut_down(self, why: str) -> None:
         """After a failure: kill the workers and leave the groups at once, collectives in flight
-        aborted, so this process can start another engine while this one still exists."""
-        if not self._broken:
-            self._broken = why
-            self._stop_workers(0.0)
-            self._leave(compat.abort_process_groups)
+        aborted, so this process can start another engine while this one still exists.
 
-    def _leave(self, how: Callable[[], None]) -> None:
+        The GPU may be spinning in a collective the dead worker never joined, inside a replay, and
+        freeing a graph's memory waits for the device: so the communicators are aborted before the
+        graphs are dropped, on a thread given :data:`ABORT_WAIT` seconds. If it does not finish,
+        the error is raised all the same and the log says what is left."""
+        if self._broken:
+            return
+        self._broken = why
+        self._stop_workers(0.0)
+        leaving = threading.Thread(target=self._leave, args=(compat.abort_process_groups,),
+                                   kwargs={"release_first": False}, name="fullgraph-abort", daemon=True)
+        leaving.start()
+        leaving.join(ABORT_WAIT)
+        if leaving.is_alive():
+            log.warning("fullgraph: leaving the tensor-parallel groups did not finish within %.0f s after %s (the "
+                        "GPU waits on a collective of the dead worker); this process cannot start another "
+                        "tensor-parallel engine: restart it", ABORT_WAIT, why)
+
+    def _leave(self, how: Callable[[], None], release_first: bool = True) -> None:
+        """Drop the graphs that captured collectives and leave the groups with ``how``: graphs first
+        when closing (NCCL's destroy waits for them), after ``how`` when aborting (see _shut_down)."""
         if self._world is not None and dist.is_initialized() and dist.group.WORLD is self._world:
-            for release in self._before_leaving:
-                release()
+            if release_first:
+                self._release_graphs()
             how()
+            if not release_first:
+                self._release_graphs()
         self._world = None
         self._before_leaving.clear()
+
+    def _release_graphs(self) -> None:
+        for release in self._before_leaving:
+            release()
 
     def _stop_workers(self, grace: float) -> None:
         for proc in self._workers.values():
