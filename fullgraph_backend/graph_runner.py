@@ -35,7 +35,11 @@ from fullgraph_backend.staging import InputPlan, Role, StagedInputs
 
 log = logging.getLogger("fullgraph")
 
-# a key whose state inputs moved this often is not worth capturing again: its inputs get copied
+# When state a graph reads in place moves (transformers' generate makes a new static cache per call),
+# the key is captured again, as cudagraph trees re-record, if its recording served STABLE_REPLAYS
+# replays: a capture costs about as much as that many calls' copies of the state in and out. A key
+# whose state moved sooner RECAPTURES_BEFORE_COPYING times copies it at every call from then on.
+STABLE_REPLAYS = 16
 RECAPTURES_BEFORE_COPYING = 2
 
 OVERWRITTEN = ("fullgraph: this output of a compiled call was overwritten by a later call of the same compiled "
@@ -128,6 +132,7 @@ class Recording:
 
     def __init__(self, call: CapturedCall, staged: StagedInputs, inputs: list) -> None:
         self.call, self.staged = call, staged
+        self.replays = 0
         # what the graph reads where the caller keeps it, checked at every replay in one C++ call: the
         # fixed-address inputs and the adopted state; addresses indexed like the inputs, as
         # compat.data_ptrs_equal reads them (numbers: an adopted input may be another graph's output,
@@ -211,6 +216,7 @@ class CapturedPiece:
         rec.staged.copy_in(args)
         rec.call.replay()
         rec.staged.write_back(args)
+        rec.replays += 1
         return rec.call.outputs
 
     def _as_fn_returns(self, outputs: tuple):
@@ -297,7 +303,7 @@ class GraphRunner:
         self._all_owned: set[int] = set()
         self._copied = self.plan.indices(Role.COPY)
         self._handed_out: list[torch.Tensor] = []  # outputs of the last call that live in graph memory
-        self._moves: dict[GraphKey, int] = {}  # per key, recaptures because an adopted input moved
+        self._moves: dict[GraphKey, int] = {}  # per key, recaptures because an adopted input moved soon
         self._lock = device_lock(graphs.device)
 
     @property
@@ -420,12 +426,16 @@ class GraphRunner:
 
     def _recapture(self, key: GraphKey, args: tuple) -> None:
         """Capture ``key`` again: a state input it reads in place moved. After
-        :data:`RECAPTURES_BEFORE_COPYING` moves of one key, copy such inputs in and out instead."""
-        moves = self._moves[key] = self._moves.get(key, 0) + 1
+        :data:`RECAPTURES_BEFORE_COPYING` moves within :data:`STABLE_REPLAYS` replays of their
+        capture, copy such inputs in and out instead."""
         pieces = self.paths[key.kind].pieces
+        if min(p.recordings[key].replays for p in pieces) < STABLE_REPLAYS:
+            self._moves[key] = self._moves.get(key, 0) + 1
+        moves = self._moves.get(key, 0)
         if moves > RECAPTURES_BEFORE_COPYING:
-            self._say_once(f"moved {key}", f"state inputs of the graph for {key.size} rows moved {moves} times: "
-                                           f"copying them in and out at every call instead of reading them in place")
+            self._say_once(f"moved {key}", f"state inputs of the graph for {key.size} rows moved {moves} times "
+                                           f"within {STABLE_REPLAYS} calls: copying them in and out at every call "
+                                           f"instead of reading them in place")
             for piece in pieces:
                 piece.copy_only.add(key)
         for piece in pieces:

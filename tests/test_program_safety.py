@@ -18,6 +18,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fullgraph_backend.graph_runner import RECAPTURES_BEFORE_COPYING, STABLE_REPLAYS
 from helpers import RunnerCapture
 
 CAPTURE = [1, 2, 4, 8]
@@ -407,3 +408,29 @@ def test_state_input_is_read_in_place_until_it_moves(caplog):
     rows = len(backend.runner.capture_table)
     assert rows == 1 + 3, f"captured {rows} times: once, then again for each of the first moves"
     assert sum("moved" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_state_that_stays_put_for_a_while_is_captured_again_when_it_moves(caplog):
+    """transformers' generate makes a new static cache per call and keeps it for every decode step:
+    a state input that stayed put for STABLE_REPLAYS calls is read in place again after it moves
+    (captured again, as cudagraph trees re-record), however often that happens; one moving sooner
+    would be copied (test above)."""
+
+    def f(x, state):
+        state.add_(x.sum(-1)[:3])
+        return x * state.sum()
+
+    compiled, backend = _compile(f)
+    epochs = RECAPTURES_BEFORE_COPYING + 2
+    with caplog.at_level(logging.WARNING, logger="fullgraph"), torch.inference_mode():
+        for epoch in range(epochs):
+            state, eager_state = torch.full((3,), float(epoch)), torch.full((3,), float(epoch))
+            for i in range(STABLE_REPLAYS + 1):
+                x = torch.randn(4, 3)
+                torch.testing.assert_close(compiled(x, state), f(x, eager_state), msg=f"epoch {epoch}, call {i}")
+                torch.testing.assert_close(state, eager_state, msg=f"state after epoch {epoch}, call {i}")
+            (recording,) = backend.runner.pieces[0].recordings.values()
+            assert recording.staged.adopted and state.data_ptr() in recording.ptrs, \
+                f"epoch {epoch}: the state is not read in place"
+    assert len(backend.runner.capture_table) == epochs, "one capture per state tensor"
+    assert not any("moved" in r.getMessage() for r in caplog.records)

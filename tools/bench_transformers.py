@@ -58,9 +58,10 @@ def transformers_model(name: str):
 
 def warm_up(generate, tokens: int) -> None:
     """Compile and capture before anything is timed. transformers makes a new static cache per
-    generate, which the graphs capture again until they copy it instead (RECAPTURES_BEFORE_COPYING):
-    captures stay out of the timed calls (on 2026-11-29 one warm-up generate let them into the
-    fullgraph row)."""
+    generate: the decode graph is captured again for it at the generate's first decode step (its
+    setup, like the prefill, cancels out of TPOT), or, for generates shorter than STABLE_REPLAYS
+    steps, copies the cache in and out after RECAPTURES_BEFORE_COPYING of them; the other captures
+    stay out of the timed calls (on 2026-11-29 one warm-up generate let them into the fullgraph row)."""
     for _ in range(RECAPTURES_BEFORE_COPYING + 2):
         generate(2 * tokens)
 

@@ -3,8 +3,11 @@
 Builds a transformers model with a named config's structure (``--narrow``: same layer count, tied
 embeddings and RoPE scaling, tiny widths, so the graph has the same inputs as the full model: 147
 weights and 48 cache tensors for Llama-3.2-1B), compiles ``model.forward`` with
-``backend="fullgraph"``, and runs ``generate`` until the decode graph copies the moved cache in and
-out (``RECAPTURES_BEFORE_COPYING``), as ``tools/bench_transformers.py`` warms up. Then it calls the
+``backend="fullgraph"``, and runs ``--generates`` generates, as ``tools/bench_transformers.py`` warms up.
+Each makes a new static cache: with fewer than ``STABLE_REPLAYS`` decode steps a generate (``--tokens``,
+default 8) the decode graph ends up copying the moved cache in and out at every call
+(``RECAPTURES_BEFORE_COPYING``); with more it is captured again per generate and reads the cache in
+place. Then it calls the
 last decode step's forward again and again, its graph replay replaced by a no-op, and prints
 microseconds per call:
 
@@ -16,7 +19,7 @@ microseconds per call:
 then a cProfile of the runner calls, per function (``--top`` rows). ``--replay real`` keeps the
 replay in the first two rows (on a GPU: host time of the whole step, the launch included).
 
-``--generates 1`` times the step while the graph still reads the cache where generate keeps it.
+``--generates 1`` (or ``--tokens 32``) times the step while the graph reads the cache where generate keeps it.
 
 Usage (CPU, the graphs emulated; compiler eager keeps startup short, the host path is the same):
   PYTHONPATH=. python tools/profile_runner_host.py --narrow --compiler eager [--batch 1] [--generates 1]
@@ -171,8 +174,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=8, help="new tokens per warm-up generate")
     parser.add_argument("--generates", type=int, default=RECAPTURES_BEFORE_COPYING + 2,
-                        help="generates before timing: from 3 on the moved cache is copied in and out; "
-                             "1 reads it in place")
+                        help="generates before timing: from 3 on the moved cache is copied in and out "
+                             "(when --tokens is below STABLE_REPLAYS); 1 reads it in place")
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--replay", default="stub", choices=["stub", "real"])
