@@ -3,6 +3,7 @@ single-process model's (random weights and checkpoints alike), heads and KV head
 query heads read them, and a model that does not split is a clear error."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -11,7 +12,8 @@ import torch.distributed as dist
 
 from helpers import SHARP, sharp_model, write_hf_model
 from fullgraph_backend import compat
-from fullgraph_backend.distributed import Shard, TensorParallel, check_tensor_parallel, rank_cache_config, shard_decoder
+from fullgraph_backend.distributed import (Shard, TensorParallel, check_tensor_parallel, rank_cache_config,
+                                           shard_decoder, symmetric)
 from fullgraph_backend.distributed.layers import RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from fullgraph_backend.engine.loader import load_model
 from fullgraph_backend.models import build_model, get_config
@@ -143,3 +145,21 @@ def test_the_head_gathers_logits_of_a_row_count_that_may_be_one(one_rank):
     compat.mark_unbacked(x, 0)
     for n in (1, 3):
         torch.testing.assert_close(compiled(x, torch.tensor(n)), head(x[:n]))
+
+
+def test_the_one_shot_all_reduce_is_one_op_in_the_captured_code_falling_back_without_symmetric_memory(one_rank, tmp_path):
+    """With ``one_shot`` the row-parallel layer's all-reduce is our op, opaque to Inductor, in the
+    code the runner captures; on CPU (no symmetric memory) the op falls back to the collective, so
+    the graph still computes what eager does."""
+    assert symmetric.set_up(one_rank.group, torch.device("cpu"), torch.float32) == \
+        "one-shot all-reduce needs CUDA devices, not cpu"
+    tp = dataclasses.replace(one_rank, one_shot=True)
+    o = RowParallelLinear(Shard(1, 8, ((0, 8),)), 16, tp, torch.float32).requires_grad_(False)
+    compiled = torch.compile(o, backend="fullgraph", options={"dump_dir": str(tmp_path), "capture_sizes": (8,)})
+    x = torch.randn(5, 8)
+    compat.mark_unbacked(x, 0)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), o(x))
+    (code,) = tmp_path.glob("*/torchinductor/*/output_code.py")
+    text = code.read_text()
+    assert "torch.ops.fullgraph.one_shot_all_reduce.default" in text and "_c10d_functional" not in text

@@ -250,6 +250,7 @@ def test_bad_requests_are_clear_errors_and_run_nothing(eager_llm, prompt, params
     ({"max_model_len": 4096}, ValueError, "max_position_embeddings"),
     ({"gpu_memory_utilization": 1.5}, ValueError, "gpu_memory_utilization"),
     ({"async_scheduling": "yes"}, ValueError, "async_scheduling must be True or False"),
+    ({"all_reduce": "ring"}, ValueError, "all_reduce must be 'auto' or 'nccl'"),
     ({"attention_impl": "fast"}, ValueError, "attention_impl must be one of"),
     ({"seed": 2**64}, ValueError, "seed"),
 ])

@@ -1,5 +1,6 @@
 """Tensor parallelism on two GPUs (NCCL): float32 greedy tokens of two ranks equal one process's at
-1, 7 and 45 prompts, -O4 and -O2; Inductor's collectives sit in the captured code; a worker killed
+1, 7 and 45 prompts, -O4 and -O2, all-reduces one shot over symmetric memory or NCCL; the
+collectives sit in the captured code; a worker killed
 while rank 0 waits on a replay is an error, not a hang. Skipped without two CUDA devices."""
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def one_process(small_dir):
     return tokens
 
 
-@pytest.mark.parametrize("level", [4, 2])
-def test_float32_greedy_tokens_of_two_ranks_equal_one_process(small_dir, one_process, level, tmp_path):
-    llm = engine(small_dir, level, 2, compile_options={"dump_dir": str(tmp_path)})
+@pytest.mark.parametrize("level, all_reduce", [(4, "auto"), (4, "nccl"), (2, "auto")])
+def test_float32_greedy_tokens_of_two_ranks_equal_one_process(small_dir, one_process, level, all_reduce, tmp_path):
+    llm = engine(small_dir, level, 2, compile_options={"dump_dir": str(tmp_path)}, all_reduce=all_reduce)
     assert llm.startup.num_graphs > 0 and all(r.use_graphs for r in llm.runner.graph_runners)
     for batch in BATCHES:
         got = [o.token_ids for o in llm.generate(*workload(batch))]
@@ -50,9 +51,10 @@ def test_float32_greedy_tokens_of_two_ranks_equal_one_process(small_dir, one_pro
         assert not bad, f"-O{level}, batch {batch}: prompts {bad[:5]} differ, e.g. {got[bad[0]]} vs " \
                         f"{one_process[batch][bad[0]]}"
     release(llm)
+    reduce = "fullgraph.one_shot_all_reduce" if all_reduce == "auto" else "_c10d_functional.all_reduce_"
     for rank in (0, 1):  # Inductor's code, which the graphs capture, calls the collectives
         code = "".join(p.read_text() for p in (tmp_path / f"rank{rank}").glob("*/torchinductor/*/output_code.py"))
-        assert "_c10d_functional.all_reduce_" in code and "all_gather_into_tensor" in code
+        assert reduce in code and "all_gather_into_tensor" in code
 
 
 def test_a_worker_killed_while_rank_0_waits_on_a_replay_is_an_error(small_dir):

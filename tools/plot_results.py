@@ -119,15 +119,26 @@ def plot_transformers(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def tp_all_reduce(row: dict) -> str:
+    """A bench_tp row's all-reduce: ``nccl`` or ``one-shot`` (the engine's option ``auto``), ``-`` for
+    one GPU; rows from before the option all ran NCCL."""
+    way = row.get("all_reduce", "nccl" if row.get("tp", 2) > 1 else "-")
+    return "one-shot" if way == "auto" else way
+
+
 def plot_tensor_parallel(result: dict, path: str) -> None:
     """Grouped bars: TPOT per (level, batch), one bar per tensor-parallel size, and the step's
     collectives alone; the weights floor of each size as dashed lines."""
     rows = [r for r in result["rows"] if "tpot_ms" in r]
     groups = sorted({(r["level"], r["batch"]) for r in rows}, key=lambda key: (-key[0], key[1]))
-    collectives = {r["batch"]: r["us"] / 1e3 for r in result["rows"] if "collectives" in r}
-    series = {f"TP={tp}": [next((r["tpot_ms"] for r in rows if (r["level"], r["batch"], r["tp"]) == (*g, tp)), 0)
-                            for g in groups] for tp in sorted({r["tp"] for r in rows})}
-    series["collectives alone (TP=2)"] = [collectives.get(b, 0) for _, b in groups]
+    series = {}
+    for tp, way in sorted({(r["tp"], tp_all_reduce(r)) for r in rows}):
+        series[f"TP={tp}" + (f" ({way})" if tp > 1 else "")] = [
+            next((r["tpot_ms"] for r in rows if (r["level"], r["batch"], r["tp"], tp_all_reduce(r)) == (*g, tp, way)), 0)
+            for g in groups]
+    for way in sorted({tp_all_reduce(r) for r in result["rows"] if "collectives" in r}):
+        us = {r["batch"]: r["us"] / 1e3 for r in result["rows"] if "collectives" in r and tp_all_reduce(r) == way}
+        series[f"collectives alone (TP=2, {way})"] = [us.get(b, 0) for _, b in groups]
     fig, ax = plt.subplots(figsize=(7, 4))
     _grouped_bars(ax, [f"-O{level}, batch {b}" for level, b in groups], series)
     floor = result["weights_gb"] * 1e9 / (result["copy_bandwidth_tbs"] * 1e12) * 1e3

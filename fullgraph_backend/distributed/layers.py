@@ -18,7 +18,9 @@ table are replicated. A step costs two all-reduces of ``[tokens, hidden]`` per l
 embedding and an all-gather of ``[tokens, vocab / N]``.
 
 The collectives are torch's functional collectives (``torch.ops._c10d_functional``: an op that
-returns a new tensor, and ``wait_tensor``). Dynamo puts them in the FX graph, where the dump shows
+returns a new tensor, and ``wait_tensor``), or on GPUs that set it up, the all-reduces are
+:mod:`~fullgraph_backend.distributed.symmetric`'s one-shot op (opaque to Inductor, NCCL inside it
+for large inputs). Dynamo puts them in the FX graph, where the dump shows
 them; Inductor lowers them in place and schedules the wait; the graph runner captures them inside
 each CUDA graph (NCCL) or runs them at each emulated replay (gloo, on CPU). The ops are called
 directly rather than through ``torch.distributed._functional_collectives``, whose gather wrapper
@@ -36,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fullgraph_backend.distributed.symmetric import one_shot_all_reduce
 from fullgraph_backend.models import Decoder, DecoderConfig
 
 _c10d = torch.ops._c10d_functional
@@ -44,11 +47,14 @@ _c10d = torch.ops._c10d_functional
 @dataclass(frozen=True)
 class TensorParallel:
     """Where this process sits: ``rank`` of ``size``, and the name of the process group whose
-    collectives the model's layers call (a string: Dynamo keeps it as a constant of the graph)."""
+    collectives the model's layers call (a string: Dynamo keeps it as a constant of the graph).
+    ``one_shot``: every rank set up :mod:`~fullgraph_backend.distributed.symmetric`'s buffer, so
+    small all-reduces read the peers' memory instead of going through NCCL."""
 
     rank: int
     size: int
     group: str
+    one_shot: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,12 @@ class Shard:
 
 
 # ---- collectives ---------------------------------------------------------------------------------
-def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
-    """The sum of ``x`` over the ranks of ``group``."""
-    return _c10d.wait_tensor(_c10d.all_reduce(x, "sum", group))
+def all_reduce(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """The sum of ``x`` over the ranks of ``tp``'s group: one shot over symmetric memory where the
+    ranks set it up (small inputs; NCCL for the rest, inside the op), else Inductor's collective."""
+    if tp.one_shot:
+        return one_shot_all_reduce(x, tp.group)
+    return _c10d.wait_tensor(_c10d.all_reduce(x, "sum", tp.group))
 
 
 def all_gather_columns(x: torch.Tensor, size: int, group: str) -> torch.Tensor:
@@ -108,11 +117,11 @@ class RowParallelLinear(nn.Linear):
 
     def __init__(self, shard: Shard, out_features: int, tp: TensorParallel, dtype: torch.dtype) -> None:
         super().__init__(shard.size, out_features, bias=False, dtype=dtype)
-        self.shards, self.group = {"weight": shard}, tp.group
+        self.shards, self.tp = {"weight": shard}, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: this rank's share of the input features -> the whole output, on every rank."""
-        return all_reduce(F.linear(x, self.weight), self.group)
+        return all_reduce(F.linear(x, self.weight), self.tp)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -122,14 +131,14 @@ class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel, dtype: torch.dtype) -> None:
         shard = _even_slice(vocab_size, tp)
         super().__init__(shard.size, hidden_size, dtype=dtype)
-        self.shards, self.group, self.start = {"weight": shard}, tp.group, shard.ranges[0][0]
+        self.shards, self.tp, self.start = {"weight": shard}, tp, shard.ranges[0][0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (any in the vocabulary) -> their rows, on every rank."""
         local = input_ids - self.start
         inside = (local >= 0) & (local < self.num_embeddings)
         x = F.embedding(torch.where(inside, local, 0), self.weight)
-        return all_reduce(torch.where(inside.unsqueeze(-1), x, 0), self.group)
+        return all_reduce(torch.where(inside.unsqueeze(-1), x, 0), self.tp)
 
 
 class VocabParallelHead(nn.Linear):

@@ -31,6 +31,7 @@ Failures do not leave a rank waiting forever:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from fullgraph_backend import compat
+from fullgraph_backend.distributed import symmetric
 from fullgraph_backend.distributed.layers import TensorParallel
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # longer than ranks' compile times differ
@@ -140,10 +142,22 @@ class ParallelGroup:
         if self._store is not None:
             self._store.set(_ERROR_KEY.format(self.rank), error)
 
+    def set_up_one_shot(self, dtype: torch.dtype) -> str | None:
+        """Every rank, in step: small all-reduces of ``dtype`` go one shot over symmetric memory
+        (``self.tp.one_shot``) if every rank could set it up; returns why not (None when they did)."""
+        why = symmetric.set_up(self.tp.group, self.device, dtype)
+        if self.min(int(why is None)) == 0:  # one rank's NCCL against another's one shot would hang
+            symmetric.release(self.tp.group)
+            return why or "another rank could not set it up"
+        self.tp = dataclasses.replace(self.tp, one_shot=True)
+        self.before_leaving(lambda: symmetric.release(self.tp.group))
+        return None
+
     # ---- the end -------------------------------------------------------------------------------
     def before_leaving(self, release: Callable[[], None]) -> None:
-        """Have ``release`` called just before this rank leaves the groups: it must drop every CUDA
-        graph that captured the model's collectives, or NCCL's destroy waits forever."""
+        """Have ``release`` called just before this rank leaves the groups, the last registered first:
+        one must drop every CUDA graph that captured the model's collectives, or NCCL's destroy waits
+        forever."""
         self._before_leaving.append(release)
 
     def close(self) -> None:
@@ -201,7 +215,7 @@ class ParallelGroup:
         self._before_leaving.clear()
 
     def _release_graphs(self) -> None:
-        for release in self._before_leaving:
+        for release in reversed(self._before_leaving):  # what was set up last goes first
             release()
 
     def _stop_workers(self, grace: float) -> None:

@@ -38,6 +38,9 @@ class EngineConfig:
       stops on a stop token costs one spare step. False: one step at a time.
     - ``tensor_parallel_size``: processes (one device each: a GPU, or the CPU with gloo) the model
       is split over, our own decoder only (:mod:`fullgraph_backend.engine.parallel`).
+      ``all_reduce``: ``auto`` (on GPUs, small all-reduces one shot over symmetric memory where
+      every rank can set it up, NCCL for the rest: :mod:`fullgraph_backend.distributed.symmetric`)
+      or ``nccl`` (NCCL for all).
     """
 
     model: str
@@ -57,6 +60,7 @@ class EngineConfig:
     async_scheduling: bool = True
     model_impl: str = "auto"
     tensor_parallel_size: int = 1
+    all_reduce: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -91,6 +95,8 @@ class EngineConfig:
     def _check_tensor_parallel(self) -> None:
         size = self.tensor_parallel_size
         _check_int("tensor_parallel_size", size, low=1)
+        if self.all_reduce not in ("auto", "nccl"):
+            raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {self.all_reduce!r}")
         if size > 1 and self.model_impl == "transformers":
             raise ValueError(f"tensor_parallel_size={size} splits fullgraph's own decoder only; model_impl="
                              f"'transformers' has no tensor-parallel split yet: use model_impl='fullgraph' (Llama, "

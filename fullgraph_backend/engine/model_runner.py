@@ -401,6 +401,10 @@ def build_runner(config: EngineConfig, group: ParallelGroup | None = None) -> tu
     """
     c = config
     tp = group is not None
+    if tp and c.all_reduce == "auto" and group.device.type == "cuda":
+        why = group.set_up_one_shot(c.torch_dtype)
+        if why:
+            log.info("fullgraph: tensor-parallel all-reduces all go through NCCL: %s", why)
     loaded = load_model(c.model, dtype=c.torch_dtype, device=group.device if tp else c.torch_device, seed=c.seed,
                         model_impl=c.model_impl, shard=functools.partial(shard_decoder, tp=group.tp) if tp else None)
     mc = loaded.model.config
