@@ -1,6 +1,9 @@
 """Every torch- and Triton-version difference the package handles, in one place (torch >= 2.11)."""
 from __future__ import annotations
 
+import hashlib
+import os
+
 import torch
 
 
@@ -214,7 +217,86 @@ def triton_has_pdl() -> bool:
 def _interpreting(triton) -> bool:
     knobs = getattr(triton, "knobs", None)  # Triton's own reading of TRITON_INTERPRET (3.6, 3.9)
     if knobs is None:
-        import os
-
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return bool(knobs.runtime.interpret)
+
+
+
+# ---- attention kernels compiled before capture (fullgraph_backend/attention/precompile.py) ------------
+def share_inductor_triton_settings(device: torch.device) -> None:
+    """Give this process's Triton, before it compiles anything, the settings Inductor gives it when
+    Inductor first compiles a kernel in this process (torch 2.11 through 2.13), where they are unset:
+    ``TRITON_CACHE_DIR``, the folder under Inductor's cache (``CachingAutotuner``), and
+    ``TRITON_PTXAS_PATH``, the ptxas the torch wheel ships, if it ships one (CUDA 13 in 2.11+cu130),
+    which Inductor's compile workers use (``_set_triton_ptxas_path``).
+
+    Inductor used to set both before our graphs were captured, since its first kernels compiled in
+    this process while its workers started. Once the workers are up early (for our kernels), all of
+    its kernels may compile there, and the JIT of the capture would read another cache with another
+    ptxas than the workers wrote with. Triton reads the ptxas version once per process, at its first
+    compile, and puts it in every cache key: so this must come before that compile.
+    """
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+    from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    os.environ.setdefault("TRITON_CACHE_DIR", triton_cache_dir(index))
+    _set_triton_ptxas_path()
+
+
+def triton_launch_kwargs(fn, kwargs: dict) -> dict:
+    """A launch's keyword arguments as ``JITFunction.run`` completes them before binding, which makes
+    them part of the compile's options and cache key: ``debug`` and ``instrumentation_mode`` in 3.6,
+    and ``fpsan_homomorphic_casts`` too in 3.9."""
+    from triton import knobs
+
+    kwargs = dict(kwargs, debug=kwargs.get("debug", fn.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    return kwargs
+
+
+def triton_target(device: torch.device):
+    """The ``GPUTarget`` Triton's JIT compiles for on ``device`` (its driver's answer for the current
+    device, which is what a launch uses; 3.6 and 3.9)."""
+    from triton.runtime.driver import driver
+
+    with torch.cuda.device(device):
+        return driver.active.get_current_target()
+
+
+def triton_cache_hash(src, target, options: dict) -> str:
+    """The hash ``triton.compile(src, target=target, options=options)`` files its kernel under in this
+    process, computed as ``compile`` computes it in 3.6 and 3.9: a key of Triton's version, the
+    source, the backend with its ptxas version, the parsed options and the cache-invalidating
+    environment (3.9 adds a stage-inspection hook's key where that hook is set; it is off by default)."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler import make_backend
+    from triton.runtime.cache import get_cache_key
+
+    backend = make_backend(target)
+    options = backend.parse_options(dict(options, **src.parse_options()))
+    key = get_cache_key(src, backend, options, get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def triton_cached(hash: str, name: str) -> bool:
+    """Whether the cache the JIT reads now (``triton.knobs.cache.dir``) holds kernel ``name`` under
+    ``hash``: ``compile``'s lookup before it compiles (3.6, 3.9)."""
+    from triton.runtime.cache import get_cache_manager
+
+    filename = f"{name[:150]}.json"
+    return (get_cache_manager(hash).get_group(filename) or {}).get(filename) is not None
+
+
+def inductor_compile_pool():
+    """Inductor's pool of compile worker processes, started as Inductor's own compile would start it
+    (a sidecar process that imported torch but never touched CUDA, and forks the workers).
+    ``submit(fn, *args)`` pickles a module-level ``fn`` by reference and returns a future.
+    ``AsyncCompile.process_pool`` and ``get_compile_threads`` are the same in 2.11 and 2.13."""
+    from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+
+    if get_compile_threads() <= 1:
+        raise RuntimeError("Inductor compiles in this process (compile_threads 1): no workers to compile in")
+    return AsyncCompile.process_pool()

@@ -11,6 +11,8 @@ from helpers import (MAX_MODEL_LEN, SHARP, make_llm, mixed_prompts, reference_gr
                             write_hf_model)
 from fullgraph_backend.engine import LLM, SamplingParams
 from fullgraph_backend.engine.levels import OPTIMIZATION_LEVELS, backend_options
+from fullgraph_backend.engine.model_runner import attention_calls
+from fullgraph_backend.models import Decoder, get_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
@@ -89,6 +91,14 @@ def test_startup_report(sharp_dir):
     report = full.startup
     assert report.cudagraph_mode == "full" and report.num_graphs == 7  # sizes 1, 2, 4, 8, 16, 24, 32
     assert report.capture_s >= 0 and report.load_s > 0 and report.kv_blocks > 2 and "graphs" in str(report)
+    assert report.precompiled == "" and "precompiled" not in str(report)  # CPU: no attention kernel to compile
+
+
+def test_attention_calls_are_each_layers_heads_and_window():
+    """What the attention kernels' precompile reads of a model besides its KV cache."""
+    config = get_config("tiny")
+    assert attention_calls(Decoder(config)) == {(config.num_heads, 0)}
+    assert attention_calls(Decoder(config.replace(sliding_window=64))) == {(config.num_heads, 64)}
 
 
 def test_startup_captures_every_key_when_the_budget_is_beyond_the_capture_sizes(sharp_dir):

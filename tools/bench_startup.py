@@ -4,8 +4,8 @@ cold run left), and warm with other engine options (which of them miss the cache
 Each run is ``python tools/bench_startup.py --child ...`` with its own ``TORCHINDUCTOR_CACHE_DIR``
 and ``TRITON_CACHE_DIR`` under ``--cache-root``; the parent times it from spawn to ready and the
 child reports its phases: ``import`` (torch and fullgraph), then ``llm.startup``'s load (model,
-activation profile, KV cache), compile and capture, the startup report's compile-cache verdict and
-Inductor's cache hits and misses.
+activation profile, KV cache), compile and capture, the startup report's compile-cache verdict,
+Inductor's cache hits and misses, and what the attention kernels' precompile did.
 Runs (``--runs``, comma-separated, in order; ``cold`` first empties the caches):
   cold, warm          the options given
   len=N, seqs=N, kv=N the options given with max_model_len / max_num_seqs / num_kv_blocks changed
@@ -43,7 +43,8 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "ready_at": ready_at, "import_s": import_s, "load_s": s.load_s, "compile_s": s.compile_s,
         "capture_s": s.capture_s, "num_graphs": s.num_graphs, "graph_mib": s.graph_mib,
-        "kv_blocks": s.kv_blocks, "compile_cache": s.compile_cache, "torch": torch.__version__,
+        "kv_blocks": s.kv_blocks, "compile_cache": s.compile_cache, "precompiled": s.precompiled,
+        "torch": torch.__version__,
         "inductor_cache": {k: v for k, v in counters["inductor"].items() if "cache" in k},
         "aot_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
         "compile_times": torch._dynamo.utils.compile_times(repr="str"),
@@ -97,7 +98,7 @@ def main() -> None:
         print(f"{run:>10}: ready in {result['ready_s']:.1f} s (import {result['import_s']:.1f}, load "
               f"{result['load_s']:.1f}, compile {result['compile_s']:.1f}, capture {result['capture_s']:.1f} s, "
               f"{result['num_graphs']} graphs, {result['graph_mib']:.0f} MiB) compile cache {result['compile_cache']}, "
-              f"inductor {result['inductor_cache']}",
+              f"inductor {result['inductor_cache']}, attention kernels precompiled: {result['precompiled'] or '-'}",
               flush=True)
     if args.out:
         import torch

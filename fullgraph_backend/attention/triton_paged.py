@@ -50,6 +50,7 @@ below; the op schema does not have it. ``tools/sweep_attention.py`` times a grid
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -780,11 +781,37 @@ def paged_attention(
                               m.slot_mapping, q.shape[-1] ** -0.5, 0)
     """
     _check_inputs(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for kernel, grid, args, kwargs in kernel_launches(out, q, k, v, kv_cache, query_start_loc, seq_lens, block_table,
+                                                      slot_mapping, scale, sliding_window, split_kv=split_kv,
+                                                      num_segments=num_segments, pdl=pdl, _config=_config):
+        kernel[grid](*args, **kwargs)
+    return out
+
+
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+
+def kernel_launches(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                    slot_mapping: torch.Tensor, scale: float, sliding_window: int, *, split_kv: bool = False,
+                    num_segments: int | None = None, pdl: bool | None = None,
+                    _config: dict | None = None) -> list[Launch]:
+    """The launches, in order, by which :func:`paged_attention` (same arguments, inputs it checked)
+    writes ``out``; none is made here. They depend on shapes, strides, dtypes and the device only
+    (the split-KV scratch of a new shape is allocated here), so :mod:`.precompile` lists a graph key's
+    kernel variants from them without running anything.
+    """
     tokens, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
-        return out
+        return []
+    kv_heads = k.shape[1]
     num_reqs = min(tokens, seq_lens.shape[0])
     block_size = kv_cache.shape[2]
     plan = launch_plan(q, kv_heads, block_table, block_size, seq_lens.shape[0], split_kv=split_kv,
@@ -816,35 +843,38 @@ def paged_attention(
         page_tiles = plan["page_tiles"] and kv_cache.data_ptr() % 16 == 0  # TMA needs a 16-byte aligned base
         descs = _descriptors(kv_cache, head_dim) if page_tiles else (None, None)
         flag = kernel_flag(pdl_enabled(q.device) if pdl is None else pdl, q.device)
-        _split_kv_kernel[(num_reqs, kv_heads, segments)](
+        return [Launch(_split_kv_kernel, (num_reqs, kv_heads, segments), (
             out, *scratch, q, k, v, k_cache, v_cache, query_start_loc, seq_lens,
             block_table, slot_mapping, tokens, qk_scale, *strides,
-            Q_HEADS=q_heads, NUM_SEGMENTS=segments, MERGE_CHUNK=_merge_chunk(segments, group), **common, **launch,
-            k_desc=descs[0], v_desc=descs[1], PAGE_TILES=page_tiles, PDL=flag, launch_pdl=flag and q.is_cuda,
-        )
-        return out
+        ), {
+            "Q_HEADS": q_heads, "NUM_SEGMENTS": segments, "MERGE_CHUNK": _merge_chunk(segments, group), **common,
+            **launch, "k_desc": descs[0], "v_desc": descs[1], "PAGE_TILES": page_tiles, "PDL": flag,
+            "launch_pdl": flag and q.is_cuda,
+        })]
 
     # Mixed batches: store first (its own launch), then attend with every key read from the cache.
     # Fusing the store into the unified kernel (new keys from the k/v inputs, picked per key inside
     # the loop) cost it registers and prefill speed (docs/perf-notes.md, section 4).
-    _store_kv_kernel[(tokens,)](
+    store = Launch(_store_kv_kernel, (tokens,), (
         k, v, k_cache, v_cache, slot_mapping, out, query_start_loc, num_reqs,
         *k.stride(), *v.stride(), *cache_strides, out.stride(0), out.stride(1),
-        KV_HEADS=kv_heads, Q_HEADS=q_heads, HEAD_DIM=head_dim, KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
-        Q_HEADS_PAD=triton.next_power_of_2(q_heads), D_PAD=d_pad, BLOCK_SIZE=block_size,
-    )
+    ), {
+        "KV_HEADS": kv_heads, "Q_HEADS": q_heads, "HEAD_DIM": head_dim,
+        "KV_HEADS_PAD": triton.next_power_of_2(kv_heads), "Q_HEADS_PAD": triton.next_power_of_2(q_heads),
+        "D_PAD": d_pad, "BLOCK_SIZE": block_size,
+    })
     block_q = plan["BLOCK_M"] // group
     # Request r's query blocks start at query_start_loc[r] // block_q + r, so this many cover any
     # batch of `tokens` tokens in at most num_reqs requests.
     grid = (tokens // block_q + num_reqs, kv_heads)
-    _unified_kernel[grid](
+    return [store, Launch(_unified_kernel, grid, (
         out, q, k_cache, v_cache, query_start_loc, seq_lens, block_table, num_reqs, qk_scale,
         *q.stride(), out.stride(0), out.stride(1), block_table.stride(0), *cache_strides,
-        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=plan["BLOCK_M"], BLOCK_Q=block_q,
-        BLOCK_N=plan["BLOCK_N"], BLOCK_SIZE=block_size, SLIDING_WINDOW=window, DOT_PRECISION=precision,
-        DOT_FP32=dot_fp32, **launch,
-    )
-    return out
+    ), {
+        "GROUP": group, "HEAD_DIM": head_dim, "D_PAD": d_pad, "BLOCK_M": plan["BLOCK_M"], "BLOCK_Q": block_q,
+        "BLOCK_N": plan["BLOCK_N"], "BLOCK_SIZE": block_size, "SLIDING_WINDOW": window, "DOT_PRECISION": precision,
+        "DOT_FP32": dot_fp32, **launch,
+    })]
 
 
 def uses_split_kv(query_start_loc: torch.Tensor, num_tokens: int) -> bool:

@@ -18,7 +18,9 @@ rules of the compiled model shape it:
   skipping Dynamo's guards.
 
 :meth:`warm_up` runs a dummy step at the token budget, where compilation and the capture of
-every graph key happen, then a dummy uniform-decode step, and reports what startup cost.
+every graph key happen, then a dummy uniform-decode step, and reports what startup cost. While the
+model compiles, Inductor's compile workers compile the attention kernels' Triton variants the
+capture will launch (:mod:`fullgraph_backend.attention.precompile`), so the capture loads them.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from fullgraph_backend import compat
+from fullgraph_backend.attention.registry import resolve_impl
 from fullgraph_backend.backend import RecordingBackend
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.direct_call import CannotBind, DirectCall
@@ -51,14 +54,20 @@ from fullgraph_backend.engine.scheduler import ScheduledBatch
 from fullgraph_backend.forward_context import ForwardContext, use_forward_context
 from fullgraph_backend.kv_cache import NULL_BLOCK
 from fullgraph_backend.models import Decoder, DecoderConfig
+from fullgraph_backend.pdl import supported as pdl_supported
 
 if TYPE_CHECKING:
+    from fullgraph_backend.attention.precompile import Precompile
     from fullgraph_backend.distributed.processes import ParallelGroup
 
 log = logging.getLogger("fullgraph")
 
 SCRATCH_BLOCK = NULL_BLOCK + 1  # written by dummy requests only, never read by a real one
 NUM_RESERVED_BLOCKS = SCRATCH_BLOCK + 1
+# Most seconds the capture loop waits for attention kernels compiling in worker processes: far
+# more than they take (the workers' start and the longest single compile, docs/perf-notes.md,
+# section 28), and the JIT compiles whatever is still missing at warm-up anyway, as without them.
+PRECOMPILE_WAIT_S = 60.0
 
 
 @dataclass
@@ -78,12 +87,15 @@ class StartupReport:
     # Inductor's on-disk cache for the compile: hit, miss, bypass or unused, and why (compile_cache.py)
     compile_cache: str = "unused"
     compile_cache_why: str = ""
+    # attention kernel variants compiled in worker processes before capture (attention/precompile.py)
+    precompiled: str = ""
 
     def __str__(self) -> str:
         cache = f"; compile cache: {self.compile_cache} ({self.compile_cache_why})" if self.compile_cache_why else ""
+        kernels = f"; attention kernels precompiled: {self.precompiled}" if self.precompiled else ""
         return (f"-O{self.level} ({self.cudagraph_mode}): load {self.load_s:.1f} s, compile {self.compile_s:.1f} s, "
                 f"capture {self.capture_s:.2f} s, {self.num_graphs} graphs, graph memory {self.graph_mib:.0f} MiB, "
-                f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB){cache}")
+                f"KV cache {self.kv_blocks} blocks ({self.kv_gib:.2f} GiB){cache}{kernels}")
 
 
 @dataclass(frozen=True)
@@ -134,9 +146,10 @@ class ModelRunner:
         self._forgotten: list[int] = []  # for the workers' samplers, with the next step
         self.eager_model = model
         self._backend = RecordingBackend(self.options) if self.options is not None else None
+        self._kernels: Precompile | None = None  # compiling during warm_up's compile
         # the per-step call: compiled through Dynamo until warm_up swaps in a DirectCall
         entry = engine_entry()
-        self.model: Callable = functools.partial(torch.compile(entry, backend=self._backend) if self._backend
+        self.model: Callable = functools.partial(torch.compile(entry, backend=self._compile_graph) if self._backend
                                                  else entry, model)
         self.sampler = Sampler(self.device, seed)
         pin = self.device.type == "cuda"
@@ -256,10 +269,13 @@ class ModelRunner:
             return report
         events = compile_cache.cache_events()
         start = time.perf_counter()
+        self._kernels = self._precompile_attention()
         self._forward(*dummy_step(self.ctx, self.ctx.max_num_tokens, mixed=True), rows=[])
         self._sync()
         report.compile_s = time.perf_counter() - start - self._capture_table_s()
         report.compile_cache, report.compile_cache_why = compile_cache.outcome(events, compile_cache.cache_events())
+        if self._kernels is not None:
+            report.precompiled = self._kernels.wait(PRECOMPILE_WAIT_S)
         # eager attention kernels; and where the budget is beyond the largest capture size (so the step
         # above ran without graphs), the first step within it: it captures every key now, not in a request
         decode = min(self.ctx.max_num_seqs, max((s for r in self.graph_runners for s in r.capture_sizes), default=2))
@@ -271,6 +287,40 @@ class ModelRunner:
         report.graph_mib = sum(rec.pool_mib for rec in table)
         self.model = self._direct_call()
         return report
+
+    def _compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        """The backend Dynamo calls: compile; then, before the graph runner's first call captures every
+        graph key, wait for the attention kernels compiling in worker processes, so that the
+        capture's warm-ups load them from Triton's cache instead of compiling them."""
+        runner = self._backend(gm, example_inputs)
+        if self._kernels is not None:
+            self._kernels.wait(PRECOMPILE_WAIT_S)
+        return runner
+
+    def _precompile_attention(self) -> Precompile | None:
+        """Start compiling the Triton attention kernels the capture loop will launch, in Inductor's
+        compile workers, while the model compiles (:mod:`fullgraph_backend.attention.precompile`).
+        None where the capture launches none (CPU, no CUDA graphs, another implementation) or they
+        could not be listed or started (logged; the JIT compiles them at warm-up, as without this)."""
+        config = FullgraphConfig.from_options(self.options)
+        if self.device.type != "cuda" or config.cudagraph_mode == "none":
+            return None
+        try:
+            impl = config.attention_impl if config.attention_impl != "auto" else self.ctx.attention_impl
+            if resolve_impl(impl, self.device).name != "triton":
+                return None
+            from fullgraph_backend.attention import precompile  # Triton's kernels: imported where they run
+
+            keys = precompile.graph_keys(config.capture_sizes, self.ctx.max_num_tokens,
+                                         config.max_num_seqs or self.ctx.max_num_seqs)
+            launches = precompile.graph_launches(keys, attention_calls(self.eager_model), self.ctx.kv_caches[0],
+                                                 self.ctx.metadata, pdl=config.pdl and pdl_supported(self.device))
+            variants = precompile.variants(launches, compat.triton_target(self.device))
+            return precompile.start(variants, compat.inductor_compile_pool)
+        except Exception as why:  # never worse than not precompiling
+            log.warning("fullgraph engine: attention kernels not precompiled, the JIT compiles them at warm-up: %s: %s",
+                        type(why).__name__, why)
+            return None
 
     def _capture_table_s(self) -> float:
         """Seconds of warm-up and capture runs so far."""
@@ -320,6 +370,15 @@ class SampledTokens:
             self._watch()
         values = iter(self._host.tolist() if self._host is not None else ())
         return [next(values) if sample else None for sample in self.samples]
+
+
+def attention_calls(model: torch.nn.Module) -> set[tuple[int, int]]:
+    """``(query heads, sliding window or 0)`` of the model's attention calls on this rank: with the KV
+    cache's shapes, what the attention kernels' launches depend on."""
+    if isinstance(model, Decoder):
+        return {(layer.self_attn.num_heads, layer.self_attn.sliding_window or 0) for layer in model.layers}
+    heads = model.model.config.num_attention_heads  # a TransformersDecoder: transformers' own config
+    return {(heads, window or 0) for window in model.config.sliding_windows}
 
 
 def engine_entry() -> Callable:
@@ -401,11 +460,14 @@ def build_runner(config: EngineConfig, group: ParallelGroup | None = None) -> tu
     """
     c = config
     tp = group is not None
-    if tp and c.all_reduce == "auto" and group.device.type == "cuda":
+    device = group.device if tp else c.torch_device
+    if device.type == "cuda" and c.optimization_level > 0:  # before any Triton compile: see its docstring
+        compat.share_inductor_triton_settings(device)
+    if tp and c.all_reduce == "auto" and device.type == "cuda":
         why = group.set_up_one_shot(c.torch_dtype)
         if why:
             log.info("fullgraph: tensor-parallel all-reduces all go through NCCL: %s", why)
-    loaded = load_model(c.model, dtype=c.torch_dtype, device=group.device if tp else c.torch_device, seed=c.seed,
+    loaded = load_model(c.model, dtype=c.torch_dtype, device=device, seed=c.seed,
                         model_impl=c.model_impl, shard=functools.partial(shard_decoder, tp=group.tp) if tp else None)
     mc = loaded.model.config
     max_model_len = c.max_model_len or min(2048, mc.max_position_embeddings)
