@@ -15,15 +15,21 @@ import torch
 _LIB = torch.library.Library("fullgraph", "FRAGMENT")
 
 
-def define_op(schema: str, fn: Callable, fake: Callable) -> torch._ops.OpOverload:
+def define_op(schema: str, fn: Callable, fake: Callable, *, flexible_layout: bool = False) -> torch._ops.OpOverload:
     """Define ``fullgraph::<name>`` with ``schema``, run by ``fn`` on every device and by ``fake``
     under fake tensors (tracing); returns the op's default overload, which is what FX graphs hold.
 
     Mutated arguments are marked in the schema (``Tensor(a!)``); Dynamo functionalizes such ops
     from the schema alone.
+
+    By default Inductor hands the op each tensor in the strides it had when traced, copying one it
+    computed in another layout (``needs_exact_strides``, torch's default for custom ops).
+    ``flexible_layout=True`` (``torch.Tag.flexible_layout``) lets it pass the tensor as computed:
+    only for an ``fn`` that reads every input through its strides and whose output layout does
+    not depend on its inputs' (the fake's layout is what compiled code assumes).
     """
     name = schema.split("(", 1)[0]
-    _LIB.define(schema)
+    _LIB.define(schema, tags=(torch.Tag.flexible_layout,) if flexible_layout else ())
     _LIB.impl(name, fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fullgraph::{name}", fake, lib=_LIB)
     return getattr(torch.ops.fullgraph, name).default

@@ -19,8 +19,9 @@ from fullgraph_backend.attention.op import attention_node
 from fullgraph_backend.cli import main
 from fullgraph_backend.engine import LLM, SamplingParams
 from fullgraph_backend.models import Decoder, DecoderConfig, get_config
-from fullgraph_backend.models.hf import (NAMED_CONFIGS, TransformersDecoder, build_transformers_model, inspect_model,
-                                         load_transformers_model, paged_attention_forward)
+from fullgraph_backend.models.hf import (ATTN_IMPLEMENTATION, NAMED_CONFIGS, RotaryTable, TransformersDecoder,
+                                         build_transformers_model, inspect_model, load_transformers_model,
+                                         paged_attention_forward, tabulate_rotary)
 
 VOCAB, MAX_MODEL_LEN, MAX_TOKENS = 256, 64, 12
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -159,6 +160,53 @@ def test_text_prompts_use_the_directory_tokenizer(mistral, tmp_path):
     out = llm.generate(" ".join(f"w{i}" for i in prompt), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))[0]
     assert out.prompt_token_ids == prompt and out.token_ids == mistral.want[0]
     assert out.text.split() == [f"w{i}" for i in mistral.want[0]]
+
+
+# ---- RoPE as a table -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rotary_table_returns_what_the_rotary_module_returns(family):
+    """The wrapper swaps the rotary module for a table of its outputs, which returns its cos and sin
+    bit for bit in float32 on random positions (per layer type for Gemma 3: local and global)."""
+    config = hf_config(family)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+    rotary = model.model.rotary_emb
+    TransformersDecoder(model, inspect_model(config, family, torch.float32))
+    table = model.model.rotary_emb
+    assert isinstance(table, RotaryTable) and table.cos_sin.shape[1] == TINY["max_position_embeddings"]
+    if family == "gemma3_text":
+        assert table.layer_types == ["full_attention", "sliding_attention"]
+    positions = torch.randint(0, TINY["max_position_embeddings"], (1, 50), generator=torch.Generator().manual_seed(0))
+    x = torch.empty(0)
+    for layer_type in table.layer_types:
+        extra = () if layer_type is None else (layer_type,)
+        for want, got in zip(rotary(x, positions, *extra), table(x, positions, *extra)):
+            assert want.dtype == got.dtype == torch.float32 and torch.equal(want, got)
+
+
+def test_rotary_modules_a_table_cannot_stand_for_keep_their_forward(caplog):
+    """Frequencies that follow each call's positions (``dynamic``), or a forward that depends on the
+    call's positions as a whole, keep the module's own forward, and the log says why."""
+    class WholeCall(torch.nn.Module):
+        rope_type = "default"
+
+        def __init__(self):
+            super().__init__()
+            self.inv_freq = torch.nn.Buffer(torch.ones(2), persistent=False)
+
+        def forward(self, x, position_ids):
+            cos = (position_ids - position_ids.float().mean())[..., None].expand(-1, -1, 4)
+            return cos, cos
+
+    dynamic = AutoModelForCausalLM.from_config(hf_config("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+                                               attn_implementation=ATTN_IMPLEMENTATION)
+    parent = torch.nn.Module()
+    parent.rotary = WholeCall()
+    with caplog.at_level(logging.INFO, logger="fullgraph"):
+        tabulate_rotary(dynamic, 64, torch.float32)
+        tabulate_rotary(parent, 64, torch.float32)
+    assert not isinstance(dynamic.model.rotary_emb, RotaryTable) and isinstance(parent.rotary, WholeCall)
+    said = [r.getMessage() for r in caplog.records if "keeps its own rotary forward" in r.getMessage()]
+    assert len(said) == 2 and "['dynamic']" in said[0] and "differs from its forward" in said[1], said
 
 
 # ---- what fails, and how -----------------------------------------------------------------------

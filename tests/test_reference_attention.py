@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._inductor.utils import run_and_get_code
 
 import fullgraph_backend
 from fullgraph_backend import NULL_BLOCK, use_forward_context
@@ -174,3 +176,29 @@ def test_non_finite_stale_slots_are_never_read():
     expected = reference_attention(q, k, v, clean, *args)
     out = reference_attention(q, k, v, ctx.kv_caches[0], *args)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_inductor_passes_q_and_k_in_the_layout_it_computed_them_in():
+    """The op is tagged ``flexible_layout`` (it reads q, k and v through their strides): q and k that
+    Inductor computes in transformers' ``[heads, tokens, head_dim]`` layout reach it as transposed
+    views of those buffers, with no kernel writing them in the traced ``[tokens, heads, head_dim]``
+    (such a kernel would be named after the op); the output is eager's."""
+    ctx, tables, q, k, v = _setup([3, 2], [5, 2], 2, 2)
+    ctx.prepare([3, 2], [5, 2], tables)
+    m = ctx.metadata
+
+    def step(q, k, v, cache):
+        # elementwise on heads-major views, as transformers' RoPE: eager keeps the memory order of
+        # [tokens, heads, head_dim], Inductor writes the result as [heads, tokens, head_dim]
+        q, k = ((t.transpose(0, 1) * 2).transpose(0, 1) for t in (q, k))
+        return reference_attention(q, k, v, cache, m.query_start_loc, m.seq_lens, m.block_table, m.slot_mapping,
+                                   0.3, 0)
+
+    expected = step(q, k, v, ctx.kv_caches[0].clone())
+    with torch._inductor.config.patch(fx_graph_cache=False):  # an op's tags are not in its cache key
+        got, (code,) = run_and_get_code(torch.compile(step, fullgraph=True), q, k, v, ctx.kv_caches[0].clone())
+    torch.testing.assert_close(got, expected)
+    tokens, heads, dim = q.shape
+    heads_major = rf"reinterpret_tensor\(\w+, \({tokens}, {heads}, {dim}\), \({dim}, {tokens * dim}, 1\), 0\)"
+    assert re.search(rf"reference_attention\.default\({heads_major}, ", code), code
+    assert not [name for name in re.findall(r"\w*fused\w*", code) if "reference_attention" in name]

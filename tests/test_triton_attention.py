@@ -25,10 +25,12 @@ MAX_LEN = 256
 
 
 def _batch(query_lens, seq_lens, *, kv_heads=2, group=2, head_dim=64, block_size=16, dtype=torch.float32,
-           pad_tokens=0, max_num_seqs=6, fused=True, seed=0):
+           pad_tokens=0, max_num_seqs=6, layout="fused", seed=0):
     """A prepared context (shuffled block tables), its random cache, and q/k/v of the padded size.
 
-    ``fused``: q, k and v are strided views into one QKV projection output, as models pass them.
+    ``layout``: ``fused``, strided views into one QKV projection output, as models pass them;
+    ``contiguous``; ``heads_major``, ``[tokens, heads, head_dim]`` views of ``[heads, tokens,
+    head_dim]`` buffers, as Inductor passes transformers' RoPE output to the op (flexible layout).
     """
     ctx = ForwardContext(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                          max_num_seqs=max_num_seqs, max_num_tokens=512, max_model_len=MAX_LEN,
@@ -42,10 +44,13 @@ def _batch(query_lens, seq_lens, *, kv_heads=2, group=2, head_dim=64, block_size
     ctx.prepare(query_lens, seq_lens, tables)
     tokens = sum(query_lens) + pad_tokens
     q_heads = kv_heads * group
-    if fused:
+    if layout == "fused":
         qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
         q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
+    elif layout == "heads_major":
+        q, k, v = (torch.randn(heads, tokens, head_dim, generator=gen).to(dtype).transpose(0, 1)
+                   for heads in (q_heads, kv_heads, kv_heads))
     else:
         q = torch.randn(tokens, q_heads, head_dim, generator=gen).to(dtype)
         k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype)
@@ -108,8 +113,12 @@ def test_half_precision(dtype):
     _check(*_batch([4, 1, 9, 1], [20, 33, 9, 48], group=4, head_dim=128, block_size=32, dtype=dtype))
 
 
-def test_contiguous_inputs():
-    _check(*_batch([3, 1, 7], [3, 40, 7], fused=False))
+@pytest.mark.parametrize("layout", ["contiguous", "heads_major"])
+def test_input_layouts(layout):
+    # both kernels read q, k and v through their strides, so the op may take any layout from Inductor
+    assert torch.Tag.flexible_layout in triton_attention.tags
+    _check(*_batch([3, 1, 7], [3, 40, 7], layout=layout))
+    _check(*_batch([1, 1, 1], [3, 40, 97], layout=layout), run=_split(2))
 
 
 def test_padded_tokens_and_requests():

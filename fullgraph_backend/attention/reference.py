@@ -13,7 +13,7 @@ from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.kv_cache import store_kv
 
 
-@impl_op("reference_attention")
+@impl_op("reference_attention", flexible_layout=True)
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,

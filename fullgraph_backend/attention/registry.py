@@ -21,16 +21,23 @@ IMPL_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor query
                "Tensor block_table, Tensor slot_mapping, float scale, int sliding_window) -> Tensor")
 
 
-def impl_op(name: str) -> Callable:
+def impl_op(name: str, *, flexible_layout: bool = False) -> Callable:
     """Define a function as the op ``fullgraph::<name>`` with the one implementation schema.
 
-    Every implementation shares the signature above and the fake (its output is shaped like
-    ``q``), so the swap pass and the eager path call any of them the same way. The decorated name
-    becomes the op's default overload (``fullgraph_backend/library.py``: cheap dispatch between the
-    graph pieces of -O2/-O3).
+    Every implementation shares the signature above and the fake (its output is a contiguous
+    tensor shaped like ``q``), so the swap pass and the eager path call any of them the same way.
+    The decorated name becomes the op's default overload (``fullgraph_backend/library.py``: cheap
+    dispatch between the graph pieces of -O2/-O3).
+
+    ``flexible_layout=True``: the implementation reads ``q``, ``k`` and ``v`` through their
+    strides, whatever they are, and returns a contiguous output. Inductor then passes them in the
+    layout it computed them in, e.g. transformers' ``[heads, tokens, head_dim]`` RoPE output seen
+    as ``[tokens, heads, head_dim]``, rather than copying each into the traced layout first (two
+    launches a layer, docs/perf-notes.md, section 29).
     """
     def register(fn: Callable) -> torch._ops.OpOverload:
-        return define_op(name + IMPL_SCHEMA, fn, lambda q, *rest: q.new_empty(q.shape))
+        return define_op(name + IMPL_SCHEMA, fn, lambda q, *rest: q.new_empty(q.shape),
+                         flexible_layout=flexible_layout)
 
     return register
 

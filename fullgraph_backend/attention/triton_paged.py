@@ -896,7 +896,7 @@ def uses_split_kv(query_start_loc: torch.Tensor, num_tokens: int) -> bool:
     return True
 
 
-@impl_op("triton_attention")
+@impl_op("triton_attention", flexible_layout=True)
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,

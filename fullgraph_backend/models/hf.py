@@ -20,6 +20,10 @@ attention implementation without one (``masking_utils._preprocess_mask_arguments
 while a registered one makes them scan ``position_ids`` for packed sequences first. Which request
 a token belongs to, causality and sliding windows come from the forward context's metadata.
 
+Each rotary embedding becomes a table of its own outputs (:class:`RotaryTable`), so compiled code
+looks cos and sin up instead of computing them, which Inductor on torch 2.11 did again in every
+layer (docs/perf-notes.md, section 29); the lookup returns what the module returns, bit for bit.
+
 Before any weight is read, :func:`inspect_model` runs the family's code on the meta device and
 checks that every layer attends once through the interface, with no feature the paged kernels
 lack (soft-capping, attention sinks, bidirectional attention, a dense mask); a family that fails
@@ -28,6 +32,7 @@ is a ValueError naming the family and the feature.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,6 +55,8 @@ from fullgraph_backend.models.packing import RecordLinearInputs, pack_linears
 
 ATTN_IMPLEMENTATION = "fullgraph"
 LAYER_TYPES = ("full_attention", "sliding_attention")  # the layer types the paged kernels compute
+
+log = logging.getLogger("fullgraph")
 
 
 def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -116,6 +123,7 @@ class TransformersDecoder(nn.Module):
                              f"requests; load it with attn_implementation={ATTN_IMPLEMENTATION!r}")
         self.model, self.config = model, config
         pack_linears(model, config.sibling_linears)
+        tabulate_rotary(model, config.max_position_embeddings, model.dtype)
         self.eval().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, request_ends: bool = False) -> torch.Tensor:
@@ -124,6 +132,83 @@ class TransformersDecoder(nn.Module):
         keep = fullgraph_backend.request_ends(input_ids) if request_ends else 0
         return self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
                           logits_to_keep=keep).logits[0]
+
+
+class RotaryTable(nn.Module):
+    """A transformers rotary embedding as a lookup: its ``(cos, sin)`` for every position below
+    ``num_positions``, made once by the module's own forward (its ``inv_freq`` and
+    ``attention_scaling``, in float32, cast to ``dtype`` as its forward casts), one table per layer
+    type where the module keeps one set of frequencies each (Gemma 3's ``rope_type`` dict).
+
+    Only for frequencies fixed at construction: :func:`tabulate_rotary` keeps the forward of the
+    rope types that reset them from each call's positions.
+    """
+
+    def __init__(self, rotary: nn.Module, num_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer_types = list(rotary.rope_type) if isinstance(rotary.rope_type, dict) else [None]
+        device = next(rotary.buffers()).device
+        x = torch.empty(0, dtype=dtype, device=device)  # the forward reads only its dtype and device
+        positions = torch.arange(num_positions, device=device)[None]
+        with torch.no_grad():
+            tables = [_rotary_call(rotary, x, positions, layer_type) for layer_type in self.layer_types]
+        rows = [torch.cat([cos[0], sin[0]], dim=-1) for cos, sin in tables]  # cos | sin: one gather a step
+        self.register_buffer("cos_sin", torch.stack(rows), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
+                layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary module's contract: ``position_ids [batch, tokens]`` -> ``cos``, ``sin`` of
+        ``[batch, tokens, head_dim]`` (``x`` is not read: the table has the forward's dtype)."""
+        table = self.cos_sin[self.layer_types.index(layer_type)]
+        # index_select of flat positions: Inductor gathers cos | sin rows once a step, in one launch
+        # (indexing with position_ids itself became two launches, cos and sin, on torch 2.11)
+        rows = table.index_select(0, position_ids.flatten()).view(*position_ids.shape, -1)
+        cos, sin = rows.chunk(2, dim=-1)
+        return cos, sin
+
+
+def _rotary_call(rotary: nn.Module, x: torch.Tensor, positions: torch.Tensor,
+                 layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return rotary(x, positions) if layer_type is None else rotary(x, positions, layer_type)
+
+
+def tabulate_rotary(model: nn.Module, num_positions: int, dtype: torch.dtype) -> None:
+    """Replace every rotary embedding of ``model`` (a module with transformers' ``rope_type``) by a
+    :class:`RotaryTable` of ``num_positions`` positions in ``dtype`` (the hidden states', to which
+    the forward casts cos and sin), unless its frequencies follow each call's positions
+    (``dynamic`` and ``longrope`` types) or the table would not return what it returns; each
+    module kept says why in the log."""
+    for name, rotary in list(model.named_modules()):
+        if getattr(rotary, "rope_type", None) is None:
+            continue
+        table, why = _tabulate(rotary, num_positions, dtype)
+        if table is None:
+            log.info("fullgraph: %s keeps its own rotary forward: %s", name, why)
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, table)
+
+
+def _tabulate(rotary: nn.Module, num_positions: int, dtype: torch.dtype) -> tuple[RotaryTable | None, str]:
+    """``rotary``'s table, or None and why not. The table must return what the forward returns on a
+    few positions out of order, which guards families whose rotary takes other positions
+    (multimodal RoPE) or other arguments."""
+    kinds = set(rotary.rope_type.values()) if isinstance(rotary.rope_type, dict) else {rotary.rope_type}
+    moving = sorted(k for k in kinds if "dynamic" in k or k == "longrope")
+    if moving:
+        return None, f"rope type {moving} sets its frequencies from each call's positions (dynamic_rope_update)"
+    try:
+        table = RotaryTable(rotary, num_positions, dtype)
+        probe = torch.tensor([[num_positions - 1, 0, num_positions // 2, 1]], device=table.cos_sin.device)
+        x = torch.empty(0, dtype=dtype, device=probe.device)
+        with torch.no_grad():
+            for layer_type in table.layer_types:
+                want, got = _rotary_call(rotary, x, probe, layer_type), table(x, probe, layer_type)
+                if any(w.shape != g.shape or not torch.equal(w, g) for w, g in zip(want, got)):
+                    return None, f"a table of its outputs differs from its forward on positions {probe.tolist()}"
+    except Exception as error:  # a forward that does not take (x, position_ids[, layer_type])
+        return None, f"its forward cannot be tabulated ({type(error).__name__}: {error})"
+    return table, ""
 
 
 class _AttentionCall(NamedTuple):
