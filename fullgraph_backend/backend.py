@@ -20,6 +20,7 @@ from fullgraph_backend.forward_context import BatchKind, ForwardContext, current
 from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.pdl import supported as pdl_supported, with_launches
+from fullgraph_backend.regions import RegionalCompiler, install, run_on_fakes
 from fullgraph_backend.staging import aliased_writes
 from passes import (HostInputReport, PassManager, find_batch_mixing, merge_linears, move_host_inputs,
                     split_at_attention, swap_attention, swap_linear)
@@ -71,7 +72,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
 
     sizes = _capture_sizes(config, ctx if has_attention else None)
     graphs = graphs_for(device)
-    compile_fn = dump.compiler(_compiler(config, pdl=config.pdl and use_graphs and pdl_supported(device)))
+    compile_fn = _compiler(config, config.pdl and use_graphs and pdl_supported(device), dump)
     paths: dict[BatchKind, Path] = {}
     if config.cudagraph_mode in ("piecewise", "full_and_piecewise") and has_attention:
         # split before compiling the whole graph: compile_fx may change the module it is given
@@ -172,14 +173,31 @@ def _capture_sizes(config: FullgraphConfig, ctx: ForwardContext | None) -> tuple
     return sizes
 
 
-def _compiler(config: FullgraphConfig, pdl: bool) -> Callable[[torch.fx.GraphModule, list], Callable]:
-    """Compiles one graph (or piece). With ``pdl`` its calls launch our kernels with PDL. Inductor's
-    own kernels keep plain launches (``inductor_config={"triton.enable_pdl": True}`` changes that):
-    on the H200 their PDL cost 7% at batch 16 and 64 and gained nothing at batch 1 (perf-notes
-    section 18)."""
+def _compiler(config: FullgraphConfig, pdl: bool, dump: GraphDump) -> Callable[[torch.fx.GraphModule, list], Callable]:
+    """Compiles one graph (or piece); ``dump`` sees every Inductor compile. With ``pdl`` its calls
+    launch our kernels with PDL. Inductor's own kernels keep plain launches
+    (``inductor_config={"triton.enable_pdl": True}`` changes that): on the H200 their PDL cost 7% at
+    batch 16 and 64 and gained nothing at batch 1 (perf-notes section 18). With
+    ``regional_compile``, each distinct repeated region (a decoder layer) is compiled once
+    (:mod:`fullgraph_backend.regions`)."""
     if config.compiler == "eager":
-        return lambda gm, example_inputs: with_launches(gm, pdl)
-    return lambda gm, example_inputs: with_launches(compat.compile_fx(gm, example_inputs, config.inductor_config), pdl)
+        return dump.compiler(lambda gm, example_inputs: with_launches(gm, pdl))
+    compile_once = dump.compiler(lambda gm, example_inputs: compat.compile_fx(gm, example_inputs,
+                                                                              config.inductor_config))
+    if config.regional_compile and _autotunes_matmuls(config.inductor_config):
+        log.info("fullgraph: regional compile: off, every graph compiled whole: max_autotune fuses pointwise ops "
+                 "into Triton matmul templates, and regions are cut right after matmuls")
+    elif config.regional_compile:
+        compile_once = RegionalCompiler(compile_once, config.inductor_config, on_report=dump.write_regions)
+    return lambda gm, example_inputs: with_launches(compile_once(gm, example_inputs), pdl)
+
+
+def _autotunes_matmuls(patches: dict) -> bool:
+    """Whether Inductor, with ``patches``, may run matmuls as Triton templates that take the ops
+    after them (epilogue fusion): then a cut after a matmul would lose a fusion."""
+    import torch._inductor.config as inductor_config
+
+    return any(patches.get(name, getattr(inductor_config, name)) for name in ("max_autotune", "max_autotune_gemm"))
 
 
 def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm: torch.fx.GraphModule,
@@ -187,33 +205,20 @@ def _compile_pieces(split: torch.fx.GraphModule, attention_parts: list[str], gm:
                     graphs: CudaGraphs | EmulatedGraphs) -> list[CapturedPiece]:
     """Compile every non-attention submodule of ``split`` and wrap it in a :class:`CapturedPiece`.
 
-    Runs ``split`` on fake inputs so each piece is compiled with fake inputs of its own,
-    symbolic in the batch dim as the whole graph was. The backend's fake mode (not the one
-    Dynamo traced with) memoises the example inputs with their symbolic sizes. A piece writes
-    the inputs whose fake version counters its fake run moved.
+    Each piece is compiled with the fakes it gets when ``split`` runs on fakes of the inputs
+    (:func:`~fullgraph_backend.regions.run_on_fakes`), symbolic in the batch dim as the whole graph
+    was. A piece writes the inputs whose fake version counters its fake run moved.
     """
     roles = {n.name: input_role(n) for n in gm.graph.nodes if n.op == "placeholder"}
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     pieces: list[CapturedPiece] = []
-
-    class PieceCompiler(torch.fx.Interpreter):
-        def run_node(self, node):
-            args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
-            versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
-            out = super().run_node(node)
-            if node.op == "call_module" and node.target not in attention_parts:
-                role = [roles.get(a.name, InputRole()) if isinstance(a, torch.fx.Node) else InputRole()
-                        for a in node.args]
-                role = [dataclasses.replace(r, mutated=isinstance(a, torch.Tensor) and a._version != v)
-                        for r, a, v in zip(role, args, versions)]
-                signature = BatchSignature(args, list(compat.outputs_as_tuple(out)), role)
-                piece = CapturedPiece(compile_fn(self.fetch_attr(node.target), args), signature, graphs,
-                                      single_output=not isinstance(out, (tuple, list)))
-                split.__dict__[node.target] = piece  # the split module's code calls self.<target>(...)
-                pieces.append(piece)
-            return out
-
-    with fake_mode:
-        PieceCompiler(split).run(*fake_inputs)
+    for call in run_on_fakes(split, example_inputs):
+        if call.node.target in attention_parts:
+            continue
+        role = [dataclasses.replace(roles.get(a.name, InputRole()) if isinstance(a, torch.fx.Node) else InputRole(),
+                                    mutated=written) for a, written in zip(call.node.args, call.written)]
+        signature = BatchSignature(call.args, list(compat.outputs_as_tuple(call.out)), role)
+        piece = CapturedPiece(compile_fn(call.module, call.args), signature, graphs,
+                              single_output=not isinstance(call.out, (tuple, list)))
+        install(split, call.node.target, piece)
+        pieces.append(piece)
     return pieces

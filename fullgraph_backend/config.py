@@ -39,6 +39,11 @@ class FullgraphConfig:
       kernels (the GEMV, split-KV decode) with programmatic dependent launch, so a kernel starts
       (and the GEMV loads weights) while the one before it drains (:mod:`fullgraph_backend.pdl`).
       Off by default (perf-notes section 18); elsewhere it changes nothing.
+    - ``regional_compile``: compile each distinct repeated region of a graph (a decoder layer) with
+      Inductor once and call its code for every copy, instead of compiling the whole graph
+      (:mod:`fullgraph_backend.regions`; perf-notes section 27). The kernels are the same; a graph
+      without 3 alike regions, or compiled with ``max_autotune``, is compiled whole (logged).
+      False always compiles whole.
     """
 
     capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)
@@ -50,6 +55,7 @@ class FullgraphConfig:
     inductor_config: dict = field(default_factory=dict)
     gemv: bool = True
     pdl: bool = False
+    regional_compile: bool = True
 
     def __post_init__(self) -> None:
         from fullgraph_backend.attention.registry import impl_names
@@ -62,7 +68,7 @@ class FullgraphConfig:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
         self._check_inductor_config()
-        for name in ("gemv", "pdl"):
+        for name in ("gemv", "pdl", "regional_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):

@@ -34,15 +34,17 @@ def split_at_attention(gm: torch.fx.GraphModule, is_attention: Callable[[torch.f
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.users and all(is_attention(u) for u in node.users):
             partition_of[node] = partition_of[next(iter(node.users))]
-    split = _split_module(gm, lambda n: partition_of[n])
+    split = split_by(gm, lambda n: partition_of[n])
     return split, [f"submod_{p}" for p in sorted(attention_parts)]
 
 
-def _split_module(gm: torch.fx.GraphModule, partition: Callable[[torch.fx.Node], int]) -> torch.fx.GraphModule:
-    """``split_module``, with the forward context's buffers (placeholders the attention swap added)
-    entering it without their fakes: ``split_module`` looks up, for every symbol in the shape of a
-    part's input, the node that binds it, and nothing binds the buffers' sizes (the attention ops
-    read them off the buffers). Only attention parts, which run eagerly, read the buffers."""
+def split_by(gm: torch.fx.GraphModule, partition: Callable[[torch.fx.Node], int]) -> torch.fx.GraphModule:
+    """``split_module`` in the graph's order (parts ``submod_<partition>``), with the forward
+    context's buffers (placeholders the attention swap added) entering it without their fakes:
+    ``split_module`` looks up, for every symbol in the shape of a part's input, the node that binds
+    it, and nothing binds the buffers' sizes (the attention ops read them off the buffers). The
+    parts get their fakes from the interpreter that compiles them
+    (:func:`fullgraph_backend.regions.run_on_fakes`)."""
     hidden = {n.name: n.meta.pop("example_value") for n in gm.graph.find_nodes(op="placeholder")
               if n.meta.get("fullgraph_input") and "example_value" in n.meta}
     try:

@@ -10,8 +10,13 @@ Runs (``--runs``, comma-separated, in order; ``cold`` first empties the caches):
   cold, warm          the options given
   len=N, seqs=N, kv=N the options given with max_model_len / max_num_seqs / num_kv_blocks changed
 
+``--compile-options`` adds backend options to every run (``'{"regional_compile": false}'``);
+``--narrow`` keeps the model's layers but shrinks its widths (``tools/profile_engine.py``), for
+compile-time studies on a CPU.
+
 Usage (GPU): python tools/bench_startup.py --out OUT_DIR [--model qwen2.5-1.5b] [--level 4]
                  [--max-model-len 2048] [--runs cold,warm,len=640,seqs=64,kv=4000] [--capture-sizes 1,2,...]
+                 [--compile-options JSON] [--narrow]
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ def child(args: argparse.Namespace) -> None:
     from fullgraph_backend.engine import LLM
 
     import_s = time.perf_counter() - start
+    if args.narrow:
+        from profile_engine import narrow  # tools/ is the script's folder, first on sys.path
+
+        narrow(args.model.removesuffix("-narrow"))
     llm = LLM(args.model, **json.loads(args.options))
     ready_at = time.time()
     s = llm.startup
@@ -52,13 +61,14 @@ def child(args: argparse.Namespace) -> None:
     os._exit(0)  # ready is what is measured: skip tearing the engine and the compile workers down
 
 
-def run_once(options: dict, model: str, cache_dir: str) -> dict:
+def run_once(options: dict, model: str, cache_dir: str, narrow: bool = False) -> dict:
     """One fresh process building one engine with ``options`` against ``cache_dir``."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
     spawned = time.time()
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--model", model,
-                           "--options", json.dumps(options)], env=env, capture_output=True, text=True)
+                           "--options", json.dumps(options), *(["--narrow"] if narrow else [])],
+                          env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"startup run failed ({options}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -77,13 +87,19 @@ def main() -> None:
     parser.add_argument("--runs", default="cold,warm,len=640")
     parser.add_argument("--capture-sizes", help="comma list of padded sizes to capture (default: the backend's)")
     parser.add_argument("--cache-root", help="where the runs' caches live (default: a new temporary folder)")
+    parser.add_argument("--compile-options", default="{}", help="backend options for every run, as JSON")
+    parser.add_argument("--narrow", action="store_true", help="the model's layers with tiny widths (CPU studies)")
     args = parser.parse_args()
     if args.child:
         child(args)
         return
     base = dict(optimization_level=args.level, seed=0, max_model_len=args.max_model_len)
+    compile_options = json.loads(args.compile_options)
     if args.capture_sizes:
-        base["compile_options"] = {"capture_sizes": [int(s) for s in args.capture_sizes.split(",")]}
+        compile_options["capture_sizes"] = [int(s) for s in args.capture_sizes.split(",")]
+    if compile_options:
+        base["compile_options"] = compile_options
+    model = f"{args.model}-narrow" if args.narrow else args.model
     cache_dir = args.cache_root or tempfile.mkdtemp(prefix="fullgraph-startup-")
     rows = []
     for run in args.runs.split(","):
@@ -93,7 +109,7 @@ def main() -> None:
         elif run != "warm":
             key, value = run.split("=")
             options[RUN_OPTIONS[key]] = int(value)
-        result = run_once(options, args.model, cache_dir)
+        result = run_once(options, model, cache_dir, args.narrow)
         rows.append({"run": run, "options": options, **result})
         print(f"{run:>10}: ready in {result['ready_s']:.1f} s (import {result['import_s']:.1f}, load "
               f"{result['load_s']:.1f}, compile {result['compile_s']:.1f}, capture {result['capture_s']:.1f} s, "
@@ -105,7 +121,7 @@ def main() -> None:
 
         os.makedirs(args.out, exist_ok=True)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        meta = {"device": device, "torch": torch.__version__, "model": args.model, "date": str(datetime.date.today()),
+        meta = {"device": device, "torch": torch.__version__, "model": model, "date": str(datetime.date.today()),
                 "command": "python3 tools/bench_startup.py " + " ".join(sys.argv[1:])}
         with open(os.path.join(args.out, "bench_startup.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

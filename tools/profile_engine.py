@@ -30,6 +30,15 @@ from fullgraph_backend.engine.bench import random_prompts  # noqa: E402
 from fullgraph_backend.models import CONFIGS, get_config  # noqa: E402
 
 
+def narrow(model: str) -> str:
+    """Register ``<model>-narrow``: ``model``'s layer count and structure (tied head, biases, RoPE) with
+    tiny widths, so what scales with the layers (host paths, compile time) can be studied on a CPU."""
+    name = f"{model}-narrow"
+    CONFIGS[name] = get_config(model).replace(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                                              head_dim=16, vocab_size=512, name=name)
+    return name
+
+
 def timed(times: dict, name: str, fn):
     """``fn`` that adds its host time to ``times[name]``."""
     @wraps(fn)
@@ -54,11 +63,7 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=0, help="then profile this many steps: GPU kernels per step")
     parser.add_argument("--options", default="{}", help="engine options as JSON, e.g. '{\"async_scheduling\": false}'")
     args = parser.parse_args()
-    model = args.model
-    if args.narrow:
-        model = f"{args.model}-narrow"
-        CONFIGS[model] = get_config(args.model).replace(hidden_size=64, intermediate_size=128, num_heads=4,
-                                                         num_kv_heads=2, head_dim=16, vocab_size=512, name=model)
+    model = narrow(args.model) if args.narrow else args.model
     llm = LLM(model, optimization_level=args.level, max_num_seqs=max(args.batch, 8),
               max_model_len=args.input_len + args.steps + 64, seed=0, **json.loads(args.options))
     prompts = random_prompts(args.batch, args.input_len, llm.model_config.vocab_size)

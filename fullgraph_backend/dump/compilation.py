@@ -38,9 +38,11 @@ def dump_compilation(dump_dir: str) -> Iterator[str]:
     - ``<compile id>/`` per graph (``0_0``, ``1_0``, ``0_1`` for a recompile; ``0_0.1`` when an id
       repeats after ``torch._dynamo.reset()``), written by the backend:
 
-      - ``graph.json``: compile id, graph-break reason, options, each compiled piece's inputs
-        (with symbolic shapes flagged), its Inductor trace folder and leftovers (KV-cache clones
-        and copy-backs, ``auto_functionalized``, extern kernels, aten fallbacks, custom op calls).
+      - ``graph.json``: compile id, graph-break reason, options, each Inductor compile's inputs
+        (with symbolic shapes flagged), its trace folder and leftovers (KV-cache clones and
+        copy-backs, ``auto_functionalized``, extern kernels, aten fallbacks, custom op calls), and
+        ``regions``: per graph handed to the compiler, its regions with the compile each one
+        runs (regions sharing one reused its code), or why it was compiled whole.
       - ``00_dynamo_graph.py``, ``NN_<pass>.py``: the graph as Dynamo gave it, then after each pass.
       - ``passes.txt`` / ``passes.json``: each pass's summary / report (for the attention swap:
         each node, its layer, the implementation, the buffers it reads; nodes left alone, why).

@@ -50,6 +50,7 @@ def _graph_section(root: str, g: GraphInfo) -> str:
         rows = [[s["node"], s["layer_idx"], s["impl"], ", ".join(s["reads"])] for s in swapped]
         out.append(_table(["node", "layer", "impl", "reads"], rows))
         out += [f"<p>left alone: {_e(node)}: {_e(why)}</p>" for node, why in left]
+    out += [f"<p>regional compile: {_e(report['summary'])}</p>" for report in g.record["regions"]]
     files = g.graph_files
     for (before_label, before), (label, after), p in zip(files, files[1:], g.passes):
         out.append(f"<h3>{_e(p['name'])}: {_e(os.path.basename(before))} &rarr; {_e(os.path.basename(after))}</h3>")

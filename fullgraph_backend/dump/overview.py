@@ -29,7 +29,8 @@ def plain(value: object, style: str = "") -> Text:
 
 
 def print_overview(dump: Dump, console: Console) -> None:
-    """Print the dump: graphs, passes, attention swaps, capture tables, then the warnings."""
+    """Print the dump: graphs, passes, attention swaps, regional compiles, capture tables, then the
+    warnings."""
     console.print(Text.assemble(("fullgraph dump", "bold"), " ", plain(
         f"{dump.root}: {len(dump.graphs)} graph(s), torch {dump.manifest['torch']}, "
         f"{len(dump.manifest['depyf'])} depyf file(s)")))
@@ -46,6 +47,8 @@ def print_overview(dump: Dump, console: Console) -> None:
                                  overflow="fold"))
         for node, why in left:
             console.print(plain(f"  left alone: {node}: {why}"))
+        for report in g.record["regions"]:
+            console.print(plain(f"  regional compile: {report['summary']}"))
         if g.capture:
             console.print(_table(f"{g.name}: capture", ("size", "kind", "warmup ms", "capture ms", "pool MiB"),
                                  [(r["size"], r["kind"], f"{r['warmup_ms']:.2f}", f"{r['capture_ms']:.2f}",

@@ -79,9 +79,10 @@ _PIECE = {"inputs": Maybe([ANY], []), "inductor": Maybe(str), "output_code": May
           "kv_cache_copies_in_output_code": Maybe(int, 0), "auto_functionalized": Maybe(int, 0),
           **{key: Maybe(Each(int), {}) for key in ("extern_kernels", "aten_fallbacks", "custom_op_calls",
                                                     "generated_kernels")}}
+_REGIONS = {"regions": Maybe([(str, int)], []), "why_not": Maybe(str), "summary": Maybe(str, "")}
 GRAPH_RECORD = {"compile_id": Maybe(str), "graph_break": Maybe(str),
                 "config": Maybe({"cudagraph_mode": Maybe(str, "?"), "compiler": Maybe(str, "?")}, {}),
-                "pieces": Maybe([_PIECE], [])}
+                "pieces": Maybe([_PIECE], []), "regions": Maybe([_REGIONS], [])}
 PASSES = {"passes": Maybe([{"name": str, "graph": str, "summary": Maybe(str, ""), "report": ANY}], [])}
 SWAP_REPORT = {"swapped": [{"node": str, "layer_idx": int, "impl": str, "reads": [str]}],
                "left_alone": Maybe([(str, str)], [])}

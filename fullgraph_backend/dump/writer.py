@@ -1,9 +1,10 @@
 """Writing a dump: the backend fills one folder per compiled graph, ``<root>/<compile id>/``.
 
 The backend opens a :class:`GraphDump` for every graph Dynamo hands it and passes it along:
-the pass manager writes the graphs into ``dump.folder``, ``dump.compiler(...)`` wraps the
-Inductor call (trace on, caches off, leftovers inspected), and the graph runner calls
-``dump.write_capture_table`` after each capture loop. When nothing is dumped, ``folder`` is None
+the pass manager writes the graphs into ``dump.folder``, ``dump.compiler(...)`` wraps each
+Inductor call (trace on, caches off, leftovers inspected), the regional compiler reports each graph's
+regions to ``dump.write_regions``, and the graph runner calls ``dump.write_capture_table`` after
+each capture loop. When nothing is dumped, ``folder`` is None
 and every method does nothing, so the backend calls them unconditionally.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ class GraphDump:
         os.makedirs(os.path.join(root, name))
         record = {"compile_id": compile_id, "folder": name, "graph_break": compat.graph_break_reason(gm),
                   "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
-                  "pieces": []}
+                  "pieces": [], "regions": []}
         dump = cls(root, os.path.join(root, name), record)
         dump._save()
         return dump
@@ -83,6 +84,16 @@ class GraphDump:
             return compiled
 
         return compile_and_inspect
+
+    def write_regions(self, report) -> None:
+        """Keep, in graph.json, how the compiler cut one graph it was handed into regions: a
+        :class:`~fullgraph_backend.regions.RegionReport` (each region's compile is an index into
+        ``pieces``; regions sharing one reused its code)."""
+        if self.folder is None:
+            return
+        self.record["regions"].append({"regions": [list(r) for r in report.regions], "why_not": report.why_not,
+                                       "summary": report.summary()})
+        self._save()
 
     def write_capture_table(self, table: list) -> None:
         """Write the runner's capture table (rows of ``CaptureRecord``) as capture.json / .txt."""
