@@ -15,6 +15,7 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +pdl       the backend's ``pdl=True``: our kernels launched with programmatic dependent launch
              (sm_90+); add +inductorpdl for Inductor's too
   +inductorpdl  Inductor's kernels alone with PDL (``triton.enable_pdl``), ours launched plainly
+  +whole     the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
@@ -160,7 +161,7 @@ def main() -> None:
     plot_decode({**header, "rows": rows}, os.path.join(args.out, "bench_decode.png"))
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "combo", "pdl", "inductorpdl")
+FLAGS = ("tuned", "cublaslt", "nogemv", "combo", "pdl", "inductorpdl", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
@@ -177,7 +178,8 @@ def _compiled(model, mode: str, flags: set[str], impl: str):
         return torch.compile(model, mode="reduce-overhead")
     return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl,
                                                              "inductor_config": inductor_config,
-                                                             "gemv": "nogemv" not in flags, "pdl": "pdl" in flags})
+                                                             "gemv": "nogemv" not in flags, "pdl": "pdl" in flags,
+                                                             "regional_compile": "whole" not in flags})
 
 
 def _print_table(header: dict, rows: list[dict], batches: list[int]) -> None:
