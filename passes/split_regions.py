@@ -57,7 +57,7 @@ INLINED_METHODS = ("add", "sub", "mul", "neg", "float", "half", "bfloat16", "to"
 class InlineLimits:
     """When Inductor realizes a pointwise result instead of computing it inside each consumer: it
     is read by more than one op and reads more than ``shared_reads`` buffers, or it reads more
-    than ``reads`` (``torch._inductor.config``'s realize thresholds; ``compat.inline_limits``)."""
+    than ``reads`` (``torch._inductor.config``'s realize thresholds, ``compat.realize_thresholds``)."""
 
     shared_reads: int
     reads: int
@@ -104,8 +104,8 @@ def split_at_repeats(gm: torch.fx.GraphModule, min_repeats: int, limits: InlineL
     if cuts[-1] != len(nodes):
         cuts.append(len(nodes))
     if len(cuts) - 1 < min_repeats:
-        return RegionSplit(why_not=f"{len(cuts) - 2} fusion barriers (matmuls, linears, custom ops): "
-                                   f"nothing to repeat {min_repeats} times")
+        return RegionSplit(why_not=f"too few fusion barriers (matmuls, linears, custom ops) to repeat "
+                                   f"{min_repeats} times: {len(cuts) - 2}")
     interned: dict[tuple, int] = {}
     signatures = [interned.setdefault(tuple((n.op, n.target) for n in nodes[a:b]), len(interned))
                   for a, b in zip(cuts, cuts[1:])]

@@ -8,6 +8,7 @@ import torch
 
 from fullgraph_backend import backend, compat, pdl
 from fullgraph_backend.config import FullgraphConfig
+from fullgraph_backend.dump.writer import GraphDump
 
 
 try:
@@ -86,12 +87,13 @@ def test_pdl_option_wraps_the_compiled_call_and_leaves_inductor_alone(monkeypatc
     def graph():
         return pdl._PDL.get()
 
-    on = backend._compiler(FullgraphConfig(pdl=True), pdl=True)(graph, [])
+    no_dump = GraphDump(None, None, {})
+    on = backend._compiler(FullgraphConfig(pdl=True), True, no_dump)(graph, [])
     assert on() is True and calls[-1] == {}
-    off = backend._compiler(FullgraphConfig(pdl=True), pdl=False)(graph, [])
+    off = backend._compiler(FullgraphConfig(pdl=True), False, no_dump)(graph, [])
     assert off() is False and calls[-1] == {}
     options = FullgraphConfig(pdl=True, inductor_config={"triton.enable_pdl": True})
-    backend._compiler(options, pdl=True)(graph, [])
+    backend._compiler(options, True, no_dump)(graph, [])
     assert calls[-1] == {"triton.enable_pdl": True}
 
 
