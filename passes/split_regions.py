@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fullgraph_backend.request_ends import ends_of
 from passes.split_attention import split_by
 from passes.swap_linear import LINEAR_TARGETS
 
@@ -45,10 +46,12 @@ BARRIER_FUNCTIONS = (*LINEAR_TARGETS, torch.matmul, torch.mm, torch.bmm, torch.a
                      operator.matmul, F.scaled_dot_product_attention)
 BARRIER_METHODS = ("matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__")
 FUSABLE_NAMESPACES = ("aten", "prims")
-# what Inductor computes inside its consumers' kernels unless it realizes it: arithmetic, casts, views
-# and gathers (an embedding, a table indexed by positions); pure, so recomputing it changes nothing
+# what Inductor computes inside its consumers' kernels unless it realizes it: arithmetic, casts, views,
+# an embedding, and the request ends (the swap pass's ``ends_of``, whose row count is a size of the
+# forward context's buffer that no node binds: split_module cannot pass it across a cut); pure, so
+# recomputing it changes nothing
 INLINED_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
-                     torch.add, torch.sub, torch.mul, torch.neg, F.embedding)
+                     torch.add, torch.sub, torch.mul, torch.neg, F.embedding, ends_of)
 INLINED_METHODS = ("add", "sub", "mul", "neg", "float", "half", "bfloat16", "to", "view", "reshape", "unsqueeze",
                    "squeeze", "flatten", "unflatten", "chunk", "split", "transpose", "permute", "expand")
 

@@ -300,7 +300,8 @@ def test_inductor_regions_write_a_programs_buffers_in_place(tmp_path):
 def test_transformers_gemma3_alternating_windows_compile_two_kinds_of_layer():
     """transformers' Gemma 3 code (a sliding window on one layer of two), its attention swapped as
     the backend does: the layers' regions hold two graphs (the window is a constant of the swapped
-    op), each compiled once, and the regions compute what the model does."""
+    op), each compiled once, and the regions compute what the model does. Its request ends, computed
+    first, are computed again where the head reads them (their size is the context's buffer's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fullgraph_backend.attention.registry import resolve_impl
@@ -330,11 +331,12 @@ def test_transformers_gemma3_alternating_windows_compile_two_kinds_of_layer():
         caches = [c.clone() for c in ctx.kv_caches]
         compat.mark_unbacked(ids, 0)  # as the engine does (mark_dynamic specializes with transformers 5.17)
         compat.mark_unbacked(positions, 0)
-        fn, inputs = dynamo_graph(model, ids, positions, dynamic=(), read=read)
+        step = lambda i, p: model(i, p, request_ends=True)  # noqa: E731  (the engine's step: logits at request ends)
+        fn, inputs = dynamo_graph(step, ids, positions, dynamic=(), read=read)
         for cache, saved in zip(ctx.kv_caches, caches):
             cache.copy_(saved)
         (got,) = fn(*[len(ids) if isinstance(x, torch.SymInt) else x for x in inputs])  # its sizes: the token count
-        torch.testing.assert_close(got, model(ids, positions), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, step(ids, positions), atol=1e-5, rtol=1e-5)
     (report,) = reports
     middle = [i for _, i in report.regions[1:-1]]
     assert report.why_not is None and len(set(middle)) >= 2 and len(compiled_graphs) == len(set(i for _, i in report.regions))
