@@ -6,8 +6,9 @@ H200, 30 of a cold start's 35 s of compile went to Inductor and AOTAutograd over
 (Inductor), just before it runs, after every pass of ours:
 
 1. ``passes.split_at_repeats`` cuts the graph into a prologue, one region per repeated layer and
-   an epilogue, each cut right after a fusion barrier (a matmul, a custom op), so the regions
-   compiled apart fuse exactly what the whole graph did.
+   an epilogue, each cut right after a fusion barrier (a matmul, a custom op), and has each region
+   recompute what the whole graph's kernels recompute rather than read it from memory, so the
+   regions launch the kernels the whole graph did (perf-notes section 27).
 2. :func:`run_on_fakes` runs the cut graph on fakes of the inputs, symbolic in the batch as the
    whole graph was, which gives each region its own fake inputs (as the piecewise mode's pieces).
 3. :func:`region_key` says which regions are the same graph over inputs of the same kind; each
@@ -44,8 +45,8 @@ from passes.split_regions import InlineLimits, split_at_repeats
 
 log = logging.getLogger("fullgraph")
 
-# Fewer copies than this and the graph is compiled whole: the saving is under two layers' compile,
-# while the cut adds a compile of its own per distinct region and a host call per region.
+# Fewer alike regions than this and the graph is compiled whole: two alike save one region's compile,
+# about what the cut costs (the graph run on fakes, each compile's fixed cost, a host call a region).
 MIN_REPEATS = 3
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fullgraph_backend import compat
 from fullgraph_backend.request_ends import ends_of
 from passes.split_attention import split_by
 from passes.swap_linear import LINEAR_TARGETS
@@ -101,7 +102,7 @@ def split_at_repeats(gm: torch.fx.GraphModule, min_repeats: int, limits: InlineL
     Returns a :class:`RegionSplit` without ``split`` (and with ``why_not``) when no period of
     segments repeats ``min_repeats`` times.
     """
-    gm = _copy(gm)
+    gm = compat.copy_dynamo_graph(gm)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     cuts = [0, *(i + 1 for i, n in enumerate(nodes) if is_fusion_barrier(n))]
     if cuts[-1] != len(nodes):
@@ -122,12 +123,6 @@ def split_at_repeats(gm: torch.fx.GraphModule, min_repeats: int, limits: InlineL
     split = split_by(gm, lambda n: region_of[n])
     names = [n.target for n in split.graph.find_nodes(op="call_module")]
     return RegionSplit(split, names, repeats, period, recomputed)
-
-
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return torch.fx.GraphModule(gm, graph)
 
 
 def _region(segment: int, start: int, period: int, repeats: int) -> int:
