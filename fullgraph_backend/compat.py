@@ -81,9 +81,10 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | N
     return inductor_compile(gm, example_inputs, config_patches={**(patches or {}), "triton.cudagraphs": False})
 
 
-def inline_limits(device: torch.device, patches: dict) -> "InlineLimits":
+def realize_thresholds(device: torch.device, patches: dict) -> tuple[int, int]:
     """Inductor's thresholds for realizing a pointwise result rather than recomputing it in each
-    consumer (``passes.split_regions.InlineLimits``), as they apply on ``device`` with ``patches``.
+    consumer, as they apply on ``device`` with ``patches``: ``(reads when shared, reads)``, see
+    ``passes.split_regions.InlineLimits``.
 
     2.11: ``realize_reads_threshold`` (read by several ops) and ``realize_acc_reads_threshold``
     (any), one value for every device. 2.13 leaves the second None by default and takes
@@ -91,14 +92,12 @@ def inline_limits(device: torch.device, patches: dict) -> "InlineLimits":
     """
     import torch._inductor.config as inductor_config
 
-    from passes.split_regions import InlineLimits
-
     with inductor_config.patch(patches):
         reads = inductor_config.realize_acc_reads_threshold
         if reads is None:
             reads = (inductor_config.realize_cpu_acc_reads_threshold if device.type == "cpu"
                      else inductor_config._realize_acc_reads_threshold_default)
-        return InlineLimits(shared_reads=inductor_config.realize_reads_threshold, reads=reads)
+        return inductor_config.realize_reads_threshold, reads
 
 
 def mark_unbacked(tensor: torch.Tensor, dim: int) -> None:

@@ -41,9 +41,10 @@ class FullgraphConfig:
       Off by default (perf-notes section 18); elsewhere it changes nothing.
     - ``regional_compile``: compile each distinct repeated region of a graph (a decoder layer) with
       Inductor once and call its code for every copy, instead of compiling the whole graph
-      (:mod:`fullgraph_backend.regions`; perf-notes section 27). The kernels are the same; a graph
-      without 3 alike regions, or compiled with ``max_autotune``, is compiled whole (logged).
-      False always compiles whole.
+      (:mod:`fullgraph_backend.regions`; perf-notes section 27). Every layer runs the kernels it
+      ran compiled whole (the prologue may write RoPE's cos / sin once more); a graph without 3
+      alike regions, or compiled with ``max_autotune``, is compiled whole (logged). False always
+      compiles whole.
     """
 
     capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)

@@ -6,8 +6,9 @@ H200, 30 of a cold start's 35 s of compile went to Inductor and AOTAutograd over
 (Inductor), just before it runs, after every pass of ours:
 
 1. ``passes.split_at_repeats`` cuts the graph into a prologue, one region per repeated layer and
-   an epilogue, each cut right after a fusion barrier (a matmul, a custom op), so the regions
-   compiled apart fuse exactly what the whole graph did.
+   an epilogue, each cut right after a fusion barrier (a matmul, a custom op), and has each region
+   recompute what the whole graph's kernels recompute rather than read it from memory, so the
+   regions launch the kernels the whole graph did (perf-notes section 27).
 2. :func:`run_on_fakes` runs the cut graph on fakes of the inputs, symbolic in the batch as the
    whole graph was, which gives each region its own fake inputs (as the piecewise mode's pieces).
 3. :func:`region_key` says which regions are the same graph over inputs of the same kind; each
@@ -34,17 +35,18 @@ from typing import Callable, NamedTuple
 
 import sympy
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fullgraph_backend import compat
-from passes.split_regions import split_at_repeats
+from passes.split_regions import InlineLimits, split_at_repeats
 
 log = logging.getLogger("fullgraph")
 
-# Fewer copies than this and the graph is compiled whole: the saving is under two layers' compile,
-# while the cut adds a compile of its own per distinct region and a host call per region.
+# Fewer alike regions than this and the graph is compiled whole: two alike save one region's compile,
+# about what the cut costs (the graph run on fakes, each compile's fixed cost, a host call a region).
 MIN_REPEATS = 3
 
 
@@ -79,12 +81,13 @@ def run_on_fakes(split: torch.fx.GraphModule, example_inputs: list) -> list[Part
                 calls.append(PartCall(node, self.fetch_attr(node.target), args, out, written))
             return out
 
-    with fake_mode:
-        Recorder(split).run(*fakes_of(fake_mode, example_inputs))
+    # as Dynamo traced: the Python dispatcher, without which 2.11's C++ matmul guards on unbacked sizes
+    with fake_mode, enable_python_dispatcher():
+        Recorder(split).run(*_fakes(fake_mode, example_inputs))
     return calls
 
 
-def fakes_of(fake_mode, example_inputs: list) -> list:
+def _fakes(fake_mode, example_inputs: list) -> list:
     """The inputs as fakes of ``fake_mode`` (fakes already are: the piecewise pieces get them)."""
     return [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
             for x in example_inputs]
@@ -161,7 +164,7 @@ class RegionalCompiler:
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is None:  # a graph handed over by hand: no symbolic sizes to compile regions with
             return self._whole(gm, example_inputs, "no fake mode: the graph does not come from Dynamo")
-        key = region_key(gm, fakes_of(fake_mode, example_inputs))
+        key = region_key(gm, _fakes(fake_mode, example_inputs))
         if key in self._compiled:
             index, compiled = self._compiled[key]
             self._report(RegionReport([("whole", index)]), logging.DEBUG)  # a piecewise piece like an earlier one
@@ -181,13 +184,14 @@ class RegionalCompiler:
         """The graph cut into regions, run on fakes and keyed; or why it is compiled whole."""
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         try:
-            cut = split_at_repeats(gm, self.min_repeats, compat.inline_limits(device, self.inductor_config))
+            limits = InlineLimits(*compat.realize_thresholds(device, self.inductor_config))
+            cut = split_at_repeats(gm, self.min_repeats, limits)
             if cut.split is None:
                 return cut.why_not
             calls = run_on_fakes(cut.split, example_inputs)
             keys = [region_key(c.module, c.args) for c in calls]
         except Exception as e:  # noqa: BLE001  (the whole graph compiles without the cut; the log says why)
-            return f"cutting the graph into regions failed: {type(e).__name__}: {e}"
+            return f"cutting the graph into regions failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         crossing = next((a for c in calls for a in c.args if not isinstance(a, _REGION_INPUTS)), None)
         if crossing is not None:
             return f"a {type(crossing).__name__} crosses a cut; compiled code takes tensors, sizes and numbers"

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fullgraph_backend import compat
+from fullgraph_backend.request_ends import ends_of
 from passes.split_attention import split_by
 from passes.swap_linear import LINEAR_TARGETS
 
@@ -45,10 +47,12 @@ BARRIER_FUNCTIONS = (*LINEAR_TARGETS, torch.matmul, torch.mm, torch.bmm, torch.a
                      operator.matmul, F.scaled_dot_product_attention)
 BARRIER_METHODS = ("matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__")
 FUSABLE_NAMESPACES = ("aten", "prims")
-# what Inductor computes inside its consumers' kernels unless it realizes it: arithmetic, casts, views
-# and gathers (an embedding, a table indexed by positions); pure, so recomputing it changes nothing
+# what Inductor computes inside its consumers' kernels unless it realizes it: arithmetic, casts, views,
+# an embedding, and the request ends (the swap pass's ``ends_of``, whose row count is a size of the
+# forward context's buffer that no node binds: split_module cannot pass it across a cut); pure, so
+# recomputing it changes nothing
 INLINED_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
-                     torch.add, torch.sub, torch.mul, torch.neg, F.embedding)
+                     torch.add, torch.sub, torch.mul, torch.neg, F.embedding, ends_of)
 INLINED_METHODS = ("add", "sub", "mul", "neg", "float", "half", "bfloat16", "to", "view", "reshape", "unsqueeze",
                    "squeeze", "flatten", "unflatten", "chunk", "split", "transpose", "permute", "expand")
 
@@ -57,7 +61,7 @@ INLINED_METHODS = ("add", "sub", "mul", "neg", "float", "half", "bfloat16", "to"
 class InlineLimits:
     """When Inductor realizes a pointwise result instead of computing it inside each consumer: it
     is read by more than one op and reads more than ``shared_reads`` buffers, or it reads more
-    than ``reads`` (``torch._inductor.config``'s realize thresholds; ``compat.inline_limits``)."""
+    than ``reads`` (``torch._inductor.config``'s realize thresholds, ``compat.realize_thresholds``)."""
 
     shared_reads: int
     reads: int
@@ -98,14 +102,14 @@ def split_at_repeats(gm: torch.fx.GraphModule, min_repeats: int, limits: InlineL
     Returns a :class:`RegionSplit` without ``split`` (and with ``why_not``) when no period of
     segments repeats ``min_repeats`` times.
     """
-    gm = _copy(gm)
+    gm = compat.copy_dynamo_graph(gm)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     cuts = [0, *(i + 1 for i, n in enumerate(nodes) if is_fusion_barrier(n))]
     if cuts[-1] != len(nodes):
         cuts.append(len(nodes))
     if len(cuts) - 1 < min_repeats:
-        return RegionSplit(why_not=f"{len(cuts) - 2} fusion barriers (matmuls, linears, custom ops): "
-                                   f"nothing to repeat {min_repeats} times")
+        return RegionSplit(why_not=f"too few fusion barriers (matmuls, linears, custom ops) to repeat "
+                                   f"{min_repeats} times: {len(cuts) - 2}")
     interned: dict[tuple, int] = {}
     signatures = [interned.setdefault(tuple((n.op, n.target) for n in nodes[a:b]), len(interned))
                   for a, b in zip(cuts, cuts[1:])]
@@ -119,12 +123,6 @@ def split_at_repeats(gm: torch.fx.GraphModule, min_repeats: int, limits: InlineL
     split = split_by(gm, lambda n: region_of[n])
     names = [n.target for n in split.graph.find_nodes(op="call_module")]
     return RegionSplit(split, names, repeats, period, recomputed)
-
-
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return torch.fx.GraphModule(gm, graph)
 
 
 def _region(segment: int, start: int, period: int, repeats: int) -> int:

@@ -295,3 +295,51 @@ def test_inductor_regions_write_a_programs_buffers_in_place(tmp_path):
     console = Console(file=io.StringIO(), width=200)
     print_overview(dump, console)
     assert f"regional compile: {report['summary']}" in console.file.getvalue()
+
+
+def test_transformers_gemma3_alternating_windows_compile_two_kinds_of_layer():
+    """transformers' Gemma 3 code (a sliding window on one layer of two), its attention swapped as
+    the backend does: the layers' regions hold two graphs (the window is a constant of the swapped
+    op), each compiled once, and the regions compute what the model does. Its request ends, computed
+    first, are computed again where the head reads them (their size is the context's buffer's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fullgraph_backend.attention.registry import resolve_impl
+    from fullgraph_backend.models.hf import ATTN_IMPLEMENTATION, TransformersDecoder, inspect_model
+    from passes import swap_attention
+
+    hf_config = AutoConfig.for_model("gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=24,
+                                     layer_types=["sliding_attention", "full_attention"] * 4)
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=ATTN_IMPLEMENTATION)
+    model = TransformersDecoder(hf_model, inspect_model(hf_config, "gemma3", torch.float32)).eval().requires_grad_(False)
+    ctx = model.config.forward_context(max_num_seqs=4, max_num_tokens=32, max_model_len=64)
+    reports, compiled_graphs = [], []
+
+    def read(gm, example_inputs):
+        gm = compat.copy_dynamo_graph(gm)
+        swap = swap_attention(gm, ctx, resolve_impl("reference", torch.device("cpu")))
+        inputs = [*example_inputs, *swap.inputs.values()]
+        compiler = RegionalCompiler(lambda g, _: compiled_graphs.append(g) or g, {}, on_report=reports.append)
+        return compiler(gm, inputs), inputs
+
+    with use_forward_context(ctx), torch.inference_mode():
+        positions = ctx.prepare([5, 9], [5, 9], own_block_tables(ctx, 2))
+        ids = torch.arange(14) * 7 % 256
+        caches = [c.clone() for c in ctx.kv_caches]
+        compat.mark_unbacked(ids, 0)  # as the engine does (mark_dynamic specializes with transformers 5.17)
+        compat.mark_unbacked(positions, 0)
+        step = lambda i, p: model(i, p, request_ends=True)  # noqa: E731  (the engine's step: logits at request ends)
+        fn, inputs = dynamo_graph(step, ids, positions, dynamic=(), read=read)
+        for cache, saved in zip(ctx.kv_caches, caches):
+            cache.copy_(saved)
+        (got,) = fn(*[len(ids) if isinstance(x, torch.SymInt) else x for x in inputs])  # its sizes: the token count
+        torch.testing.assert_close(got, step(ids, positions), atol=1e-5, rtol=1e-5)
+    (report,) = reports
+    middle = [i for _, i in report.regions[1:-1]]
+    assert report.why_not is None and len(set(middle)) >= 2 and len(compiled_graphs) == len(set(i for _, i in report.regions))
+    windows = {n.args[-1] for g in compiled_graphs for n in g.graph.nodes if n.target is resolve_impl(
+        "reference", torch.device("cpu")).op}
+    assert windows == {0, 8}

@@ -15,7 +15,7 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +pdl       the backend's ``pdl=True``: our kernels launched with programmatic dependent launch
              (sm_90+); add +inductorpdl for Inductor's too
   +inductorpdl  Inductor's kernels alone with PDL (``triton.enable_pdl``), ours launched plainly
-  +whole     the backend's ``regional_compile=False``: the whole graph compiled as one
+  +whole     the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 

@@ -12,11 +12,13 @@ Runs (``--runs``, comma-separated, in order; ``cold`` first empties the caches):
 
 ``--compile-options`` adds backend options to every run (``'{"regional_compile": false}'``);
 ``--narrow`` keeps the model's layers but shrinks its widths (``tools/profile_engine.py``), for
-compile-time studies on a CPU.
+compile-time studies on a CPU; ``--warm-inductor`` compiles an unrelated function before the
+engine, so a CPU run's compile leaves out Inductor's one-time C++ setup in a fresh cache (27 s with
+torch 2.13, 61 s with 2.11 on the two-core CPU; nothing like it on the GPU).
 
 Usage (GPU): python tools/bench_startup.py --out OUT_DIR [--model qwen2.5-1.5b] [--level 4]
                  [--max-model-len 2048] [--runs cold,warm,len=640,seqs=64,kv=4000] [--capture-sizes 1,2,...]
-                 [--compile-options JSON] [--narrow]
+                 [--compile-options JSON] [--narrow] [--warm-inductor]
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ def child(args: argparse.Namespace) -> None:
     from fullgraph_backend.engine import LLM
 
     import_s = time.perf_counter() - start
+    if args.warm_inductor:
+        torch.compile(lambda x: (x.sin() * 2).sum(-1))(torch.randn(8, 8))
+        torch._dynamo.reset()  # (and Dynamo's compile times)
+        counters.clear()
     if args.narrow:
         from profile_engine import narrow  # tools/ is the script's folder, first on sys.path
 
@@ -61,13 +67,14 @@ def child(args: argparse.Namespace) -> None:
     os._exit(0)  # ready is what is measured: skip tearing the engine and the compile workers down
 
 
-def run_once(options: dict, model: str, cache_dir: str, narrow: bool = False) -> dict:
-    """One fresh process building one engine with ``options`` against ``cache_dir``."""
+def run_once(options: dict, model: str, cache_dir: str, flags: tuple[str, ...] = ()) -> dict:
+    """One fresh process building one engine with ``options`` against ``cache_dir``; ``flags`` go to
+    the child (``--narrow``, ``--warm-inductor``)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
     spawned = time.time()
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--model", model,
-                           "--options", json.dumps(options), *(["--narrow"] if narrow else [])],
+                           "--options", json.dumps(options), *flags],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"startup run failed ({options}):\n{proc.stderr[-4000:]}")
@@ -89,6 +96,7 @@ def main() -> None:
     parser.add_argument("--cache-root", help="where the runs' caches live (default: a new temporary folder)")
     parser.add_argument("--compile-options", default="{}", help="backend options for every run, as JSON")
     parser.add_argument("--narrow", action="store_true", help="the model's layers with tiny widths (CPU studies)")
+    parser.add_argument("--warm-inductor", action="store_true", help="compile something else first (CPU studies)")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -109,7 +117,8 @@ def main() -> None:
         elif run != "warm":
             key, value = run.split("=")
             options[RUN_OPTIONS[key]] = int(value)
-        result = run_once(options, model, cache_dir, args.narrow)
+        flags = tuple(f for f, on in (("--narrow", args.narrow), ("--warm-inductor", args.warm_inductor)) if on)
+        result = run_once(options, model, cache_dir, flags)
         rows.append({"run": run, "options": options, **result})
         print(f"{run:>10}: ready in {result['ready_s']:.1f} s (import {result['import_s']:.1f}, load "
               f"{result['load_s']:.1f}, compile {result['compile_s']:.1f}, capture {result['capture_s']:.1f} s, "

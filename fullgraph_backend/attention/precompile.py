@@ -163,11 +163,12 @@ class Precompile:
         self._finished = max(self._finished, time.perf_counter())
 
     def wait(self, timeout: float) -> str:
-        """Wait up to ``timeout`` s for every compile (once; later calls return the first answer) and
-        return a line for the startup report: variants, seconds from :func:`start` to the last compile's
-        end, how many were compiled and how many found in the cache. A compile that failed, is late, or was filed under
-        another key than this process's JIT computes (another ptxas, say) is logged in one line: the
-        JIT compiles those at warm-up, as without a precompile (late ones still finish)."""
+        """Wait up to ``timeout`` s for every compile (once; later calls return the first answer)
+        and return a line for the startup report: variants, seconds from :func:`start` to the last
+        compile's end, how many were compiled and how many found in the cache. A compile that
+        failed, is late, or was filed under another key than this process's JIT computes (another
+        ptxas, say) is logged in one line: the JIT compiles those at warm-up, as without a
+        precompile (late ones still finish)."""
         if self.summary is not None:
             return self.summary
         done, late = concurrent.futures.wait(self._futures, timeout=timeout)
