@@ -327,12 +327,13 @@ class GraphRunner:
                 return outputs_as_tuple(self.paths[BatchKind.MIXED].fn(*args))
             if key not in self.paths[key.kind].pieces[0].recordings:
                 self._capture(self._keys_to_capture(key), args)
-            args = self._unshare(args)
+            given, args = args, self._unshare(args)
             self._expire_outputs()
             try:
                 out = self._run(_Step(Phase.REPLAY, key), args)
             except InputsMoved:  # raised before anything replayed: capture the key for the new addresses
-                self._recapture(key, args)
+                self._recapture(key, given)
+                args = self._unshare(given)  # against the memory the runner owns now
                 out = self._run(_Step(Phase.REPLAY, key), args)
             return self._hand_out(out if n is None else self.sig.slice_outputs(out, n, args), key, args)
 
@@ -440,6 +441,10 @@ class GraphRunner:
                 piece.copy_only.add(key)
         for piece in pieces:
             del piece.recordings[key]
+        # the dropped recording's memory is free for anyone's tensors now (on CUDA, once its pool
+        # releases it): a new state tensor there is the caller's, not ours to copy (_unshare)
+        del self._owned[key]
+        self._all_owned = set().union(*self._owned.values())
         self._capture([key], args)
 
     def _unshare(self, args: tuple) -> tuple:

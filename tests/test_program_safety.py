@@ -434,3 +434,33 @@ def test_state_that_stays_put_for_a_while_is_captured_again_when_it_moves(caplog
                 f"epoch {epoch}: the state is not read in place"
     assert len(backend.runner.capture_table) == epochs, "one capture per state tensor"
     assert not any("moved" in r.getMessage() for r in caplog.records)
+
+
+def test_state_placed_where_a_dropped_recording_was_is_the_callers():
+    """A recording captured again frees its buffers; a state tensor the caller later keeps at one of
+    those addresses is the caller's own: read and written in place, not copied as if it were the
+    runner's memory (on the H200, transformers' new static cache landed on a dropped decode graph's
+    memory, and every decode step copied it)."""
+
+    def f(x, state):
+        state.add_(x.sum(-1)[:3])
+        return x * state.sum()
+
+    compiled, backend = _compile(f)
+    freed = None
+    with torch.inference_mode():
+        for epoch in range(3):
+            if epoch < 2:
+                state, eager_state = torch.full((3,), float(epoch)), torch.full((3,), float(epoch))
+            else:  # where the first recording staged x, which the runner dropped at epoch 1
+                state, eager_state = freed.view(-1)[:3].fill_(2.0), torch.full((3,), 2.0)
+            for i in range(STABLE_REPLAYS + 1):
+                x = torch.randn(4, 3)
+                torch.testing.assert_close(compiled(x, state), f(x, eager_state), msg=f"epoch {epoch}, call {i}")
+                torch.testing.assert_close(state, eager_state, msg=f"state after epoch {epoch}, call {i}")
+            (recording,) = backend.runner.pieces[0].recordings.values()
+            if epoch == 0:
+                (freed,) = [t for t in recording.reads.values() if t.shape == (4, 3)]
+            assert recording.staged.adopted and state.data_ptr() in recording.ptrs, \
+                f"epoch {epoch}: the state is not read in place"
+    assert len(backend.runner.capture_table) == 3, "one capture per state tensor"
