@@ -9,6 +9,7 @@ import operator
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from fullgraph_backend.padding import input_role
 from passes import move_host_inputs
 
 CUDA = torch.device("cuda", 0)
@@ -68,3 +69,36 @@ def test_nothing_to_do_off_cuda():
 
     gm, mode = _graph(body)
     assert move_host_inputs(gm, torch.device("cpu")).summary() == "no CPU tensors"
+
+
+def _written_copy(graph, s, copies):
+    """``copies`` device copies of ``s``, the first written in place (``add_``); returns their sum."""
+    moved = [_node(graph, "call_method", "to", (s, CUDA), s.meta["example_value"].to(CUDA)) for _ in range(copies)]
+    _node(graph, "call_method", "add_", (moved[0], 1), moved[0].meta["example_value"].add_(1))
+    total = moved[0]
+    for other in moved[1:]:
+        total = _node(graph, "call_function", operator.add, (total, other), total.meta["example_value"] + 1)
+    return total
+
+
+def test_a_written_copy_makes_the_moved_input_one_the_graph_mutates():
+    """transformers' static cache: ``cumulative_length.to(device).add_(n)``, the copy kept by the
+    caller as the new counter. The write goes to the device input that replaces the copy, so the
+    runner must treat that input as written (and copy the write out), or the counter stays 0."""
+    gm, mode = _graph(lambda graph, x, s: _written_copy(graph, s, copies=1))
+    with mode:
+        report = move_host_inputs(gm, CUDA)
+    assert report.moved == ["s"]
+    s = next(n for n in gm.graph.nodes if n.name == "s")
+    x = next(n for n in gm.graph.nodes if n.name == "x")
+    assert input_role(s).mutated and input_role(s).host
+    assert not input_role(x).mutated
+
+
+def test_two_copies_one_written_stay_apart():
+    gm, mode = _graph(lambda graph, x, s: _written_copy(graph, s, copies=2))
+    before = gm.code
+    with mode:
+        report = move_host_inputs(gm, CUDA)
+    assert report.moved == [] and gm.code == before
+    assert any("copied to the device more than once" in b for b in report.blockers)
