@@ -19,6 +19,9 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
+Each mode runs in a process of its own (``tools/isolate.py``: a mode measured second in a process
+has read slower); ``--one-process`` keeps them in one.
+
 Usage (GPU): python tools/bench_decode.py --out OUT_DIR [--batches 1,16,64] [--context 1000]
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend import use_forward_context  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
+from isolate import ONE_PROCESS_HELP, run_modes  # noqa: E402
 from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
 
@@ -91,12 +95,24 @@ def main() -> None:
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=".")
+    parser.add_argument("--one-process", action="store_true", help=ONE_PROCESS_HELP)
     args = parser.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    modes = args.modes.split(",")
+    for spec in modes:
+        unknown = set(_parse_mode(spec)[2]) - set(FLAGS)
+        if unknown:
+            parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
+    if len(modes) > 1 and not args.one_process:
+        header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json")
+        header["command"] = " ".join([os.path.basename(sys.executable), *sys.argv]) + "  (one process per mode)"
+        rows = [row for r in rows for row in ([r] if "batch" in r else [{**r, "batch": b} for b in batches])]
+        _write(args.out, header, rows, batches)
+        return
     torch.manual_seed(0)
     config = get_config(args.model)
-    batches = [int(b) for b in args.batches.split(",")]
     dtype = torch.bfloat16
     header = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -121,12 +137,8 @@ def main() -> None:
 
     rows = []
     default_blas = torch.backends.cuda.preferred_blas_library()
-    for spec in args.modes.split(","):
-        mode, _, impl = spec.partition(":")
-        mode, *flags = mode.split("+")
-        unknown = set(flags) - set(FLAGS)
-        if unknown:
-            parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
+    for spec in modes:
+        mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
         torch._dynamo.reset()
         if impl:
@@ -155,10 +167,22 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         ctx.attention_impl = header["attention_impl"]
-    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
-        json.dump({**header, "weight_GB": weight_bytes / 1e9, "rows": rows}, f, indent=1)
+    _write(args.out, {**header, "weight_GB": weight_bytes / 1e9}, rows, batches)
+
+
+def _write(out: str, header: dict, rows: list[dict], batches: list[int]) -> None:
+    """``bench_decode.json``, the table on stdout and the plot."""
+    with open(os.path.join(out, "bench_decode.json"), "w") as f:
+        json.dump({**header, "rows": rows}, f, indent=1)
     _print_table(header, rows, batches)
-    plot_decode({**header, "rows": rows}, os.path.join(args.out, "bench_decode.png"))
+    plot_decode({**header, "rows": rows}, os.path.join(out, "bench_decode.png"))
+
+
+def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
+    """``mode+flag+...:impl`` as ``(mode, impl, flags)``."""
+    mode, _, impl = spec.partition(":")
+    mode, *flags = mode.split("+")
+    return mode, impl, flags
 
 
 FLAGS = ("tuned", "cublaslt", "nogemv", "combo", "pdl", "inductorpdl", "whole")

@@ -12,6 +12,9 @@ setup cancel out), median of ``--repeats``. Modes:
   engine           fullgraph's engine (``LLM``, -O4) with our own decoder, ``generate`` with token ids
   engine-hf        the engine with ``model_impl="transformers"``: transformers' modeling code, our attention
 
+Each mode runs in a process of its own (``tools/isolate.py``: a mode measured second in a process
+has read slower); ``--one-process`` keeps them in one.
+
 Results go to ``OUT_DIR/bench_transformers_<model>.json`` (one file per model, so runs of several
 models in one command sit side by side).
 
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend.backend import RecordingBackend  # noqa: E402
 from fullgraph_backend.graph_runner import RECAPTURES_BEFORE_COPYING  # noqa: E402
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS  # noqa: E402
+from isolate import ONE_PROCESS_HELP, run_modes  # noqa: E402  (tools/ is on the path when run as a script)
 
 MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine", "engine-hf")
 ENGINE_IMPLS = {"engine": "fullgraph", "engine-hf": "transformers"}
@@ -156,22 +160,35 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="TPOT from generates of this many and twice as many")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--one-process", action="store_true", help=ONE_PROCESS_HELP)
     args = parser.parse_args()
-    import transformers
-
     modes = args.modes.split(",")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown mode(s) {sorted(unknown)}; known: {list(MODES)}")
     os.makedirs(args.out, exist_ok=True)
-    result = {"kind": "transformers", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "model": args.model, "prompt_len": args.prompt_len,
-              "tokens": args.tokens, "date": datetime.date.today().isoformat(),
+    result_path = os.path.join(args.out, f"bench_transformers_{args.model}.json")
+    result = {"kind": "transformers", "model": args.model, "prompt_len": args.prompt_len, "tokens": args.tokens,
+              "date": datetime.date.today().isoformat(),
               "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}
     batches = [int(b) for b in args.batches.split(",")]
+    if len(modes) > 1 and not args.one_process:
+        header, rows = run_modes(__file__, sys.argv[1:], modes, os.path.basename(result_path))
+        result = {**header, **result, "command": result["command"] + "  (one process per mode)"}
+        result["rows"] = [row for r in rows for row in ([r] if "batch" in r else [{**r, "batch": b} for b in batches])]
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+        _print_summary(result, args.repeats)
+        return
+    import transformers
+
+    result.update(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__)
 
     def record(rows: list[dict]) -> None:
         for row in rows:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-        with open(os.path.join(args.out, f"bench_transformers_{args.model}.json"), "w") as f:  # kept if a later row fails
+        with open(result_path, "w") as f:  # kept if a later row fails
             json.dump(result, f, indent=1)
 
     for mode in (m for m in modes if m in ENGINE_IMPLS):
@@ -193,8 +210,14 @@ def main() -> None:
             except Exception as error:  # noqa: BLE001 - one mode failing must not lose the others' rows
                 row = {"mode": mode, "error": f"{type(error).__name__}: {error}"[:500]}
             record([{**row, "batch": batch}])
-    print(f"\n{result['device']}, torch {result['torch']}, transformers {result['transformers']}, {args.model} shapes, "
-          f"bf16, prompt {args.prompt_len}, TPOT ms (median of {args.repeats})")
+    _print_summary(result, args.repeats)
+
+
+def _print_summary(result: dict, repeats: int) -> None:
+    """TPOT per mode, a line per batch."""
+    print(f"\n{result.get('device', '?')}, torch {result.get('torch', '?')}, transformers "
+          f"{result.get('transformers', '?')}, {result['model']} shapes, bf16, prompt {result['prompt_len']}, "
+          f"TPOT ms (median of {repeats})")
     for batch in sorted({r["batch"] for r in result["rows"]}):
         cells = [f"{r['mode']} {r['tpot_ms']:.2f}" if "tpot_ms" in r else f"{r['mode']} failed"
                  for r in result["rows"] if r["batch"] == batch]

@@ -7,10 +7,16 @@ from __future__ import annotations
 import json
 import sys
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _subplots(*args, **kwargs):
+    """``matplotlib.pyplot.subplots`` on the file-only Agg backend, imported here so the benchmark
+    tools import without matplotlib (the ``bench`` extra; the tests import them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
 
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -38,7 +44,7 @@ def plot_decode(result: dict, path: str) -> None:
             hit = [r for r in match if r["mode"] == mode]
             values.append(match[0]["floor_ms"] if mode == "HBM floor" else hit[0]["gpu_ms"] if hit else 0)
         series[mode] = values
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = _subplots(figsize=(9, 4.5))
     _grouped_bars(ax, [f"batch {b}" for b in batches], series)
     ax.set_yscale("log")
     ax.set_ylabel("ms per decode step (log)")
@@ -51,7 +57,7 @@ def plot_decode(result: dict, path: str) -> None:
 def plot_dynamic(result: dict, path: str) -> None:
     """Two panels: steady median per call, and total time including compile and capture."""
     modes = [m for m, e in result["modes"].items() if "steady_median_ms" in e]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, (left, right) = _subplots(1, 2, figsize=(9, 3.8))
     left.bar(modes, [result["modes"][m]["steady_median_ms"] for m in modes], color="tab:blue")
     left.set_ylabel("steady median ms per call")
     right.bar(modes, [result["modes"][m]["total_s"] for m in modes], color="tab:orange")
@@ -70,7 +76,7 @@ def plot_serving(result: dict, path: str) -> None:
     rates = list(next(iter(result["levels"].values()))["rates"]) if levels else []
     groups = [f"{r} req/s" for r in rates]
     per_level = {f"-O{level}": [result["levels"][level]["rates"][r] for r in rates] for level in levels}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = _subplots(1, 2, figsize=(10, 4))
     positions = _grouped_bars(left, groups, {k: [m["median_tpot_ms"] for m in v] for k, v in per_level.items()})
     for label, per_rate in per_level.items():
         left.scatter(positions[label], [m["p99_tpot_ms"] for m in per_rate], marker="_", s=200, color="black")
@@ -92,7 +98,7 @@ def plot_attention(result: dict, path: str) -> None:
     for mode in dict.fromkeys(r["mode"] for r in rows):
         hits = [[r["TB/s"] for r in rows if r["shape"] == b and r["mode"] == mode] for b in batches]
         series[mode] = [h[0] if h else 0 for h in hits]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = _subplots(figsize=(9, 4.5))
     _grouped_bars(ax, batches, series)
     ax.axhline(2.5, color="black", linestyle="--", linewidth=1, label="goal at batch >= 8")
     ax.set_ylabel("effective TB/s (K/V bytes / time)")
@@ -108,7 +114,7 @@ def plot_transformers(result: dict, path: str) -> None:
     batches = sorted({r["batch"] for r in rows})
     series = {mode: [next((r["tpot_ms"] for r in rows if r["mode"] == mode and r["batch"] == b), 0) for b in batches]
               for mode in dict.fromkeys(r["mode"] for r in rows)}
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = _subplots(figsize=(9, 4.5))
     _grouped_bars(ax, [f"batch {b}" for b in batches], series)
     ax.set_yscale("log")
     ax.set_ylabel("ms per output token (log)")
@@ -139,7 +145,7 @@ def plot_tensor_parallel(result: dict, path: str) -> None:
     for way in sorted({tp_all_reduce(r) for r in result["rows"] if "collectives" in r}):
         us = {r["batch"]: r["us"] / 1e3 for r in result["rows"] if "collectives" in r and tp_all_reduce(r) == way}
         series[f"collectives alone (TP=2, {way})"] = [us.get(b, 0) for _, b in groups]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _subplots(figsize=(7, 4))
     _grouped_bars(ax, [f"-O{level}, batch {b}" for level, b in groups], series)
     floor = result["weights_gb"] * 1e9 / (result["copy_bandwidth_tbs"] * 1e12) * 1e3
     for tp, style in ((1, "--"), (2, ":")):

@@ -1,0 +1,94 @@
+"""tools/isolate.py: the benchmark tools' modes, each measured in a fresh process."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+from isolate import child_argv, run_modes  # noqa: E402
+
+STUB = textwrap.dedent('''
+    import argparse, json, os, sys
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes")
+    parser.add_argument("--out")
+    parser.add_argument("--batches")
+    args = parser.parse_args()
+    if args.modes == "bad":
+        sys.exit(3)
+    row = {"mode": args.modes, "pid": os.getpid(), "batches": args.batches}
+    with open(os.path.join(args.out, "result.json"), "w") as f:
+        json.dump({"device": "stub", "rows": [row]}, f)
+''')
+
+
+def test_child_argv_replaces_modes_and_out_in_either_spelling():
+    assert child_argv(["--modes", "a,b", "--batches", "1,8", "--out=x"], "b", "/o") == \
+        ["--batches", "1,8", "--modes", "b", "--out", "/o"]
+    assert child_argv(["--modes=a,b", "--out", "x", "--one-process"], "a", "/o") == \
+        ["--one-process", "--modes", "a", "--out", "/o"]
+
+
+def test_each_mode_runs_in_a_process_of_its_own_and_a_failure_keeps_the_rest(tmp_path):
+    script = tmp_path / "stub.py"
+    script.write_text(STUB)
+    header, rows = run_modes(str(script), ["--modes", "x,bad,y", "--batches", "1,8", "--out", "ignored"],
+                             ["x", "bad", "y"], "result.json")
+    assert header == {"device": "stub"}
+    assert [r["mode"] for r in rows] == ["x", "bad", "y"]
+    assert "exited with code 3" in rows[1]["error"]
+    pids = {rows[0]["pid"], rows[2]["pid"], os.getpid()}
+    assert len(pids) == 3, "the modes shared a process"
+    assert rows[0]["batches"] == rows[2]["batches"] == "1,8"
+
+
+def _fake_children(monkeypatch, module, rows, **header):
+    """Replace ``module``'s ``run_modes`` by one returning ``rows``; the calls it got."""
+    calls = []
+
+    def fake(script, argv, modes, result_name):
+        calls.append((os.path.basename(script), modes, result_name))
+        return {"device": "stub GPU", "torch": "x", **header}, rows
+
+    monkeypatch.setattr(module, "run_modes", fake)
+    return calls
+
+
+def test_bench_decode_runs_modes_apart_and_merges_their_rows(monkeypatch, tmp_path, capsys):
+    import json
+
+    import bench_decode
+
+    rows = [{"mode": "full", "batch": 1, "gpu_ms": 1.5, "x_floor": 2.0, "floor_ms": 0.75},
+            {"mode": "full+pdl", "error": "its process exited with code 1 and wrote no result"}]
+    calls = _fake_children(monkeypatch, bench_decode, rows, triton="t", date="d", model="m", dtype="bf16", context=1,
+                           attention_impl="triton", copy_bandwidth_TBs=4.2)
+    monkeypatch.setattr(bench_decode, "plot_decode", lambda result, path: None)
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", "full,full+pdl", "--batches", "1,16",
+                                      "--out", str(tmp_path)])
+    bench_decode.main()
+    assert calls == [("bench_decode.py", ["full", "full+pdl"], "bench_decode.json")]
+    result = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert "one process per mode" in result["command"]
+    assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("full", 1), ("full+pdl", 1), ("full+pdl", 16)]
+    assert "| full+pdl | error | error |" in capsys.readouterr().out
+
+
+def test_bench_transformers_merges_rows_without_touching_cuda(monkeypatch, tmp_path, capsys):
+    import json
+
+    import bench_transformers
+
+    rows = [{"mode": "engine", "batch": 1, "tpot_ms": 1.6}, {"mode": "engine-hf", "error": "exited"}]
+    calls = _fake_children(monkeypatch, bench_transformers, rows)
+    monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", "engine,engine-hf", "--batches", "1,8",
+                                      "--out", str(tmp_path)])
+    bench_transformers.main()
+    assert calls == [("bench_transformers.py", ["engine", "engine-hf"], "bench_transformers_llama-3.2-1b.json")]
+    result = json.loads((tmp_path / "bench_transformers_llama-3.2-1b.json").read_text())
+    assert result["device"] == "stub GPU" and "one process per mode" in result["command"]
+    assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("engine", 1), ("engine-hf", 1), ("engine-hf", 8)]
+    out = capsys.readouterr().out
+    assert "batch 1: engine 1.60 | engine-hf failed" in out
