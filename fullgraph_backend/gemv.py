@@ -37,7 +37,7 @@ except ImportError:  # triton is an optional dependency: without it every linear
 # Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (docs/perf-notes.md, section 10).
 MAX_K = 4096
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 4, 512, 4, 3
-_DTYPES = (torch.bfloat16, torch.float16)
+GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _jit(fn):
@@ -198,7 +198,7 @@ def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
-    return (triton is not None and x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype and x.numel() == k
+    return (triton is not None and x.is_cuda and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and x.numel() == k
             and weight.stride(1) == 1 and k <= MAX_K)
 
 
@@ -293,20 +293,20 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
     (CUDA), plain PyTorch ops elsewhere (CPU; dtypes the kernels do not take)."""
     kernels = (triton is not None and x.is_cuda and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)))
-    if kernels and uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
+    if not kernels:
+        return _composed(x, residual, norm_weight, eps, weight, bias)
+    if uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
         out, h = rms_norm_gemv(x, norm_weight, eps, weight, bias, residual)
-        return out, x if h is None else h
-    if kernels:
-        normed, h = rms_norm_rows(x, norm_weight, eps, residual)
     else:
-        h = x if residual is None else x + residual
-        normed = rms_norm(h, norm_weight, eps)
-    return linear(normed, weight, bias), x if h is None else h
+        normed, h = rms_norm_rows(x, norm_weight, eps, residual)
+        out = linear(normed, weight, bias)
+    return out, x if h is None else h
 
 
 def _composed(x, residual, norm_weight, eps, weight, bias=None):
-    """The ops' fake: the eager composition, on fake tensors (shapes and dtypes as the kernels')."""
-    h = x if residual is None else x + residual
+    """Eager's ops: the ops' fallback, and their fake (on fake tensors: the kernels' shapes, dtypes
+    and strides, the sum contiguous as the kernels write it)."""
+    h = x if residual is None else (x + residual).contiguous()
     return linear(rms_norm(h, norm_weight, eps), weight, bias), h
 
 

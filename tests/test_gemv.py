@@ -129,7 +129,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fullgraph_backend.gemv import BLOCK_K, BLOCK_N, NUM_STAGES, NUM_WARPS, _gemv_kernel as fn
+from fullgraph_backend.gemv import BLOCK_K, BLOCK_N, NUM_STAGES, NUM_WARPS, ROWS_BLOCK_K, _gemv_kernel as fn, _rms_norm_rows_kernel
 
 types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
              norm_w="*bf16", h_out="*bf16", eps="fp32")
@@ -145,6 +145,11 @@ for norm in (False, True):  # the plain GEMV, and with the RMSNorm of x + residu
     trigger, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
     assert kernel.metadata.launch_pdl and trigger < wait and "ld.global" in ptx[trigger:wait], ptx
     assert "st.global" not in ptx[:wait], "a store before the wait"
+rows = _rms_norm_rows_kernel
+types = dict(x="*bf16", residual="*bf16", norm_w="*bf16", normed="*bf16", h_out="*bf16", K="i32", eps="fp32")
+consts = {(rows.arg_names.index(n),): v for n, v in dict(HAS_RESIDUAL=True, BLOCK_K=ROWS_BLOCK_K).items()}
+triton.compile(ASTSource(fn=rows, signature={n: types.get(n, "constexpr") for n in rows.arg_names}, constexprs=consts),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
 print("compiled")
 '''
 
@@ -152,7 +157,7 @@ print("compiled")
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
     between the trigger and the wait, with and without the RMSNorm prologue, and stores nothing
-    before the wait."""
+    before the wait; the norm-only kernel compiles too."""
     run_compiler_script(_SM90_SCRIPT)
 
 
