@@ -11,6 +11,7 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +tuned     Inductor's coordinate-descent tuning, as gpt-fast does
   +cublaslt  cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
   +nogemv    the backend's ``gemv=False``: one-row linears stay on cuBLAS
+  +nonormfuse  the backend's ``fuse_norm=False``: RMSNorms stay Inductor's kernels, not the GEMV's prologue
   +combo     Inductor's combo kernels (independent small kernels launched as one)
   +pdl       the backend's ``pdl=True``: our kernels launched with programmatic dependent launch
              (sm_90+); add +inductorpdl for Inductor's too
@@ -161,7 +162,7 @@ def main() -> None:
     plot_decode({**header, "rows": rows}, os.path.join(args.out, "bench_decode.png"))
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "combo", "pdl", "inductorpdl", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "nonormfuse", "combo", "pdl", "inductorpdl", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
@@ -179,6 +180,7 @@ def _compiled(model, mode: str, flags: set[str], impl: str):
     return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl,
                                                              "inductor_config": inductor_config,
                                                              "gemv": "nogemv" not in flags, "pdl": "pdl" in flags,
+                                                             "fuse_norm": "nonormfuse" not in flags,
                                                              "regional_compile": "whole" not in flags})
 
 
