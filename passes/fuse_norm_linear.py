@@ -21,6 +21,7 @@ from itertools import permutations
 import torch
 
 from fullgraph_backend.gemv import GEMV_DTYPES, add_rms_norm_linear, linear, rms_norm_linear
+from passes.swap_linear import linear_args
 
 # call_function targets by the method name Dynamo records for the same op (receiver first)
 _FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", torch.rsqrt: "rsqrt",
@@ -29,8 +30,8 @@ _FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.
 
 @dataclass
 class NormFusionReport:
-    """The projections now computing their input's RMSNorm, by node name, with whether the residual
-    add before the norm went in too; and why each other norm feeding a linear was left alone."""
+    """The fused ops, by node name, with whether the residual add before the norm went in too; and
+    why each other norm feeding a linear was left alone (by the linear's name)."""
 
     fused: list[tuple[str, bool]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -60,7 +61,7 @@ def fuse_norm_linear(gm: torch.fx.GraphModule) -> NormFusionReport:
     report = NormFusionReport()
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is linear]:
-        x, weight, bias = (list(node.args) + [node.kwargs.get("bias")])[:3]
+        x, weight, bias = linear_args(node)
         norm = _rms_norm(x)
         if isinstance(norm, str):
             report.skipped.append(f"{node.name}: {norm}")
@@ -69,14 +70,16 @@ def fuse_norm_linear(gm: torch.fx.GraphModule) -> NormFusionReport:
         residual = _residual_add(norm.x, norm.nodes, node)
         with graph.inserting_before(node):
             if residual is None:
-                out = graph.call_function(rms_norm_linear, (norm.x, norm.weight, norm.eps, weight, bias))
+                fused = out = graph.call_function(rms_norm_linear, (norm.x, norm.weight, norm.eps, weight, bias))
             else:
                 fused = graph.call_function(add_rms_norm_linear, (*residual, norm.weight, norm.eps, weight, bias))
-                fused.meta["example_value"] = (node.meta.get("example_value"), norm.x.meta.get("example_value"))
                 out = graph.call_function(operator.getitem, (fused, 0))
                 total = graph.call_function(operator.getitem, (fused, 1))
                 total.meta.update(norm.x.meta)
+        fused.meta.update(node.meta)
         out.meta.update(node.meta)
+        if residual is not None:
+            fused.meta["example_value"] = (node.meta.get("example_value"), norm.x.meta.get("example_value"))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         for n in norm.nodes:
@@ -84,7 +87,7 @@ def fuse_norm_linear(gm: torch.fx.GraphModule) -> NormFusionReport:
         if residual is not None:
             norm.x.replace_all_uses_with(total)
             graph.erase_node(norm.x)
-        report.fused.append((out.name, residual is not None))
+        report.fused.append((fused.name, residual is not None))
     graph.lint()
     gm.recompile()
     return report
