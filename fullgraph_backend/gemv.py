@@ -291,9 +291,7 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
     """``(linear(rms_norm(h) * norm_weight, weight, bias), h)``, ``h = x (+ residual)``: one row on
     the GEMV with the norm in its prologue, other rows on :func:`rms_norm_rows` + ``fullgraph::linear``
     (CUDA), plain PyTorch ops elsewhere (CPU; dtypes the kernels do not take)."""
-    kernels = (triton is not None and x.is_cuda and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
-               and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)))
-    if not kernels:
+    if not _norm_kernels_take(x, residual, norm_weight):
         return _composed(x, residual, norm_weight, eps, weight, bias)
     if uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
         out, h = rms_norm_gemv(x, norm_weight, eps, weight, bias, residual)
@@ -301,6 +299,12 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
         normed, h = rms_norm_rows(x, norm_weight, eps, residual)
         out = linear(normed, weight, bias)
     return out, x if h is None else h
+
+
+def _norm_kernels_take(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor) -> bool:
+    """Whether our norm kernels compute the norm: CUDA, with the norm weight and residual as x."""
+    return (triton is not None and x.is_cuda and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)))
 
 
 def _composed(x, residual, norm_weight, eps, weight, bias=None):

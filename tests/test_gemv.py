@@ -244,3 +244,25 @@ def test_norm_ops_fakes_give_the_kernels_shapes():
         out, total = add_rms_norm_linear(x, _fake_cuda(1, 1536), norm_weight, 1e-6, weight, _fake_cuda(2048))
         assert out.shape == (1, 2048) and total.shape == (1, 1536) and out.dtype == total.dtype == torch.bfloat16
         assert rms_norm_linear(_fake_cuda(8, 1536), norm_weight, 1e-6, weight).shape == (8, 2048)
+
+
+@pytest.mark.parametrize("shape", [(1, 1536), (1, 1, 1536), (3, 1536), (1, 3, 1536)])
+def test_norm_ops_kernel_paths_on_cpu(monkeypatch, shape):
+    """The ops' CUDA dispatch run on CPU under the interpreter (the device checks patched): one row
+    takes the fused GEMV, more rows the norm kernel then fullgraph::linear; both return what eager's
+    ops do (float16: the interpreter's casts round as torch's), in x's leading shape."""
+    monkeypatch.setattr(gemv_module, "_norm_kernels_take", lambda *args: True)
+    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight: x.numel() == weight.shape[1])
+    launches = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *args: launches.append(len(args) > 5) or real(*args))
+    x, r, norm_weight, weight, b = _norm_case(2048, shape[-1], torch.float16, True, True, seed=3)
+    x, r = x.expand(*shape) * 1, r.expand(*shape) * 1
+    h = x + r
+    out, total = add_rms_norm_linear(x, r, norm_weight, 1e-6, weight, b)
+    assert torch.equal(total, h) and out.shape == (*shape[:-1], weight.shape[0])
+    if x.numel() == shape[-1]:  # the GEMV's own sums
+        assert launches == [True] and torch.equal(out, gemv(rms_norm(h, norm_weight, 1e-6), weight, b))
+    else:  # the norm kernel, then F.linear
+        assert torch.equal(out, F.linear(rms_norm(h, norm_weight, 1e-6), weight, b)) and not launches
+    assert rms_norm_linear(x, norm_weight, 1e-6, weight).shape == out.shape
