@@ -17,6 +17,11 @@ graph's padded size.
 
 With ``pdl=True`` (the backend option) the kernel is launched with programmatic dependent launch
 on Hopper: its first weight loads overlap the previous kernel (docs/perf-notes.md, section 18).
+
+``fullgraph::rms_norm_linear`` and ``fullgraph::add_rms_norm_linear`` are the same op after an
+RMSNorm (and the residual add before it): where the GEMV runs, the kernel computes the norm in
+its prologue, so no kernel of its own runs before it (the ``fuse_norm_linear`` pass puts them in;
+docs/perf-notes.md, section 32).
 """
 from __future__ import annotations
 
