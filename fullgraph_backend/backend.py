@@ -22,7 +22,7 @@ from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.pdl import supported as pdl_supported, with_launches
 from fullgraph_backend.regions import RegionalCompiler, install, run_on_fakes
 from fullgraph_backend.staging import aliased_writes
-from passes import (HostInputReport, PassManager, find_batch_mixing, merge_linears, move_host_inputs,
+from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, merge_linears, move_host_inputs,
                     split_at_attention, swap_attention, swap_linear)
 
 log = logging.getLogger("fullgraph")
@@ -94,13 +94,15 @@ def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardCont
     """The passes for one graph, in order: the attention swap and the merge of linears over one
     packed weight always; on CUDA, CPU inputs the graph copies to the device moved out of it; the
     linear swap where the graph will be captured on CUDA (there the GEMV's choice is made once per
-    captured size)."""
+    captured size), then the RMSNorms before linears folded into them."""
     passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl)),
               ("merge_linears", lambda g: merge_linears(g, example_inputs))]
     if device.type == "cuda":
         passes.append(("move_host_inputs", lambda g: move_host_inputs(g, device)))
     if config.gemv and device.type == "cuda" and config.cudagraph_mode != "none":
         passes.append(("swap_linear", swap_linear))
+        if config.fuse_norm:
+            passes.append(("fuse_norm_linear", fuse_norm_linear))
     return passes
 
 

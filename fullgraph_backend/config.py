@@ -35,6 +35,10 @@ class FullgraphConfig:
       ``{"coordinate_descent_tuning": True}``; ``triton.cudagraphs`` stays off (we capture).
     - ``gemv``: in graphs captured on CUDA, run one-row 16-bit linears on our Triton GEMV instead
       of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass); False keeps cuBLAS.
+    - ``fuse_norm``: with ``gemv``, fold each RMSNorm (and the residual add before it) that feeds only
+      a linear into that linear's op, so at batch 1 the GEMV computes the norm in its prologue and
+      Inductor's norm kernel goes (the ``fuse_norm_linear`` pass; perf-notes section 32). Off by
+      default until it has run on a GPU (built and tested on CPU only, 2026-11-29).
     - ``pdl``: in graphs captured on CUDA devices of compute capability 9.0+, launch our Triton
       kernels (the GEMV, split-KV decode) with programmatic dependent launch, so a kernel starts
       (and the GEMV loads weights) while the one before it drains (:mod:`fullgraph_backend.pdl`).
@@ -55,6 +59,7 @@ class FullgraphConfig:
     dump_dir: str | None = field(default_factory=lambda: os.environ.get("FULLGRAPH_DUMP_DIR") or None)
     inductor_config: dict = field(default_factory=dict)
     gemv: bool = True
+    fuse_norm: bool = False
     pdl: bool = False
     regional_compile: bool = True
 
@@ -69,7 +74,7 @@ class FullgraphConfig:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
         self._check_inductor_config()
-        for name in ("gemv", "pdl", "regional_compile"):
+        for name in ("gemv", "fuse_norm", "pdl", "regional_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):

@@ -17,8 +17,15 @@ graph's padded size.
 
 With ``pdl=True`` (the backend option) the kernel is launched with programmatic dependent launch
 on Hopper: its first weight loads overlap the previous kernel (docs/perf-notes.md, section 18).
+
+``fullgraph::rms_norm_linear`` and ``fullgraph::add_rms_norm_linear`` are the same op after an
+RMSNorm (and the residual add before it): where the GEMV runs, the kernel computes the norm in
+its prologue, so no kernel of its own runs before it (the ``fuse_norm_linear`` pass puts them in;
+docs/perf-notes.md, section 32).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +42,7 @@ except ImportError:  # triton is an optional dependency: without it every linear
 # Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (docs/perf-notes.md, section 10).
 MAX_K = 4096
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 4, 512, 4, 3
-_DTYPES = (torch.bfloat16, torch.float16)
+GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _jit(fn):
@@ -44,8 +51,54 @@ def _jit(fn):
 
 
 @_jit
-def _gemv_kernel(x, w, bias, out, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _rounded(value, dtype: tl.constexpr):
+    """``value`` rounded to ``dtype``, back as fp32: where eager rounds (on a GPU to nearest even, as
+    torch; Triton's interpreter truncates to bfloat16, and its "rtne" does not carry into the exponent)."""
+    return value.to(dtype).to(tl.float32)
+
+
+@_jit
+def _summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL: tl.constexpr):
+    """``x + residual`` over one slice, rounded to x's dtype as eager's add rounds, as fp32."""
+    h = tl.load(x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h = _rounded(h + tl.load(residual + offs_k, mask=k_ok, other=0.0).to(tl.float32), x.dtype.element_ty)
+    return h
+
+
+@_jit
+def _inv_rms(x, residual, h_out, K, eps, stored, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``rsqrt(mean((x + residual)**2) + eps)`` of one row in fp32; writes the sum's first
+    ``stored`` features to ``h_out``: K in one program of a grid, 0 in the others (every program
+    needs the sum, one writes it)."""
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        h = _summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL)
+        squares += h * h
+        if HAS_RESIDUAL:
+            tl.store(h_out + offs_k, h.to(h_out.dtype.element_ty), mask=offs_k < stored)
+    return tl.rsqrt(tl.sum(squares, 0) / K + eps)
+
+
+@_jit
+def _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """One slice of the GEMV's input row as fp32: ``x``, or with ``NORM`` the RMSNorm of
+    ``x (+ residual)`` rounded where eager rounds (normalised in fp32, cast to x's dtype, times the
+    norm weight, cast again: Llama's and Qwen2's RMSNorm, ours and transformers')."""
+    if NORM:
+        dtype = x.dtype.element_ty
+        h = _summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL)
+        scale = tl.load(norm_w + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        return _rounded(_rounded(h * rstd, dtype) * scale, dtype)
+    return tl.load(x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+
+
+@_jit
+def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr):
     """Program ``i``: ``out[i*BLOCK_N : (i+1)*BLOCK_N] = w[rows] @ x (+ bias)``, fp32 accumulation.
 
     Products accumulate elementwise in a ``[BLOCK_N, BLOCK_K]`` tile and are summed once after the
@@ -53,6 +106,10 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK
     launch (:mod:`fullgraph_backend.pdl`), the program lets the next kernel launch, loads its first
     weight slice (weights depend on no kernel), and only then waits for the previous kernel, whose
     output ``x`` may be; the sums are the same, in the same order, as without it.
+
+    ``NORM``: the row is ``rms_norm(x (+ residual)) * norm_w`` (:func:`_row_slice`). Each program
+    reads the row twice (a 1536-wide row is 3 KB, from L2): once for the sum of squares, once as it
+    walks K; program 0 writes ``x + residual`` to ``h_out`` (``HAS_RESIDUAL``).
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -65,16 +122,20 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK
         weight = tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                          other=0.0)
         gdc_wait()
-        row = tl.load(x + offs_k, mask=k_ok, other=0.0)
-        acc += weight.to(tl.float32) * row.to(tl.float32)[None, :]
+    rstd = 1.0
+    if NORM:
+        rstd = _inv_rms(x, residual, h_out, K, eps, tl.where(tl.program_id(0) == 0, K, 0), HAS_RESIDUAL, BLOCK_K)
+    if PDL:
+        row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM, HAS_RESIDUAL)
+        acc += weight.to(tl.float32) * row[None, :]
         k_start = BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         weight = tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                          other=0.0)
-        row = tl.load(x + offs_k, mask=k_ok, other=0.0)
-        acc += weight.to(tl.float32) * row.to(tl.float32)[None, :]
+        row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM, HAS_RESIDUAL)
+        acc += weight.to(tl.float32) * row[None, :]
     result = tl.sum(acc, 1)
     if HAS_BIAS:
         result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -95,24 +156,44 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if triton is None:
         raise RuntimeError("gemv needs triton, which is not installed: pip install 'fullgraph[triton]'")
     n, k = weight.shape
-    if x.shape[-1] != k or x.numel() != k:
-        raise ValueError(f"gemv takes one row of {k} features, got x of shape {tuple(x.shape)}")
-    if weight.stride(1) != 1 or (bias is not None and bias.shape != (n,)):
-        raise ValueError(f"gemv needs weight [N, K] with unit stride along K and bias [N]; got weight strides "
-                         f"{weight.stride()}, bias {None if bias is None else tuple(bias.shape)}")
+    _check_row(x, weight, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl)
     return out
 
 
-def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, use_pdl: bool):
+class NormPrologue(NamedTuple):
+    """The RMSNorm the GEMV applies to its row first: ``rms_norm(row (+ residual)) * weight``,
+    the sum ``row + residual`` written to ``h_out`` (both None without a residual)."""
+
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+    h_out: torch.Tensor | None = None
+
+
+def _check_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    n, k = weight.shape
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"gemv takes one row of {k} features, got x of shape {tuple(x.shape)}")
+    if weight.stride(1) != 1 or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"gemv needs weight [N, K] with unit stride along K and bias [N]; got weight strides "
+                         f"{weight.stride()}, bias {None if bias is None else tuple(bias.shape)}")
+
+
+def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, use_pdl: bool,
+            norm: NormPrologue | None = None):
     """Launch the kernel; returns Triton's compiled kernel (its ``metadata.launch_pdl`` says how it launched)."""
     n, k = weight.shape
     flag = kernel_flag(use_pdl, row.device)
+    residual = norm.residual if norm is not None else None
     return _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
         row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=flag, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES, launch_pdl=flag and row.is_cuda,
+        row if residual is None else residual, row if norm is None else norm.weight,
+        row if residual is None else norm.h_out, 0.0 if norm is None else norm.eps,
+        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=flag, NORM=norm is not None,
+        HAS_RESIDUAL=residual is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        launch_pdl=flag and row.is_cuda,
     )
 
 
@@ -122,7 +203,7 @@ def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
-    return (triton is not None and x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype and x.numel() == k
+    return (triton is not None and x.is_cuda and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and x.numel() == k
             and weight.stride(1) == 1 and k <= MAX_K)
 
 
@@ -134,3 +215,119 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", _linear,
                    lambda x, weight, bias=None: x.new_empty((*x.shape[:-1], weight.shape[0])))
+
+
+# The RMSNorm before a projection, folded into the GEMV's prologue (docs/perf-notes.md, section 32):
+# at batch 1 Inductor runs the residual add + RMSNorm as a kernel of its own before each GEMV; here the
+# GEMV's programs compute it from the row they read anyway, and that kernel goes.
+ROWS_BLOCK_K = 1024
+
+
+@_jit
+def _rms_norm_rows_kernel(x, residual, norm_w, normed, h_out, K, eps, HAS_RESIDUAL: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """Program ``i``: row ``i`` of ``rms_norm(x (+ residual)) * norm_w`` into ``normed`` and the sum
+    into ``h_out``, rounded as the GEMV's prologue rounds (:func:`_row_slice`)."""
+    base = tl.program_id(0).to(tl.int64) * K
+    x += base
+    residual += base
+    h_out += base
+    normed += base
+    rstd = _inv_rms(x, residual, h_out, K, eps, K, HAS_RESIDUAL, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, True, HAS_RESIDUAL)
+        tl.store(normed + offs_k, row.to(normed.dtype.element_ty), mask=k_ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's and Qwen2's RMSNorm as their code (and ours) computes it: normalise in float32, cast
+    back, then scale. The ops' fallback, and what their kernels round like."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, *,
+                  pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.linear(rms_norm(h) * norm_weight, weight, bias)`` with ``h = x (+ residual)`` for one row,
+    in one launch of the GEMV kernel; returns it and ``h`` (None without ``residual``).
+
+    Shapes and ``pdl`` as :func:`gemv`; ``norm_weight [K]`` and ``residual`` (like ``x``) in x's
+    dtype. Example::
+
+        out, h = rms_norm_gemv(o_proj_out, norm.weight, 1e-6, gate_up.weight, residual=h)
+    """
+    if triton is None:
+        raise RuntimeError("rms_norm_gemv needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    n, k = weight.shape
+    _check_row(x, weight, bias)
+    if norm_weight.shape != (k,) or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"rms_norm_gemv needs norm_weight [{k}] and a residual shaped like x {tuple(x.shape)}; got "
+                         f"{tuple(norm_weight.shape)}, {None if residual is None else tuple(residual.shape)}")
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
+    prologue = NormPrologue(norm_weight.contiguous(), eps, None if residual is None else residual.reshape(k).contiguous(), h)
+    _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl, prologue)
+    return out, h
+
+
+def rms_norm_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rms_norm(h) * norm_weight`` with ``h = x (+ residual)`` over rows ``x [..., K]``, one program
+    a row (one launch, as Inductor's own norm kernel); returns it and ``h`` (None without
+    ``residual``). What the ops run where the GEMV does not: more rows, long K, fp32."""
+    if triton is None:
+        raise RuntimeError("rms_norm_rows needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).contiguous()
+    normed = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(normed) if residual is not None else None
+    _rms_norm_rows_kernel[(rows.shape[0],)](
+        rows, rows if residual is None else residual.reshape(-1, k).contiguous(), norm_weight.contiguous(), normed,
+        normed if h is None else h, k, eps, HAS_RESIDUAL=residual is not None,
+        BLOCK_K=min(ROWS_BLOCK_K, triton.next_power_of_2(k)), num_warps=NUM_WARPS)
+    return normed, h
+
+
+def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                 weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(rms_norm(h) * norm_weight, weight, bias), h)``, ``h = x (+ residual)``: one row on
+    the GEMV with the norm in its prologue, other rows on :func:`rms_norm_rows` + ``fullgraph::linear``
+    (CUDA), plain PyTorch ops elsewhere (CPU; dtypes the kernels do not take)."""
+    if not _norm_kernels_take(x, residual, norm_weight):
+        return _composed(x, residual, norm_weight, eps, weight, bias)
+    if uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
+        out, h = rms_norm_gemv(x, norm_weight, eps, weight, bias, residual)
+    else:
+        normed, h = rms_norm_rows(x, norm_weight, eps, residual)
+        out = linear(normed, weight, bias)
+    return out, x if h is None else h
+
+
+def _norm_kernels_take(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor) -> bool:
+    """Whether our norm kernels compute the norm: CUDA, with the norm weight and residual as x."""
+    return (triton is not None and x.is_cuda and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)))
+
+
+def _composed(x, residual, norm_weight, eps, weight, bias=None):
+    """Eager's ops: the ops' fallback, and their fake (on fake tensors: the kernels' shapes, dtypes
+    and strides, the sum contiguous as the kernels write it)."""
+    h = x if residual is None else (x + residual).contiguous()
+    return linear(rms_norm(h, norm_weight, eps), weight, bias), h
+
+
+rms_norm_linear = define_op(
+    "rms_norm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight, Tensor? bias=None) -> Tensor",
+    lambda x, norm_weight, eps, weight, bias=None: _norm_linear(x, None, norm_weight, eps, weight, bias)[0],
+    lambda x, norm_weight, eps, weight, bias=None: _composed(x, None, norm_weight, eps, weight, bias)[0])
+add_rms_norm_linear = define_op(
+    "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight, Tensor? bias=None)"
+    " -> (Tensor, Tensor)",
+    lambda x, residual, norm_weight, eps, weight, bias=None: _norm_linear(x, residual, norm_weight, eps, weight, bias),
+    _composed)
+"""``fullgraph::rms_norm_linear`` and ``fullgraph::add_rms_norm_linear`` (which also returns the sum
+``h = x + residual``, the next residual): ``fullgraph::linear`` of Llama's RMSNorm, the norm in the
+GEMV's prologue where the GEMV runs (:func:`_norm_linear`). The ``fuse_norm_linear`` pass puts them in."""

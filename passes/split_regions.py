@@ -104,7 +104,7 @@ def split_at_repeats(gm: torch.fx.GraphModule, min_repeats: int, limits: InlineL
     """
     gm = compat.copy_dynamo_graph(gm)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
-    cuts = [0, *(i + 1 for i, n in enumerate(nodes) if is_fusion_barrier(n))]
+    cuts = [0, *(_barrier_end(nodes, i) for i, n in enumerate(nodes) if is_fusion_barrier(n))]
     if cuts[-1] != len(nodes):
         cuts.append(len(nodes))
     if len(cuts) - 1 < min_repeats:
@@ -123,6 +123,22 @@ def split_at_repeats(gm: torch.fx.GraphModule, min_repeats: int, limits: InlineL
     split = split_by(gm, lambda n: region_of[n])
     names = [n.target for n in split.graph.find_nodes(op="call_module")]
     return RegionSplit(split, names, repeats, period, recomputed)
+
+
+def _barrier_end(nodes: list[torch.fx.Node], i: int) -> int:
+    """Where the segment ending in barrier ``nodes[i]`` ends: after the barrier and the items of its
+    outputs taken right after it (``fullgraph::add_rms_norm_linear`` returns two), so that a cut
+    passes the items, tensors, and not the tuple."""
+    end = i + 1
+    while end < len(nodes) and _is_item_of_barrier(nodes[end]) and nodes[end].args[0] is nodes[i]:
+        end += 1
+    return end
+
+
+def _is_item_of_barrier(node: torch.fx.Node) -> bool:
+    """One output of an op with several, taken from an extern kernel's outputs: a buffer of its own."""
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
+            and is_fusion_barrier(node.args[0]))
 
 
 def _region(segment: int, start: int, period: int, repeats: int) -> int:
@@ -152,6 +168,8 @@ def _inlined(node: torch.fx.Node) -> bool:
     """Whether Inductor may compute ``node`` inside the kernels of its consumers (see the module doc);
     ``to`` only as a cast (a move to another device is a copy); indexing by a tensor (a gather) not,
     as torch 2.11 realizes RoPE's cos / sin gathered from its table (once, in the whole graph)."""
+    if _is_item_of_barrier(node):
+        return False
     if node.op == "call_function" and node.target is operator.getitem:
         index: list[torch.fx.Node] = []
         torch.fx.node.map_arg(node.args[1], index.append)

@@ -113,22 +113,25 @@ def test_piecewise_matches_full(model_and_ctx):
     torch.testing.assert_close(outputs["piecewise"], outputs["full"], atol=1e-5, rtol=1e-5)
 
 
-def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch):
-    """bf16, full graphs: in the one-token graph the swapped linears run the Triton GEMV (called
-    while graphs are warmed up and captured, not on replay); outputs stay within bf16 tolerance of
-    eager at one token and more."""
+@pytest.mark.parametrize("fuse_norm", [False, True])
+def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch, fuse_norm):
+    """bf16, full graphs: in the one-token graph the swapped linears run the Triton GEMV (launched
+    while graphs are warmed up and captured, not on replay), with ``fuse_norm`` those after an
+    RMSNorm with the norm in its prologue; outputs stay within bf16 tolerance of eager at one token
+    and more."""
     from fullgraph_backend import gemv as gemv_module
     from fullgraph_backend.models import build_model, get_config
 
     torch._dynamo.reset()
     calls = []
-    real = gemv_module.gemv
-    monkeypatch.setattr(gemv_module, "gemv", lambda *args: calls.append(tuple(args[1].shape)) or real(*args))
+    real = gemv_module._launch  # (row, weight, bias, out, use_pdl[, norm prologue]): every GEMV launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *args: calls.append(
+        (tuple(args[1].shape), len(args) > 5 and args[5] is not None)) or real(*args))
     config = get_config("tiny")
     model = build_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
     ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=8, max_num_tokens=16,
                                  max_model_len=64)
-    compiled = torch.compile(model, backend="fullgraph", options={"cudagraph_mode": "full"})
+    compiled = torch.compile(model, backend="fullgraph", options={"cudagraph_mode": "full", "fuse_norm": fuse_norm})
     per_step = []
     with use_forward_context(ctx), torch.inference_mode():
         for query, seq in (([3, 1], [3, 9]), ([1], [17]), ([1], [30]), ([1, 1, 1], [4, 8, 40])):
@@ -142,6 +145,9 @@ def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch):
             torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2, msg=f"batch {query}")
             per_step.append(calls[before:])
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert set(calls) == shapes  # the one-token graph ran every linear on the GEMV (gemv() takes one row only)
+    assert {shape for shape, _ in calls} == shapes  # the one-token graph ran every linear on the GEMV (one row only)
+    layer = model.layers[0]
+    after_norms = {tuple(m.weight.shape) for m in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, model.lm_head)}
+    assert {shape for shape, norm in calls if norm} == (after_norms if fuse_norm else set())
     assert per_step[2] == [] and per_step[3] == []  # graphs that exist replay: no Python, no new GEMV calls
     torch._dynamo.reset()

@@ -59,6 +59,7 @@ def test_unknown_option_without_close_match_lists_known():
     ({"max_num_seqs": "4"}, "max_num_seqs"),
     ({"compiler": "aot_eager"}, "compiler must be one of"),
     ({"gemv": "yes"}, "gemv must be True or False"),
+    ({"fuse_norm": None}, "fuse_norm must be True or False"),
     ({"regional_compile": 1}, "regional_compile must be True or False"),
 ])
 def test_bad_values(options, match):

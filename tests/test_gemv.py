@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fullgraph_backend import gemv as gemv_module
-from fullgraph_backend.gemv import gemv, linear, uses_gemv
+from fullgraph_backend.gemv import (add_rms_norm_linear, gemv, linear, rms_norm, rms_norm_gemv, rms_norm_linear,
+                                    rms_norm_rows, uses_gemv)
 
 from helpers import run_compiler_script
 
@@ -128,22 +129,140 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fullgraph_backend.gemv import BLOCK_K, BLOCK_N, NUM_STAGES, NUM_WARPS, _gemv_kernel as fn
+from fullgraph_backend.gemv import BLOCK_K, BLOCK_N, NUM_STAGES, NUM_WARPS, ROWS_BLOCK_K, _gemv_kernel as fn, _rms_norm_rows_kernel
 
-types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32")
+types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
+             norm_w="*bf16", h_out="*bf16", eps="fp32")
 sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
-attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in types}
-consts = {(fn.arg_names.index(n),): v for n, v in dict(HAS_BIAS=False, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=True).items()}
-kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=True))
-ptx = kernel.asm["ptx"]
-trigger, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
-assert kernel.metadata.launch_pdl and trigger < wait and "ld.global" in ptx[trigger:wait], ptx
+attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in types and name != "eps"}
+for norm in (False, True):  # the plain GEMV, and with the RMSNorm of x + residual in its prologue
+    flags = dict(HAS_BIAS=False, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=True, NORM=norm, HAS_RESIDUAL=norm)
+    consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=True))
+    ptx = kernel.asm["ptx"]
+    trigger, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
+    assert kernel.metadata.launch_pdl and trigger < wait and "ld.global" in ptx[trigger:wait], ptx
+    assert "st.global" not in ptx[:wait], "a store before the wait"
+rows = _rms_norm_rows_kernel
+types = dict(x="*bf16", residual="*bf16", norm_w="*bf16", normed="*bf16", h_out="*bf16", K="i32", eps="fp32")
+consts = {(rows.arg_names.index(n),): v for n, v in dict(HAS_RESIDUAL=True, BLOCK_K=ROWS_BLOCK_K).items()}
+triton.compile(ASTSource(fn=rows, signature={n: types.get(n, "constexpr") for n in rows.arg_names}, constexprs=consts),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
 print("compiled")
 '''
 
 
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
-    between the trigger and the wait."""
+    between the trigger and the wait, with and without the RMSNorm prologue, and stores nothing
+    before the wait; the norm-only kernel compiles too."""
     run_compiler_script(_SM90_SCRIPT)
+
+
+# ---- the RMSNorm in the GEMV's prologue (fullgraph::rms_norm_linear, fullgraph::add_rms_norm_linear) ----
+def _norm_case(n_rows: int, k: int, dtype: torch.dtype, residual: bool, bias: bool, seed: int = 0):
+    """A row, a residual, a norm weight near 1 and a projection; the rows of ``weight`` are every
+    ``stride``-th of an ``[n_rows, K]`` matrix (a row of the output depends on its own weight row
+    only, and Triton's interpreter runs a program at a time: a full gate_up would take minutes)."""
+    gen = torch.Generator().manual_seed(seed)
+    stride = max(n_rows // 64, 1)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    r = torch.randn(1, k, generator=gen).to(dtype) if residual else None
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype)
+    weight = (0.05 * torch.randn(n_rows // stride, k, generator=gen)).to(dtype)
+    b = torch.randn(weight.shape[0], generator=gen).to(dtype) if bias else None
+    return x, r, norm_weight, weight, b
+
+
+# qkv (1536 -> 2048, with a bias as Qwen2's), gate_up (1536 -> 17920), the LM head (1536 -> 151936),
+# and K off the 512-wide slice
+NORM_SHAPES = [(2048, 1536, True), (17920, 1536, False), (151936, 1536, False), (37, 1000, True)]
+
+
+@pytest.mark.parametrize("n, k, bias", NORM_SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_norm_gemv_in_fp16_gives_eagers_bits(n, k, bias, residual):
+    """float16 (whose casts Triton's interpreter rounds as torch does): the fused kernel's output is
+    the GEMV of eager's normed row, bit for bit, and the sum is eager's x + residual, with and
+    without PDL."""
+    x, r, norm_weight, weight, b = _norm_case(n, k, torch.float16, residual, bias)
+    h = x + r if residual else x
+    expected = gemv(rms_norm(h, norm_weight, 1e-6), weight, b)
+    for pdl in (False, True):
+        out, total = rms_norm_gemv(x, norm_weight, 1e-6, weight, b, r, pdl=pdl)
+        assert torch.equal(out, expected)
+        assert torch.equal(total, h) if residual else total is None
+
+
+@pytest.mark.parametrize("n, k, bias", NORM_SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_norm_gemv_in_bf16_is_eagers_composition_within_bf16_tolerance(n, k, bias, residual):
+    """bfloat16 against eager's ops (add, RMSNorm, linear) in bfloat16. Triton's interpreter
+    truncates float32 to bfloat16 where a GPU rounds to nearest (the intermediate casts of the
+    norm, and the output): within a few bfloat16 ulps."""
+    x, r, norm_weight, weight, b = _norm_case(n, k, torch.bfloat16, residual, bias, seed=1)
+    h = x + r if residual else x
+    out, total = rms_norm_gemv(x, norm_weight, 1e-6, weight, b, r)
+    expected = F.linear(rms_norm(h, norm_weight, 1e-6), weight, b)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    if residual:
+        torch.testing.assert_close(total, h, atol=0, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [1536, 1000, 3000])
+def test_norm_rows_kernel_gives_eagers_bits(dtype, k):
+    """The norm where the GEMV does not run (several rows, fp32, long K): one program a row, eager's
+    rounding (float16 and float32, which the interpreter casts as torch does)."""
+    gen = torch.Generator().manual_seed(k)
+    x, r = (torch.randn(5, k, generator=gen).to(dtype) for _ in range(2))
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype)
+    normed, h = rms_norm_rows(x, norm_weight, 1e-5, r)
+    torch.testing.assert_close(normed, rms_norm(x + r, norm_weight, 1e-5), atol=0, rtol=0 if dtype == torch.float16 else 1e-6)
+    assert torch.equal(h, x + r)
+    normed, h = rms_norm_rows(x[:1], norm_weight, 1e-5)
+    torch.testing.assert_close(normed, rms_norm(x[:1], norm_weight, 1e-5), atol=0, rtol=0 if dtype == torch.float16 else 1e-6)
+    assert h is None
+
+
+def test_norm_ops_equal_eagers_composition_where_they_fall_back():
+    """On CPU the ops run eager's own ops: the same bits at every row count and dtype."""
+    for dtype, rows in [(torch.float32, 1), (torch.float32, 7), (torch.bfloat16, 1), (torch.bfloat16, 3)]:
+        x, r, norm_weight, weight, b = _norm_case(256, 96, dtype, True, True, seed=rows)
+        x, r = x.expand(rows, -1) * 1, r.expand(rows, -1) * 1
+        h = x + r
+        out, total = add_rms_norm_linear(x, r, norm_weight, 1e-6, weight, b)
+        assert torch.equal(out, F.linear(rms_norm(h, norm_weight, 1e-6), weight, b)) and torch.equal(total, h)
+        assert torch.equal(rms_norm_linear(x, norm_weight, 1e-6, weight), F.linear(rms_norm(x, norm_weight, 1e-6), weight))
+
+
+def test_norm_ops_fakes_give_the_kernels_shapes():
+    with FakeTensorMode():
+        x, weight, norm_weight = _fake_cuda(1, 1536), _fake_cuda(2048, 1536), _fake_cuda(1536)
+        out, total = add_rms_norm_linear(x, _fake_cuda(1, 1536), norm_weight, 1e-6, weight, _fake_cuda(2048))
+        assert out.shape == (1, 2048) and total.shape == (1, 1536) and out.dtype == total.dtype == torch.bfloat16
+        assert rms_norm_linear(_fake_cuda(8, 1536), norm_weight, 1e-6, weight).shape == (8, 2048)
+
+
+@pytest.mark.parametrize("shape", [(1, 1536), (1, 1, 1536), (3, 1536), (1, 3, 1536)])
+def test_norm_ops_kernel_paths_on_cpu(monkeypatch, shape):
+    """The ops' CUDA dispatch run on CPU under the interpreter (the device checks patched): one row
+    takes the fused GEMV, more rows the norm kernel then fullgraph::linear; both return what eager's
+    ops do (float16: the interpreter's casts round as torch's), in x's leading shape."""
+    monkeypatch.setattr(gemv_module, "_norm_kernels_take", lambda *args: True)
+    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight: x.numel() == weight.shape[1])
+    launches = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *args: launches.append(len(args) > 5) or real(*args))
+    x, r, norm_weight, weight, b = _norm_case(2048, shape[-1], torch.float16, True, True, seed=3)
+    x, r = x.expand(*shape) * 1, r.expand(*shape) * 1
+    h = x + r
+    out, total = add_rms_norm_linear(x, r, norm_weight, 1e-6, weight, b)
+    assert torch.equal(total, h) and out.shape == (*shape[:-1], weight.shape[0])
+    if x.numel() == shape[-1]:  # the GEMV's own sums
+        assert launches == [True] and torch.equal(out, gemv(rms_norm(h, norm_weight, 1e-6), weight, b))
+    else:  # the norm kernel, then F.linear
+        assert torch.equal(out, F.linear(rms_norm(h, norm_weight, 1e-6), weight, b)) and not launches
+    assert rms_norm_linear(x, norm_weight, 1e-6, weight).shape == out.shape

@@ -135,14 +135,16 @@ def test_swap_linear_leaves_autocast_graphs_alone():
 
 @pytest.mark.parametrize("device, options, names", [
     ("cuda", {}, ["move_host_inputs", "swap_linear"]),
-    ("cuda", {"cudagraph_mode": "piecewise"}, ["move_host_inputs", "swap_linear"]),
+    ("cuda", {"fuse_norm": True}, ["move_host_inputs", "swap_linear", "fuse_norm_linear"]),
+    ("cuda", {"cudagraph_mode": "piecewise", "fuse_norm": True}, ["move_host_inputs", "swap_linear", "fuse_norm_linear"]),
     ("cuda", {"cudagraph_mode": "none"}, ["move_host_inputs"]),  # no capture: dispatch per call
     ("cuda", {"gemv": False}, ["move_host_inputs"]),
     ("cpu", {}, []),
 ])
 def test_linear_swap_runs_only_for_graphs_captured_on_cuda(device, options, names):
     """And CPU inputs leave graphs on CUDA only (on CPU they are where the graph computes); the
-    attention swap and the merge of linears run everywhere, the merge before the linear swap."""
+    attention swap and the merge of linears run everywhere, the merge before the linear swap; the
+    norms fold into the swapped linears after it."""
     from fullgraph_backend.backend import graph_passes
     from fullgraph_backend.config import FullgraphConfig
 

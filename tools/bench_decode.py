@@ -11,6 +11,7 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +tuned     Inductor's coordinate-descent tuning, as gpt-fast does
   +cublaslt  cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
   +nogemv    the backend's ``gemv=False``: one-row linears stay on cuBLAS
+  +normfuse  the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +combo     Inductor's combo kernels (independent small kernels launched as one)
   +pdl       the backend's ``pdl=True``: our kernels launched with programmatic dependent launch
              (sm_90+); add +inductorpdl for Inductor's too
@@ -185,7 +186,7 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "combo", "pdl", "inductorpdl", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "combo", "pdl", "inductorpdl", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
@@ -203,6 +204,7 @@ def _compiled(model, mode: str, flags: set[str], impl: str):
     return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl,
                                                              "inductor_config": inductor_config,
                                                              "gemv": "nogemv" not in flags, "pdl": "pdl" in flags,
+                                                             "fuse_norm": "normfuse" in flags,
                                                              "regional_compile": "whole" not in flags})
 
 

@@ -4,7 +4,9 @@ Qwen2.5-1.5B's projections (qkv with bias, o_proj, gate_up, down, the LM head) a
 (28, as in the model; 3 for the LM head), after an L2-clearing read, and reported per call, with
 the effective TB/s of the weight read. The rows justify ``fullgraph_backend.gemv``'s rule (one
 row, K <= MAX_K). ``gemv_pdl_us``: the same graph with every GEMV launched with programmatic
-dependent launch (sm_90+; docs/perf-notes.md, section 18). A last row times a decode step's
+dependent launch (sm_90+; docs/perf-notes.md, section 18). ``norm_gemv_us``: for the projections
+after an RMSNorm (qkv, gate_up, the LM head), the GEMV with the residual add + RMSNorm in its
+prologue, as the ``fuse_norm`` pass runs it (section 32): its cost over ``gemv_us``. A last row times a decode step's
 chain of projections in one graph, each reading the one before it (28 x qkv, o_proj, gate_up on the
 GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import pdl  # noqa: E402
-from fullgraph_backend.gemv import gemv  # noqa: E402
+from fullgraph_backend.gemv import gemv, rms_norm_gemv  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
 HIDDEN, INTERMEDIATE, QKV, VOCAB, LAYERS = 1536, 8960, 2048, 151936, 28
@@ -34,6 +36,15 @@ SHAPES = {  # name: (N, K, bias, copies)
     "gate_up": (2 * INTERMEDIATE, HIDDEN, False, LAYERS), "down": (HIDDEN, INTERMEDIATE, False, LAYERS),
     "lm_head": (VOCAB, HIDDEN, False, 3),
 }
+AFTER_NORM = ("qkv", "gate_up", "lm_head")
+
+
+def norm_gemv(k: int):
+    """``fn(x, weight, bias)``: the GEMV of ``rms_norm(x + residual) * norm_weight`` (fixed residual
+    and norm weight, allocated here, outside the captured graph)."""
+    norm_weight = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    return lambda x, weight, bias=None: rms_norm_gemv(x, norm_weight, 1e-6, weight, bias, residual)[0]
 
 
 def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int) -> tuple[float, float]:
@@ -95,9 +106,11 @@ def main() -> None:
         cublas_us, _ = time_op(F.linear, n, k, bias, copies, args.iters)
         gemv_us, error = time_op(gemv, n, k, bias, copies, args.iters)
         gemv_pdl_us, _ = time_op(functools.partial(gemv, pdl=True), n, k, bias, copies, args.iters)
+        norm_us = time_op(norm_gemv(k), n, k, bias, copies, args.iters)[0] if name in AFTER_NORM else None
         rows.append(dict(op=name, N=n, K=k, cublas_us=round(cublas_us, 2), cublas_TBs=round(mb / cublas_us, 2),
                          gemv_us=round(gemv_us, 2), gemv_TBs=round(mb / gemv_us, 2),
-                         speedup=round(cublas_us / gemv_us, 3), max_abs_diff=error, gemv_pdl_us=round(gemv_pdl_us, 2)))
+                         speedup=round(cublas_us / gemv_us, 3), max_abs_diff=error, gemv_pdl_us=round(gemv_pdl_us, 2),
+                         norm_gemv_us=None if norm_us is None else round(norm_us, 2)))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     header["pdl"] = pdl.supported(torch.device("cuda"))  # False: the pdl columns time plain launches
@@ -105,11 +118,12 @@ def main() -> None:
     print(json.dumps(chain), flush=True)
     with open(args.out, "w") as f:
         json.dump({**header, "rows": rows, "chain": chain}, f, indent=1)
-    print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV | GEMV with PDL us |")
-    print("|---|---|---|---|---|---|")
+    print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV | GEMV with PDL us "
+          "| GEMV with the norm us |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['op']} | {r['N']} x {r['K']} | {r['cublas_us']} ({r['cublas_TBs']}) | {r['gemv_us']} "
-              f"({r['gemv_TBs']}) | {r['speedup']} | {r['gemv_pdl_us']} |")
+              f"({r['gemv_TBs']}) | {r['speedup']} | {r['gemv_pdl_us']} | {r['norm_gemv_us'] or '-'} |")
     print(f"\nlayer chain ({chain['N']} GEMVs, {LAYERS} cuBLAS downs, one graph): {chain['gemv_us']} us, with PDL "
           f"{chain['gemv_pdl_us']} us ({chain['pdl_saved_us_per_gemv']} us a GEMV launch; same bits: {chain['same_bits']})")
 

@@ -3,8 +3,9 @@
 Builds a named checkpoint's layers (its per-layer shapes, ``--layers`` of them, a small vocabulary,
 random bfloat16 weights) with our decoder and with transformers' code, compiles a one-token step
 (token count unbacked, ``request_ends=True``, as the engine does) through the backend's graph
-passes as on CUDA (attention swap, merged linears, the GEMV swap), and has Inductor generate the
-code with its GPU scheduler (``cpu_backend="triton"``; ``force_pointwise_cat``, since on a CPU
+passes as on CUDA (attention swap, merged linears, the GEMV swap; ``--options`` changes the
+backend's options, e.g. ``{"fuse_norm": true}`` folds the RMSNorms into the GEMVs after them), and
+has Inductor generate the code with its GPU scheduler (``cpu_backend="triton"``; ``force_pointwise_cat``, since on a CPU
 device Inductor copies every cat's inputs in kernels of their own, while on the H200 the RoPE cats
 fuse into pointwise kernels, docs/perf-notes.md, section 19). The code is read when Inductor
 writes it; compiling its Triton kernels then fails without a GPU driver, and the step runs the
@@ -17,11 +18,12 @@ last: the kernels after the last layer (final norm, the rows of ending requests)
 from one layer count to the next, so compare at equal counts or over several layers.
 
 Usage: PYTHONPATH=. python tools/count_kernels.py [--model qwen2.5-1.5b] [--impl fullgraph,transformers]
-       [--layers 2,3,4] [--show]
+       [--layers 2,3,4] [--options '{"fuse_norm": true}'] [--show]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -59,15 +61,16 @@ def build(name: str, impl: str, layers: int) -> torch.nn.Module:
     return TransformersDecoder(model, config)
 
 
-def step_code(model: torch.nn.Module) -> str:
-    """Inductor's wrapper code for a one-token step of ``model``, as it would run on CUDA."""
+def step_code(model: torch.nn.Module, config: FullgraphConfig | None = None) -> str:
+    """Inductor's wrapper code for a one-token step of ``model``, as it would run on CUDA with the
+    backend's ``config`` (its defaults if None)."""
     ctx = model.config.forward_context(dtype=torch.bfloat16, max_num_seqs=4, max_num_tokens=16, max_model_len=256)
     codes: list[str] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list):
         gm = compat.copy_dynamo_graph(gm)
         impl = resolve_impl("reference", torch.device("cpu"))
-        passes = graph_passes(FullgraphConfig(), torch.device("cuda"), ctx, impl, example_inputs)
+        passes = graph_passes(config or FullgraphConfig(), torch.device("cuda"), ctx, impl, example_inputs)
         swap = {r.name: r for r in PassManager(passes, None).run(gm)}["swap_attention"].report
         extra = tuple(swap.inputs.values())
         try:
@@ -103,16 +106,18 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-1.5b", help="a name with our config and a transformers one")
     parser.add_argument("--impl", default="fullgraph,transformers")
     parser.add_argument("--layers", default="2,3,4", help="layer counts, comma-separated")
+    parser.add_argument("--options", default="{}", help="backend options as JSON, e.g. '{\"fuse_norm\": true}'")
     parser.add_argument("--show", action="store_true", help="list the kernels at the first layer count")
     args = parser.parse_args()
     layers = [int(n) for n in args.layers.split(",")]
+    config = FullgraphConfig.from_options(json.loads(args.options))
     print(f"device: cpu (Inductor's GPU scheduler, codegen only); torch {torch.__version__}; transformers "
-          f"{transformers.__version__}; model {args.model} shapes, vocab {VOCAB}, bfloat16, one decode token")
+          f"{transformers.__version__}; model {args.model} shapes, vocab {VOCAB}, bfloat16, one decode token; options {args.options}")
     print(f"| impl | Triton launches at {layers} layers | extern calls | Triton a layer | extern a layer |")
     print("|---|---|---|---|---|")
     shown = {}
     for impl in args.impl.split(","):
-        counts = [launches(step_code(build(args.model, impl, n))) for n in layers]
+        counts = [launches(step_code(build(args.model, impl, n), config)) for n in layers]
         shown[impl] = counts[0]
         triton, extern = ([len(c[i]) for c in counts] for i in (0, 1))
         span = max(layers[-1] - layers[0], 1)

@@ -5,6 +5,7 @@ with ``--context`` tokens cached, then reports the wall time of a compiled call,
 graph replay and the host time of each, and a torch.profiler table of the replay's kernels.
 
 Usage (GPU): python tools/profile_decode.py [--batch 1] [--context 1000] [--model qwen2.5-1.5b]
+       [--options '{"fuse_norm": true}']
 """
 from __future__ import annotations
 
@@ -45,13 +46,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=25, help="kernels listed")
+    parser.add_argument("--options", default="{}", help="the backend's options as JSON")
     args = parser.parse_args()
     config = get_config(args.model)
     ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=args.batch,
                                  max_num_tokens=max(args.batch, 2), max_model_len=args.context + 1)
     for cache in ctx.kv_caches:
         cache.normal_(0, 0.1)
-    counter = RecordingBackend()
+    counter = RecordingBackend(json.loads(args.options))
     compiled = torch.compile(build_model(config, dtype=torch.bfloat16, device="cuda"), backend=counter)
     with use_forward_context(ctx), torch.inference_mode():
         positions = ctx.prepare([1] * args.batch, [args.context + 1] * args.batch, block_tables(ctx, args.batch))
