@@ -56,3 +56,6 @@ def test_every_graph_of_an_engine_is_cached_by_aotautograd():
         llm = tiny_llm()
         assert counters["aot_autograd"]["autograd_cache_bypass"] == before, str(llm.startup)
         assert counters["aot_autograd"]["autograd_cache_saved"] > 0
+    # the backend's own phases are in Dynamo's compile times, beside AOTAutograd's and Inductor's
+    times = torch._dynamo.utils.compile_times(repr="str")
+    assert all(f"fullgraph.{phase}," in times for phase in ("passes", "regions.keys", "regions.split")), times
