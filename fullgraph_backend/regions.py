@@ -70,11 +70,12 @@ def run_on_fakes(split: torch.fx.GraphModule, example_inputs: list, keyed: bool 
     graph's were.
 
     ``keyed``: each call also gets its :func:`region_key`, and a call whose key an earlier call had
-    is not run: its outputs are new fakes of that call's outputs' shapes (a decoder's 28 layers run
-    5 regions, not 28, most of a warm start's regional compile otherwise: docs/perf-notes.md, section
-    31). Only where the earlier call's outputs are fresh tensors (no view of an input or of each
-    other) whose sizes name no unbacked symbol its inputs name differently (the layer's KV cache
-    size); the outputs of an equal key are then the same function of the same inputs.
+    is not run: its outputs are new fakes of that call's outputs' shapes (a 28-layer decoder runs
+    one region of each of its 5 kinds, not every layer's: running them all was most of the backend's
+    own time in a warm start, docs/perf-notes.md, section 31). Only where the earlier call's outputs
+    are fresh tensors (no view of an input or of each other) whose sizes name no unbacked symbol that
+    the two calls' inputs name differently (a layer's own KV-cache size): the outputs of an equal key
+    are then the same function of the same inputs.
     """
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     calls: list[PartCall] = []
