@@ -48,9 +48,10 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
                for n in gm.graph.nodes if n.op == "placeholder"]
     # what stays fixed between calls (weights, buffers), kept for DirectCall; not the call's own inputs
     dynamo_inputs = [None if src is not None and compat.local_input(src) else x for src, x in zip(sources, example_inputs)]
-    gm = compat.copy_dynamo_graph(gm)
-    passes = graph_passes(config, device, ctx, impl, example_inputs)
-    results = {r.name: r for r in PassManager(passes, dump.folder).run(gm)}
+    with compat.timed("passes"):
+        gm = compat.copy_dynamo_graph(gm)
+        passes = graph_passes(config, device, ctx, impl, example_inputs)
+        results = {r.name: r for r in PassManager(passes, dump.folder).run(gm)}
     swap = results["swap_attention"].report
     host = results["move_host_inputs"].report if "move_host_inputs" in results else HostInputReport()
     has_attention = bool(swap.swapped)

@@ -159,6 +159,16 @@ def copy_dynamo_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copy
 
 
+def timed(phase: str):
+    """A context manager adding its time to Dynamo's compile times as ``fullgraph.<phase>``
+    (``torch._dynamo.utils.compile_times()``, which ``tools/bench_startup.py`` reports), so the
+    backend's share of ``OutputGraph.call_user_compiler`` shows beside AOTAutograd's and Inductor's.
+    ``dynamo_timed`` takes the same leading arguments in 2.11 through 2.14."""
+    from torch._dynamo.utils import dynamo_timed
+
+    return dynamo_timed(f"fullgraph.{phase}")
+
+
 # ---- dump support (fullgraph_backend/dump) -------------------------------------------------
 def compile_id(gm: torch.fx.GraphModule) -> str | None:
     """The Dynamo compile id (``"frame/recompile"``, e.g. ``"0/1"``) of the graph being compiled.

@@ -33,3 +33,18 @@ def define_op(schema: str, fn: Callable, fake: Callable, *, flexible_layout: boo
     _LIB.impl(name, fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fullgraph::{name}", fake, lib=_LIB)
     return getattr(torch.ops.fullgraph, name).default
+
+
+def define_decomposed(schema: str, fn: Callable) -> torch._ops.OpOverload:
+    """Define ``fullgraph::<name>`` with ``schema`` as ``fn``, a composite of torch ops, on every
+    device (``CompositeImplicitAutograd``); returns the op's default overload.
+
+    Tracing (fakes, AOTAutograd) records ``fn``'s ops in the node's place, so Inductor fuses them as
+    it would ``fn`` inlined; a pass puts the op in a graph where it would put ``fn`` because
+    AOTAutograd's cache takes an op node but not a Python function's (it passes such a graph by, and
+    every process traces it again). ``fn`` must not mutate its inputs nor return one of them.
+    """
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, fn, "CompositeImplicitAutograd")
+    return getattr(torch.ops.fullgraph, name).default

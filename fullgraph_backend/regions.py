@@ -59,32 +59,90 @@ class PartCall:
     args: list
     out: object
     written: list[bool]  # per argument: the part wrote it in place (its fake's version counter moved)
+    key: tuple | None = None  # its region_key, where run_on_fakes was asked to key the calls
 
 
-def run_on_fakes(split: torch.fx.GraphModule, example_inputs: list) -> list[PartCall]:
+def run_on_fakes(split: torch.fx.GraphModule, example_inputs: list, keyed: bool = False) -> list[PartCall]:
     """Run ``split`` on fakes of ``example_inputs`` and record every submodule call.
 
     The fakes come from the fake mode the backend was called under, which memoises the example
     inputs with their symbolic sizes, so each part sees inputs symbolic in the batch as the whole
     graph's were.
+
+    ``keyed``: each call also gets its :func:`region_key`, and a call whose key an earlier call had
+    is not run: its outputs are new fakes of that call's outputs' shapes (a 28-layer decoder runs
+    one region of each of its 5 kinds, not every layer's: running them all was most of the backend's
+    own time in a warm start, docs/perf-notes.md, section 31). Only where the earlier call's outputs
+    are fresh tensors (no view of an input or of each other) whose sizes name no unbacked symbol that
+    the two calls' inputs name differently (a layer's own KV-cache size): the outputs of an equal key
+    are then the same function of the same inputs.
     """
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     calls: list[PartCall] = []
+    alike: dict[tuple, tuple[PartCall, dict]] = {}  # key -> a call that ran, and its symbols' renaming
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node):
             args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
+            if node.op == "call_module" and keyed:
+                module = self.fetch_attr(node.target)
+                key, renamed = _key_and_renaming(module, args)
+                earlier, earlier_renamed = alike.get(key, (None, None))
+                if earlier is not None and _symbols_mean_the_same(earlier.out, earlier_renamed, renamed):
+                    out = _fresh_alike(earlier.out)
+                    calls.append(PartCall(node, module, args, out, earlier.written, key))
+                    return out
             versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
             out = super().run_node(node)
             if node.op == "call_module":
                 written = [isinstance(a, torch.Tensor) and a._version != v for a, v in zip(args, versions)]
-                calls.append(PartCall(node, self.fetch_attr(node.target), args, out, written))
+                calls.append(PartCall(node, self.fetch_attr(node.target), args, out, written,
+                                      key if keyed else None))
+                if keyed and _fresh(out, args):
+                    alike[key] = calls[-1], renamed
             return out
 
     # as Dynamo traced: the Python dispatcher, without which 2.11's C++ matmul guards on unbacked sizes
     with fake_mode, enable_python_dispatcher():
         Recorder(split).run(*_fakes(fake_mode, example_inputs))
     return calls
+
+
+def _output_tensors(out: object) -> list[torch.Tensor] | None:
+    """A call's outputs as a list of tensors; None where one is anything else."""
+    outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (tuple, list)) else [None]
+    return outs if all(isinstance(t, torch.Tensor) for t in outs) else None
+
+
+def _fresh(out: object, args: list) -> bool:
+    """Whether a call's outputs are tensors of their own: no two share storage, none shares an
+    input's, none starts past its storage's start (a view)."""
+    tensors = _output_tensors(out)
+    if tensors is None:
+        return False
+    storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
+    inputs = {StorageWeakRef(a.untyped_storage()) for a in args if isinstance(a, torch.Tensor)}
+    return (len(set(storages)) == len(storages) and not inputs.intersection(storages)
+            and all(type(t.storage_offset()) is int and t.storage_offset() == 0 for t in tensors))
+
+
+def _symbols_mean_the_same(out: object, renamed_then: dict, renamed_now: dict) -> bool:
+    """Whether every unbacked symbol in the sizes of an earlier call's outputs stands, in a later
+    call of the same key, for the same input size (the keys rename them in order of appearance)."""
+    for t in _output_tensors(out):
+        for size in (*t.shape, *t.stride()):
+            if isinstance(size, torch.SymInt):
+                if any(renamed_then.get(sym) is None or renamed_then[sym] != renamed_now.get(sym)
+                       for sym in free_unbacked_symbols(size.node.expr)):
+                    return False
+    return True
+
+
+def _fresh_alike(out: object) -> object:
+    """New fakes (of the active fake mode) of ``out``'s tensors' sizes, strides, dtypes and devices."""
+    tensors = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+               for t in _output_tensors(out)]
+    return tensors[0] if isinstance(out, torch.Tensor) else type(out)(tensors)
 
 
 def _fakes(fake_mode, example_inputs: list) -> list:
@@ -110,11 +168,16 @@ def region_key(gm: torch.fx.GraphModule, args: list) -> tuple:
     compiled code reads them off its inputs at each call. Backed sizes (the batch) keep their names,
     since Inductor may have guarded on them. Any other object is compared by identity.
     """
+    return _key_and_renaming(gm, args)[0]
+
+
+def _key_and_renaming(gm: torch.fx.GraphModule, args: list) -> tuple[tuple, dict[sympy.Symbol, sympy.Symbol]]:
+    """:func:`region_key`, and the unbacked symbols of ``args`` with the names the key gave them."""
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     ops = tuple((n.op, _target(gm, n), _constant(n.args, position), _constant(n.kwargs, position))
                 for n in gm.graph.nodes)
-    shape_env = getattr(torch._guards.detect_fake_mode(args), "shape_env", None)
-    return ops, _InputKeys(shape_env).of(args)
+    inputs = _InputKeys(getattr(torch._guards.detect_fake_mode(args), "shape_env", None))
+    return (ops, inputs.of(args)), inputs.renamed
 
 
 class _Cut(NamedTuple):
@@ -164,7 +227,8 @@ class RegionalCompiler:
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is None:  # a graph handed over by hand: no symbolic sizes to compile regions with
             return self._whole(gm, example_inputs, "no fake mode: the graph does not come from Dynamo")
-        key = region_key(gm, _fakes(fake_mode, example_inputs))
+        with compat.timed("regions.keys"):
+            key = region_key(gm, _fakes(fake_mode, example_inputs))
         if key in self._compiled:
             index, compiled = self._compiled[key]
             self._report(RegionReport([("whole", index)]), logging.DEBUG)  # a piecewise piece like an earlier one
@@ -185,11 +249,13 @@ class RegionalCompiler:
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         try:
             limits = InlineLimits(*compat.realize_thresholds(device, self.inductor_config))
-            cut = split_at_repeats(gm, self.min_repeats, limits)
+            with compat.timed("regions.split"):
+                cut = split_at_repeats(gm, self.min_repeats, limits)
             if cut.split is None:
                 return cut.why_not
-            calls = run_on_fakes(cut.split, example_inputs)
-            keys = [region_key(c.module, c.args) for c in calls]
+            with compat.timed("regions.run_on_fakes"):
+                calls = run_on_fakes(cut.split, example_inputs, keyed=True)
+            keys = [c.key for c in calls]
         except Exception as e:  # noqa: BLE001  (the whole graph compiles without the cut; the log says why)
             return f"cutting the graph into regions failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         crossing = next((a for c in calls for a in c.args if not isinstance(a, _REGION_INPUTS)), None)

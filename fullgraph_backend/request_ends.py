@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph_backend.forward_context import get_forward_context
+from fullgraph_backend.library import define_decomposed
 
 
 def ends_of(x: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
@@ -19,6 +20,10 @@ def ends_of(x: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
     buffer compiled code reads (the swap pass puts this in the graph, so Inductor fuses it)."""
     n = torch.sym_min(x.shape[0], query_start_loc.shape[0] - 1)
     return query_start_loc.narrow(0, 1, n).to(torch.int64) - 1
+
+
+# what the swap pass puts in a graph: :func:`ends_of` as an op, which AOTAutograd's cache accepts
+ENDS_OF = define_decomposed("ends_of(Tensor x, Tensor query_start_loc) -> Tensor", ends_of)
 
 
 @torch.library.custom_op("fullgraph::request_ends", mutates_args=())

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph_backend import compat
-from fullgraph_backend.request_ends import ends_of
+from fullgraph_backend.request_ends import ENDS_OF
 from passes.split_attention import split_by
 from passes.swap_linear import LINEAR_TARGETS
 
@@ -48,11 +48,11 @@ BARRIER_FUNCTIONS = (*LINEAR_TARGETS, torch.matmul, torch.mm, torch.bmm, torch.a
 BARRIER_METHODS = ("matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__")
 FUSABLE_NAMESPACES = ("aten", "prims")
 # what Inductor computes inside its consumers' kernels unless it realizes it: arithmetic, casts, views,
-# an embedding, and the request ends (the swap pass's ``ends_of``, whose row count is a size of the
+# an embedding, and the request ends (the swap pass's ``fullgraph::ends_of``, whose row count is a size of the
 # forward context's buffer that no node binds: split_module cannot pass it across a cut); pure, so
 # recomputing it changes nothing
 INLINED_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
-                     torch.add, torch.sub, torch.mul, torch.neg, F.embedding, ends_of)
+                     torch.add, torch.sub, torch.mul, torch.neg, F.embedding, ENDS_OF)
 INLINED_METHODS = ("add", "sub", "mul", "neg", "float", "half", "bfloat16", "to", "view", "reshape", "unsqueeze",
                    "squeeze", "flatten", "unflatten", "chunk", "split", "transpose", "permute", "expand")
 

@@ -19,7 +19,7 @@ from fullgraph_backend import compat
 from fullgraph_backend.attention.op import attention_node
 from fullgraph_backend.attention.registry import AttentionImpl
 from fullgraph_backend.forward_context import SIZED_BY_LIMITS, ForwardContext
-from fullgraph_backend.request_ends import ends_of, request_ends_node
+from fullgraph_backend.request_ends import ENDS_OF, ends_of, request_ends_node
 
 ATTENTION_TARGET = attention_node._opoverload
 REQUEST_ENDS_TARGET = request_ends_node._opoverload
@@ -99,7 +99,8 @@ def swap_attention(gm: torch.fx.GraphModule, ctx: ForwardContext | None, impl: A
 
 def _swap_request_ends(graph: torch.fx.Graph, report: SwapReport, node: torch.fx.Node,
                        ctx: ForwardContext | None) -> None:
-    """``request_ends(x)`` -> :func:`ends_of` over ``fg_query_start_loc``, plain ops Inductor fuses.
+    """``request_ends(x)`` -> :func:`ends_of` over ``fg_query_start_loc`` (as ``fullgraph::ends_of``,
+    which decomposes into plain ops Inductor fuses).
 
     Dynamo traced the node with ``min(N, max_num_seqs)`` rows, the limit a constant; the swapped
     node's rows are ``Min(N, lanes)``, lanes read off the buffer (an unbacked size), and so are those
@@ -112,7 +113,7 @@ def _swap_request_ends(graph: torch.fx.Graph, report: SwapReport, node: torch.fx
                  SIZED_BY_LIMITS["query_start_loc"])
     (x,) = node.args
     with graph.inserting_before(node):
-        new = graph.call_function(ends_of, (x, qsl))
+        new = graph.call_function(ENDS_OF, (x, qsl))
     fake = x.meta.get("example_value")
     node.replace_all_uses_with(new)
     graph.erase_node(node)

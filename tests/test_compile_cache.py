@@ -30,6 +30,7 @@ def test_changed_limits_load_the_compiled_graph():
             torch._dynamo.reset()
             llm = tiny_llm(**changes)
             assert llm.startup.compile_cache == "hit", (changes, str(llm.startup))
+            assert "AOTAutograd's cache passed" not in str(llm.startup)
             assert llm.generate([[1, 2, 3]], greedy)[0].token_ids == tokens, changes
 
 
@@ -40,3 +41,21 @@ def test_outcome_names_the_worst_event():
     assert outcome(zero, dict(zero, bypass=1))[0] == "bypass"
     verdict, why = outcome(zero, zero)
     assert verdict == "unused" and "compiler='eager'" in why
+    verdict, why = outcome(dict(zero, aot_bypass=1), dict(zero, hit=5, aot_bypass=2))
+    assert verdict == "hit" and "passed 1 graph(s) by" in why
+
+
+def test_every_graph_of_an_engine_is_cached_by_aotautograd():
+    """A graph AOTAutograd's cache passes by is traced again by every warm start (the regional
+    epilogue was, ``autograd_cache_bypass`` 1 on CPU and on the H200: a Python function, the request
+    ends, in its graph); the request ends now enter graphs as an op, and no graph is passed by."""
+    from torch._dynamo.utils import counters
+
+    with fresh_cache():
+        before = counters["aot_autograd"]["autograd_cache_bypass"]
+        llm = tiny_llm()
+        assert counters["aot_autograd"]["autograd_cache_bypass"] == before, str(llm.startup)
+        assert counters["aot_autograd"]["autograd_cache_saved"] > 0
+    # the backend's own phases are in Dynamo's compile times, beside AOTAutograd's and Inductor's
+    times = torch._dynamo.utils.compile_times(repr="str")
+    assert all(f"fullgraph.{phase}," in times for phase in ("passes", "regions.keys", "regions.split")), times

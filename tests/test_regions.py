@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from fullgraph_backend import NULL_BLOCK, compat, use_forward_context
+from fullgraph_backend.attention.registry import resolve_impl
 from fullgraph_backend.backend import _compiler
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.dump import load_dump, print_overview
 from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.engine import SamplingParams
 from fullgraph_backend.models import build_model, get_config
-from fullgraph_backend.regions import RegionalCompiler, region_key
+from fullgraph_backend.regions import RegionalCompiler, region_key, run_on_fakes
+from passes import swap_attention
 from passes.split_regions import InlineLimits, split_at_repeats
 
 from helpers import (SHARP, RunnerCapture, dynamo_graph, eager_then_compiled, make_llm, mixed_prompts,
@@ -160,6 +162,38 @@ def test_split_cuts_after_barriers_and_recomputes_what_inductor_would():
         assert calls[-1].target is torch._C._nn.linear and calls[-1].args[1].name.endswith("down_proj_parameters_weight_")
         matmul_outputs.append(sum(n.name.startswith("linear") for n in region.graph.find_nodes(op="placeholder")))
     assert matmul_outputs[1:] == [1, 3, 1, 3] and cut.recomputed > 0  # (the first also adds the embedding again)
+
+
+def test_alike_regions_run_once_on_fakes(monkeypatch):
+    """``run_on_fakes(keyed=True)`` runs one region of each key and gives the others new fakes of
+    its outputs' shapes: every region gets the key and outputs a full run gives it (the decoder's
+    graph as the backend cuts it, after the attention swap: every layer's KV cache a size of its own)."""
+    config = get_config("tiny").replace(num_layers=6)
+    model = build_model(config, seed=0)
+    ctx = config.forward_context(dtype=torch.float32, max_num_seqs=4, max_num_tokens=16, max_model_len=64)
+    interpret = torch.fx.Interpreter.call_module
+
+    def both_runs(gm, example_inputs):
+        gm = compat.copy_dynamo_graph(gm)
+        example_inputs = [*example_inputs, *swap_attention(gm, ctx, resolve_impl("reference", ctx.device)).inputs.values()]
+        cut = split_at_repeats(gm, 3, LIMITS)
+        full = run_on_fakes(cut.split, example_inputs)
+        ran = []
+        monkeypatch.setattr(torch.fx.Interpreter, "call_module",
+                            lambda self, target, *a: ran.append(target) or interpret(self, target, *a))
+        keyed = run_on_fakes(cut.split, example_inputs, keyed=True)
+        monkeypatch.undo()
+        return full, keyed, ran
+
+    with use_forward_context(ctx):
+        positions = ctx.prepare([3], [3], own_block_tables(ctx, 1))
+        full, keyed, ran = dynamo_graph(lambda ids, pos: model(ids, pos, request_ends=True), torch.tensor([1, 2, 3]),
+                                        positions, dynamic=((0, 0), (1, 0)), read=both_runs)
+    assert [c.key for c in keyed] == [region_key(c.module, c.args) for c in full]
+    shapes = lambda calls: [[(o.shape, o.stride(), o.dtype) for o in compat.outputs_as_tuple(c.out)]  # noqa: E731
+                            for c in calls]
+    assert shapes(keyed) == shapes(full)
+    assert len(ran) == len({c.key for c in keyed}) < len(keyed)
 
 
 def test_region_key_compares_structure_and_inputs_not_names():

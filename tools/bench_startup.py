@@ -33,6 +33,23 @@ import tempfile
 import time
 
 RUN_OPTIONS = {"len": "max_model_len", "seqs": "max_num_seqs", "kv": "num_kv_blocks"}
+# the compile's phases printed per run (Dynamo's compile times; ``fullgraph.*`` are the backend's own)
+PHASES = {"dynamo trace": "bytecode_tracing", "guards": "build_guards", "backend": "OutputGraph.call_user_compiler",
+          "passes": "fullgraph.passes", "cut": "fullgraph.regions.split", "fake run": "fullgraph.regions.run_on_fakes",
+          "keys": "fullgraph.regions.keys", "aot trace": "create_aot_dispatcher_function",
+          "cache load": "AOTAutogradCache.inductor_load"}
+
+
+def phase_seconds(compile_times: str, phases: dict[str, str]) -> dict[str, float]:
+    """Seconds per phase (summed over its calls) from ``compile_times(repr="str")``'s lines ``key, t1, t2, ...``."""
+    totals = {}
+    for line in compile_times.splitlines():
+        key, _, times = line.partition(",")
+        try:
+            totals[key] = sum(float(t) for t in times.split(","))
+        except ValueError:  # the header lines
+            continue
+    return {name: round(totals.get(key, 0.0), 3) for name, key in phases.items()}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -63,6 +80,7 @@ def child(args: argparse.Namespace) -> None:
         "inductor_cache": {k: v for k, v in counters["inductor"].items() if "cache" in k},
         "aot_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
         "compile_times": torch._dynamo.utils.compile_times(repr="str"),
+        "phases": phase_seconds(torch._dynamo.utils.compile_times(repr="str"), PHASES),
     }), flush=True)
     os._exit(0)  # ready is what is measured: skip tearing the engine and the compile workers down
 
@@ -123,8 +141,9 @@ def main() -> None:
         print(f"{run:>10}: ready in {result['ready_s']:.1f} s (import {result['import_s']:.1f}, load "
               f"{result['load_s']:.1f}, compile {result['compile_s']:.1f}, capture {result['capture_s']:.1f} s, "
               f"{result['num_graphs']} graphs, {result['graph_mib']:.0f} MiB) compile cache {result['compile_cache']}, "
-              f"inductor {result['inductor_cache']}, attention kernels precompiled: {result['precompiled'] or '-'}",
-              flush=True)
+              f"inductor {result['inductor_cache']}, aot {result['aot_cache']}, attention kernels precompiled: "
+              f"{result['precompiled'] or '-'}\n{'':>12}compile phases, s: "
+              f"{', '.join(f'{k} {v:.2f}' for k, v in result['phases'].items())}", flush=True)
     if args.out:
         import torch
 

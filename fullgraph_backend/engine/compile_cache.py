@@ -25,16 +25,24 @@ WHY = {
 
 def cache_events() -> dict[str, int]:
     """Inductor's FX graph cache events so far in this process (AOTAutograd's cache loads through
-    it, so its hits count here too)."""
+    it, so its hits count here too), and AOTAutograd's bypasses (``aot_bypass``): a graph it will
+    not cache is traced again by every process, hits below it or not."""
     from torch._dynamo.utils import counters
 
-    return {verdict: counters["inductor"][f"fxgraph_cache_{verdict}"] for verdict in ("hit", "miss", "bypass")}
+    events = {verdict: counters["inductor"][f"fxgraph_cache_{verdict}"] for verdict in ("hit", "miss", "bypass")}
+    return {**events, "aot_bypass": counters["aot_autograd"]["autograd_cache_bypass"]}
 
 
 def outcome(before: dict[str, int], after: dict[str, int]) -> tuple[str, str]:
     """``(verdict, why)`` for the compiles between two :func:`cache_events` snapshots: ``hit`` when
-    every compile loaded from the cache, else ``miss`` (any miss), ``bypass`` or ``unused``."""
-    seen = {verdict for verdict in after if after[verdict] > before[verdict]}
+    every compile loaded from the cache, else ``miss`` (any miss), ``bypass`` or ``unused``; ``why``
+    also counts the graphs AOTAutograd's cache passed by."""
+    seen = {verdict for verdict in ("hit", "miss", "bypass") if after[verdict] > before[verdict]}
     verdict = next((v for v in ("miss", "bypass", "hit") if v in seen), "unused")
     # Inductor sets the variable when it first finds its cache folder
-    return verdict, WHY[verdict].format(dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's cache folder"))
+    why = WHY[verdict].format(dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's cache folder"))
+    traced = after.get("aot_bypass", 0) - before.get("aot_bypass", 0)
+    if traced:
+        why += (f"; AOTAutograd's cache passed {traced} graph(s) by, traced again in every process "
+                f"(TORCH_LOGS=+torch._functorch._aot_autograd.autograd_cache says why)")
+    return verdict, why
