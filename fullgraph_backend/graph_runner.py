@@ -327,13 +327,12 @@ class GraphRunner:
                 return outputs_as_tuple(self.paths[BatchKind.MIXED].fn(*args))
             if key not in self.paths[key.kind].pieces[0].recordings:
                 self._capture(self._keys_to_capture(key), args)
-            given, args = args, self._unshare(args)
+            args = self._unshare(args)
             self._expire_outputs()
             try:
                 out = self._run(_Step(Phase.REPLAY, key), args)
             except InputsMoved:  # raised before anything replayed: capture the key for the new addresses
-                self._recapture(key, given)
-                args = self._unshare(given)  # against the memory the runner owns now
+                self._recapture(key, args)
                 out = self._run(_Step(Phase.REPLAY, key), args)
             return self._hand_out(out if n is None else self.sig.slice_outputs(out, n, args), key, args)
 
