@@ -67,9 +67,7 @@ def input_role(placeholder: torch.fx.Node) -> InputRole:
     from fullgraph_backend.compat import guard_source
 
     value = placeholder.meta.get("example_value")
-    # passes.move_host_inputs replaced a written device copy of a CPU input by the input itself
-    mutated = (isinstance(value, torch.Tensor) and value._version > 0
-               or bool(placeholder.meta.get("fullgraph_host_written")))
+    mutated = isinstance(value, torch.Tensor) and value._version > 0
     if placeholder.meta.get("fullgraph_input"):  # a forward-context buffer the attention swap added
         return InputRole(static=True, forward_context=True, mutated=mutated)
     marked = "_dynamo_static_input_type" in placeholder.meta.get("tensor_dict", {})

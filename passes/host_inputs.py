@@ -44,12 +44,12 @@ def move_host_inputs(gm: torch.fx.GraphModule, device: torch.device) -> HostInpu
         if node.op != "placeholder":
             report.blockers.append(f"{node.name} ({node_name(node)}) computes on the CPU")
         elif _only_copied_to(node, device):
-            written = [user.name for user in node.users if user.meta["example_value"]._version > 0]
+            written = [user for user in node.users if user.meta["example_value"]._version > 0]
             if written and len(node.users) > 1:  # one device input would alias copies eager keeps apart
                 report.blockers.append(f"CPU input {node.name} is copied to the device more than once and the graph "
-                                       f"writes a copy ({', '.join(written)})")
+                                       f"writes a copy ({', '.join(user.name for user in written)})")
                 continue
-            _make_device_input(gm, node, device, written=bool(written))
+            _make_device_input(gm, node, next(iter(node.users)))
             report.moved.append(node.name)
         else:
             report.blockers.append(f"CPU input {node.name} is used on the CPU or by a device op without a copy")
@@ -71,19 +71,15 @@ def _only_copied_to(placeholder: torch.fx.Node, device: torch.device) -> bool:
     return True
 
 
-def _make_device_input(gm: torch.fx.GraphModule, placeholder: torch.fx.Node, device: torch.device,
-                       written: bool) -> None:
-    """``placeholder`` becomes the device copy its users made. ``written``: the graph writes that copy
-    (transformers' ``cumulative_length.to(device).add_(n)``); the input is then one the graph mutates,
-    so the runner copies the write out of the graph into the device tensor it made from the caller's
-    (the caller's CPU tensor stays as it was, as eagerly: the write went to a copy)."""
-    value = placeholder.meta["example_value"]
-    mode = torch._guards.detect_fake_mode()
-    with mode or torch._subclasses.fake_tensor.unset_fake_temporarily():
-        placeholder.meta["example_value"] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
-                                                                device=device)
+def _make_device_input(gm: torch.fx.GraphModule, placeholder: torch.fx.Node, copy: torch.fx.Node) -> None:
+    """``placeholder`` becomes ``copy``, the device copy its users made (every one alike unless the
+    graph writes it, then the only one): it takes the copy's traced value, so a write the graph makes
+    to the copy (transformers' ``cumulative_length.to(device).add_(n)``) moved its version counter,
+    and the input counts as one the graph writes (padding.input_role): the runner copies the write
+    out into the device tensor it makes from the caller's, whose CPU tensor stays as it was, as
+    eagerly (the write went to a copy)."""
+    placeholder.meta["example_value"] = copy.meta["example_value"]
     placeholder.meta["fullgraph_host_input"] = True
-    placeholder.meta["fullgraph_host_written"] = written
     for user in list(placeholder.users):
         user.replace_all_uses_with(placeholder)
         gm.graph.erase_node(user)
