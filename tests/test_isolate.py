@@ -35,21 +35,22 @@ def test_each_mode_runs_in_a_process_of_its_own_and_a_failure_keeps_the_rest(tmp
     script = tmp_path / "stub.py"
     script.write_text(STUB)
     header, rows = run_modes(str(script), ["--modes", "x,bad,y", "--batches", "1,8", "--out", "ignored"],
-                             ["x", "bad", "y"], "result.json")
+                             ["x", "bad", "y"], "result.json", [1, 8])
     assert header == {"device": "stub"}
-    assert [r["mode"] for r in rows] == ["x", "bad", "y"]
-    assert "exited with code 3" in rows[1]["error"]
-    pids = {rows[0]["pid"], rows[2]["pid"], os.getpid()}
+    assert [r["mode"] for r in rows] == ["x", "bad", "bad", "y"]
+    assert [r["batch"] for r in rows[1:3]] == [1, 8]  # the failed mode: a row per batch, as the tables read
+    assert all("exited with code 3" in r["error"] for r in rows[1:3])
+    pids = {rows[0]["pid"], rows[3]["pid"], os.getpid()}
     assert len(pids) == 3, "the modes shared a process"
-    assert rows[0]["batches"] == rows[2]["batches"] == "1,8"
+    assert rows[0]["batches"] == rows[3]["batches"] == "1,8"
 
 
 def _fake_children(monkeypatch, module, rows, **header):
     """Replace ``module``'s ``run_modes`` by one returning ``rows``; the calls it got."""
     calls = []
 
-    def fake(script, argv, modes, result_name):
-        calls.append((os.path.basename(script), modes, result_name))
+    def fake(script, argv, modes, result_name, batches):
+        calls.append((os.path.basename(script), modes, result_name, batches))
         return {"device": "stub GPU", "torch": "x", **header}, rows
 
     monkeypatch.setattr(module, "run_modes", fake)
@@ -62,14 +63,15 @@ def test_bench_decode_runs_modes_apart_and_merges_their_rows(monkeypatch, tmp_pa
     import bench_decode
 
     rows = [{"mode": "full", "batch": 1, "gpu_ms": 1.5, "x_floor": 2.0, "floor_ms": 0.75},
-            {"mode": "full+pdl", "error": "its process exited with code 1 and wrote no result"}]
+            *({"mode": "full+pdl", "batch": b, "error": "its process exited with code 1 and wrote no result"}
+              for b in (1, 16))]
     calls = _fake_children(monkeypatch, bench_decode, rows, triton="t", date="d", model="m", dtype="bf16", context=1,
                            attention_impl="triton", copy_bandwidth_TBs=4.2)
     monkeypatch.setattr(bench_decode, "plot_decode", lambda result, path: None)
     monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", "full,full+pdl", "--batches", "1,16",
                                       "--out", str(tmp_path)])
     bench_decode.main()
-    assert calls == [("bench_decode.py", ["full", "full+pdl"], "bench_decode.json")]
+    assert calls == [("bench_decode.py", ["full", "full+pdl"], "bench_decode.json", [1, 16])]
     result = json.loads((tmp_path / "bench_decode.json").read_text())
     assert "one process per mode" in result["command"]
     assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("full", 1), ("full+pdl", 1), ("full+pdl", 16)]
@@ -81,12 +83,13 @@ def test_bench_transformers_merges_rows_without_touching_cuda(monkeypatch, tmp_p
 
     import bench_transformers
 
-    rows = [{"mode": "engine", "batch": 1, "tpot_ms": 1.6}, {"mode": "engine-hf", "error": "exited"}]
+    rows = [{"mode": "engine", "batch": 1, "tpot_ms": 1.6}, *({"mode": "engine-hf", "batch": b, "error": "exited"}
+                                                             for b in (1, 8))]
     calls = _fake_children(monkeypatch, bench_transformers, rows)
     monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", "engine,engine-hf", "--batches", "1,8",
                                       "--out", str(tmp_path)])
     bench_transformers.main()
-    assert calls == [("bench_transformers.py", ["engine", "engine-hf"], "bench_transformers_llama-3.2-1b.json")]
+    assert calls == [("bench_transformers.py", ["engine", "engine-hf"], "bench_transformers_llama-3.2-1b.json", [1, 8])]
     result = json.loads((tmp_path / "bench_transformers_llama-3.2-1b.json").read_text())
     assert result["device"] == "stub GPU" and "one process per mode" in result["command"]
     assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("engine", 1), ("engine-hf", 1), ("engine-hf", 8)]

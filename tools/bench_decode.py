@@ -107,9 +107,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
     if len(modes) > 1 and not args.one_process:
-        header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json")
+        header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json", batches)
         header["command"] = " ".join([os.path.basename(sys.executable), *sys.argv]) + "  (one process per mode)"
-        rows = [row for r in rows for row in ([r] if "batch" in r else [{**r, "batch": b} for b in batches])]
         _write(args.out, header, rows, batches)
         return
     torch.manual_seed(0)

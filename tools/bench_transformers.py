@@ -173,9 +173,8 @@ def main() -> None:
               "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}
     batches = [int(b) for b in args.batches.split(",")]
     if len(modes) > 1 and not args.one_process:
-        header, rows = run_modes(__file__, sys.argv[1:], modes, os.path.basename(result_path))
-        result = {**header, **result, "command": result["command"] + "  (one process per mode)"}
-        result["rows"] = [row for r in rows for row in ([r] if "batch" in r else [{**r, "batch": b} for b in batches])]
+        header, rows = run_modes(__file__, sys.argv[1:], modes, os.path.basename(result_path), batches)
+        result = {**header, **result, "command": result["command"] + "  (one process per mode)", "rows": rows}
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
         _print_summary(result, args.repeats)

@@ -31,17 +31,20 @@ def child_argv(argv: list[str], mode: str, out: str) -> list[str]:
     return [*kept, "--modes", mode, "--out", out]
 
 
-def run_modes(script: str, argv: list[str], modes: list[str], result_name: str) -> tuple[dict, list[dict]]:
+def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
+              batches: list[int]) -> tuple[dict, list[dict]]:
     """Run ``script`` once per mode, each in a new Python process writing ``result_name`` (a JSON
     object with ``rows``) to a folder of its own; return the first result's other keys and every
-    row, in mode order. A process that fails leaves one row ``{"mode", "error"}``; the others go on."""
+    row, in mode order. A process that fails leaves a row ``{"mode", "batch", "error"}`` per batch
+    of ``batches``; the others go on."""
     header, rows = {}, []
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="fullgraph-mode-") as out:
             code = subprocess.run([sys.executable, script, *child_argv(argv, mode, out)]).returncode
             path = os.path.join(out, result_name)
             if not os.path.exists(path):
-                rows.append({"mode": mode, "error": f"its process exited with code {code} and wrote no result"})
+                rows += [{"mode": mode, "batch": batch, "error": f"its process exited with code {code} and wrote no result"}
+                         for batch in batches]
                 continue
             with open(path) as f:
                 result = json.load(f)
