@@ -76,10 +76,17 @@ def test_bf16_o4_logits_match_transformers_eager(family):
 @pytest.mark.parametrize("name, max_len", [("gemma3-1b", 700), ("mistral-7b", 300)])
 def test_named_config_bf16_o4_logits_match_transformers_eager(name, max_len):
     """Benchmark shapes with random weights (gemma3-1b: prompts past its 512-token window). The
-    reference is the engine's own transformers model, switched to transformers' SDPA attention."""
+    reference is the engine's own transformers model, switched to transformers' SDPA attention.
+    Random weights 32 layers deep drift in bf16 beyond the fixed tolerance whoever computes them,
+    so the bar is float32: the engine's logits are no further from the float32 forward than
+    transformers' own bf16 forward is (with half again as margin), or within the fixed tolerance."""
     llm = engine(name, "bfloat16", max_model_len=1024)
     shape = dict(vocab=llm.model_config.vocab_size, max_len=max_len)
     tokens, got = run_forced(llm, 7, **shape)
+    prompts = workload(7, **shape)[0]
     reference = llm.runner.eager_model.model
     reference.set_attn_implementation("sdpa")
-    assert relative_error(got, hf_logits(reference, workload(7, **shape)[0], tokens)) < BF16_LOGIT_TOLERANCE
+    bf16 = hf_logits(reference, prompts, tokens)
+    exact = hf_logits(reference.float(), prompts, tokens)
+    ours, theirs = relative_error(got, exact), relative_error(bf16, exact)
+    assert ours < max(BF16_LOGIT_TOLERANCE, 1.5 * theirs), f"engine {ours:.4f}, transformers bf16 {theirs:.4f}"
