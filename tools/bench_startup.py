@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import subprocess
+import re
 import sys
 import tempfile
 import time
@@ -41,14 +42,13 @@ PHASES = {"dynamo trace": "bytecode_tracing", "guards": "build_guards", "backend
 
 
 def phase_seconds(compile_times: str, phases: dict[str, str]) -> dict[str, float]:
-    """Seconds per phase (summed over its calls) from ``compile_times(repr="str")``'s lines ``key, t1, t2, ...``."""
+    """Seconds per phase (summed over its calls) from ``compile_times(repr="str")``, whose lines are
+    ``key, t1, t2, ...`` or, where tabulate is installed, a table row ``key   t1, t2, ...``."""
     totals = {}
     for line in compile_times.splitlines():
-        key, _, times = line.partition(",")
-        try:
-            totals[key] = sum(float(t) for t in times.split(","))
-        except ValueError:  # the header lines
-            continue
+        row = re.fullmatch(r"\s*([^\s,]+),?\s+([0-9.]+(?:\s*,\s*[0-9.]+)*)\s*", line)
+        if row:  # not a header or a rule
+            totals[row[1]] = sum(float(t) for t in row[2].split(","))
     return {name: round(totals.get(key, 0.0), 3) for name, key in phases.items()}
 
 
