@@ -134,17 +134,27 @@ def test_output_that_is_an_input_view_holds_the_written_values():
             torch.testing.assert_close(cache, expected_cache)
 
 
-def test_earlier_output_fed_back_as_input():
-    """``x = f(x)``: the input lives in memory the replay overwrites; it must be read first."""
-    layer = nn.Linear(6, 6).eval().requires_grad_(False)
+@pytest.mark.parametrize("device", [DEVICE, pytest.param(torch.device("cuda"), marks=pytest.mark.gpu)])
+def test_earlier_output_fed_back_as_input(device):
+    """``x = f(x)``: the input lives in memory the replay overwrites (on CUDA, where outputs are not
+    copies); it must be read first. Fed-back outputs alternate with the caller's own tensors, new
+    and used again, across sizes that capture new graphs: the runner remembers the addresses of its last
+    call without such inputs, and must still see the next one that has them."""
+    layer = nn.Linear(6, 6).to(device).eval().requires_grad_(False)
     compiled, _ = _compile(layer)
+    plan = ["fresh 5", "fed", "fed", "same", "fresh 3", "fed", "same", "same", "fresh 5", "fed", "fresh 2",
+            "fed", "fed", "fresh 3", "same", "fed"]
     with torch.inference_mode():
-        x = torch.randn(5, 6)
-        torch._dynamo.mark_dynamic(x, 0)
-        expected = x
-        for _ in range(4):
-            x, expected = compiled(x), layer(expected)
-            torch.testing.assert_close(x, expected)
+        own = torch.randn(5, 6, device=device)
+        torch._dynamo.mark_dynamic(own, 0)
+        out = None
+        for i, what in enumerate(plan):
+            if what.startswith("fresh") and i:
+                own = torch.randn(int(what.split()[1]), 6, device=device)
+            x = out if what == "fed" else own  # a fed-back output is unreadable after the next call
+            expected = layer(x.clone())
+            out = compiled(x)
+            torch.testing.assert_close(out, expected, msg=f"call {i} ({what})")
 
 
 # ---- threads -----------------------------------------------------------------------------------
