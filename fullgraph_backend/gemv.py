@@ -109,7 +109,9 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
 
     ``NORM``: the row is ``rms_norm(x (+ residual)) * norm_w`` (:func:`_row_slice`). Each program
     reads the row twice (a 1536-wide row is 3 KB, from L2): once for the sum of squares, once as it
-    walks K; program 0 writes ``x + residual`` to ``h_out`` (``HAS_RESIDUAL``).
+    walks K; program 0 writes ``x + residual`` to ``h_out`` (``HAS_RESIDUAL``). The first weight
+    slice is loaded before the sum of squares, as with PDL: waiting for the norm before any weight
+    load cost ~1.6 us a GEMV on the H200 (docs/perf-notes.md, section 34).
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -117,15 +119,17 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     k_start = 0
     if PDL:
         gdc_launch_dependents()
+    if PDL or NORM:
         offs_k = tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         weight = tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                          other=0.0)
+    if PDL:
         gdc_wait()
     rstd = 1.0
     if NORM:
         rstd = _inv_rms(x, residual, h_out, K, eps, tl.where(tl.program_id(0) == 0, K, 0), HAS_RESIDUAL, BLOCK_K)
-    if PDL:
+    if PDL or NORM:
         row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM, HAS_RESIDUAL)
         acc += weight.to(tl.float32) * row[None, :]
         k_start = BLOCK_K
