@@ -88,11 +88,16 @@ def _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM: tl.constexpr, HAS_
     ``x (+ residual)`` rounded where eager rounds (normalised in fp32, cast to x's dtype, times the
     norm weight, cast again: Llama's and Qwen2's RMSNorm, ours and transformers')."""
     if NORM:
-        dtype = x.dtype.element_ty
-        h = _summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL)
-        scale = tl.load(norm_w + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        return _rounded(_rounded(h * rstd, dtype) * scale, dtype)
+        return _normed(_summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL), norm_w, offs_k, k_ok, rstd,
+                       x.dtype.element_ty)
     return tl.load(x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+
+
+@_jit
+def _normed(h, norm_w, offs_k, k_ok, rstd, dtype: tl.constexpr):
+    """``h`` (fp32) normalised by ``rstd``, cast to ``dtype``, times the norm weight, cast again."""
+    scale = tl.load(norm_w + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    return _rounded(_rounded(h * rstd, dtype) * scale, dtype)
 
 
 @_jit
@@ -225,24 +230,38 @@ linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor
 # at batch 1 Inductor runs the residual add + RMSNorm as a kernel of its own before each GEMV; here the
 # GEMV's programs compute it from the row they read anyway, and that kernel goes.
 ROWS_BLOCK_K = 1024
+# rows up to this wide are read once and held in registers (Llama's and Qwen2's hidden sizes: 1536 to 8192)
+ROWS_ONE_PASS_MAX_K = 8192
 
 
 @_jit
 def _rms_norm_rows_kernel(x, residual, norm_w, normed, h_out, K, eps, HAS_RESIDUAL: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
     """Program ``i``: row ``i`` of ``rms_norm(x (+ residual)) * norm_w`` into ``normed`` and the sum
-    into ``h_out``, rounded as the GEMV's prologue rounds (:func:`_row_slice`)."""
+    into ``h_out``, rounded as the GEMV's prologue rounds (:func:`_row_slice`). ``ONE_PASS`` (the
+    row fits one ``BLOCK_K`` slice): the row is read once and kept in registers; otherwise it is
+    read again, slice by slice, after the sum of squares."""
     base = tl.program_id(0).to(tl.int64) * K
     x += base
     residual += base
     h_out += base
     normed += base
-    rstd = _inv_rms(x, residual, h_out, K, eps, K, HAS_RESIDUAL, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        offs_k = tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, True, HAS_RESIDUAL)
+        h = _summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(h_out + offs_k, h.to(h_out.dtype.element_ty), mask=k_ok)
+        rstd = tl.rsqrt(tl.sum(h * h, 0) / K + eps)
+        row = _normed(h, norm_w, offs_k, k_ok, rstd, x.dtype.element_ty)
         tl.store(normed + offs_k, row.to(normed.dtype.element_ty), mask=k_ok)
+    else:
+        rstd = _inv_rms(x, residual, h_out, K, eps, K, HAS_RESIDUAL, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, True, HAS_RESIDUAL)
+            tl.store(normed + offs_k, row.to(normed.dtype.element_ty), mask=k_ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -288,10 +307,11 @@ def rms_norm_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     rows = x.reshape(-1, k).contiguous()
     normed = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(normed) if residual is not None else None
+    one_pass = k <= ROWS_ONE_PASS_MAX_K
     _rms_norm_rows_kernel[(rows.shape[0],)](
         rows, rows if residual is None else residual.reshape(-1, k).contiguous(), norm_weight.contiguous(), normed,
         normed if h is None else h, k, eps, HAS_RESIDUAL=residual is not None,
-        BLOCK_K=min(ROWS_BLOCK_K, triton.next_power_of_2(k)), num_warps=NUM_WARPS)
+        BLOCK_K=triton.next_power_of_2(k) if one_pass else ROWS_BLOCK_K, ONE_PASS=one_pass, num_warps=NUM_WARPS)
     return normed, h
 
 

@@ -147,9 +147,11 @@ for norm in (False, True):  # the plain GEMV, and with the RMSNorm of x + residu
     assert "st.global" not in ptx[:wait], "a store before the wait"
 rows = _rms_norm_rows_kernel
 types = dict(x="*bf16", residual="*bf16", norm_w="*bf16", normed="*bf16", h_out="*bf16", K="i32", eps="fp32")
-consts = {(rows.arg_names.index(n),): v for n, v in dict(HAS_RESIDUAL=True, BLOCK_K=ROWS_BLOCK_K).items()}
-triton.compile(ASTSource(fn=rows, signature={n: types.get(n, "constexpr") for n in rows.arg_names}, constexprs=consts),
-               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
+for one_pass, block in ((False, ROWS_BLOCK_K), (True, 2048)):
+    flags = dict(HAS_RESIDUAL=True, BLOCK_K=block, ONE_PASS=one_pass)
+    consts = {(rows.arg_names.index(n),): v for n, v in flags.items()}
+    triton.compile(ASTSource(fn=rows, signature={n: types.get(n, "constexpr") for n in rows.arg_names},
+                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
 print("compiled")
 '''
 
@@ -157,7 +159,7 @@ print("compiled")
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
     between the trigger and the wait, with and without the RMSNorm prologue, and stores nothing
-    before the wait; the norm-only kernel compiles too."""
+    before the wait; the norm-only kernel compiles too, in one pass and in slices."""
     run_compiler_script(_SM90_SCRIPT)
 
 
@@ -212,10 +214,11 @@ def test_norm_gemv_in_bf16_is_eagers_composition_within_bf16_tolerance(n, k, bia
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("k", [1536, 1000, 3000])
+@pytest.mark.parametrize("k", [1536, 1000, 3000, 9000])
 def test_norm_rows_kernel_gives_eagers_bits(dtype, k):
     """The norm where the GEMV does not run (several rows, fp32, long K): one program a row, eager's
-    rounding (float16 and float32, which the interpreter casts as torch does)."""
+    rounding (float16 and float32, which the interpreter casts as torch does); rows up to
+    ROWS_ONE_PASS_MAX_K wide in one pass, 9000 in slices."""
     gen = torch.Generator().manual_seed(k)
     x, r = (torch.randn(5, k, generator=gen).to(dtype) for _ in range(2))
     norm_weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype)
