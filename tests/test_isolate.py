@@ -5,9 +5,11 @@ import os
 import sys
 import textwrap
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
-from isolate import child_argv, run_modes  # noqa: E402
+from isolate import child_argv, median_row, run_modes  # noqa: E402
 
 STUB = textwrap.dedent('''
     import argparse, json, os, sys
@@ -15,10 +17,17 @@ STUB = textwrap.dedent('''
     parser.add_argument("--modes")
     parser.add_argument("--out")
     parser.add_argument("--batches")
+    parser.add_argument("--log")  # each process appends its mode; its turn is the line count
     args = parser.parse_args()
     if args.modes == "bad":
         sys.exit(3)
-    row = {"mode": args.modes, "pid": os.getpid(), "batches": args.batches}
+    turn = 0
+    if args.log:
+        with open(args.log, "a") as f:
+            f.write(args.modes + "\\n")
+        with open(args.log) as f:
+            turn = len(f.read().split())
+    row = {"mode": args.modes, "batch": 1, "pid": os.getpid(), "batches": args.batches, "ms": float(turn), "ok": True}
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump({"device": "stub", "rows": [row]}, f)
 ''')
@@ -45,11 +54,34 @@ def test_each_mode_runs_in_a_process_of_its_own_and_a_failure_keeps_the_rest(tmp
     assert rows[0]["batches"] == rows[3]["batches"] == "1,8"
 
 
+def test_rounds_alternate_the_order_and_give_each_numbers_median(tmp_path):
+    """Three rounds of x, y: x y, then y x, then x y; each process reports its turn (1..6), so x
+    measured 1, 4, 5 and y 2, 3, 6."""
+    script, log = tmp_path / "stub.py", tmp_path / "order.log"
+    script.write_text(STUB)
+    _, rows = run_modes(str(script), ["--log", str(log)], ["x", "y"], "result.json", [1], rounds=3)
+    assert log.read_text().split() == ["x", "y", "y", "x", "x", "y"]
+    assert [(r["mode"], r["ms"], r["ms_rounds"], r["rounds"]) for r in rows] == \
+        [("x", 4.0, [1.0, 4.0, 5.0], 3), ("y", 3.0, [2.0, 3.0, 6.0], 3)]
+    assert rows[0]["ok"] is True and "ok_rounds" not in rows[0]
+
+
+def test_a_rounds_row_is_the_median_of_the_rounds_that_measured():
+    rows = [{"mode": "m", "batch": 8, "tpot_ms": 3.0, "graphs": 2},
+            {"mode": "m", "batch": 8, "error": "its process exited with code 1 and wrote no result"},
+            {"mode": "m", "batch": 8, "tpot_ms": 2.0, "graphs": 2},
+            {"mode": "m", "batch": 8, "tpot_ms": 2.2, "graphs": 2}]
+    merged = median_row(rows)
+    assert merged == {"mode": "m", "batch": 8, "tpot_ms": 2.2, "tpot_ms_rounds": [3.0, 2.0, 2.2], "graphs": 2,
+                      "graphs_rounds": [2, 2, 2], "rounds": 3}
+    assert median_row(rows[1:2])["error"].startswith("its process exited")
+
+
 def _fake_children(monkeypatch, module, rows, **header):
     """Replace ``module``'s ``run_modes`` by one returning ``rows``; the calls it got."""
     calls = []
 
-    def fake(script, argv, modes, result_name, batches):
+    def fake(script, argv, modes, result_name, batches, rounds=1):
         calls.append((os.path.basename(script), modes, result_name, batches))
         return {"device": "stub GPU", "torch": "x", **header}, rows
 
@@ -95,3 +127,12 @@ def test_bench_transformers_merges_rows_without_touching_cuda(monkeypatch, tmp_p
     assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("engine", 1), ("engine-hf", 1), ("engine-hf", 8)]
     out = capsys.readouterr().out
     assert "batch 1: engine 1.60 | engine-hf failed" in out
+
+
+@pytest.mark.parametrize("tool", ["bench_decode", "bench_transformers"])
+def test_rounds_below_one_are_refused(tool, monkeypatch, capsys):
+    module = __import__(tool)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", "--out", "x", "--rounds", "0"])
+    with pytest.raises(SystemExit):
+        module.main()
+    assert "--rounds takes a whole number of at least 1, not '0'" in capsys.readouterr().err

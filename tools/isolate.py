@@ -5,16 +5,31 @@ whatever the mode (H200, GPU time of bench_decode at batch 16 and 64, TPOT of
 bench_transformers' engines at batch 1 and 8; docs/perf-notes.md, section 33). So the tools run
 every mode in a process of its own by default; ``--one-process`` keeps them in one (quicker, for
 smoke runs).
+
+Host-bound numbers also move between processes of the same mode: transformers' TPOT by up to 20%
+(H200, 2026-11-29/30; docs/perf-notes.md, section 34). ``--rounds N`` runs every mode N times, in
+order and reversed by turns, and reports each number's median over the rounds with the rounds'
+values beside it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 
 ONE_PROCESS_HELP = "measure every mode in this process (a mode measured second has read slower)"
+ROUNDS_HELP = "run every mode this many times, in turns, each in a process of its own; numbers are medians"
+
+
+def rounds_arg(text: str) -> int:
+    """``--rounds``: a whole number, at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--rounds takes a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def child_argv(argv: list[str], mode: str, out: str) -> list[str]:
@@ -32,22 +47,48 @@ def child_argv(argv: list[str], mode: str, out: str) -> list[str]:
 
 
 def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
-              batches: list[int]) -> tuple[dict, list[dict]]:
+              batches: list[int], rounds: int = 1) -> tuple[dict, list[dict]]:
     """Run ``script`` once per mode, each in a new Python process writing ``result_name`` (a JSON
     object with ``rows``) to a folder of its own; return the first result's other keys and every
     row, in mode order. A process that fails leaves a row ``{"mode", "batch", "error"}`` per batch
-    of ``batches``; the others go on."""
-    header, rows = {}, []
+    of ``batches``; the others go on. With ``rounds`` > 1 the modes run that many times, in order
+    and reversed by turns, and a mode's row per batch is :func:`median_row` of its rounds."""
+    header, runs = {}, {mode: [] for mode in modes}
+    for turn in range(rounds):
+        for mode in modes if turn % 2 == 0 else modes[::-1]:
+            result = _run_one(script, argv, mode, result_name, batches)
+            header = header or {k: v for k, v in result.items() if k != "rows"}
+            runs[mode] += result["rows"]
+    if rounds == 1:
+        return header, [row for mode in modes for row in runs[mode]]
+    rows = []
     for mode in modes:
-        with tempfile.TemporaryDirectory(prefix="fullgraph-mode-") as out:
-            code = subprocess.run([sys.executable, script, *child_argv(argv, mode, out)]).returncode
-            path = os.path.join(out, result_name)
-            if not os.path.exists(path):
-                rows += [{"mode": mode, "batch": batch, "error": f"its process exited with code {code} and wrote no result"}
-                         for batch in batches]
-                continue
-            with open(path) as f:
-                result = json.load(f)
-        header = header or {k: v for k, v in result.items() if k != "rows"}
-        rows += result["rows"]
+        by_batch = {}
+        for row in runs[mode]:
+            by_batch.setdefault(row["batch"], []).append(row)
+        rows += [median_row(same) for same in by_batch.values()]
     return header, rows
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One row for the rounds ``rows`` of a mode and batch: the first's keys, each number the median
+    of the rounds that measured it, those values as ``<key>_rounds``; an error only if every round
+    failed."""
+    measured = [row for row in rows if "error" not in row] or rows[:1]
+    merged = {**measured[0], "rounds": len(measured)}
+    for key, value in measured[0].items():
+        if key != "batch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [row[key] for row in measured if isinstance(row.get(key), (int, float))]
+            merged[key], merged[f"{key}_rounds"] = statistics.median(values), values
+    return merged
+
+
+def _run_one(script: str, argv: list[str], mode: str, result_name: str, batches: list[int]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fullgraph-mode-") as out:
+        code = subprocess.run([sys.executable, script, *child_argv(argv, mode, out)]).returncode
+        path = os.path.join(out, result_name)
+        if not os.path.exists(path):
+            return {"rows": [{"mode": mode, "batch": batch, "error": f"its process exited with code {code} and "
+                                                                      f"wrote no result"} for batch in batches]}
+        with open(path) as f:
+            return json.load(f)
