@@ -416,7 +416,8 @@ class GraphRunner:
                 for piece in pieces:
                     piece.end_capture(key)
                 self._owned[key] = set().union(*(p.recordings[key].owned for p in pieces))
-                self._owned_changed()
+                self._all_owned |= self._owned[key]  # a capture only adds: no union over every key per key
+                self._not_ours = None
                 pool = sum(p.recordings[key].call.pool_bytes for p in pieces) / 2**20
                 self.capture_table.append(CaptureRecord(key.size, key.kind.value, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
                                                         pool))
@@ -448,6 +449,8 @@ class GraphRunner:
         self._capture([key], args)
 
     def _owned_changed(self) -> None:
+        """What the runner owns lost a key's storages: the set again from the keys left, and
+        :meth:`_unshare`'s remembered addresses forgotten."""
         self._all_owned = set().union(*self._owned.values())
         self._not_ours = None
 
