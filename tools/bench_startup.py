@@ -26,9 +26,9 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
-import re
 import sys
 import tempfile
 import time
@@ -72,6 +72,7 @@ def child(args: argparse.Namespace) -> None:
     llm = LLM(args.model, **json.loads(args.options))
     ready_at = time.time()
     s = llm.startup
+    compile_times = torch._dynamo.utils.compile_times(repr="str")
     print(json.dumps({
         "ready_at": ready_at, "import_s": import_s, "load_s": s.load_s, "compile_s": s.compile_s,
         "capture_s": s.capture_s, "num_graphs": s.num_graphs, "graph_mib": s.graph_mib,
@@ -79,8 +80,8 @@ def child(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
         "inductor_cache": {k: v for k, v in counters["inductor"].items() if "cache" in k},
         "aot_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
-        "compile_times": torch._dynamo.utils.compile_times(repr="str"),
-        "phases": phase_seconds(torch._dynamo.utils.compile_times(repr="str"), PHASES),
+        "compile_times": compile_times,
+        "phases": phase_seconds(compile_times, PHASES),
     }), flush=True)
     os._exit(0)  # ready is what is measured: skip tearing the engine and the compile workers down
 
