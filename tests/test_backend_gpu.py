@@ -93,6 +93,30 @@ def test_replay_with_moved_weights_raises(model_and_ctx):
             compiled(ids, positions)
 
 
+@pytest.mark.skipif(not _runs("triton"), reason="needs the triton attention impl")
+def test_reduce_overhead_runs_our_attention_op(model_and_ctx, monkeypatch):
+    """``torch.compile(mode="reduce-overhead")`` (cudagraph trees, not our backend) on a model that
+    calls our attention op: the split-KV kernel's scratch, allocated at the first decode step of a
+    shape, must not land in the trees' pool (they refuse pool tensors that are not outputs). A fresh
+    scratch table makes this the first step of every shape, as in a new process."""
+    from fullgraph_backend.attention import triton_paged
+
+    monkeypatch.setattr(triton_paged, "_SCRATCH", {})
+    model, config = model_and_ctx
+    ctx = config.forward_context(dtype=torch.float32, device="cuda", max_num_seqs=8, max_num_tokens=16,
+                                 max_model_len=256, attention_impl="triton")
+    compiled = torch.compile(model, mode="reduce-overhead")
+    tables = own_block_tables(ctx, 4)
+    with use_forward_context(ctx), torch.inference_mode():
+        for step in range(4):  # warm-up, record, then replays
+            _fresh(ctx)
+            positions = ctx.prepare([1] * 4, [90 + step, 17, 130, 5 + step], tables)
+            ids = torch.randint(0, config.vocab_size, (4,), device="cuda")
+            expected, got, after_eager = eager_then_compiled(model, compiled, ctx, ids, positions)
+            torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4, msg=f"step {step}")
+    assert triton_paged._SCRATCH, "the decode steps did not take the split-KV path"
+
+
 def test_piecewise_matches_full(model_and_ctx):
     model, config = model_and_ctx
     ctx = config.forward_context(dtype=torch.float32, device="cuda", max_num_seqs=16, max_num_tokens=32,

@@ -49,6 +49,7 @@ below; the op schema does not have it. ``tools/sweep_attention.py`` times a grid
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from typing import NamedTuple
 
@@ -641,10 +642,21 @@ def _scratch(device: torch.device, rows: int, d_pad: int) -> tuple[torch.Tensor,
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("triton attention: split-KV scratch for this shape was not allocated before CUDA "
                                "graph capture; run the op once at this padded size (warmup) before capturing")
-        _SCRATCH[key] = (torch.empty(rows * d_pad, dtype=torch.float32, device=device),
-                         torch.empty(rows, dtype=torch.float32, device=device),
-                         torch.empty(rows, dtype=torch.float32, device=device),
-                         torch.zeros(rows, dtype=torch.int32, device=device))
+
+        def allocate() -> tuple[torch.Tensor, ...]:
+            buffers = (torch.empty(rows * d_pad, dtype=torch.float32, device=device),
+                       torch.empty(rows, dtype=torch.float32, device=device),
+                       torch.empty(rows, dtype=torch.float32, device=device),
+                       torch.zeros(rows, dtype=torch.int32, device=device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the tickets' zeros, before the caller's stream uses them
+            return buffers
+
+        # cudagraph trees (mode="reduce-overhead") send every allocation of the thread that warms up
+        # or records a graph to their pool, and refuse a pool tensor that is not an output: a buffer
+        # kept across calls is allocated on a thread of its own, outside any graph's pool.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            _SCRATCH[key] = pool.submit(allocate).result()
     return _SCRATCH[key]
 
 
