@@ -178,20 +178,20 @@ def _capture_sizes(config: FullgraphConfig, ctx: ForwardContext | None) -> tuple
 
 def _compiler(config: FullgraphConfig, pdl: bool, dump: GraphDump) -> Callable[[torch.fx.GraphModule, list], Callable]:
     """Compiles one graph (or piece); ``dump`` sees every Inductor compile. With ``pdl`` its calls
-    launch our kernels with PDL. Inductor's own kernels keep plain launches
-    (``inductor_config={"triton.enable_pdl": True}`` changes that): on the H200 their PDL cost 7% at
-    batch 16 and 64 and gained nothing at batch 1 (perf-notes section 18). With
+    launch our kernels with PDL, and Inductor's kernels take it too (``triton.enable_pdl``, unless
+    ``inductor_config`` says otherwise): both together gained 10% at batch 1 on the H200, each in
+    its own process, and cost nothing at 16 and 64 (perf-notes section 35). With
     ``regional_compile``, each distinct repeated region (a decoder layer) is compiled once
     (:mod:`fullgraph_backend.regions`)."""
     if config.compiler == "eager":
         return dump.compiler(lambda gm, example_inputs: with_launches(gm, pdl))
-    compile_once = dump.compiler(lambda gm, example_inputs: compat.compile_fx(gm, example_inputs,
-                                                                              config.inductor_config))
-    if config.regional_compile and _autotunes_matmuls(config.inductor_config):
+    patches = {"triton.enable_pdl": True, **config.inductor_config} if pdl else config.inductor_config
+    compile_once = dump.compiler(lambda gm, example_inputs: compat.compile_fx(gm, example_inputs, patches))
+    if config.regional_compile and _autotunes_matmuls(patches):
         log.info("fullgraph: regional compile: off, every graph compiled whole: max_autotune fuses pointwise ops "
                  "into Triton matmul templates, and regions are cut right after matmuls")
     elif config.regional_compile:
-        compile_once = RegionalCompiler(compile_once, config.inductor_config, on_report=dump.write_regions)
+        compile_once = RegionalCompiler(compile_once, patches, on_report=dump.write_regions)
     return lambda gm, example_inputs: with_launches(compile_once(gm, example_inputs), pdl)
 
 

@@ -37,12 +37,14 @@ class FullgraphConfig:
       of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass); False keeps cuBLAS.
     - ``fuse_norm``: with ``gemv``, fold each RMSNorm (and the residual add before it) that feeds only
       a linear into that linear's op, so at batch 1 the GEMV computes the norm in its prologue and
-      Inductor's norm kernel goes (the ``fuse_norm_linear`` pass; perf-notes section 32). Off by
-      default until it has run on a GPU (built and tested on CPU only, 2026-11-29).
+      Inductor's norm kernel goes (the ``fuse_norm_linear`` pass; perf-notes sections 32, 34, 35).
+      Off by default: on the H200 it gains 1-3% at batch 1 alone, but with ``pdl`` (the default)
+      it costs 3% there (1.39 -> 1.43 ms), and nothing at 16 and 64. float32 graphs are left alone.
     - ``pdl``: in graphs captured on CUDA devices of compute capability 9.0+, launch our Triton
-      kernels (the GEMV, split-KV decode) with programmatic dependent launch, so a kernel starts
-      (and the GEMV loads weights) while the one before it drains (:mod:`fullgraph_backend.pdl`).
-      Off by default (perf-notes section 18); elsewhere it changes nothing.
+      kernels (the GEMV, split-KV decode) and Inductor's with programmatic dependent launch, so a
+      kernel starts (and the GEMV loads weights) while the one before it drains
+      (:mod:`fullgraph_backend.pdl`; perf-notes sections 18, 35: 1.57 -> 1.39 ms at batch 1 on the
+      H200, even at 16 and 64). Elsewhere it changes nothing.
     - ``regional_compile``: compile each distinct repeated region of a graph (a decoder layer) with
       Inductor once and call its code for every copy, instead of compiling the whole graph
       (:mod:`fullgraph_backend.regions`; perf-notes section 27). Every layer runs the kernels it
@@ -60,7 +62,7 @@ class FullgraphConfig:
     inductor_config: dict = field(default_factory=dict)
     gemv: bool = True
     fuse_norm: bool = False
-    pdl: bool = False
+    pdl: bool = True
     regional_compile: bool = True
 
     def __post_init__(self) -> None:

@@ -108,9 +108,9 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
 
     Products accumulate elementwise in a ``[BLOCK_N, BLOCK_K]`` tile and are summed once after the
     loop, so the loop body is loads and FMAs only. ``PDL``: launched with programmatic dependent
-    launch (:mod:`fullgraph_backend.pdl`), the program lets the next kernel launch, loads its first
-    weight slice (weights depend on no kernel), and only then waits for the previous kernel, whose
-    output ``x`` may be; the sums are the same, in the same order, as without it.
+    launch (:mod:`fullgraph_backend.pdl`), the program loads its first weight slice (weights depend
+    on no kernel), then waits for the previous kernel, whose output ``x`` may be, and only then lets
+    the next kernel launch; the sums are the same, in the same order, as without it.
 
     ``NORM``: the row is ``rms_norm(x (+ residual)) * norm_w`` (:func:`_row_slice`). Each program
     reads the row twice (a 1536-wide row is 3 KB, from L2): once for the sum of squares, once as it
@@ -122,8 +122,6 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = 0
-    if PDL:
-        gdc_launch_dependents()
     if PDL or NORM:
         offs_k = tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -131,6 +129,7 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
                          other=0.0)
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
     rstd = 1.0
     if NORM:
         rstd = _inv_rms(x, residual, h_out, K, eps, tl.where(tl.program_id(0) == 0, K, 0), HAS_RESIDUAL, BLOCK_K)

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL) for our Triton kernels: which launches take it.
+"""Programmatic dependent launch (PDL) for our Triton kernels and Inductor's: which launches take it.
 
 On Hopper and later a kernel launched with PDL (``launch_pdl=True``, the CUDA launch attribute
 "programmatic stream serialization") may start while the kernel before it on the stream is still
@@ -14,9 +14,14 @@ Rules our kernels keep, so the chain stays ordered however its neighbours launch
 - every program waits before its first load of another kernel's output and before its first store
   (a buffer it writes may be one the previous kernel still reads: graphs reuse pool memory);
 - so a PDL kernel never completes before the kernel before it, and a wait on it covers them all;
-- ``gdc_launch_dependents`` comes early: the next kernel may launch once our last programs run.
+- ``gdc_launch_dependents`` comes right after the wait, never before it. Inductor's kernels
+  (``triton.enable_pdl``) wait only before they touch a buffer *the kernel just before* wrote or
+  read, so a kernel after ours may read, unwaited, what the kernel before ours wrote. Triggering
+  after our wait means that kernel is complete by the time the next one launches. (Triggering
+  first, as we did until perf-notes section 35, left that window open.)
 
-The backend turns PDL on for the compiled calls of a ``pdl=True`` config (:func:`launches`);
+The backend turns PDL on for the compiled calls of a ``pdl=True`` config (:func:`launches`), and
+for Inductor's kernels in the graphs it compiles for capture (their own wait-then-trigger);
 the kernel wrappers ask :func:`enabled` at launch, i.e. at warm-up and capture of each graph.
 Kernels call this module's ``gdc_wait`` and ``gdc_launch_dependents``: Triton's, or no-ops where
 it has none (older Triton) or interprets, under a ``PDL`` constexpr (:func:`kernel_flag`).

@@ -142,8 +142,8 @@ for norm in (False, True):  # the plain GEMV, and with the RMSNorm of x + residu
                             target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=True))
     ptx = kernel.asm["ptx"]
-    trigger, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
-    assert kernel.metadata.launch_pdl and trigger < wait and "ld.global" in ptx[trigger:wait], ptx
+    wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert kernel.metadata.launch_pdl and wait < trigger and "ld.global" in ptx[:wait], ptx
     assert "st.global" not in ptx[:wait], "a store before the wait"
 rows = _rms_norm_rows_kernel
 types = dict(x="*bf16", residual="*bf16", norm_w="*bf16", normed="*bf16", h_out="*bf16", K="i32", eps="fp32")
@@ -156,10 +156,11 @@ print("compiled")
 '''
 
 
-def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait():
+def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait_and_the_trigger_after():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
-    between the trigger and the wait, with and without the RMSNorm prologue, and stores nothing
-    before the wait; the norm-only kernel compiles too, in one pass and in slices."""
+    before the wait and lets the next kernel launch only after it, with and without the RMSNorm
+    prologue, and stores nothing before the wait; the norm-only kernel compiles too, in one pass
+    and in slices."""
     run_compiler_script(_SM90_SCRIPT)
 
 

@@ -95,19 +95,19 @@ def test_bench_decode_runs_modes_apart_and_merges_their_rows(monkeypatch, tmp_pa
     import bench_decode
 
     rows = [{"mode": "full", "batch": 1, "gpu_ms": 1.5, "x_floor": 2.0, "floor_ms": 0.75},
-            *({"mode": "full+pdl", "batch": b, "error": "its process exited with code 1 and wrote no result"}
+            *({"mode": "full+nopdl", "batch": b, "error": "its process exited with code 1 and wrote no result"}
               for b in (1, 16))]
     calls = _fake_children(monkeypatch, bench_decode, rows, triton="t", date="d", model="m", dtype="bf16", context=1,
                            attention_impl="triton", copy_bandwidth_TBs=4.2)
     monkeypatch.setattr(bench_decode, "plot_decode", lambda result, path: None)
-    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", "full,full+pdl", "--batches", "1,16",
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", "full,full+nopdl", "--batches", "1,16",
                                       "--out", str(tmp_path)])
     bench_decode.main()
-    assert calls == [("bench_decode.py", ["full", "full+pdl"], "bench_decode.json", [1, 16])]
+    assert calls == [("bench_decode.py", ["full", "full+nopdl"], "bench_decode.json", [1, 16])]
     result = json.loads((tmp_path / "bench_decode.json").read_text())
     assert "one process per mode" in result["command"]
-    assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("full", 1), ("full+pdl", 1), ("full+pdl", 16)]
-    assert "| full+pdl | error | error |" in capsys.readouterr().out
+    assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("full", 1), ("full+nopdl", 1), ("full+nopdl", 16)]
+    assert "| full+nopdl | error | error |" in capsys.readouterr().out
 
 
 def test_bench_transformers_merges_rows_without_touching_cuda(monkeypatch, tmp_path, capsys):

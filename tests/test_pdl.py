@@ -78,9 +78,10 @@ def test_interpreter_has_no_gdc_ops():
         assert not compat.triton_has_pdl()
 
 
-def test_pdl_option_wraps_the_compiled_call_and_leaves_inductor_alone(monkeypatch):
-    """With pdl the compiled call runs under pdl.launches; Inductor gets only the options' patches
-    (its own PDL measured slower, perf-notes section 18); without pdl, no launches either."""
+def test_pdl_option_wraps_the_compiled_call_and_turns_on_inductors_pdl(monkeypatch):
+    """With pdl the compiled call runs under pdl.launches and Inductor compiles its kernels with
+    PDL, unless the options' own patches say otherwise; without pdl (not asked for, or no sm_90
+    device, or no graphs), neither."""
     calls = []
     monkeypatch.setattr(compat, "compile_fx", lambda gm, inputs, patches: calls.append(patches) or gm)
 
@@ -89,16 +90,16 @@ def test_pdl_option_wraps_the_compiled_call_and_leaves_inductor_alone(monkeypatc
 
     no_dump = GraphDump(None, None, {})
     on = backend._compiler(FullgraphConfig(pdl=True), True, no_dump)(graph, [])
-    assert on() is True and calls[-1] == {}
+    assert on() is True and calls[-1] == {"triton.enable_pdl": True}
     off = backend._compiler(FullgraphConfig(pdl=True), False, no_dump)(graph, [])
     assert off() is False and calls[-1] == {}
-    options = FullgraphConfig(pdl=True, inductor_config={"triton.enable_pdl": True})
+    options = FullgraphConfig(pdl=True, inductor_config={"triton.enable_pdl": False, "combo_kernels": True})
     backend._compiler(options, True, no_dump)(graph, [])
-    assert calls[-1] == {"triton.enable_pdl": True}
+    assert calls[-1] == {"triton.enable_pdl": False, "combo_kernels": True}
 
 
 def test_pdl_option_is_checked():
-    assert not FullgraphConfig().pdl
+    assert FullgraphConfig().pdl and not FullgraphConfig(pdl=False).pdl
     with pytest.raises(ValueError, match="pdl must be True or False"):
         FullgraphConfig(pdl="yes")
 

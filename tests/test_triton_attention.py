@@ -608,7 +608,7 @@ for consts, warps, stages in ((dict(NUM_SEGMENTS=8, MERGE_CHUNK=tp._merge_chunk(
                           pick(tp._split_kv_kernel, dict(base, **consts, PDL=True)), num_warps=warps, num_stages=stages,
                           dns=("num_tokens",), launch_pdl=True)
     ptx = kernel.asm["ptx"]
-    assert kernel.metadata.launch_pdl and ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
+    assert kernel.metadata.launch_pdl and ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents")
 compile_sm90(tp._store_kv_kernel, ints, dict(KV_HEADS=8, Q_HEADS=32, HEAD_DIM=128, KV_HEADS_PAD=8, Q_HEADS_PAD=32,
              D_PAD=128, BLOCK_SIZE=16), dns=("num_reqs",))
 for block_m in (16, 64):

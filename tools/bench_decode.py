@@ -5,18 +5,18 @@ one decode step per call. Modes (``mode`` or ``mode:attention_impl``):
   eager            plain PyTorch, attention through the same impl op
   none             backend="fullgraph", Inductor, no CUDA graphs
   piecewise        backend="fullgraph", graphs between attention calls, attention eager
-  full             backend="fullgraph", one CUDA graph per padded size
+  full             backend="fullgraph", one CUDA graph per padded size, default options
   reduce-overhead  torch.compile(mode="reduce-overhead") on the same model (cudagraph trees)
 Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
-  +tuned     Inductor's coordinate-descent tuning, as gpt-fast does
-  +cublaslt  cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
-  +nogemv    the backend's ``gemv=False``: one-row linears stay on cuBLAS
-  +normfuse  the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
-  +combo     Inductor's combo kernels (independent small kernels launched as one)
-  +pdl       the backend's ``pdl=True``: our kernels launched with programmatic dependent launch
-             (sm_90+); add +inductorpdl for Inductor's too
-  +inductorpdl  Inductor's kernels alone with PDL (``triton.enable_pdl``), ours launched plainly
-  +whole     the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
+  +tuned       Inductor's coordinate-descent tuning, as gpt-fast does
+  +cublaslt    cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
+  +nogemv      the backend's ``gemv=False``: one-row linears stay on cuBLAS
+  +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
+  +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
+  +combo       Inductor's combo kernels (independent small kernels launched as one)
+  +whole       the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
+(``full+nopdl`` is ``full`` as it was before session 13. Then ``+pdl`` launched only our kernels
+with PDL and ``+inductorpdl`` only Inductor's; ``full`` now launches both that way.)
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
@@ -186,15 +186,13 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "combo", "pdl", "inductorpdl", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "nopdl", "combo", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
     inductor_config = {"coordinate_descent_tuning": True} if "tuned" in flags else {}
     if "combo" in flags:
         inductor_config["combo_kernels"] = True
-    if "inductorpdl" in flags:
-        inductor_config["triton.enable_pdl"] = True
     if mode == "eager":
         return model
     if mode == "reduce-overhead":
@@ -203,7 +201,7 @@ def _compiled(model, mode: str, flags: set[str], impl: str):
         return torch.compile(model, mode="reduce-overhead")
     return torch.compile(model, backend="fullgraph", options={"cudagraph_mode": mode, "attention_impl": impl,
                                                              "inductor_config": inductor_config,
-                                                             "gemv": "nogemv" not in flags, "pdl": "pdl" in flags,
+                                                             "gemv": "nogemv" not in flags, "pdl": "nopdl" not in flags,
                                                              "fuse_norm": "normfuse" in flags,
                                                              "regional_compile": "whole" not in flags})
 

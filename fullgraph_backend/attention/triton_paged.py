@@ -405,9 +405,9 @@ def _split_kv_kernel(
     store only where a slot is set). ``PAGE_TILES``: K/V tiles are whole cache blocks read through
     the descriptors ``k_desc``/``v_desc`` (:func:`_attend_pages`, ``BLOCK_N == BLOCK_SIZE``);
     otherwise the descriptors are None and tiles are gathered by :func:`_attend`. ``PDL``: launched
-    with programmatic dependent launch (:mod:`fullgraph_backend.pdl`), the program lets the next
-    kernel launch and reads the step's metadata (host copies that precede the graph) before it
-    waits for the previous kernel, whose outputs ``q``/``k``/``v`` are.
+    with programmatic dependent launch (:mod:`fullgraph_backend.pdl`), the program reads the step's
+    metadata (host copies that precede the graph) before it waits for the previous kernel, whose
+    outputs ``q``/``k``/``v`` are, then lets the next kernel launch.
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -419,8 +419,8 @@ def _split_kv_kernel(
     real_tokens = tl.load(query_start_loc + num_reqs)
     seq_len = tl.load(seq_lens + req)
     if PDL:
-        gdc_launch_dependents()
         gdc_wait()  # before any read of q/k/v and any store (the pool may hand `out` a neighbour's memory)
+        gdc_launch_dependents()
     if segment == 0:
         for t in range(req, num_tokens, num_reqs):
             if t >= real_tokens:
