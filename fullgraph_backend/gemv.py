@@ -42,6 +42,10 @@ except ImportError:  # triton is an optional dependency: without it every linear
 # Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (docs/perf-notes.md, section 10).
 MAX_K = 4096
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 4, 512, 4, 3
+# Weight slices a program loads before its PDL wait (or the norm prologue), 1 to 3. More overlap
+# more of the kernel before (3 is the whole of a 1536-wide row) but hold registers; 1 is what was
+# measured (sections 18, 35). ``tools/bench_decode.py`` times others with ``+prefetch3``.
+PREFETCH_SLICES = 1
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -101,32 +105,51 @@ def _normed(h, norm_w, offs_k, k_ok, rstd, dtype: tl.constexpr):
 
 
 @_jit
+def _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` weight tile of rows ``offs_n`` from column ``k0``, zero past K."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :],
+                   other=0.0)
+
+
+@_jit
+def _fold_slice(acc, weight, x, residual, norm_w, K, k0, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr):
+    """``acc`` plus one loaded weight slice times the row's slice from column ``k0``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    row = _row_slice(x, residual, norm_w, offs_k, offs_k < K, rstd, NORM, HAS_RESIDUAL)
+    return acc + weight.to(tl.float32) * row[None, :]
+
+
+@_jit
 def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, PREFETCH: tl.constexpr):
     """Program ``i``: ``out[i*BLOCK_N : (i+1)*BLOCK_N] = w[rows] @ x (+ bias)``, fp32 accumulation.
 
     Products accumulate elementwise in a ``[BLOCK_N, BLOCK_K]`` tile and are summed once after the
     loop, so the loop body is loads and FMAs only. ``PDL``: launched with programmatic dependent
-    launch (:mod:`fullgraph_backend.pdl`), the program loads its first weight slice (weights depend
-    on no kernel), then waits for the previous kernel, whose output ``x`` may be, and only then lets
-    the next kernel launch; the sums are the same, in the same order, as without it.
+    launch (:mod:`fullgraph_backend.pdl`), the program loads its first ``PREFETCH`` (1 to 3) weight
+    slices (weights depend on no kernel), then waits for the previous kernel, whose output ``x`` may
+    be, and only then lets the next kernel launch; the slices are summed in the same order as
+    without it, so the bits are the same.
 
     ``NORM``: the row is ``rms_norm(x (+ residual)) * norm_w`` (:func:`_row_slice`). Each program
     reads the row twice (a 1536-wide row is 3 KB, from L2): once for the sum of squares, once as it
-    walks K; program 0 writes ``x + residual`` to ``h_out`` (``HAS_RESIDUAL``). The first weight
-    slice is loaded before the sum of squares, as with PDL: waiting for the norm before any weight
-    load cost ~1.6 us a GEMV on the H200 (docs/perf-notes.md, section 34).
+    walks K; program 0 writes ``x + residual`` to ``h_out`` (``HAS_RESIDUAL``). The first
+    ``PREFETCH`` weight slices are loaded before the sum of squares, as with PDL: waiting for the
+    norm before any weight load cost ~1.6 us a GEMV on the H200 (docs/perf-notes.md, section 34).
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = 0
     if PDL or NORM:
-        offs_k = tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        weight = tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                         other=0.0)
+        w0 = _weight_slice(w, offs_n, n_ok, stride_wn, K, 0, BLOCK_K)
+        if PREFETCH >= 2:
+            w1 = _weight_slice(w, offs_n, n_ok, stride_wn, K, BLOCK_K, BLOCK_K)
+        if PREFETCH >= 3:
+            w2 = _weight_slice(w, offs_n, n_ok, stride_wn, K, 2 * BLOCK_K, BLOCK_K)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -134,9 +157,12 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     if NORM:
         rstd = _inv_rms(x, residual, h_out, K, eps, tl.where(tl.program_id(0) == 0, K, 0), HAS_RESIDUAL, BLOCK_K)
     if PDL or NORM:
-        row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM, HAS_RESIDUAL)
-        acc += weight.to(tl.float32) * row[None, :]
-        k_start = BLOCK_K
+        acc = _fold_slice(acc, w0, x, residual, norm_w, K, 0, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
+        if PREFETCH >= 2:
+            acc = _fold_slice(acc, w1, x, residual, norm_w, K, BLOCK_K, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
+        if PREFETCH >= 3:
+            acc = _fold_slice(acc, w2, x, residual, norm_w, K, 2 * BLOCK_K, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
+        k_start = PREFETCH * BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -200,8 +226,8 @@ def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         row if residual is None else residual, row if norm is None else norm.weight,
         row if residual is None else norm.h_out, 0.0 if norm is None else norm.eps,
         HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=flag, NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        launch_pdl=flag and row.is_cuda,
+        HAS_RESIDUAL=residual is not None, PREFETCH=min(PREFETCH_SLICES, triton.cdiv(k, BLOCK_K)),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=flag and row.is_cuda,
     )
 
 

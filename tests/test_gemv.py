@@ -23,12 +23,14 @@ def test_gemv_matches_linear_in_fp32(n, k, with_bias):
     torch.testing.assert_close(gemv(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n, k", [(37, 1000), (9, 7), (130, 1536), (8, 512)])
+@pytest.mark.parametrize("n, k", [(37, 1000), (9, 7), (130, 1536), (8, 512), (6, 2500)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_pdl_path_gives_the_same_bits(n, k, dtype):
-    """pdl=True runs the kernel's PDL path (first weight slice loaded before the wait; on CPU the
-    wait is a no-op): the same sums in the same order, so the same bits; K at, below and off the
-    512-wide slice."""
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_gemv_pdl_path_gives_the_same_bits(monkeypatch, n, k, dtype, prefetch):
+    """pdl=True runs the kernel's PDL path (the first 1 or 3 weight slices loaded before the wait;
+    on CPU the wait is a no-op): the same sums in the same order, so the same bits; K at, below and
+    off the 512-wide slice, and past three slices."""
+    monkeypatch.setattr(gemv_module, "PREFETCH_SLICES", prefetch)
     torch.manual_seed(k)
     x, weight, bias = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
     plain = gemv(x, weight, bias, pdl=False)
@@ -135,16 +137,21 @@ types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", 
              norm_w="*bf16", h_out="*bf16", eps="fp32")
 sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in types and name != "eps"}
+early = {}
 for norm in (False, True):  # the plain GEMV, and with the RMSNorm of x + residual in its prologue
-    flags = dict(HAS_BIAS=False, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=True, NORM=norm, HAS_RESIDUAL=norm)
-    consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=True))
-    ptx = kernel.asm["ptx"]
-    wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
-    assert kernel.metadata.launch_pdl and wait < trigger and "ld.global" in ptx[:wait], ptx
-    assert "st.global" not in ptx[:wait], "a store before the wait"
+    for prefetch in (1, 3):
+        flags = dict(HAS_BIAS=False, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
+                     PREFETCH=prefetch)
+        consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=True))
+        ptx = kernel.asm["ptx"]
+        wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+        assert kernel.metadata.launch_pdl and wait < trigger and "ld.global" in ptx[:wait], ptx
+        assert "st.global" not in ptx[:wait], "a store before the wait"
+        early[norm, prefetch] = ptx[:wait].count("ld.global")
+    assert early[norm, 3] >= 3 * early[norm, 1], early  # all three slices' weight loads before the wait
 rows = _rms_norm_rows_kernel
 types = dict(x="*bf16", residual="*bf16", norm_w="*bf16", normed="*bf16", h_out="*bf16", K="i32", eps="fp32")
 for one_pass, block in ((False, ROWS_BLOCK_K), (True, 2048)):
@@ -158,9 +165,9 @@ print("compiled")
 
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait_and_the_trigger_after():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
-    before the wait and lets the next kernel launch only after it, with and without the RMSNorm
-    prologue, and stores nothing before the wait; the norm-only kernel compiles too, in one pass
-    and in slices."""
+    (or the first three's) before the wait and lets the next kernel launch only after it, with and
+    without the RMSNorm prologue, and stores nothing before the wait; the norm-only kernel compiles
+    too, in one pass and in slices."""
     run_compiler_script(_SM90_SCRIPT)
 
 
@@ -186,10 +193,12 @@ NORM_SHAPES = [(2048, 1536, True), (17920, 1536, False), (151936, 1536, False), 
 
 @pytest.mark.parametrize("n, k, bias", NORM_SHAPES)
 @pytest.mark.parametrize("residual", [True, False])
-def test_norm_gemv_in_fp16_gives_eagers_bits(n, k, bias, residual):
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_norm_gemv_in_fp16_gives_eagers_bits(monkeypatch, n, k, bias, residual, prefetch):
     """float16 (whose casts Triton's interpreter rounds as torch does): the fused kernel's output is
     the GEMV of eager's normed row, bit for bit, and the sum is eager's x + residual, with and
-    without PDL."""
+    without PDL, with 1 or 3 weight slices loaded before the norm."""
+    monkeypatch.setattr(gemv_module, "PREFETCH_SLICES", prefetch)
     x, r, norm_weight, weight, b = _norm_case(n, k, torch.float16, residual, bias)
     h = x + r if residual else x
     expected = gemv(rms_norm(h, norm_weight, 1e-6), weight, b)

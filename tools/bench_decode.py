@@ -14,6 +14,7 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +combo       Inductor's combo kernels (independent small kernels launched as one)
+  +prefetch3   our GEMV loads 3 weight slices before its PDL wait, not ``gemv.PREFETCH_SLICES``
   +whole       the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
 (``full+nopdl`` is ``full`` as it was before session 13. Then ``+pdl`` launched only our kernels
 with PDL and ``+inductorpdl`` only Inductor's; ``full`` now launches both that way.)
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fullgraph_backend import use_forward_context  # noqa: E402
+from fullgraph_backend import gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 from isolate import ONE_PROCESS_HELP, ROUNDS_HELP, rounds_arg, run_modes  # noqa: E402
@@ -138,9 +139,11 @@ def main() -> None:
 
     rows = []
     default_blas = torch.backends.cuda.preferred_blas_library()
+    default_prefetch = gemv.PREFETCH_SLICES
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
+        gemv.PREFETCH_SLICES = 3 if "prefetch3" in flags else default_prefetch  # read at each GEMV launch
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -186,7 +189,7 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "nopdl", "combo", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "nopdl", "combo", "prefetch3", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
