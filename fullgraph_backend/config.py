@@ -39,12 +39,12 @@ class FullgraphConfig:
       a linear into that linear's op, so at batch 1 the GEMV computes the norm in its prologue and
       Inductor's norm kernel goes (the ``fuse_norm_linear`` pass; perf-notes sections 32, 34, 35).
       Off by default: on the H200 it gains 1-3% at batch 1 alone, but with ``pdl`` (the default)
-      it costs 3% there (1.39 -> 1.43 ms), and nothing at 16 and 64. float32 graphs are left alone.
+      it costs 2.6% there (1.39 -> 1.43 ms), and nothing at 16 and 64. float32 graphs are left alone.
     - ``pdl``: in graphs captured on CUDA devices of compute capability 9.0+, launch our Triton
       kernels (the GEMV, split-KV decode) and Inductor's with programmatic dependent launch, so a
       kernel starts (and the GEMV loads weights) while the one before it drains
       (:mod:`fullgraph_backend.pdl`; perf-notes sections 18, 35: 1.57 -> 1.39 ms at batch 1 on the
-      H200, even at 16 and 64). Elsewhere it changes nothing.
+      H200, unchanged at 16 and 64). Elsewhere it changes nothing.
     - ``regional_compile``: compile each distinct repeated region of a graph (a decoder layer) with
       Inductor once and call its code for every copy, instead of compiling the whole graph
       (:mod:`fullgraph_backend.regions`; perf-notes section 27). Every layer runs the kernels it

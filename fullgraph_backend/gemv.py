@@ -164,12 +164,8 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
             acc = _fold_slice(acc, w2, x, residual, norm_w, K, 2 * BLOCK_K, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
         k_start = PREFETCH * BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        weight = tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-        row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM, HAS_RESIDUAL)
-        acc += weight.to(tl.float32) * row[None, :]
+        weight = _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K)
+        acc = _fold_slice(acc, weight, x, residual, norm_w, K, k0, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
     result = tl.sum(acc, 1)
     if HAS_BIAS:
         result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
