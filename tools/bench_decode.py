@@ -15,6 +15,8 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +combo       Inductor's combo kernels (independent small kernels launched as one)
   +prefetch3   our GEMV loads 3 weight slices before its PDL wait, not ``gemv.PREFETCH_SLICES``
+  +kvprefetch  split-KV attention loads its first cached K/V tile before its PDL wait
+               (``triton_paged.PREFETCH_KV``)
   +whole       the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
 (``full+nopdl`` is ``full`` as it was before session 13. Then ``+pdl`` launched only our kernels
 with PDL and ``+inductorpdl`` only Inductor's; ``full`` now launches both that way.)
@@ -41,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import gemv, use_forward_context  # noqa: E402
+from fullgraph_backend.attention import triton_paged  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 from isolate import ONE_PROCESS_HELP, ROUNDS_HELP, rounds_arg, run_modes  # noqa: E402
@@ -139,11 +142,13 @@ def main() -> None:
 
     rows = []
     default_blas = torch.backends.cuda.preferred_blas_library()
-    default_prefetch = gemv.PREFETCH_SLICES
+    default_prefetch, default_kv_prefetch = gemv.PREFETCH_SLICES, triton_paged.PREFETCH_KV
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
-        gemv.PREFETCH_SLICES = 3 if "prefetch3" in flags else default_prefetch  # read at each GEMV launch
+        # module constants our kernels' wrappers read at each launch, i.e. at warm-up and capture
+        gemv.PREFETCH_SLICES = 3 if "prefetch3" in flags else default_prefetch
+        triton_paged.PREFETCH_KV = "kvprefetch" in flags or default_kv_prefetch
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -189,7 +194,7 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "nopdl", "combo", "prefetch3", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "nopdl", "combo", "prefetch3", "kvprefetch", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
