@@ -19,7 +19,7 @@ from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
 from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
-from fullgraph_backend.pdl import supported as pdl_supported, with_launches
+from fullgraph_backend.pdl import supported as pdl_supported, unwaited as pdl_unwaited, with_launches
 from fullgraph_backend.regions import RegionalCompiler, install, run_on_fakes
 from fullgraph_backend.staging import aliased_writes
 from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, merge_linears, move_host_inputs,
@@ -186,13 +186,30 @@ def _compiler(config: FullgraphConfig, pdl: bool, dump: GraphDump) -> Callable[[
     if config.compiler == "eager":
         return dump.compiler(lambda gm, example_inputs: with_launches(gm, pdl))
     patches = {"triton.enable_pdl": True, **config.inductor_config} if pdl else config.inductor_config
-    compile_once = dump.compiler(lambda gm, example_inputs: compat.compile_fx(gm, example_inputs, patches))
+    compile_once = dump.compiler(lambda gm, example_inputs: _inductor(gm, example_inputs, patches))
     if config.regional_compile and _autotunes_matmuls(patches):
         log.info("fullgraph: regional compile: off, every graph compiled whole: max_autotune fuses pointwise ops "
                  "into Triton matmul templates, and regions are cut right after matmuls")
     elif config.regional_compile:
         compile_once = RegionalCompiler(compile_once, patches, on_report=dump.write_regions)
     return lambda gm, example_inputs: with_launches(compile_once(gm, example_inputs), pdl)
+
+
+def _inductor(gm: torch.fx.GraphModule, example_inputs: list, patches: dict) -> Callable:
+    """Inductor's compile of ``gm``. With Inductor's PDL on, a kernel of it that never waits
+    (:func:`fullgraph_backend.pdl.unwaited`) makes the graph compile again without it, logged."""
+    if not patches.get("triton.enable_pdl"):
+        return compat.compile_fx(gm, example_inputs, patches)
+    spare = compat.copy_dynamo_graph(gm)  # compile_fx may change the graph it is given
+    with compat.inductor_triton_sources() as sources:
+        compiled = compat.compile_fx(gm, example_inputs, patches)
+    unsafe = pdl_unwaited(sources)
+    if not unsafe:
+        return compiled
+    log.warning("fullgraph: Inductor's PDL off for this graph: kernel(s) %s launch with PDL but never wait (no "
+                "load to wait before), so the kernel after one could read its predecessor's output unfinished",
+                ", ".join(unsafe[:3]))
+    return compat.compile_fx(spare, example_inputs, {**patches, "triton.enable_pdl": False})
 
 
 def _autotunes_matmuls(patches: dict) -> bool:

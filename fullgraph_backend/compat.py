@@ -1,8 +1,12 @@
 """Every torch- and Triton-version difference the package handles, in one place (torch >= 2.11)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 
@@ -248,6 +252,38 @@ def _interpreting(triton) -> bool:
     if knobs is None:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return bool(knobs.runtime.interpret)
+
+
+_TRITON_SOURCES: ContextVar[list | None] = ContextVar("fullgraph_triton_sources", default=None)
+
+
+@contextlib.contextmanager
+def inductor_triton_sources() -> Iterator[list[tuple[str, str]]]:
+    """``(kernel name, source)`` of every Triton kernel Inductor compiles, or loads from its caches,
+    in this block on this thread. In 2.11 and 2.13 each passes through
+    ``AsyncCompile.triton(kernel_name, source_code, ...)`` when the graph's Python wrapper module
+    loads (Inductor's default; ``cpp_wrapper`` code loads its kernels otherwise and records none); a
+    wrapper around it, installed once, records them while a block is open."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    if not getattr(AsyncCompile.triton, "_fullgraph_records", False):
+        original = AsyncCompile.triton
+
+        @functools.wraps(original)
+        def triton(self, kernel_name, source_code, *args, **kwargs):
+            sources = _TRITON_SOURCES.get()
+            if sources is not None:
+                sources.append((kernel_name, source_code))
+            return original(self, kernel_name, source_code, *args, **kwargs)
+
+        triton._fullgraph_records = True
+        AsyncCompile.triton = triton
+    sources: list[tuple[str, str]] = []
+    token = _TRITON_SOURCES.set(sources)
+    try:
+        yield sources
+    finally:
+        _TRITON_SOURCES.reset(token)
 
 
 

@@ -23,6 +23,10 @@ Rules our kernels keep, so the chain stays ordered however its neighbours launch
 The backend turns PDL on for the compiled calls of a ``pdl=True`` config (:func:`launches`), and
 for Inductor's kernels in the graphs it compiles for capture (their own wait-then-trigger);
 the kernel wrappers ask :func:`enabled` at launch, i.e. at warm-up and capture of each graph.
+Inductor waits after a kernel's first load at the latest, so a kernel with no load at all (a fill,
+an ``arange``) never waits: it may finish before the kernel before it, and the kernel after it then
+launches early enough to read that kernel's output unfinished. A graph whose Inductor code has such
+a kernel is compiled again without Inductor's PDL (:func:`unwaited`; the backend logs it).
 Kernels call this module's ``gdc_wait`` and ``gdc_launch_dependents``: Triton's, or no-ops where
 it has none (older Triton) or interprets, under a ``PDL`` constexpr (:func:`kernel_flag`).
 """
@@ -95,6 +99,14 @@ def supported(device: torch.device) -> bool:
     """A CUDA device of compute capability 9.0 or later, with a Triton that has PDL (not interpreting)."""
     return (device.type == "cuda" and compat.triton_has_pdl()
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def unwaited(sources: list[tuple[str, str]]) -> list[str]:
+    """Names of the Inductor kernels in ``sources`` (``(name, Triton source)``, as
+    :func:`fullgraph_backend.compat.inductor_triton_sources` records them) that launch with PDL but
+    never call ``gdc_wait``. A combo kernel (``combo_kernels``, off by default) counts as waiting if
+    any of its parts waits, though each part's programs run only their own part."""
+    return [name for name, source in sources if "'launch_pdl': True" in source and "gdc_wait()" not in source]
 
 
 def kernel_flag(requested: bool, device: torch.device) -> bool:

@@ -84,6 +84,7 @@ def test_pdl_option_wraps_the_compiled_call_and_turns_on_inductors_pdl(monkeypat
     device, or no graphs), neither."""
     calls = []
     monkeypatch.setattr(compat, "compile_fx", lambda gm, inputs, patches: calls.append(patches) or gm)
+    monkeypatch.setattr(compat, "copy_dynamo_graph", lambda gm: gm)  # the stub compile leaves it as it is
 
     def graph():
         return pdl._PDL.get()
@@ -96,6 +97,53 @@ def test_pdl_option_wraps_the_compiled_call_and_turns_on_inductors_pdl(monkeypat
     options = FullgraphConfig(pdl=True, inductor_config={"triton.enable_pdl": False, "combo_kernels": True})
     backend._compiler(options, True, no_dump)(graph, [])
     assert calls[-1] == {"triton.enable_pdl": False, "combo_kernels": True}
+
+
+WAITS = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': True})\n    tl.extra.cuda.gdc_wait()\n    x = tl.load(p)"
+FILL = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': True})\n    tl.store(out, 0.0)"
+PLAIN_FILL = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': False})\n    tl.store(out, 0.0)"
+
+
+def test_unwaited_names_the_pdl_kernels_that_never_wait():
+    assert pdl.unwaited([("triton_poi_0", WAITS), ("triton_poi_fill_1", FILL), ("triton_poi_2", PLAIN_FILL)]) == [
+        "triton_poi_fill_1"]
+
+
+def test_inductor_triton_sources_records_each_kernel_inside_the_block_only(monkeypatch):
+    from torch._inductor.async_compile import AsyncCompile
+
+    monkeypatch.setattr(AsyncCompile, "triton", lambda self, name, source, device_str="cuda": f"compiled {name}")
+    assert AsyncCompile.triton(None, "outside", "src") == "compiled outside"
+    with compat.inductor_triton_sources() as sources:
+        assert AsyncCompile.triton(None, "k0", WAITS) == "compiled k0"  # the wrapper returns what it wraps
+        AsyncCompile.triton(None, "k1", FILL, device_str="cuda")
+    AsyncCompile.triton(None, "after", "src")
+    assert sources == [("k0", WAITS), ("k1", FILL)]
+
+
+@pytest.mark.parametrize("kernel", [WAITS, FILL])
+def test_a_kernel_that_never_waits_compiles_the_graph_again_without_inductors_pdl(monkeypatch, caplog, kernel):
+    """Inductor's code is stubbed: a compile with its PDL on 'loads' one kernel. One that waits is
+    kept; a fill that never waits makes the graph compile again, from a copy, with PDL off."""
+    calls = []
+
+    def compile_fx(gm, inputs, patches):
+        calls.append((gm, dict(patches)))
+        if patches.get("triton.enable_pdl"):
+            compat._TRITON_SOURCES.get().append(("triton_poi_0", kernel))
+        return gm
+
+    monkeypatch.setattr(compat, "compile_fx", compile_fx)
+    monkeypatch.setattr(compat, "copy_dynamo_graph", lambda gm: ("copy of", gm))
+    with caplog.at_level("WARNING", logger="fullgraph"):
+        compiled = backend._inductor("graph", [], {"triton.enable_pdl": True, "combo_kernels": True})
+    if kernel is WAITS:
+        assert calls == [("graph", {"triton.enable_pdl": True, "combo_kernels": True})] and compiled == "graph"
+        assert not caplog.records
+    else:
+        assert calls[1] == (("copy of", "graph"), {"triton.enable_pdl": False, "combo_kernels": True})
+        assert compiled == ("copy of", "graph")
+        assert "PDL off for this graph" in caplog.text and "triton_poi_0" in caplog.text
 
 
 def test_pdl_option_is_checked():
@@ -213,4 +261,40 @@ def test_backend_pdl_graphs_match_plain_graphs():
                 logits[use].append(compiled(ids, positions).clone())
     for step, (plain, with_pdl) in enumerate(zip(logits[False], logits[True])):
         assert torch.equal(plain, with_pdl), f"step {step}"
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplog):
+    """An ``arange`` returned on its own is a Triton kernel with no load: compiled with PDL it
+    would never wait, so the graph is compiled again without Inductor's PDL (logged), and its
+    outputs are right; the tiny decoder's graphs have no such kernel and keep it."""
+    from fullgraph_backend import use_forward_context
+    from fullgraph_backend.models import build_model, get_config
+
+    from helpers import own_block_tables
+
+    def f(x):
+        return x * 2, torch.arange(x.shape[0] * 3, device=x.device)
+
+    torch._dynamo.reset()
+    x = torch.randn(8, 16, device="cuda")
+    with caplog.at_level("WARNING", logger="fullgraph"), torch.inference_mode():
+        doubled, iota = torch.compile(f, backend="fullgraph")(x)
+        assert torch.equal(doubled, x * 2) and torch.equal(iota, torch.arange(24, device="cuda"))
+    assert "PDL off for this graph" in caplog.text
+    caplog.clear()
+    torch._dynamo.reset()
+    config = get_config("tiny")
+    model = build_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=8, max_num_tokens=16,
+                                 max_model_len=64)
+    with caplog.at_level("WARNING", logger="fullgraph"), use_forward_context(ctx), torch.inference_mode():
+        positions = ctx.prepare([1, 1], [17, 9], own_block_tables(ctx, 2))
+        ids = torch.randint(0, config.vocab_size, (2,), device="cuda")
+        torch._dynamo.mark_dynamic(ids, 0)
+        torch._dynamo.mark_dynamic(positions, 0)
+        torch.compile(model, backend="fullgraph")(ids, positions)
+    assert "PDL off" not in caplog.text
     torch._dynamo.reset()
