@@ -15,10 +15,11 @@ Rules our kernels keep, so the chain stays ordered however its neighbours launch
   (a buffer it writes may be one the previous kernel still reads: graphs reuse pool memory);
 - so a PDL kernel never completes before the kernel before it, and a wait on it covers them all;
 - ``gdc_launch_dependents`` comes right after the wait, never before it. Inductor's kernels
-  (``triton.enable_pdl``) wait only before they touch a buffer *the kernel just before* wrote or
-  read, so a kernel after ours may read, unwaited, what the kernel before ours wrote. Triggering
-  after our wait means that kernel is complete by the time the next one launches. (Triggering
-  first, as we did until perf-notes section 35, left that window open.)
+  (``triton.enable_pdl``) wait before their first access only if it touches a buffer *the kernel
+  just before* wrote (or, for a store, read); otherwise after their first load. So a kernel after
+  ours may read, unwaited, what the kernel before ours wrote. Triggering after our wait means that
+  kernel is complete by the time the next one launches. (Triggering first, as we did until
+  perf-notes section 35, left that window open.)
 
 The backend turns PDL on for the compiled calls of a ``pdl=True`` config (:func:`launches`), and
 for Inductor's kernels in the graphs it compiles for capture (their own wait-then-trigger);
