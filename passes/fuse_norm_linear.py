@@ -177,11 +177,7 @@ def _residual_add(x: torch.fx.Node, norm_nodes: list[torch.fx.Node],
     parts = [a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None for a in x.args]
     if not all(isinstance(p, torch.Tensor) and p.shape == total.shape and p.dtype == total.dtype for p in parts):
         return None
-    before = set()
-    for n in x.graph.nodes:  # the nodes before the linear (the graph changes as the pass goes: no index kept)
-        if n is linear_node:
-            break
-        before.add(n)
-    if any(u in before for u in x.users if u not in norm_nodes):
+    # FX nodes compare by their place in the graph, kept as the pass inserts (torch 2.11 and 2.13)
+    if any(u < linear_node for u in x.users if u not in norm_nodes):
         return None
     return x.args
