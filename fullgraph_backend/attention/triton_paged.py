@@ -91,10 +91,6 @@ NARROW_PROGRAMS_PER_SM = 4
 # block manager keeps a request's blocks in order where it can, which engine/block_layout.py
 # measures (docs/perf-notes.md, section 15).
 PAGE_TILE_STAGES = 5
-# With PDL, split-KV programs on gathered tiles load their first cached K/V tile before the wait,
-# overlapping the kernel before (RoPE at batch 1). Off until measured on a GPU (perf-notes section
-# 35; ``tools/bench_decode.py`` times it with ``+kvprefetch``).
-PREFETCH_KV = False
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 _NOMINAL_SMS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -178,59 +174,37 @@ def _online_update(acc, m_i, l_i, q, k, v, visible, qk_scale, DOT_PRECISION: tl.
 @triton.jit
 def _attend(
     acc, m_i, l_i, q, win_lo, k_cache, v_cache, block_table_row, context_len, tile_lo, tile_hi, qk_scale,
-    kv_head, stride_cb, stride_cs, stride_ch, k_first, v_first,
+    kv_head, stride_cb, stride_cs, stride_ch,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, FIRST: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """The split-KV decode tile against cached KV tiles ``[tile_lo, tile_hi)`` of one request.
 
     Only keys at positions ``< context_len`` (cached before this step; no program writes those
     slots during the step) are read; they precede the query, so only the window
-    (``pos >= win_lo[row]``) masks them. The step's new key is folded in by the caller. ``FIRST``:
-    ``k_first``/``v_first`` are tile ``tile_lo``, already loaded (:func:`_kv_tile`); the tiles are
-    folded in the same order either way.
+    (``pos >= win_lo[row]``) masks them. The step's new key is folded in by the caller.
     """
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    if FIRST:  # tile_lo's K/V, loaded by the caller before its PDL wait
-        if tile_lo < tile_hi:
-            acc, m_i, l_i = _fold_tile(acc, m_i, l_i, q, k_first, v_first, tile_lo * BLOCK_N + tl.arange(0, BLOCK_N),
-                                       win_lo, context_len, qk_scale, SLIDING_WINDOW, DOT_PRECISION, DOT_FP32)
-        tile_lo += 1
-    for start in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        k_tile, v_tile = _kv_tile(k_cache, v_cache, block_table_row, pos, pos < context_len, kv_head, stride_cb,
-                                  stride_cs, stride_ch, HEAD_DIM, D_PAD, BLOCK_SIZE)
-        acc, m_i, l_i = _fold_tile(acc, m_i, l_i, q, k_tile, v_tile, pos, win_lo, context_len, qk_scale,
-                                   SLIDING_WINDOW, DOT_PRECISION, DOT_FP32)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _kv_tile(k_cache, v_cache, block_table_row, pos, valid, kv_head, stride_cb, stride_cs, stride_ch,
-             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """``(K [D_PAD, N], V [N, D_PAD])`` of cached key positions ``pos`` of ``kv_head``; zeros where
-    not ``valid`` (masked loads: stale slots may hold anything, and 0 * NaN would poison acc)."""
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
-    kv_off = _kv_offsets(block_table_row, pos, valid, kv_head, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
-    k_tile = tl.load(k_cache + kv_off[None, :] + offs_d[:, None], mask=valid[None, :] & d_mask[:, None], other=0.0)
-    v_tile = tl.load(v_cache + kv_off[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :], other=0.0)
-    return k_tile, v_tile
-
-
-@triton.jit
-def _fold_tile(acc, m_i, l_i, q, k_tile, v_tile, pos, win_lo, context_len, qk_scale, SLIDING_WINDOW: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One loaded K/V tile at key positions ``pos`` into the online softmax: keys before
-    ``context_len``, and past ``win_lo`` under a window."""
-    visible = (pos < context_len)[None, :]
-    if SLIDING_WINDOW > 0:
-        visible = visible & (pos[None, :] >= win_lo[:, None])
     if DOT_FP32:
-        k_tile = k_tile.to(tl.float32)
-        v_tile = v_tile.to(tl.float32)
-    return _online_update(acc, m_i, l_i, q, k_tile, v_tile, visible, qk_scale, DOT_PRECISION)
+        q = q.to(tl.float32)
+    for start in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        in_cache = pos < context_len
+        kv_off = _kv_offsets(block_table_row, pos, in_cache, kv_head, stride_cb, stride_cs, stride_ch, BLOCK_SIZE)
+        visible = in_cache[None, :]
+        if SLIDING_WINDOW > 0:
+            visible = visible & (pos[None, :] >= win_lo[:, None])
+        # Masked loads return zeros: stale slots may hold anything, and 0 * NaN would poison acc.
+        k_tile = tl.load(k_cache + kv_off[None, :] + offs_d[:, None], mask=in_cache[None, :] & d_mask[:, None],
+                         other=0.0)
+        v_tile = tl.load(v_cache + kv_off[:, None] + offs_d[None, :], mask=in_cache[:, None] & d_mask[None, :],
+                         other=0.0)
+        if DOT_FP32:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, q, k_tile, v_tile, visible, qk_scale, DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -417,7 +391,7 @@ def _split_kv_kernel(
     Q_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
     MERGE_CHUNK: tl.constexpr, SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    k_desc, v_desc, PAGE_TILES: tl.constexpr, PDL: tl.constexpr, PREFETCH_KV: tl.constexpr,
+    k_desc, v_desc, PAGE_TILES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (request, KV head, segment) of a uniform-decode batch: one query token's GROUP heads.
 
@@ -433,10 +407,7 @@ def _split_kv_kernel(
     otherwise the descriptors are None and tiles are gathered by :func:`_attend`. ``PDL``: launched
     with programmatic dependent launch (:mod:`fullgraph_backend.pdl`), the program reads the step's
     metadata (host copies that precede the graph) before it waits for the previous kernel, whose
-    outputs ``q``/``k``/``v`` are, then lets the next kernel launch. ``PREFETCH_KV`` (with ``PDL``,
-    gathered tiles): the segment's first cached K/V tile is loaded before the wait too. Cached keys
-    were written by earlier steps, never by a kernel of this one; only the new token's K/V, stored
-    after the wait, is this step's.
+    outputs ``q``/``k``/``v`` are, then lets the next kernel launch.
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -455,13 +426,6 @@ def _split_kv_kernel(
     per_segment = tl.cdiv(end_tile - first_tile, NUM_SEGMENTS)
     tile_lo = first_tile + segment * per_segment
     tile_hi = tl.minimum(tile_lo + per_segment, end_tile)
-    k_first = None
-    v_first = None
-    if PREFETCH_KV:  # nothing for an empty segment or a padded request
-        first_pos = tile_lo * BLOCK_N + tl.arange(0, BLOCK_N)
-        first_len = tl.where((tile_lo < tile_hi) & (q_end > q_start), cache_len, 0)
-        k_first, v_first = _kv_tile(k_cache, v_cache, block_table + req * stride_bt, first_pos, first_pos < first_len,
-                                    kv_head, stride_cb, stride_cs, stride_ch, HEAD_DIM, D_PAD, BLOCK_SIZE)
     if PDL:
         gdc_wait()  # before any read of q/k/v and any store (the pool may hand `out` a neighbour's memory)
         gdc_launch_dependents()
@@ -506,8 +470,7 @@ def _split_kv_kernel(
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, q_tile, win_lo, k_cache, v_cache, block_table + req * stride_bt,
                                 cache_len, tile_lo, tile_hi, qk_scale, kv_head, stride_cb, stride_cs, stride_ch,
-                                k_first, v_first, HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW,
-                                DOT_PRECISION, DOT_FP32, PREFETCH_KV)
+                                HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, DOT_FP32)
     if segment == 0:
         _put_token(k_cache, v_cache, slot, kv_head, key, value, stride_cb, stride_cs, stride_ch,
                    HEAD_DIM, D_PAD, BLOCK_SIZE)
@@ -898,7 +861,6 @@ def kernel_launches(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         ), {
             "Q_HEADS": q_heads, "NUM_SEGMENTS": segments, "MERGE_CHUNK": _merge_chunk(segments, group), **common,
             **launch, "k_desc": descs[0], "v_desc": descs[1], "PAGE_TILES": page_tiles, "PDL": flag,
-            "PREFETCH_KV": PREFETCH_KV and flag and not page_tiles,
             "launch_pdl": flag and q.is_cuda,
         })]
 
