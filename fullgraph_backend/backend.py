@@ -176,16 +176,22 @@ def _capture_sizes(config: FullgraphConfig, ctx: ForwardContext | None) -> tuple
     return sizes
 
 
+# Inductor's settings where our kernels launch with PDL: its kernels take PDL too (1.57 -> 1.39 ms a
+# decode step at batch 1 on the H200), and its combo kernels launch independent small kernels as one
+# (-2.4 to -2.8% at batch 1, -0.7 to -1.3% at 16 and 64, two runs; perf-notes section 36). A user's
+# inductor_config wins.
+PDL_PATCHES = {"triton.enable_pdl": True, "combo_kernels": True}
+
+
 def _compiler(config: FullgraphConfig, pdl: bool, dump: GraphDump) -> Callable[[torch.fx.GraphModule, list], Callable]:
     """Compiles one graph (or piece); ``dump`` sees every Inductor compile. With ``pdl`` its calls
-    launch our kernels with PDL, and Inductor's kernels take it too (``triton.enable_pdl``, unless
-    ``inductor_config`` says otherwise): both together took batch 1 from 1.57 to 1.39 ms on the
-    H200, each mode in its own process, and changed nothing at 16 and 64 (perf-notes section 35). With
+    launch our kernels with PDL, and Inductor compiles with :data:`PDL_PATCHES` (its kernels take PDL
+    too, and combo kernels), unless ``inductor_config`` says otherwise. With
     ``regional_compile``, each distinct repeated region (a decoder layer) is compiled once
     (:mod:`fullgraph_backend.regions`)."""
     if config.compiler == "eager":
         return dump.compiler(lambda gm, example_inputs: with_launches(gm, pdl))
-    patches = {"triton.enable_pdl": True, **config.inductor_config} if pdl else config.inductor_config
+    patches = {**PDL_PATCHES, **config.inductor_config} if pdl else config.inductor_config
     compile_once = dump.compiler(lambda gm, example_inputs: _inductor(gm, example_inputs, patches))
     if config.regional_compile and _autotunes_matmuls(patches):
         log.info("fullgraph: regional compile: off, every graph compiled whole: max_autotune fuses pointwise ops "

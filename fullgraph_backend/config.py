@@ -44,7 +44,9 @@ class FullgraphConfig:
       kernels (the GEMV, split-KV decode) and Inductor's with programmatic dependent launch, so a
       kernel starts (and the GEMV loads weights) while the one before it drains
       (:mod:`fullgraph_backend.pdl`; perf-notes sections 18, 35: 1.57 -> 1.39 ms at batch 1 on the
-      H200, unchanged at 16 and 64). Elsewhere it changes nothing.
+      H200, unchanged at 16 and 64). There Inductor also compiles with combo kernels (independent
+      small kernels launched as one: -2.4 to -2.8% at batch 1, section 36); ``inductor_config`` overrides
+      either. Elsewhere it changes nothing.
     - ``regional_compile``: compile each distinct repeated region of a graph (a decoder layer) with
       Inductor once and call its code for every copy, instead of compiling the whole graph
       (:mod:`fullgraph_backend.regions`; perf-notes section 27). Every layer runs the kernels it

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
@@ -104,10 +105,21 @@ def supported(device: torch.device) -> bool:
 
 def unwaited(sources: list[tuple[str, str]]) -> list[str]:
     """Names of the Inductor kernels in ``sources`` (``(name, Triton source)``, as
-    :func:`fullgraph_backend.compat.inductor_triton_sources` records them) that launch with PDL but
-    never call ``gdc_wait``. A combo kernel (``combo_kernels``, off by default) counts as waiting if
-    any of its parts waits, though each part's programs run only their own part."""
-    return [name for name, source in sources if "'launch_pdl': True" in source and "gdc_wait()" not in source]
+    :func:`fullgraph_backend.compat.inductor_triton_sources` records them) that launch with PDL and
+    have programs that never call ``gdc_wait``. A combo kernel (``combo_kernels``) runs each part in
+    programs of their own (``if pid < num_xblocks_0:`` ... ``elif``), so every part must wait."""
+    return [name for name, source in sources
+            if "'launch_pdl': True" in source and not all("gdc_wait()" in part for part in _program_parts(source))]
+
+
+# a combo kernel's dispatch, as torch 2.11 and 2.13 write it (triton_combo_kernel.py, both dispatchers)
+_COMBO_BRANCH = re.compile(r"^\s*(?:if|elif) pid < num_\w*blocks_\d+:\s*$", re.MULTILINE)
+
+
+def _program_parts(source: str) -> list[str]:
+    """The code each part of a kernel's programs runs: the whole source, or a combo kernel's branches."""
+    starts = [m.end() for m in _COMBO_BRANCH.finditer(source)]
+    return [source[a:b] for a, b in zip(starts, starts[1:] + [len(source)])] or [source]
 
 
 def kernel_flag(requested: bool, device: torch.device) -> bool:

@@ -80,7 +80,7 @@ def test_interpreter_has_no_gdc_ops():
 
 def test_pdl_option_wraps_the_compiled_call_and_turns_on_inductors_pdl(monkeypatch):
     """With pdl the compiled call runs under pdl.launches and Inductor compiles its kernels with
-    PDL, unless the options' own patches say otherwise; without pdl (not asked for, or no sm_90
+    PDL and combo kernels, unless the options' own patches say otherwise; without pdl (not asked for, or no sm_90
     device, or no graphs), neither."""
     calls = []
     monkeypatch.setattr(compat, "compile_fx", lambda gm, inputs, patches: calls.append(patches) or gm)
@@ -91,12 +91,12 @@ def test_pdl_option_wraps_the_compiled_call_and_turns_on_inductors_pdl(monkeypat
 
     no_dump = GraphDump(None, None, {})
     on = backend._compiler(FullgraphConfig(pdl=True), True, no_dump)(graph, [])
-    assert on() is True and calls[-1] == {"triton.enable_pdl": True}
+    assert on() is True and calls[-1] == {"triton.enable_pdl": True, "combo_kernels": True}
     off = backend._compiler(FullgraphConfig(pdl=True), False, no_dump)(graph, [])
     assert off() is False and calls[-1] == {}
-    options = FullgraphConfig(pdl=True, inductor_config={"triton.enable_pdl": False, "combo_kernels": True})
+    options = FullgraphConfig(pdl=True, inductor_config={"triton.enable_pdl": False, "combo_kernels": False})
     backend._compiler(options, True, no_dump)(graph, [])
-    assert calls[-1] == {"triton.enable_pdl": False, "combo_kernels": True}
+    assert calls[-1] == {"triton.enable_pdl": False, "combo_kernels": False}
 
 
 WAITS = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': True})\n    tl.extra.cuda.gdc_wait()\n    x = tl.load(p)"
@@ -104,9 +104,28 @@ FILL = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': True})\n    tl.s
 PLAIN_FILL = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': False})\n    tl.store(out, 0.0)"
 
 
+def combo(*parts: str) -> str:
+    """A combo kernel's source with PDL as Inductor writes it: one branch of programs per part."""
+    lines = ["@triton_heuristics.foreach(triton_meta={'launch_pdl': True})", "def triton_combo(...):",
+             "    pid = tl.program_id(0)", "    num_xblocks_0 = tl.cdiv(xnumel_0, XBLOCK)"]
+    for i, part in enumerate(parts):
+        lines += [f"    {'el' if i else ''}if pid < num_xblocks_{i}:", "        pid_offset = pid",
+                  f"        {part}"]
+    return "\n".join(lines + ["    else:", "        pass"])
+
+
 def test_unwaited_names_the_pdl_kernels_that_never_wait():
     assert pdl.unwaited([("triton_poi_0", WAITS), ("triton_poi_fill_1", FILL), ("triton_poi_2", PLAIN_FILL)]) == [
         "triton_poi_fill_1"]
+
+
+def test_unwaited_asks_every_part_of_a_combo_kernel_to_wait():
+    """A combo kernel's parts run in programs of their own: one part that never waits (a fill) is
+    enough to name the kernel, though another part waits."""
+    wait_then_load, fill = "tl.extra.cuda.gdc_wait(); x = tl.load(p)", "tl.store(out, 0.0)"
+    assert pdl.unwaited([("triton_combo_0", combo(wait_then_load, wait_then_load)),
+                         ("triton_combo_1", combo(wait_then_load, fill)),
+                         ("triton_combo_2", combo(fill, wait_then_load))]) == ["triton_combo_1", "triton_combo_2"]
 
 
 def test_inductor_triton_sources_records_each_kernel_inside_the_block_only(monkeypatch):
@@ -280,8 +299,9 @@ def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplo
 
     torch._dynamo.reset()
     x = torch.randn(8, 16, device="cuda")
+    no_combo = {"inductor_config": {"combo_kernels": False}}  # the arange a kernel of its own, after x * 2's
     with caplog.at_level("WARNING", logger="fullgraph"), torch.inference_mode():
-        doubled, iota = torch.compile(f, backend="fullgraph")(x)
+        doubled, iota = torch.compile(f, backend="fullgraph", options=no_combo)(x)
         assert torch.equal(doubled, x * 2) and torch.equal(iota, torch.arange(24, device="cuda"))
     assert "PDL off for this graph" in caplog.text
     caplog.clear()
@@ -297,4 +317,31 @@ def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplo
         torch._dynamo.mark_dynamic(positions, 0)
         torch.compile(model, backend="fullgraph")(ids, positions)
     assert "PDL off" not in caplog.text
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_combo_kernels_are_cut_into_their_parts_and_every_part_waits(monkeypatch, caplog):
+    """With combo kernels (the default with PDL) Inductor launches x * 2 and the arange as one
+    kernel: the check sees its parts in the source Inductor really writes, and either every part
+    waits (the combo is the graph's first kernel: each access waits) or the graph compiled again
+    without Inductor's PDL; the outputs are right either way."""
+    seen = []
+    real = backend.pdl_unwaited
+    monkeypatch.setattr(backend, "pdl_unwaited", lambda sources: seen.append(list(sources)) or real(sources))
+
+    def f(x):
+        return x * 2, torch.arange(x.shape[0] * 3, device=x.device)
+
+    torch._dynamo.reset()
+    x = torch.randn(8, 16, device="cuda")
+    with caplog.at_level("WARNING", logger="fullgraph"), torch.inference_mode():
+        doubled, iota = torch.compile(f, backend="fullgraph")(x)
+        assert torch.equal(doubled, x * 2) and torch.equal(iota, torch.arange(24, device="cuda"))
+    sources = [source for compiled in seen for _, source in compiled if "'launch_pdl': True" in source]
+    combos = [source for source in sources if len(pdl._program_parts(source)) >= 2]
+    assert combos, "no combo kernel found; the PDL kernels:\n" + "\n----\n".join(s[-1500:] for s in sources)
+    waits = all("gdc_wait()" in part for source in combos for part in pdl._program_parts(source))
+    assert waits != ("PDL off for this graph" in caplog.text), combos[0][-2000:]
     torch._dynamo.reset()
