@@ -22,8 +22,8 @@ from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.pdl import supported as pdl_supported, unwaited as pdl_unwaited, with_launches
 from fullgraph_backend.regions import RegionalCompiler, install, run_on_fakes
 from fullgraph_backend.staging import aliased_writes
-from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, merge_linears, move_host_inputs,
-                    split_at_attention, swap_attention, swap_linear)
+from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, fuse_silu_linear, merge_linears,
+                    move_host_inputs, split_at_attention, swap_attention, swap_linear)
 
 log = logging.getLogger("fullgraph")
 
@@ -95,7 +95,7 @@ def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardCont
     """The passes for one graph, in order: the attention swap and the merge of linears over one
     packed weight always; on CUDA, CPU inputs the graph copies to the device moved out of it; the
     linear swap where the graph will be captured on CUDA (there the GEMV's choice is made once per
-    captured size), then the RMSNorms before linears folded into them."""
+    captured size), then the RMSNorms and SiLU-muls before linears folded into them."""
     passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl)),
               ("merge_linears", lambda g: merge_linears(g, example_inputs))]
     if device.type == "cuda":
@@ -104,6 +104,8 @@ def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardCont
         passes.append(("swap_linear", swap_linear))
         if config.fuse_norm:
             passes.append(("fuse_norm_linear", fuse_norm_linear))
+        if config.fuse_silu:
+            passes.append(("fuse_silu_linear", fuse_silu_linear))
     return passes
 
 

@@ -40,6 +40,10 @@ class FullgraphConfig:
       Inductor's norm kernel goes (the ``fuse_norm_linear`` pass; perf-notes sections 32, 34, 35).
       Off by default: on the H200 it gains 1-3% at batch 1 alone, but with ``pdl`` (the default)
       it costs 2.6% there (1.39 -> 1.43 ms), and nothing at 16 and 64. float32 graphs are left alone.
+    - ``fuse_silu``: with ``gemv``, fold each SiLU-mul (``silu(gate) * up``) that feeds only a linear
+      (the down projection) into that linear's op, so at batch 1 the GEMV computes it in its
+      prologue and down leaves cuBLAS's split-K (the ``fuse_silu_linear`` pass; perf-notes section
+      36). float32 graphs are left alone.
     - ``pdl``: in graphs captured on CUDA devices of compute capability 9.0+, launch our Triton
       kernels (the GEMV, split-KV decode) and Inductor's with programmatic dependent launch, so a
       kernel starts (and the GEMV loads weights) while the one before it drains
@@ -64,6 +68,7 @@ class FullgraphConfig:
     inductor_config: dict = field(default_factory=dict)
     gemv: bool = True
     fuse_norm: bool = False
+    fuse_silu: bool = False
     pdl: bool = True
     regional_compile: bool = True
 
@@ -78,7 +83,7 @@ class FullgraphConfig:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
         self._check_inductor_config()
-        for name in ("gemv", "fuse_norm", "pdl", "regional_compile"):
+        for name in ("gemv", "fuse_norm", "fuse_silu", "pdl", "regional_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):

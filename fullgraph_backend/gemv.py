@@ -41,11 +41,23 @@ except ImportError:  # triton is an optional dependency: without it every linear
 
 # Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (docs/perf-notes.md, section 10).
 MAX_K = 4096
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 4, 512, 4, 3
-# Weight slices a program loads before its PDL wait (or the norm prologue), 1 to 3. More overlap
-# more of the kernel before (3 is the whole of a 1536-wide row) but hold registers; 1 is what was
-# measured (sections 18, 35). ``tools/bench_decode.py`` times others with ``+prefetch3``.
-PREFETCH_SLICES = 1
+
+
+class Tiles(NamedTuple):
+    """A GEMV launch's tiling: weight rows a program owns, K slice width, warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+TILES = Tiles(block_n=4, block_k=512, num_warps=4, num_stages=3)
+# The down projection's GEMV with SiLU-mul in its prologue (K = 8960 on Qwen2.5-1.5B): 1024-wide
+# slices, 2 stages, fastest of 8 tilings on the H200 (10.7 us a call against 13.8 for SiLU-mul + cuBLAS;
+# TILES' 13.9), and the longest K it takes (Mistral-7B's 14336 fits; tools/bench_gemv.py, perf-notes 36).
+GATED_TILES = Tiles(block_n=4, block_k=1024, num_warps=4, num_stages=2)
+GATED_MAX_K = 16384
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -87,14 +99,27 @@ def _inv_rms(x, residual, h_out, K, eps, stored, HAS_RESIDUAL: tl.constexpr, BLO
 
 
 @_jit
-def _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """One slice of the GEMV's input row as fp32: ``x``, or with ``NORM`` the RMSNorm of
+def _row_slice(x, residual, norm_w, up, offs_k, k_ok, rstd, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+               GATED: tl.constexpr):
+    """One slice of the GEMV's input row as fp32: ``x``; with ``NORM`` the RMSNorm of
     ``x (+ residual)`` rounded where eager rounds (normalised in fp32, cast to x's dtype, times the
-    norm weight, cast again: Llama's and Qwen2's RMSNorm, ours and transformers')."""
+    norm weight, cast again: Llama's and Qwen2's RMSNorm, ours and transformers'); with ``GATED``
+    ``silu(x) * up``, rounded as eager's two ops round."""
     if NORM:
         return _normed(_summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL), norm_w, offs_k, k_ok, rstd,
                        x.dtype.element_ty)
+    if GATED:
+        return _gated(x, up, offs_k, k_ok)
     return tl.load(x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+
+
+@_jit
+def _gated(gate, up, offs, ok):
+    """``silu(gate) * up`` over one slice as fp32: silu in fp32 as torch computes it
+    (``x / (1 + exp(-x))``), rounded to the inputs' dtype, then the product, rounded again."""
+    g = tl.load(gate + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up + offs, mask=ok, other=0.0).to(tl.float32)
+    return _rounded(_rounded(g / (1.0 + tl.exp(-g)), gate.dtype.element_ty) * u, gate.dtype.element_ty)
 
 
 @_jit
@@ -113,32 +138,35 @@ def _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K: tl.constexpr):
 
 
 @_jit
-def _fold_slice(acc, weight, x, residual, norm_w, K, k0, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr):
+def _fold_slice(acc, weight, x, residual, norm_w, up, K, k0, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
     """``acc`` plus one loaded weight slice times the row's slice from column ``k0``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    row = _row_slice(x, residual, norm_w, offs_k, offs_k < K, rstd, NORM, HAS_RESIDUAL)
+    row = _row_slice(x, residual, norm_w, up, offs_k, offs_k < K, rstd, NORM, HAS_RESIDUAL, GATED)
     return acc + weight.to(tl.float32) * row[None, :]
 
 
 @_jit
-def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps, HAS_BIAS: tl.constexpr,
+def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps, up, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, PREFETCH: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
     """Program ``i``: ``out[i*BLOCK_N : (i+1)*BLOCK_N] = w[rows] @ x (+ bias)``, fp32 accumulation.
 
     Products accumulate elementwise in a ``[BLOCK_N, BLOCK_K]`` tile and are summed once after the
     loop, so the loop body is loads and FMAs only. ``PDL``: launched with programmatic dependent
-    launch (:mod:`fullgraph_backend.pdl`), the program loads its first ``PREFETCH`` (1 to 3) weight
-    slices (weights depend on no kernel), then waits for the previous kernel, whose output ``x`` may
-    be, and only then lets the next kernel launch; the slices are summed in the same order as
-    without it, so the bits are the same.
+    launch (:mod:`fullgraph_backend.pdl`), the program loads its first weight slice (weights depend
+    on no kernel), then waits for the previous kernel, whose output ``x`` may be, and only then lets
+    the next kernel launch; the slices are summed in the same order as without it, so the bits are
+    the same. (Loading 3 slices before the wait measured the same as 1 on the H200: perf-notes
+    section 36.)
 
     ``NORM``: the row is ``rms_norm(x (+ residual)) * norm_w`` (:func:`_row_slice`). Each program
     reads the row twice (a 1536-wide row is 3 KB, from L2): once for the sum of squares, once as it
     walks K; program 0 writes ``x + residual`` to ``h_out`` (``HAS_RESIDUAL``). The first
-    ``PREFETCH`` weight slices are loaded before the sum of squares, as with PDL: waiting for the
+    weight slice is loaded before the sum of squares, as with PDL: waiting for the
     norm before any weight load cost ~1.6 us a GEMV on the H200 (docs/perf-notes.md, section 34).
+
+    ``GATED``: the row is ``silu(x) * up`` (:func:`_gated`), computed slice by slice as K is walked.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -146,10 +174,6 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     k_start = 0
     if PDL or NORM:
         w0 = _weight_slice(w, offs_n, n_ok, stride_wn, K, 0, BLOCK_K)
-        if PREFETCH >= 2:
-            w1 = _weight_slice(w, offs_n, n_ok, stride_wn, K, BLOCK_K, BLOCK_K)
-        if PREFETCH >= 3:
-            w2 = _weight_slice(w, offs_n, n_ok, stride_wn, K, 2 * BLOCK_K, BLOCK_K)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -157,15 +181,11 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     if NORM:
         rstd = _inv_rms(x, residual, h_out, K, eps, tl.where(tl.program_id(0) == 0, K, 0), HAS_RESIDUAL, BLOCK_K)
     if PDL or NORM:
-        acc = _fold_slice(acc, w0, x, residual, norm_w, K, 0, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
-        if PREFETCH >= 2:
-            acc = _fold_slice(acc, w1, x, residual, norm_w, K, BLOCK_K, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
-        if PREFETCH >= 3:
-            acc = _fold_slice(acc, w2, x, residual, norm_w, K, 2 * BLOCK_K, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
-        k_start = PREFETCH * BLOCK_K
+        acc = _fold_slice(acc, w0, x, residual, norm_w, up, K, 0, rstd, BLOCK_K, NORM, HAS_RESIDUAL, GATED)
+        k_start = BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
         weight = _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K)
-        acc = _fold_slice(acc, weight, x, residual, norm_w, K, k0, rstd, BLOCK_K, NORM, HAS_RESIDUAL)
+        acc = _fold_slice(acc, weight, x, residual, norm_w, up, K, k0, rstd, BLOCK_K, NORM, HAS_RESIDUAL, GATED)
     result = tl.sum(acc, 1)
     if HAS_BIAS:
         result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -212,29 +232,31 @@ def _check_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, use_pdl: bool,
-            norm: NormPrologue | None = None):
-    """Launch the kernel; returns Triton's compiled kernel (its ``metadata.launch_pdl`` says how it launched)."""
+            norm: NormPrologue | None = None, up: torch.Tensor | None = None, tiles: Tiles = TILES):
+    """Launch the kernel (``up``: the row is ``silu(row) * up``); returns Triton's compiled kernel
+    (its ``metadata.launch_pdl`` says how it launched)."""
     n, k = weight.shape
     flag = kernel_flag(use_pdl, row.device)
     residual = norm.residual if norm is not None else None
-    return _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+    return _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
         row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         row if residual is None else residual, row if norm is None else norm.weight,
-        row if residual is None else norm.h_out, 0.0 if norm is None else norm.eps,
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=flag, NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None, PREFETCH=min(PREFETCH_SLICES, triton.cdiv(k, BLOCK_K)),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=flag and row.is_cuda,
+        row if residual is None else norm.h_out, 0.0 if norm is None else norm.eps, row if up is None else up,
+        HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=flag, NORM=norm is not None,
+        HAS_RESIDUAL=residual is not None, GATED=up is not None,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=flag and row.is_cuda,
     )
 
 
-def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``fullgraph::linear`` takes the GEMV: one row, CUDA, 16-bit, within the measured bounds.
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor, max_k: int = MAX_K) -> bool:
+    """Whether ``fullgraph::linear`` takes the GEMV: one row, CUDA, 16-bit, within the measured
+    bounds (K up to ``max_k``).
 
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
     return (triton is not None and x.is_cuda and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and x.numel() == k
-            and weight.stride(1) == 1 and k <= MAX_K)
+            and weight.stride(1) == 1 and k <= max_k)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,7 +303,7 @@ def _rms_norm_rows_kernel(x, residual, norm_w, normed, h_out, K, eps, HAS_RESIDU
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            row = _row_slice(x, residual, norm_w, offs_k, k_ok, rstd, True, HAS_RESIDUAL)
+            row = _row_slice(x, residual, norm_w, x, offs_k, k_ok, rstd, True, HAS_RESIDUAL, False)
             tl.store(normed + offs_k, row.to(normed.dtype.element_ty), mask=k_ok)
 
 
@@ -332,7 +354,7 @@ def rms_norm_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     _rms_norm_rows_kernel[(rows.shape[0],)](
         rows, rows if residual is None else residual.reshape(-1, k).contiguous(), norm_weight.contiguous(), normed,
         normed if h is None else h, k, eps, HAS_RESIDUAL=residual is not None,
-        BLOCK_K=triton.next_power_of_2(k) if one_pass else ROWS_BLOCK_K, ONE_PASS=one_pass, num_warps=NUM_WARPS)
+        BLOCK_K=triton.next_power_of_2(k) if one_pass else ROWS_BLOCK_K, ONE_PASS=one_pass, num_warps=TILES.num_warps)
     return normed, h
 
 
@@ -376,3 +398,102 @@ add_rms_norm_linear = define_op(
 """``fullgraph::rms_norm_linear`` and ``fullgraph::add_rms_norm_linear`` (which also returns the sum
 ``h = x + residual``, the next residual): ``fullgraph::linear`` of Llama's RMSNorm, the norm in the
 GEMV's prologue where the GEMV runs (:func:`_norm_linear`). The ``fuse_norm_linear`` pass puts them in."""
+
+
+# SiLU-mul before the down projection, folded into the GEMV's prologue (docs/perf-notes.md, section
+# 36): at batch 1 Inductor runs ``silu(gate) * up`` as a kernel of its own before cuBLAS's split-K
+# down (and its reduce kernel); here one GEMV launch computes the gated row as it walks K.
+SILU_MUL_BLOCK_K = 1024
+
+
+@_jit
+def _silu_mul_rows_kernel(gate, up, out, K, stride_gate, stride_up, BLOCK_K: tl.constexpr):
+    """Program ``(i, j)``: slice ``j`` of row ``i`` of ``silu(gate) * up`` into ``out`` (contiguous),
+    rounded as the GEMV's prologue rounds (:func:`_gated`)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = offs < K
+    value = _gated(gate + row * stride_gate, up + row * stride_up, offs, ok)
+    tl.store(out + row * K + offs, value.to(out.dtype.element_ty), mask=ok)
+
+
+def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  pdl: bool | None = None, tiles: Tiles | None = None) -> torch.Tensor:
+    """``F.linear(F.silu(gate) * up, weight, bias)`` for one row, in one launch of the GEMV kernel.
+
+    ``gate`` and ``up``: one row of K features each, unit stride along K (the two halves of a merged
+    gate_up projection's output qualify); shapes and ``pdl`` as :func:`gemv`; ``tiles`` defaults to
+    :data:`GATED_TILES`. Example::
+
+        gate, up = gate_up_out.chunk(2, dim=-1)  # [1, 8960] each
+        y = silu_mul_gemv(gate, up, down.weight)  # [1, 1536]
+    """
+    if triton is None:
+        raise RuntimeError("silu_mul_gemv needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    n, k = weight.shape
+    _check_row(gate, weight, bias)
+    if up.shape != gate.shape or up.dtype != gate.dtype:
+        raise ValueError(f"silu_mul_gemv needs up shaped like gate {tuple(gate.shape)} in {gate.dtype}; got "
+                         f"{tuple(up.shape)} in {up.dtype}")
+    out = torch.empty((*gate.shape[:-1], n), dtype=gate.dtype, device=gate.device)
+    _launch(gate.reshape(k).contiguous(), weight, bias, out, pdl_enabled(gate.device) if pdl is None else pdl,
+            up=up.reshape(k).contiguous(), tiles=tiles or GATED_TILES)
+    return out
+
+
+def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` over rows ``[..., K]`` (each with unit stride along K) in one launch,
+    contiguous: what the op runs before cuBLAS where the GEMV does not (more rows, fp32 excepted)."""
+    if triton is None:
+        raise RuntimeError("silu_mul_rows needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    k = gate.shape[-1]
+    gate_rows, up_rows = gate.view(-1, k), up.view(-1, k)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _silu_mul_rows_kernel[(gate_rows.shape[0], triton.cdiv(k, SILU_MUL_BLOCK_K))](
+        gate_rows, up_rows, out, k, gate_rows.stride(0), up_rows.stride(0), BLOCK_K=SILU_MUL_BLOCK_K,
+        num_warps=TILES.num_warps)
+    return out
+
+
+def _silu_mul_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(F.silu(gate) * up, weight, bias)``: one row on the GEMV with SiLU-mul in its
+    prologue, other rows on :func:`silu_mul_rows` + ``fullgraph::linear`` (CUDA), eager's ops
+    elsewhere (CPU; fp32 on the GEMV's terms; rows the kernels cannot address)."""
+    if not _gated_kernels_take(gate, up):
+        return _gated_composed(gate, up, weight, bias)
+    if uses_gemv(gate, weight, GATED_MAX_K) and (bias is None or bias.dtype == gate.dtype):
+        return silu_mul_gemv(gate, up, weight, bias)
+    return linear(silu_mul_rows(gate, up), weight, bias)
+
+
+def _gated_kernels_take(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether our kernels compute SiLU-mul: CUDA, 16-bit, ``up`` like ``gate``, rows of unit stride
+    along K that a ``[rows, K]`` view addresses (fp32 keeps eager's numerics, as ``fullgraph::linear``)."""
+    if triton is None or not gate.is_cuda or gate.dtype not in GEMV_DTYPES or up.dtype != gate.dtype:
+        return False
+    return up.shape == gate.shape and _rows_one_stride_apart(gate) and _rows_one_stride_apart(up)
+
+
+def _rows_one_stride_apart(x: torch.Tensor) -> bool:
+    """Whether a kernel can address ``x``'s rows as ``[rows, K]`` with one row stride and unit
+    stride along K (a ``view`` exists: it never copies)."""
+    if x.dim() == 0 or x.stride(-1) != 1:
+        return False
+    try:
+        x.view(-1, x.shape[-1])
+    except (RuntimeError, ValueError):  # ValueError: fake tensors' view
+        return False
+    return True
+
+
+def _gated_composed(gate, up, weight, bias=None):
+    """Eager's ops: the op's fallback, and its fake."""
+    return linear(F.silu(gate) * up, weight, bias)
+
+
+silu_mul_linear = define_op("silu_mul_linear(Tensor gate, Tensor up, Tensor weight, Tensor? bias=None) -> Tensor",
+                            _silu_mul_linear, _gated_composed)
+"""``fullgraph::silu_mul_linear``: ``fullgraph::linear(F.silu(gate) * up, weight, bias)``, SiLU-mul
+in the GEMV's prologue where the GEMV runs (:func:`_silu_mul_linear`). The ``fuse_silu_linear``
+pass puts it in."""

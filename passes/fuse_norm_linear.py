@@ -20,8 +20,8 @@ from itertools import permutations
 
 import torch
 
-from fullgraph_backend.gemv import GEMV_DTYPES, add_rms_norm_linear, linear, rms_norm_linear
-from passes.swap_linear import linear_args
+from fullgraph_backend.gemv import GEMV_DTYPES, add_rms_norm_linear, rms_norm_linear
+from passes.swap_linear import linears_fed_by
 
 # call_function targets by the method name Dynamo records for the same op (receiver first)
 _FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", torch.rsqrt: "rsqrt",
@@ -60,13 +60,7 @@ def fuse_norm_linear(gm: torch.fx.GraphModule) -> NormFusionReport:
     report. Run after ``swap_linear``."""
     report = NormFusionReport()
     graph = gm.graph
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is linear]:
-        x, weight, bias = linear_args(node)
-        norm = _rms_norm(x)
-        if isinstance(norm, str):
-            report.skipped.append(f"{node.name}: {norm}")
-        if not isinstance(norm, _Norm):
-            continue
+    for node, weight, bias, norm in linears_fed_by(graph, _rms_norm, report.skipped):
         residual = _residual_add(norm.x, norm.nodes, node)
         with graph.inserting_before(node):
             if residual is None:

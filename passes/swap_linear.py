@@ -7,6 +7,7 @@ what ``F.linear`` does either way (see :mod:`fullgraph_backend.gemv` for when it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,20 @@ def swap_linear(gm: torch.fx.GraphModule) -> LinearSwapReport:
     graph.lint()
     gm.recompile()
     return report
+
+
+def linears_fed_by(graph: torch.fx.Graph, match: Callable[[object], object], skipped: list[str]) -> Iterator[tuple]:
+    """``(linear node, weight, bias, what match returned)`` for each ``fullgraph::linear`` of ``graph``
+    whose input ``match`` recognises: it returns a match, None for an input that is not its pattern,
+    or a string saying why one that is cannot be fused (appended to ``skipped``, named by the linear).
+    Lazy, over the linears the graph had at the start: a pass may rewrite the graph between items."""
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is linear]:
+        x, weight, bias = linear_args(node)
+        found = match(x)
+        if isinstance(found, str):
+            skipped.append(f"{node.name}: {found}")
+        elif found is not None:
+            yield node, weight, bias, found
 
 
 def linear_args(node: torch.fx.Node) -> tuple:

@@ -137,25 +137,27 @@ def test_piecewise_matches_full(model_and_ctx):
     torch.testing.assert_close(outputs["piecewise"], outputs["full"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fuse_norm", [False, True])
-def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch, fuse_norm):
+@pytest.mark.parametrize("fuse", ["", "fuse_norm", "fuse_silu"])
+def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch, fuse):
     """bf16, full graphs: in the one-token graph the swapped linears run the Triton GEMV (launched
     while graphs are warmed up and captured, not on replay), with ``fuse_norm`` those after an
-    RMSNorm with the norm in its prologue; outputs stay within bf16 tolerance of eager at one token
-    and more."""
+    RMSNorm with the norm in its prologue, with ``fuse_silu`` down with SiLU-mul in its prologue;
+    outputs stay within bf16 tolerance of eager at one token and more."""
     from fullgraph_backend import gemv as gemv_module
     from fullgraph_backend.models import build_model, get_config
 
     torch._dynamo.reset()
     calls = []
-    real = gemv_module._launch  # (row, weight, bias, out, use_pdl[, norm prologue]): every GEMV launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *args: calls.append(
-        (tuple(args[1].shape), len(args) > 5 and args[5] is not None)) or real(*args))
+    real = gemv_module._launch  # (row, weight, bias, out, use_pdl[, norm prologue], up=...): every GEMV launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *args, **kwargs: calls.append(
+        (tuple(args[1].shape), len(args) > 5 and args[5] is not None, kwargs.get("up") is not None))
+        or real(*args, **kwargs))
     config = get_config("tiny")
     model = build_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
     ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=8, max_num_tokens=16,
                                  max_model_len=64)
-    compiled = torch.compile(model, backend="fullgraph", options={"cudagraph_mode": "full", "fuse_norm": fuse_norm})
+    options = {"cudagraph_mode": "full", **({fuse: True} if fuse else {})}
+    compiled = torch.compile(model, backend="fullgraph", options=options)
     per_step = []
     with use_forward_context(ctx), torch.inference_mode():
         for query, seq in (([3, 1], [3, 9]), ([1], [17]), ([1], [30]), ([1, 1, 1], [4, 8, 40])):
@@ -169,9 +171,11 @@ def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch, fuse
             torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2, msg=f"batch {query}")
             per_step.append(calls[before:])
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert {shape for shape, _ in calls} == shapes  # the one-token graph ran every linear on the GEMV (one row only)
+    assert {shape for shape, _, _ in calls} == shapes  # the one-token graph ran every linear on the GEMV (one row only)
     layer = model.layers[0]
     after_norms = {tuple(m.weight.shape) for m in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, model.lm_head)}
-    assert {shape for shape, norm in calls if norm} == (after_norms if fuse_norm else set())
+    assert {shape for shape, norm, _ in calls if norm} == (after_norms if fuse == "fuse_norm" else set())
+    down = {tuple(layer.mlp.down_proj.weight.shape)}
+    assert {shape for shape, _, gated in calls if gated} == (down if fuse == "fuse_silu" else set())
     assert per_step[2] == [] and per_step[3] == []  # graphs that exist replay: no Python, no new GEMV calls
     torch._dynamo.reset()

@@ -1,5 +1,6 @@
-"""The fuse_norm_linear pass: RMSNorms folded into the linears after them, on our decoder and on
-transformers' Llama and Qwen2 code, run as the backend runs it on graphs captured on CUDA."""
+"""The fuse_norm_linear and fuse_silu_linear passes: RMSNorms and SiLU-muls folded into the linears
+after them, on our decoder and on transformers' Llama and Qwen2 code, run as the backend runs them
+on graphs captured on CUDA."""
 from __future__ import annotations
 
 import collections
@@ -13,11 +14,11 @@ from fullgraph_backend import compat, use_forward_context
 from fullgraph_backend.attention.registry import get_impl
 from fullgraph_backend.backend import graph_passes
 from fullgraph_backend.config import FullgraphConfig
-from fullgraph_backend.gemv import add_rms_norm_linear, linear, rms_norm_linear
+from fullgraph_backend.gemv import add_rms_norm_linear, linear, rms_norm_linear, silu_mul_linear
 from fullgraph_backend.models import build_model, get_config
 from fullgraph_backend.models.hf import ATTN_IMPLEMENTATION, TransformersDecoder, inspect_model
 from fullgraph_backend.regions import RegionalCompiler
-from passes import PassManager, fuse_norm_linear, swap_linear
+from passes import PassManager, fuse_norm_linear, fuse_silu_linear, swap_linear
 
 from helpers import dynamo_graph
 
@@ -175,3 +176,76 @@ def test_norms_read_elsewhere_are_left_and_sums_read_before_the_linear_stay_adds
     with torch.inference_mode():
         for got, want in zip(gm(*example_inputs), model(x, r)):
             torch.testing.assert_close(got, want)
+
+
+# ---- fuse_silu_linear: SiLU-mul into the down projection ----
+SILU_ONLY = {"fuse_norm": False, "fuse_silu": True}
+
+
+@pytest.mark.parametrize("impl, dtype", [("fullgraph", torch.bfloat16), ("fullgraph", torch.float16),
+                                         ("llama", torch.bfloat16), ("qwen2", torch.bfloat16)])
+def test_every_silu_mul_before_down_is_fused_and_the_step_computes_the_same(impl, dtype):
+    """One per layer (the halves of the merged gate_up projection), no SiLU left; logits as eager's
+    (on CPU the op runs eager's own ops)."""
+    gm, results, values, expected, ctx = step(build(impl, dtype), dtype, SILU_ONLY)
+    report = results["fuse_silu_linear"].report
+    assert len(report.fused) == LAYERS and not report.skipped, report.summary()
+    assert f"fused {LAYERS} SiLU-mul" in report.summary()
+    after = targets(gm)
+    assert after[silu_mul_linear] == LAYERS and not after[torch.nn.functional.silu]
+    assert after[linear] == 3 * LAYERS + 1  # qkv, o_proj, gate_up, the LM head
+    torch.testing.assert_close(run(gm, values, ctx), expected)
+
+
+def test_both_prologue_passes_together_fuse_every_pair():
+    gm, results, values, expected, ctx = step(build("qwen2", torch.bfloat16), torch.bfloat16, {"fuse_silu": True})
+    assert len(results["fuse_silu_linear"].report.fused) == LAYERS
+    assert len(results["fuse_norm_linear"].report.fused) == 2 * LAYERS
+    after = targets(gm)
+    assert after[linear] == LAYERS + 1 and after[silu_mul_linear] == LAYERS  # o_proj and the LM head stay plain
+    torch.testing.assert_close(run(gm, values, ctx), expected)
+
+
+def test_float32_graphs_keep_inductors_silu_mul():
+    gm, results, values, expected, ctx = step(build("llama", torch.float32), torch.float32, SILU_ONLY)
+    report = results["fuse_silu_linear"].report
+    assert not report.fused and len(report.skipped) == LAYERS and all("float32: no GEMV" in s for s in report.skipped)
+    torch.testing.assert_close(run(gm, values, ctx), expected)
+
+
+def test_the_silu_option_is_off_by_default():
+    gm, results, values, expected, ctx = step(build("fullgraph", torch.bfloat16), torch.bfloat16, {"fuse_norm": False})
+    assert "fuse_silu_linear" not in results and not targets(gm)[silu_mul_linear]
+
+
+class _GatedSkips(nn.Module):
+    """Four SiLU-muls before linears: one whose SiLU is read again (left alone), one whose product
+    is read again (left alone), one that broadcasts ``up`` (left alone), one plain with ``up``
+    first (fused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projs = nn.ModuleList(nn.Linear(16, 8) for _ in range(4))
+
+    def forward(self, gate, up, row):
+        s = nn.functional.silu(gate)
+        a = self.projs[0](s * up) + s[..., :8]
+        p = nn.functional.silu(gate + 1) * up
+        b = self.projs[1](p) + p[..., :8]
+        c = self.projs[2](nn.functional.silu(gate) * row)
+        d = self.projs[3](up * nn.functional.silu(gate - 1))
+        return a + b + c + d
+
+
+def test_silu_muls_read_elsewhere_or_broadcast_are_left_alone():
+    model = _GatedSkips().requires_grad_(False).to(torch.bfloat16)
+    gate, up = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(3, 16, dtype=torch.bfloat16)
+    row = torch.randn(16, dtype=torch.bfloat16)
+    gm, example_inputs = dynamo_graph(model, gate, up, row, dynamic=())
+    swap_linear(gm)
+    report = fuse_silu_linear(gm)
+    assert len(report.fused) == 1 and len(report.skipped) == 3, report.summary()
+    assert sum("readers besides the linear" in s for s in report.skipped) == 2
+    assert sum("a broadcast" in s for s in report.skipped) == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(*example_inputs)[0], model(gate, up, row))

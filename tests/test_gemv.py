@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fullgraph_backend import gemv as gemv_module
 from fullgraph_backend.gemv import (add_rms_norm_linear, gemv, linear, rms_norm, rms_norm_gemv, rms_norm_linear,
-                                    rms_norm_rows, uses_gemv)
+                                    rms_norm_rows, silu_mul_gemv, silu_mul_linear, silu_mul_rows, uses_gemv)
 
 from helpers import run_compiler_script
 
@@ -25,12 +25,10 @@ def test_gemv_matches_linear_in_fp32(n, k, with_bias):
 
 @pytest.mark.parametrize("n, k", [(37, 1000), (9, 7), (130, 1536), (8, 512), (6, 2500)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("prefetch", [1, 3])
-def test_gemv_pdl_path_gives_the_same_bits(monkeypatch, n, k, dtype, prefetch):
-    """pdl=True runs the kernel's PDL path (the first 1 or 3 weight slices loaded before the wait;
-    on CPU the wait is a no-op): the same sums in the same order, so the same bits; K at, below and
-    off the 512-wide slice, and past three slices."""
-    monkeypatch.setattr(gemv_module, "PREFETCH_SLICES", prefetch)
+def test_gemv_pdl_path_gives_the_same_bits(n, k, dtype):
+    """pdl=True runs the kernel's PDL path (the first weight slice loaded before the wait; on CPU
+    the wait is a no-op): the same sums in the same order, so the same bits; K at, below and off
+    the 512-wide slice, and past three slices."""
     torch.manual_seed(k)
     x, weight, bias = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
     plain = gemv(x, weight, bias, pdl=False)
@@ -131,43 +129,47 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fullgraph_backend.gemv import BLOCK_K, BLOCK_N, NUM_STAGES, NUM_WARPS, ROWS_BLOCK_K, _gemv_kernel as fn, _rms_norm_rows_kernel
+from fullgraph_backend.gemv import GATED_TILES, ROWS_BLOCK_K, SILU_MUL_BLOCK_K, TILES, _gemv_kernel as fn
+from fullgraph_backend.gemv import _rms_norm_rows_kernel, _silu_mul_rows_kernel
 
 types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
-             norm_w="*bf16", h_out="*bf16", eps="fp32")
+             norm_w="*bf16", h_out="*bf16", eps="fp32", up="*bf16")
 sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in types and name != "eps"}
-early = {}
-for norm in (False, True):  # the plain GEMV, and with the RMSNorm of x + residual in its prologue
-    for prefetch in (1, 3):
-        flags = dict(HAS_BIAS=False, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
-                     PREFETCH=prefetch)
-        consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=True))
-        ptx = kernel.asm["ptx"]
-        wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
-        assert kernel.metadata.launch_pdl and wait < trigger and "ld.global" in ptx[:wait], ptx
-        assert "st.global" not in ptx[:wait], "a store before the wait"
-        early[norm, prefetch] = ptx[:wait].count("ld.global")
-    assert early[norm, 3] >= 3 * early[norm, 1], early  # all three slices' weight loads before the wait
+# the plain GEMV, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down projection's)
+for norm, gated, tiles in ((False, False, TILES), (True, False, TILES), (False, True, GATED_TILES)):
+    flags = dict(HAS_BIAS=False, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
+                 GATED=gated)
+    consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=True))
+    ptx = kernel.asm["ptx"]
+    wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert kernel.metadata.launch_pdl and wait < trigger and "ld.global" in ptx[:wait], ptx
+    assert "st.global" not in ptx[:wait], "a store before the wait"
+    assert ("ex2" in ptx) == gated, "exp only where SiLU is computed"
 rows = _rms_norm_rows_kernel
 types = dict(x="*bf16", residual="*bf16", norm_w="*bf16", normed="*bf16", h_out="*bf16", K="i32", eps="fp32")
 for one_pass, block in ((False, ROWS_BLOCK_K), (True, 2048)):
     flags = dict(HAS_RESIDUAL=True, BLOCK_K=block, ONE_PASS=one_pass)
     consts = {(rows.arg_names.index(n),): v for n, v in flags.items()}
     triton.compile(ASTSource(fn=rows, signature={n: types.get(n, "constexpr") for n in rows.arg_names},
-                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
+                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=TILES.num_warps))
+gated = _silu_mul_rows_kernel
+types = dict(gate="*bf16", up="*bf16", out="*bf16", K="i32", stride_gate="i64", stride_up="i64")
+triton.compile(ASTSource(fn=gated, signature={n: types.get(n, "constexpr") for n in gated.arg_names},
+                         constexprs={(gated.arg_names.index("BLOCK_K"),): SILU_MUL_BLOCK_K}),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=TILES.num_warps))
 print("compiled")
 '''
 
 
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait_and_the_trigger_after():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
-    (or the first three's) before the wait and lets the next kernel launch only after it, with and
-    without the RMSNorm prologue, and stores nothing before the wait; the norm-only kernel compiles
-    too, in one pass and in slices."""
+    before the wait and lets the next kernel launch only after it, plain, with the RMSNorm prologue
+    and with SiLU-mul's, and stores nothing before the wait; the norm-only kernel compiles too, in
+    one pass and in slices, and the SiLU-mul rows kernel."""
     run_compiler_script(_SM90_SCRIPT)
 
 
@@ -193,12 +195,10 @@ NORM_SHAPES = [(2048, 1536, True), (17920, 1536, False), (151936, 1536, False), 
 
 @pytest.mark.parametrize("n, k, bias", NORM_SHAPES)
 @pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("prefetch", [1, 3])
-def test_norm_gemv_in_fp16_gives_eagers_bits(monkeypatch, n, k, bias, residual, prefetch):
+def test_norm_gemv_in_fp16_gives_eagers_bits(n, k, bias, residual):
     """float16 (whose casts Triton's interpreter rounds as torch does): the fused kernel's output is
     the GEMV of eager's normed row, bit for bit, and the sum is eager's x + residual, with and
-    without PDL, with 1 or 3 weight slices loaded before the norm."""
-    monkeypatch.setattr(gemv_module, "PREFETCH_SLICES", prefetch)
+    without PDL."""
     x, r, norm_weight, weight, b = _norm_case(n, k, torch.float16, residual, bias)
     h = x + r if residual else x
     expected = gemv(rms_norm(h, norm_weight, 1e-6), weight, b)
@@ -279,3 +279,102 @@ def test_norm_ops_kernel_paths_on_cpu(monkeypatch, shape):
     else:  # the norm kernel, then F.linear
         assert torch.equal(out, F.linear(rms_norm(h, norm_weight, 1e-6), weight, b)) and not launches
     assert rms_norm_linear(x, norm_weight, 1e-6, weight).shape == out.shape
+
+
+# ---- SiLU-mul in the GEMV's prologue (fullgraph::silu_mul_linear) ----
+def _gated_case(rows: int, k: int, n: int, dtype: torch.dtype, seed: int = 0):
+    """``gate`` and ``up`` as the two halves of one ``[rows, 2K]`` gate_up output (views of stride
+    2K, as ``chunk`` gives them), and a down weight."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = (2 * torch.randn(rows, 2 * k, generator=gen)).to(dtype)
+    weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dtype)
+    return (*gate_up.chunk(2, dim=-1), weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1000, 1024, 2500])
+def test_silu_mul_rows_kernel_is_eagers_silu_mul(dtype, k):
+    """Strided halves of a gate_up output, several rows and one: eager's ``F.silu(gate) * up``,
+    float16 within one rounding (fp32 exp differs from torch's in the last bits), bfloat16 within
+    three (the interpreter truncates both of its casts where a GPU rounds)."""
+    gate, up, _ = _gated_case(5, k, 8, dtype, seed=k)
+    for g, u in ((gate, up), (gate[:1], up[:1])):
+        out = silu_mul_rows(g, u)
+        assert out.is_contiguous() and out.shape == g.shape
+        torch.testing.assert_close(out, F.silu(g) * u, atol=1e-3, rtol=3 * 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+
+
+@pytest.mark.parametrize("n, k", [(37, 1000), (64, 8960), (9, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_silu_mul_gemv_is_the_gemv_of_the_rows_kernels_silu_mul(n, k, bias):
+    """One launch with SiLU-mul in the prologue gives the bits of the rows kernel's SiLU-mul then
+    the plain GEMV (the same rounding, the same sums in the same order), with and without PDL, and
+    eager's composition within bf16 tolerance; K as down's (8960) and off the slice."""
+    gate, up, weight = _gated_case(1, k, n, torch.bfloat16, seed=n)
+    b = torch.randn(n).to(torch.bfloat16) if bias else None
+    expected = gemv(silu_mul_rows(gate, up), weight, b)
+    for pdl in (False, True):
+        assert torch.equal(silu_mul_gemv(gate, up, weight, b, pdl=pdl), expected)
+    torch.testing.assert_close(expected.float(), F.linear(F.silu(gate) * up, weight, b).float(), atol=0.05, rtol=0.02)
+
+
+def test_silu_mul_gemv_takes_other_tilings_with_the_same_result():
+    """The tiling changes which program sums what, not the products: equal within fp32 reassociation."""
+    gate, up, weight = _gated_case(1, 3000, 40, torch.float32, seed=1)
+    expected = silu_mul_gemv(gate, up, weight)
+    for tiles in (gemv_module.Tiles(2, 1024, 4, 2), gemv_module.Tiles(8, 256, 4, 4)):
+        torch.testing.assert_close(silu_mul_gemv(gate, up, weight, tiles=tiles), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_silu_mul_gemv_rejects_what_it_cannot_compute():
+    gate, up, weight = _gated_case(1, 64, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match="up shaped like gate"):
+        silu_mul_gemv(gate, up[:, :32], weight[:, :64])
+    with pytest.raises(ValueError, match=r"one row of 32 features, got x of shape \(1, 64\)"):
+        silu_mul_gemv(gate, up, weight[:, :32])
+
+
+def test_silu_mul_linear_equals_eagers_ops_where_it_falls_back():
+    """On CPU (and in fp32) the op runs eager's own ops: the same bits, at every row count."""
+    for dtype, rows in [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 1), (torch.bfloat16, 3)]:
+        gate, up, weight = _gated_case(rows, 96, 40, dtype, seed=rows)
+        b = torch.randn(40).to(dtype)
+        assert torch.equal(silu_mul_linear(gate, up, weight, b), F.linear(F.silu(gate) * up, weight, b))
+
+
+def test_gated_kernels_take_16_bit_cuda_rows_a_view_addresses_only():
+    gate, up = torch.empty(3, 2, 512).chunk(2, dim=-1)
+    assert gemv_module._rows_one_stride_apart(gate) and gemv_module._rows_one_stride_apart(up[:1])
+    assert not gemv_module._rows_one_stride_apart(gate.transpose(0, 1))  # rows not one stride apart
+    assert not gemv_module._rows_one_stride_apart(gate[..., ::2])  # K strided
+    assert not gemv_module._rows_one_stride_apart(torch.empty(()))
+    with FakeTensorMode():
+        gate, up = _fake_cuda(3, 2, 512).chunk(2, dim=-1)
+        assert gemv_module._gated_kernels_take(gate, up)
+        assert not gemv_module._gated_kernels_take(gate.transpose(0, 1), up.transpose(0, 1))
+        assert not gemv_module._gated_kernels_take(gate.float(), up.float())
+        assert not gemv_module._gated_kernels_take(gate, _fake_cuda(1, 256))
+        assert silu_mul_linear(gate, up, _fake_cuda(64, 256)).shape == (3, 2, 64)
+    assert not gemv_module._gated_kernels_take(*torch.empty(1, 512, dtype=torch.bfloat16).chunk(2, dim=-1))  # CPU
+
+
+@pytest.mark.parametrize("shape", [(1, 600), (1, 1, 600), (3, 600), (2, 3, 600)])
+def test_silu_mul_linear_kernel_paths_on_cpu(monkeypatch, shape):
+    """The op's CUDA dispatch run on CPU under the interpreter (the device check patched): one row
+    takes the GEMV with SiLU-mul in its prologue, more rows the SiLU-mul kernel then
+    fullgraph::linear; both as the kernels compose, in the input's leading shape."""
+    monkeypatch.setattr(gemv_module, "_gated_kernels_take", lambda gate, up: True)
+    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, max_k=0: x.numel() == weight.shape[1])
+    launches = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: launches.append(kw.get("up") is not None) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(len(shape))
+    gate_up = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(torch.float16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    weight = (torch.randn(24, shape[-1], generator=gen) * 0.05).to(torch.float16)
+    out = silu_mul_linear(gate, up, weight)
+    assert out.shape == (*shape[:-1], 24)
+    if gate.numel() == shape[-1]:
+        assert launches == [True] and torch.equal(out, gemv(silu_mul_rows(gate, up), weight))
+    else:
+        assert not launches and torch.equal(out, F.linear(silu_mul_rows(gate, up), weight))

@@ -13,13 +13,15 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +nogemv      the backend's ``gemv=False``: one-row linears stay on cuBLAS
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
-  +combo       Inductor's combo kernels (independent small kernels launched as one)
-  +prefetch3   our GEMV loads 3 weight slices before its PDL wait, not ``gemv.PREFETCH_SLICES``
-  +kvprefetch  split-KV attention loads its first cached K/V tile before its PDL wait
-               (``triton_paged.PREFETCH_KV``)
+  +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
+  +combo       Inductor's combo kernels (independent small kernels launched as one; the backend
+               turns them on with PDL, so this is for reduce-overhead)
+  +nocombo     no combo kernels (``inductor_config={"combo_kernels": False}``)
   +whole       the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
-(``full+nopdl`` is ``full`` as it was before session 13. Then ``+pdl`` launched only our kernels
-with PDL and ``+inductorpdl`` only Inductor's; ``full`` now launches both that way.)
+(``full+nopdl`` is ``full`` as it was before session 13, ``full+nocombo`` before session 14. Then
+``+pdl`` launched only our kernels with PDL and ``+inductorpdl`` only Inductor's; ``full`` now
+launches both that way. Session 14 removed ``+prefetch3`` and ``+kvprefetch``, which measured
+nothing: perf-notes section 36.)
 The HBM floor is every weight read once (the tied embedding once, as the LM head) plus the KV
 cache actually used, over the measured device-to-device copy bandwidth.
 
@@ -43,7 +45,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import gemv, use_forward_context  # noqa: E402
-from fullgraph_backend.attention import triton_paged  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 from isolate import ONE_PROCESS_HELP, ROUNDS_HELP, rounds_arg, run_modes  # noqa: E402
@@ -102,7 +103,11 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--one-process", action="store_true", help=ONE_PROCESS_HELP)
     parser.add_argument("--rounds", type=rounds_arg, default=1, help=ROUNDS_HELP)
+    parser.add_argument("--gated-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the down GEMV with SiLU-mul "
+                        "(+silufuse), instead of gemv.GATED_TILES: a tiling tools/bench_gemv.py found faster")
     args = parser.parse_args()
+    if args.gated_tiles:  # read by the op's launches, i.e. at warm-up and capture
+        gemv.GATED_TILES = gemv.Tiles(*(int(v) for v in args.gated_tiles.split(",")))
 
     os.makedirs(args.out, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -127,6 +132,7 @@ def main() -> None:
     }
     bandwidth = copy_bandwidth()
     header["copy_bandwidth_TBs"] = round(bandwidth / 1e12, 3)
+    header["gated_tiles"] = list(gemv.GATED_TILES)
     max_len = args.context + 1
     ctx = config.forward_context(dtype=dtype, device="cuda", max_num_seqs=max(batches), max_num_tokens=max(batches),
                                  max_model_len=max_len, attention_impl=args.attention_impl)
@@ -142,13 +148,9 @@ def main() -> None:
 
     rows = []
     default_blas = torch.backends.cuda.preferred_blas_library()
-    default_prefetch, default_kv_prefetch = gemv.PREFETCH_SLICES, triton_paged.PREFETCH_KV
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
-        # module constants our kernels' wrappers read at each launch, i.e. at warm-up and capture
-        gemv.PREFETCH_SLICES = 3 if "prefetch3" in flags else default_prefetch
-        triton_paged.PREFETCH_KV = "kvprefetch" in flags or default_kv_prefetch
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -194,13 +196,13 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "nopdl", "combo", "prefetch3", "kvprefetch", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "nopdl", "combo", "nocombo", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
     inductor_config = {"coordinate_descent_tuning": True} if "tuned" in flags else {}
-    if "combo" in flags:
-        inductor_config["combo_kernels"] = True
+    if "combo" in flags or "nocombo" in flags:
+        inductor_config["combo_kernels"] = "combo" in flags
     if mode == "eager":
         return model
     if mode == "reduce-overhead":
@@ -211,6 +213,7 @@ def _compiled(model, mode: str, flags: set[str], impl: str):
                                                              "inductor_config": inductor_config,
                                                              "gemv": "nogemv" not in flags, "pdl": "nopdl" not in flags,
                                                              "fuse_norm": "normfuse" in flags,
+                                                             "fuse_silu": "silufuse" in flags,
                                                              "regional_compile": "whole" not in flags})
 
 

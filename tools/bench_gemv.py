@@ -6,7 +6,9 @@ the effective TB/s of the weight read. The rows justify ``fullgraph_backend.gemv
 row, K <= MAX_K). ``gemv_pdl_us``: the same graph with every GEMV launched with programmatic
 dependent launch (sm_90+; docs/perf-notes.md, section 18). ``norm_gemv_us``: for the projections
 after an RMSNorm (qkv, gate_up, the LM head), the GEMV with the residual add + RMSNorm in its
-prologue, as the ``fuse_norm`` pass runs it (section 32): its cost over ``gemv_us``. A last row times a decode step's
+prologue, as the ``fuse_norm`` pass runs it (section 32): its cost over ``gemv_us``. The down rows
+after SiLU-mul time the ``fuse_silu`` op's GEMV per tiling against a SiLU-mul kernel + cuBLAS
+(section 36). A last row times a decode step's
 chain of projections in one graph, each reading the one before it (28 x qkv, o_proj, gate_up on the
 GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import pdl  # noqa: E402
-from fullgraph_backend.gemv import gemv, rms_norm_gemv  # noqa: E402
+from fullgraph_backend.gemv import GATED_TILES, Tiles, gemv, rms_norm_gemv, silu_mul_gemv, silu_mul_rows  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
 HIDDEN, INTERMEDIATE, QKV, VOCAB, LAYERS = 1536, 8960, 2048, 151936, 28
@@ -55,6 +57,35 @@ def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int) -> tuple[fl
     error = (fn(x, *weights[0]).float() - F.linear(x, *weights[0]).float()).abs().max().item()
     graph = capture(lambda: [fn(x, w, b) for w, b in weights])
     return replay_us(graph, iters, "read") / copies, error
+
+
+# tilings of the down projection's GEMV with SiLU-mul in its prologue (K = 8960: long rows, few outputs)
+GATED_VARIANTS = (GATED_TILES, Tiles(2, 512, 4, 3), Tiles(4, 1024, 4, 2), Tiles(4, 1024, 8, 3), Tiles(8, 512, 8, 3),
+                  Tiles(4, 256, 4, 4), Tiles(2, 1024, 4, 3), Tiles(1, 1024, 4, 4))
+
+
+def time_gated(iters: int) -> list[dict]:
+    """Down with SiLU-mul before it, one row, per layer over cold weights: the SiLU-mul kernel then
+    cuBLAS (the op's path for more rows; at one row Inductor's fused pointwise kernel then cuBLAS),
+    against one GEMV launch with SiLU-mul in its prologue, per tiling, with PDL as in a step."""
+    n, k, _, copies = SHAPES["down"]
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    mb = n * k * 2 / 1e6
+    variants = {"silu_mul + cublas": lambda w: F.linear(silu_mul_rows(gate, up), w)}
+    variants.update({f"gated gemv {tuple(t)}": functools.partial(lambda w, t: silu_mul_gemv(gate, up, w, tiles=t,
+                                                                                           pdl=True), t=t)
+                     for t in GATED_VARIANTS})
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+    reference = F.linear(F.silu(gate) * up, weights[0]).float()
+    rows = []
+    for name, fn in variants.items():
+        error = (fn(weights[0]).float() - reference).abs().max().item()
+        us = replay_us(capture(lambda: [fn(w) for w in weights]), iters, "read") / copies
+        rows.append(dict(op="down after SiLU-mul", variant=name, N=n, K=k, us=round(us, 2), TBs=round(mb / us, 2),
+                         max_abs_diff=error))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def time_chain(iters: int) -> dict:
@@ -114,16 +145,20 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     header["pdl"] = pdl.supported(torch.device("cuda"))  # False: the pdl columns time plain launches
+    gated = time_gated(args.iters)
     chain = time_chain(args.iters)
     print(json.dumps(chain), flush=True)
     with open(args.out, "w") as f:
-        json.dump({**header, "rows": rows, "chain": chain}, f, indent=1)
+        json.dump({**header, "rows": rows, "gated": gated, "chain": chain}, f, indent=1)
     print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV | GEMV with PDL us "
           "| GEMV with the norm us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['op']} | {r['N']} x {r['K']} | {r['cublas_us']} ({r['cublas_TBs']}) | {r['gemv_us']} "
               f"({r['gemv_TBs']}) | {r['speedup']} | {r['gemv_pdl_us']} | {r['norm_gemv_us'] or '-'} |")
+    print("\n| down after SiLU-mul (one row) | us (TB/s) | max abs diff |\n|---|---|---|")
+    for r in gated:
+        print(f"| {r['variant']} | {r['us']} ({r['TBs']}) | {r['max_abs_diff']:.3g} |")
     print(f"\nlayer chain ({chain['N']} GEMVs, {LAYERS} cuBLAS downs, one graph): {chain['gemv_us']} us, with PDL "
           f"{chain['gemv_pdl_us']} us ({chain['pdl_saved_us_per_gemv']} us a GEMV launch; same bits: {chain['same_bits']})")
 
