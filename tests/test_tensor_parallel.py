@@ -100,6 +100,15 @@ class TestTwoRanksAtO4:
         assert not any(map(gone, llm.workers.worker_pids.values()))
         assert tokens(llm) == expected
 
+    def test_a_worker_asked_for_its_stacks_prints_them_and_goes_on(self, tp2, expected):
+        """SIGUSR1 would end a process that has no handler for it: the worker prints its stacks
+        (to its standard error) and serves the next steps alike."""
+        llm, _ = tp2
+        for pid in llm.workers.worker_pids.values():
+            os.kill(pid, signal.SIGUSR1)
+        assert tokens(llm) == expected
+        assert not any(map(gone, llm.workers.worker_pids.values()))
+
     def test_a_second_engine_is_an_error_while_the_first_lives(self, tp2, sharp_dir):
         with pytest.raises(RuntimeError, match=r"another tensor-parallel LLM still alive \(one per process: `del`"):
             make_llm(sharp_dir, tensor_parallel_size=2)

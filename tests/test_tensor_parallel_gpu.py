@@ -1,17 +1,26 @@
 """Tensor parallelism on two GPUs (NCCL): float32 greedy tokens of two ranks equal one process's at
 1, 7 and 45 prompts, -O4 and -O2, all-reduces one shot over symmetric memory or NCCL; the
 collectives sit in the captured code; a worker killed
-while rank 0 waits on a replay is an error, not a hang. Skipped without two CUDA devices."""
+while rank 0 waits on a replay is an error, not a hang. Skipped without two CUDA devices.
+
+A test still running after :data:`WATCHDOG_S` seconds prints every thread's stack of rank 0 and of
+each worker (``STACKS_SIGNAL``) and goes on: run with ``-s`` to see them where a timeout kills the
+run (on 2026-11-30 the -O2 test did not finish in 290 s; perf-notes section 36)."""
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import gc
+import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 from test_engine_gpu import small_dir, workload  # noqa: F401  (small_dir: the fixture of the one-GPU tests' model)
+from fullgraph_backend.distributed.processes import STACKS_SIGNAL
 from fullgraph_backend.engine import LLM
 
 pytestmark = [pytest.mark.gpu,
@@ -19,6 +28,34 @@ pytestmark = [pytest.mark.gpu,
 
 BATCHES = (1, 7, 45)
 MAX_MODEL_LEN = 512
+WATCHDOG_S = 200.0
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux: /proc), the workers of the engine it holds."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            pids += [int(pid) for pid in f.read().split()]
+    return pids
+
+
+def _print_stacks() -> None:
+    print(f"\n== a test is still running after {WATCHDOG_S:.0f} s: stacks of rank 0, then its workers", flush=True)
+    faulthandler.dump_traceback(all_threads=True)
+    for pid in _children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, STACKS_SIGNAL)
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """Print every rank's stacks once if the test runs past WATCHDOG_S: a hang shows where it waits."""
+    timer = threading.Timer(WATCHDOG_S, _print_stacks)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
 
 
 def engine(model, level: int, size: int, **options) -> LLM:

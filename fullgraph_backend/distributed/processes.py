@@ -27,12 +27,16 @@ Failures do not leave a rank waiting forever:
   and exits.
 - :meth:`ParallelGroup.close` (the ``LLM``'s finaliser: the engine deleted or the interpreter
   exiting) tells the workers to stop, waits :data:`EXIT_WAIT` seconds and kills what is left.
+
+A rank that seems stuck can be asked where it is: ``kill -USR1 <worker pid>`` prints every thread's
+Python stack to the worker's standard error (:data:`STACKS_SIGNAL`), and the worker goes on.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
+import faulthandler
 import logging
 import os
 import pickle
@@ -58,6 +62,7 @@ _ERROR_KEY = "fullgraph/error/{}"
 _READY_KEY = "fullgraph/ready/{}"
 _LEAVING_KEY = "fullgraph/leaving/{}"  # a worker got the stop message and leaves the groups now
 _STOP = None  # the step message that ends a worker's loop
+STACKS_SIGNAL = getattr(signal, "SIGUSR1", None)  # a worker prints its threads' stacks on it (POSIX)
 
 log = logging.getLogger("fullgraph")
 
@@ -283,8 +288,11 @@ def spawn(size: int, device_type: str, payload: Any, entry: str) -> ParallelGrou
 
 def join_spawned() -> tuple[ParallelGroup, Any]:
     """A worker :func:`spawn` started: read the job from standard input, join the groups; returns the
-    group and the payload. The worker ignores SIGINT: Ctrl-C in a terminal is rank 0's to handle."""
+    group and the payload. The worker ignores SIGINT: Ctrl-C in a terminal is rank 0's to handle;
+    :data:`STACKS_SIGNAL` prints its stacks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if STACKS_SIGNAL is not None:
+        faulthandler.register(STACKS_SIGNAL, all_threads=True)
     job = pickle.load(sys.stdin.buffer)
     rank, size = job["rank"], job["size"]
     store = dist.TCPStore("127.0.0.1", job["port"], size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
