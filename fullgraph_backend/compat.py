@@ -286,7 +286,6 @@ def inductor_triton_sources() -> Iterator[list[tuple[str, str]]]:
         _TRITON_SOURCES.reset(token)
 
 
-
 # ---- attention kernels compiled before capture (fullgraph_backend/attention/precompile.py) ------------
 def share_inductor_triton_settings(device: torch.device) -> None:
     """Give this process's Triton, before it compiles anything, the settings Inductor gives it when

@@ -68,6 +68,12 @@ def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+def _require_triton(caller: str) -> None:
+    """The error of a kernel wrapper called without Triton installed, naming the wrapper and the fix."""
+    if triton is None:
+        raise RuntimeError(f"{caller} needs triton, which is not installed: pip install 'fullgraph[triton]'")
+
+
 
 @_jit
 def _rounded(value, dtype: tl.constexpr):
@@ -206,8 +212,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
         y = gemv(torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
-    if triton is None:
-        raise RuntimeError("gemv needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    _require_triton("gemv")
     n, k = weight.shape
     _check_row(x, weight, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
@@ -328,8 +333,7 @@ def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
 
         out, h = rms_norm_gemv(o_proj_out, norm.weight, 1e-6, gate_up.weight, residual=h)
     """
-    if triton is None:
-        raise RuntimeError("rms_norm_gemv needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    _require_triton("rms_norm_gemv")
     n, k = weight.shape
     _check_row(x, weight, bias)
     if norm_weight.shape != (k,) or (residual is not None and residual.shape != x.shape):
@@ -347,8 +351,7 @@ def rms_norm_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     """``rms_norm(h) * norm_weight`` with ``h = x (+ residual)`` over rows ``x [..., K]``, one program
     a row (one launch, as Inductor's own norm kernel); returns it and ``h`` (None without
     ``residual``). What the ops run where the GEMV does not: more rows, long K, fp32."""
-    if triton is None:
-        raise RuntimeError("rms_norm_rows needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    _require_triton("rms_norm_rows")
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
     normed = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -431,8 +434,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
         gate, up = gate_up_out.chunk(2, dim=-1)  # [1, 8960] each
         y = silu_mul_gemv(gate, up, down.weight)  # [1, 1536]
     """
-    if triton is None:
-        raise RuntimeError("silu_mul_gemv needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    _require_triton("silu_mul_gemv")
     n, k = weight.shape
     _check_row(gate, weight, bias)
     if up.shape != gate.shape or up.dtype != gate.dtype:
@@ -447,8 +449,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
 def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` over rows ``[..., K]`` (each with unit stride along K) in one launch,
     contiguous: what the op runs before cuBLAS where the GEMV does not (more rows, fp32 excepted)."""
-    if triton is None:
-        raise RuntimeError("silu_mul_rows needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    _require_triton("silu_mul_rows")
     k = gate.shape[-1]
     gate_rows, up_rows = gate.view(-1, k), up.view(-1, k)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
