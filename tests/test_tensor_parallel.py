@@ -212,3 +212,32 @@ def test_torchrun_starts_the_ranks_and_only_rank_0_reports(sharp_dir):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Avg latency") == 1 and "tensor parallel 2" in done.stdout
+
+
+def _one_shot_verdict(rank: int, store_path: str, tried: int, out: str) -> None:
+    """One rank of test_ranks_with_different_rendezvous_counts_all_fall_back_to_nccl (a spawned process)."""
+    from fullgraph_backend.distributed import processes, symmetric
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    group = processes.ParallelGroup(rank, 2, torch.device("cpu"), dist.new_group(backend="gloo"))
+    symmetric._rendezvous_tried = tried if rank == 0 else 0
+    Path(f"{out}.{rank}").write_text(str(group.set_up_one_shot(torch.float32)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rank_0_tried", [0, 1])
+def test_ranks_with_different_rendezvous_counts_all_fall_back_to_nccl(tmp_path, rank_0_tried):
+    """Torch numbers symmetric memory's handle exchanges per process: rank 0 of a second engine is
+    one ahead of its new workers, and a rendezvous would wait forever (two H200s, 2026-11-30). Every
+    rank must reach the same verdict before any of them tries; with equal counts they go on (and on
+    CPU stop at the device check)."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "why")
+    mp.start_processes(_one_shot_verdict, args=(str(tmp_path / "store"), rank_0_tried, out), nprocs=2,
+                       start_method="spawn")
+    verdicts = {Path(f"{out}.{rank}").read_text() for rank in (0, 1)}
+    assert len(verdicts) == 1
+    (why,) = verdicts
+    assert ("earlier engine of this process" in why) == bool(rank_0_tried), why
+    assert rank_0_tried or why == "one-shot all-reduce needs CUDA devices, not cpu"

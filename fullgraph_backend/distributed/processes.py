@@ -150,6 +150,11 @@ class ParallelGroup:
     def set_up_one_shot(self, dtype: torch.dtype) -> str | None:
         """Every rank, in step: small all-reduces of ``dtype`` go one shot over symmetric memory
         (``self.tp.one_shot``) if every rank could set it up; returns why not (None when they did)."""
+        tried = symmetric.rendezvous_count()
+        if self.min(tried) != -self.min(-tried):
+            return ("rank 0 set up symmetric memory for an earlier engine of this process, and torch numbers "
+                    "its handle exchanges per process, so the new workers' keys would never match rank 0's: start "
+                    "each tensor-parallel engine in a fresh process for one-shot all-reduces")
         why = symmetric.set_up(self.tp.group, self.device, dtype)
         if self.min(int(why is None)) == 0:  # one rank's NCCL against another's one shot would hang
             symmetric.release(self.tp.group)

@@ -13,6 +13,12 @@ every rank in step) and every all-reduce of a step reuses it: the kernel's closi
 rank from overwriting it while a peer still reads. Inputs above :data:`ONE_SHOT_MAX_BYTES` (prefill
 chunks), and every all-reduce where the buffer could not be made, go to NCCL through the same op,
 so what a rank captures depends only on the size, which every rank shares.
+
+Torch's CUDA symmetric memory exchanges the buffers' handles through the group's store under keys
+numbered by one counter a process, which each exchange advances. A worker starts at 0, but rank 0
+keeps its count from the engines it made before, so the second tensor-parallel engine of a process
+would wait forever for keys its workers never write (two H200s, 2026-11-30: the -O2 GPU test after
+the -O4 ones). :func:`rendezvous_count` lets the ranks compare before they try.
 """
 from __future__ import annotations
 
@@ -26,17 +32,26 @@ ONE_SHOT_MAX_BYTES = 256 * 1024
 
 _c10d = torch.ops._c10d_functional
 _BUFFERS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_rendezvous_tried = 0  # set_up calls of this process that reached torch's handle exchange
+
+
+def rendezvous_count() -> int:
+    """How many symmetric-memory rendezvous this process has tried: ranks whose counts differ
+    would wait on each other's store keys forever (see the module's docstring)."""
+    return _rendezvous_tried
 
 
 def set_up(group: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Allocate and exchange the one-shot buffer of ``group`` for ``dtype`` tensors; every rank of
     the group calls it together. Returns why it could not (None when it did)."""
+    global _rendezvous_tried
     if device.type != "cuda":
         return f"one-shot all-reduce needs CUDA devices, not {device.type}"
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
         buffer = symm_mem.empty(ONE_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype, device=device)
+        _rendezvous_tried += 1  # counted even if it fails: the exchange may have advanced torch's keys
         symm_mem.rendezvous(buffer, group)
     except Exception as error:  # noqa: BLE001 - any failure leaves NCCL doing every all-reduce
         return f"{type(error).__name__}: {error}"

@@ -466,7 +466,7 @@ def build_runner(config: EngineConfig, group: ParallelGroup | None = None) -> tu
     if tp and c.all_reduce == "auto" and device.type == "cuda":
         why = group.set_up_one_shot(c.torch_dtype)
         if why:
-            log.info("fullgraph: tensor-parallel all-reduces all go through NCCL: %s", why)
+            log.warning("fullgraph: tensor-parallel all-reduces all go through NCCL: %s", why)
     loaded = load_model(c.model, dtype=c.torch_dtype, device=device, seed=c.seed,
                         model_impl=c.model_impl, shard=functools.partial(shard_decoder, tp=group.tp) if tp else None)
     mc = loaded.model.config
