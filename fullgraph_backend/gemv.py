@@ -256,19 +256,19 @@ def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     )
 
 
-def uses_gemv(x: torch.Tensor, weight: torch.Tensor, max_k: int = MAX_K) -> bool:
-    """Whether ``fullgraph::linear`` takes the GEMV: one row, CUDA, 16-bit, within the measured
-    bounds (K up to ``max_k``).
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, max_k: int = MAX_K) -> bool:
+    """Whether a linear of ``x`` takes the GEMV: one row, CUDA, 16-bit, a bias (if any) of ``x``'s
+    dtype, within the measured bounds (K up to ``max_k``).
 
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
     return (triton is not None and x.is_cuda and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and x.numel() == k
-            and weight.stride(1) == 1 and k <= max_k)
+            and weight.stride(1) == 1 and k <= max_k and (bias is None or bias.dtype == x.dtype))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
+    if uses_gemv(x, weight, bias):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -371,7 +371,7 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
     (CUDA), plain PyTorch ops elsewhere (CPU; dtypes the kernels do not take)."""
     if not _norm_kernels_take(x, residual, norm_weight):
         return _composed(x, residual, norm_weight, eps, weight, bias)
-    if uses_gemv(x, weight) and (bias is None or bias.dtype == x.dtype):
+    if uses_gemv(x, weight, bias):
         out, h = rms_norm_gemv(x, norm_weight, eps, weight, bias, residual)
     else:
         normed, h = rms_norm_rows(x, norm_weight, eps, residual)
@@ -466,7 +466,7 @@ def _silu_mul_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
     elsewhere (CPU; fp32 on the GEMV's terms; rows the kernels cannot address)."""
     if not _gated_kernels_take(gate, up):
         return _gated_composed(gate, up, weight, bias)
-    if uses_gemv(gate, weight, GATED_MAX_K) and (bias is None or bias.dtype == gate.dtype):
+    if uses_gemv(gate, weight, bias, GATED_MAX_K):
         return silu_mul_gemv(gate, up, weight, bias)
     return linear(silu_mul_rows(gate, up), weight, bias)
 

@@ -21,7 +21,7 @@ from itertools import permutations
 import torch
 
 from fullgraph_backend.gemv import GEMV_DTYPES, add_rms_norm_linear, rms_norm_linear
-from passes.swap_linear import linears_fed_by
+from passes.swap_linear import linears_fed_by, skipped_tail
 
 # call_function targets by the method name Dynamo records for the same op (receiver first)
 _FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", torch.rsqrt: "rsqrt",
@@ -41,7 +41,7 @@ class NormFusionReport:
         with_add = sum(residual for _, residual in self.fused)
         line = (f"fused {len(self.fused)} RMSNorm -> fullgraph::linear pairs ({with_add} with the residual add before)"
                 if self.fused else "no RMSNorm -> fullgraph::linear pairs fused")
-        return line + (f"; skipped {len(self.skipped)}: {'; '.join(sorted(set(self.skipped)))}" if self.skipped else "")
+        return line + skipped_tail(self.skipped)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph_backend.gemv import GEMV_DTYPES, silu_mul_linear
-from passes.swap_linear import linears_fed_by
+from passes.swap_linear import linears_fed_by, skipped_tail
 
 SILU_TARGETS = (F.silu, torch.ops.aten.silu.default)
 MUL_TARGETS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
@@ -38,7 +38,7 @@ class SiluFusionReport:
         """One line: how many SiLU-mul -> linear pairs were fused, what was skipped and why."""
         line = (f"fused {len(self.fused)} SiLU-mul -> fullgraph::linear pairs" if self.fused
                 else "no SiLU-mul -> fullgraph::linear pairs fused")
-        return line + (f"; skipped {len(self.skipped)}: {'; '.join(sorted(set(self.skipped)))}" if self.skipped else "")
+        return line + skipped_tail(self.skipped)
 
 
 def fuse_silu_linear(gm: torch.fx.GraphModule) -> SiluFusionReport:

@@ -74,6 +74,12 @@ def linears_fed_by(graph: torch.fx.Graph, match: Callable[[object], object], ski
             yield node, weight, bias, found
 
 
+def skipped_tail(skipped: list[str]) -> str:
+    """The end of a prologue fusion's one-line summary: ``"; skipped N: <each distinct reason>"``, or
+    nothing when none was skipped."""
+    return f"; skipped {len(skipped)}: {'; '.join(sorted(set(skipped)))}" if skipped else ""
+
+
 def linear_args(node: torch.fx.Node) -> tuple:
     """A linear node's ``(input, weight, bias)``, passed by position or keyword (bias None if absent)."""
     names = ("input", "weight", "bias")

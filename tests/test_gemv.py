@@ -88,6 +88,8 @@ def test_dispatch_rule_takes_one_row_16_bit_cuda_within_the_measured_bounds():
         assert uses_gemv(_fake_cuda(1, 1536), _fake_cuda(151936, 1536))  # an LM head
         assert not uses_gemv(_fake_cuda(1, k + 1), _fake_cuda(16, k + 1))  # long K: cuBLAS's split-K won
         assert not uses_gemv(_fake_cuda(1, 64), _fake_cuda(64, 64).t())  # no unit stride along K
+        assert uses_gemv(_fake_cuda(1, 1536), weight, _fake_cuda(2048))
+        assert not uses_gemv(_fake_cuda(1, 1536), weight, _fake_cuda(2048, dtype=torch.float32))  # F.linear decides
         assert linear(_fake_cuda(1, 1, 1536), weight).shape == (1, 1, 2048)  # the fake
     assert not uses_gemv(torch.randn(1, 8), torch.randn(4, 8))  # CPU
 
@@ -265,7 +267,7 @@ def test_norm_ops_kernel_paths_on_cpu(monkeypatch, shape):
     takes the fused GEMV, more rows the norm kernel then fullgraph::linear; both return what eager's
     ops do (float16: the interpreter's casts round as torch's), in x's leading shape."""
     monkeypatch.setattr(gemv_module, "_norm_kernels_take", lambda *args: True)
-    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight: x.numel() == weight.shape[1])
+    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None: x.numel() == weight.shape[1])
     launches = []
     real = gemv_module._launch
     monkeypatch.setattr(gemv_module, "_launch", lambda *args: launches.append(len(args) > 5) or real(*args))
@@ -364,7 +366,7 @@ def test_silu_mul_linear_kernel_paths_on_cpu(monkeypatch, shape):
     takes the GEMV with SiLU-mul in its prologue, more rows the SiLU-mul kernel then
     fullgraph::linear; both as the kernels compose, in the input's leading shape."""
     monkeypatch.setattr(gemv_module, "_gated_kernels_take", lambda gate, up: True)
-    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, max_k=0: x.numel() == weight.shape[1])
+    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None, max_k=0: x.numel() == weight.shape[1])
     launches = []
     real = gemv_module._launch
     monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: launches.append(kw.get("up") is not None) or real(*a, **kw))
