@@ -21,6 +21,9 @@ STUB = textwrap.dedent('''
     args = parser.parse_args()
     if args.modes == "bad":
         sys.exit(3)
+    if args.modes == "hangs":
+        import time
+        time.sleep(600)
     turn = 0
     if args.log:
         with open(args.log, "a") as f:
@@ -54,6 +57,15 @@ def test_each_mode_runs_in_a_process_of_its_own_and_a_failure_keeps_the_rest(tmp
     assert rows[0]["batches"] == rows[3]["batches"] == "1,8"
 
 
+def test_a_mode_past_the_timeout_is_stopped_and_the_rest_go_on(tmp_path):
+    script = tmp_path / "stub.py"
+    script.write_text(STUB)
+    _, rows = run_modes(str(script), [], ["hangs", "x"], "result.json", [1, 8], timeout=3)
+    assert [r["mode"] for r in rows] == ["hangs", "hangs", "x"]
+    assert all(r["error"] == "its process ran past --mode-timeout 3 s and was stopped" for r in rows[:2])
+    assert rows[2]["ok"] is True
+
+
 def test_rounds_alternate_the_order_and_give_each_numbers_median(tmp_path):
     """Three rounds of x, y: x y, then y x, then x y; each process reports its turn (1..6), so x
     measured 1, 4, 5 and y 2, 3, 6."""
@@ -81,7 +93,7 @@ def _fake_children(monkeypatch, module, rows, **header):
     """Replace ``module``'s ``run_modes`` by one returning ``rows``; the calls it got."""
     calls = []
 
-    def fake(script, argv, modes, result_name, batches, rounds=1):
+    def fake(script, argv, modes, result_name, batches, rounds=1, timeout=None):
         calls.append((os.path.basename(script), modes, result_name, batches))
         return {"device": "stub GPU", "torch": "x", **header}, rows
 

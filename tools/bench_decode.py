@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend import gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
-from isolate import ONE_PROCESS_HELP, ROUNDS_HELP, rounds_arg, run_modes  # noqa: E402
+from isolate import add_arguments, run_modes  # noqa: E402
 from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
 
@@ -101,8 +101,7 @@ def main() -> None:
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=".")
-    parser.add_argument("--one-process", action="store_true", help=ONE_PROCESS_HELP)
-    parser.add_argument("--rounds", type=rounds_arg, default=1, help=ROUNDS_HELP)
+    add_arguments(parser)
     parser.add_argument("--gated-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the down GEMV with SiLU-mul "
                         "(+silufuse), instead of gemv.GATED_TILES: a tiling tools/bench_gemv.py found faster")
     args = parser.parse_args()
@@ -117,7 +116,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
     if len(modes) > 1 and not args.one_process:
-        header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json", batches, args.rounds)
+        header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json", batches, args.rounds,
+                                 args.mode_timeout)
         header["command"] = " ".join([os.path.basename(sys.executable), *sys.argv]) + "  (one process per mode)"
         _write(args.out, header, rows, batches)
         return

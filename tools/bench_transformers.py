@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend.backend import RecordingBackend  # noqa: E402
 from fullgraph_backend.graph_runner import RECAPTURES_BEFORE_COPYING  # noqa: E402
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS  # noqa: E402
-from isolate import ONE_PROCESS_HELP, ROUNDS_HELP, rounds_arg, run_modes  # noqa: E402  (tools/ is on the path when run as a script)
+from isolate import add_arguments, run_modes  # noqa: E402  (tools/ is on the path when run as a script)
 
 MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine", "engine-hf")
 ENGINE_IMPLS = {"engine": "fullgraph", "engine-hf": "transformers"}
@@ -160,8 +160,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="TPOT from generates of this many and twice as many")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--one-process", action="store_true", help=ONE_PROCESS_HELP)
-    parser.add_argument("--rounds", type=rounds_arg, default=1, help=ROUNDS_HELP)
+    add_arguments(parser)
     args = parser.parse_args()
     modes = args.modes.split(",")
     unknown = set(modes) - set(MODES)
@@ -175,7 +174,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if len(modes) > 1 and not args.one_process:
         header, rows = run_modes(__file__, sys.argv[1:], modes, os.path.basename(result_path), batches,
-                                 args.rounds)
+                                 args.rounds, args.mode_timeout)
         result = {**header, **result, "command": result["command"] + "  (one process per mode)", "rows": rows}
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -23,6 +23,16 @@ import tempfile
 
 ONE_PROCESS_HELP = "measure every mode in this process (a mode measured second has read slower)"
 ROUNDS_HELP = "run every mode this many times, in turns, each in a process of its own; numbers are medians"
+MODE_TIMEOUT_HELP = ("stop a mode's process after this many seconds, its rows then errors, and go on with the "
+                     "others (a mode that hangs no longer costs the whole run); default: no limit")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of running modes apart, which every tool using :func:`run_modes` takes:
+    ``--one-process``, ``--rounds``, ``--mode-timeout``."""
+    parser.add_argument("--one-process", action="store_true", help=ONE_PROCESS_HELP)
+    parser.add_argument("--rounds", type=rounds_arg, default=1, help=ROUNDS_HELP)
+    parser.add_argument("--mode-timeout", type=float, default=None, metavar="SECONDS", help=MODE_TIMEOUT_HELP)
 
 
 def rounds_arg(text: str) -> int:
@@ -47,16 +57,17 @@ def child_argv(argv: list[str], mode: str, out: str) -> list[str]:
 
 
 def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
-              batches: list[int], rounds: int = 1) -> tuple[dict, list[dict]]:
+              batches: list[int], rounds: int = 1, timeout: float | None = None) -> tuple[dict, list[dict]]:
     """Run ``script`` once per mode, each in a new Python process writing ``result_name`` (a JSON
     object with ``rows``) to a folder of its own; return the first result's other keys and every
-    row, in mode order. A process that fails leaves a row ``{"mode", "batch", "error"}`` per batch
-    of ``batches``; the others go on. With ``rounds`` > 1 the modes run that many times, in order
-    and reversed by turns, and a mode's row per batch is :func:`median_row` of its rounds."""
+    row, in mode order. A process that fails, or runs past ``timeout`` seconds and is stopped,
+    leaves a row ``{"mode", "batch", "error"}`` per batch of ``batches``; the others go on. With
+    ``rounds`` > 1 the modes run that many times, in order and reversed by turns, and a mode's row
+    per batch is :func:`median_row` of its rounds."""
     header, runs = {}, {mode: [] for mode in modes}
     for turn in range(rounds):
         for mode in modes if turn % 2 == 0 else modes[::-1]:
-            result = _run_one(script, argv, mode, result_name, batches)
+            result = _run_one(script, argv, mode, result_name, batches, timeout)
             header = header or {k: v for k, v in result.items() if k != "rows"}
             runs[mode] += result["rows"]
     if rounds == 1:
@@ -83,12 +94,18 @@ def median_row(rows: list[dict]) -> dict:
     return merged
 
 
-def _run_one(script: str, argv: list[str], mode: str, result_name: str, batches: list[int]) -> dict:
+def _run_one(script: str, argv: list[str], mode: str, result_name: str, batches: list[int],
+             timeout: float | None) -> dict:
+    def failed(why: str) -> dict:
+        return {"rows": [{"mode": mode, "batch": batch, "error": why} for batch in batches]}
+
     with tempfile.TemporaryDirectory(prefix="fullgraph-mode-") as out:
-        code = subprocess.run([sys.executable, script, *child_argv(argv, mode, out)]).returncode
+        try:
+            code = subprocess.run([sys.executable, script, *child_argv(argv, mode, out)], timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return failed(f"its process ran past --mode-timeout {timeout:g} s and was stopped")
         path = os.path.join(out, result_name)
         if not os.path.exists(path):
-            return {"rows": [{"mode": mode, "batch": batch, "error": f"its process exited with code {code} and "
-                                                                      f"wrote no result"} for batch in batches]}
+            return failed(f"its process exited with code {code} and wrote no result")
         with open(path) as f:
             return json.load(f)
