@@ -61,6 +61,9 @@ TILES = Tiles(block_n=4, block_k=512, num_warps=4, num_stages=3)
 # TILES' 13.9), and the longest K it takes (Mistral-7B's 14336 fits; tools/bench_gemv.py, perf-notes 36).
 GATED_TILES = Tiles(block_n=4, block_k=1024, num_warps=4, num_stages=2)
 GATED_MAX_K = 16384
+# A plain one-row launch past this K takes GATED_TILES too: the op sends no such K to the GEMV (MAX_K),
+# but a direct call can, and so does tools/bench_decode.py's ``+longk`` (the down projection on the GEMV).
+LONG_K = 4096
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -202,13 +205,14 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         pdl: bool | None = None) -> torch.Tensor:
+         pdl: bool | None = None, tiles: Tiles | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one row ``x [..., K]`` (leading dims of size 1) on the Triton kernel.
 
     ``weight [N, K]`` must have unit stride along K; ``bias [N]`` is optional. Runs wherever Triton
     does (CPU tensors under ``TRITON_INTERPRET=1``). ``pdl``: launch with programmatic dependent
     launch where the device supports it; None takes :func:`fullgraph_backend.pdl.enabled` (on
-    inside the compiled calls of a ``pdl=True`` backend). Example::
+    inside the compiled calls of a ``pdl=True`` backend). ``tiles``: the launch's tiling; None takes
+    :data:`TILES` up to K = :data:`LONG_K`, :data:`GATED_TILES` past it. Example::
 
         y = gemv(torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
@@ -216,7 +220,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     n, k = weight.shape
     _check_row(x, weight, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl)
+    _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl,
+            tiles=tiles or (TILES if k <= LONG_K else GATED_TILES))
     return out
 
 
@@ -256,15 +261,17 @@ def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     )
 
 
-def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, max_k: int = MAX_K) -> bool:
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              max_k: int | None = None) -> bool:
     """Whether a linear of ``x`` takes the GEMV: one row, CUDA, 16-bit, a bias (if any) of ``x``'s
-    dtype, within the measured bounds (K up to ``max_k``).
+    dtype, within the measured bounds (K up to ``max_k``, :data:`MAX_K` as it is at the call if None).
 
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
     return (triton is not None and x.is_cuda and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and x.numel() == k
-            and weight.stride(1) == 1 and k <= max_k and (bias is None or bias.dtype == x.dtype))
+            and weight.stride(1) == 1 and k <= (MAX_K if max_k is None else max_k)
+            and (bias is None or bias.dtype == x.dtype))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

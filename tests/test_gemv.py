@@ -36,6 +36,30 @@ def test_gemv_pdl_path_gives_the_same_bits(n, k, dtype):
     torch.testing.assert_close(plain.float(), F.linear(x.float(), weight.float(), bias.float()), atol=1e-4, rtol=1e-2)
 
 
+def test_gemv_past_long_k_takes_the_long_tiling_and_any_tiling_gives_the_linear(monkeypatch):
+    """K past LONG_K (the down projection's 8960, as ``+longk`` sends it) launches with GATED_TILES'
+    1024-wide slices; a tiling given explicitly is used instead; every one computes F.linear."""
+    tilings = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
+    torch.manual_seed(0)
+    for k in (gemv_module.LONG_K, gemv_module.LONG_K + 1000):
+        x, weight = torch.randn(1, k), torch.randn(12, k)
+        torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    tiles = gemv_module.Tiles(2, 256, 4, 2)
+    torch.testing.assert_close(gemv(x, weight, tiles=tiles), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    assert tilings == [gemv_module.TILES, gemv_module.GATED_TILES, tiles]
+
+
+def test_dispatch_reads_max_k_at_the_call(monkeypatch):
+    """tools/bench_decode.py's ``+longk`` raises MAX_K for a mode: the rule must read it then."""
+    with FakeTensorMode():
+        x, weight = _fake_cuda(1, 8960), _fake_cuda(1536, 8960)
+        assert not uses_gemv(x, weight)
+        monkeypatch.setattr(gemv_module, "MAX_K", gemv_module.GATED_MAX_K)
+        assert uses_gemv(x, weight)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 70), k=st.integers(1, 1100), with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_gemv_matches_linear_on_random_shapes(n, k, with_bias, seed):
@@ -270,7 +294,7 @@ def test_norm_ops_kernel_paths_on_cpu(monkeypatch, shape):
     monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None: x.numel() == weight.shape[1])
     launches = []
     real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *args: launches.append(len(args) > 5) or real(*args))
+    monkeypatch.setattr(gemv_module, "_launch", lambda *args, **kw: launches.append(len(args) > 5) or real(*args, **kw))
     x, r, norm_weight, weight, b = _norm_case(2048, shape[-1], torch.float16, True, True, seed=3)
     x, r = x.expand(*shape) * 1, r.expand(*shape) * 1
     h = x + r

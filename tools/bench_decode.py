@@ -14,6 +14,8 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
+  +longk       one-row linears with K up to ``gemv.GATED_MAX_K`` on the GEMV (``gemv.MAX_K`` raised):
+               the down projection leaves cuBLAS's split-K, with ``GATED_TILES``' 1024-wide slices
   +combo       Inductor's combo kernels (independent small kernels launched as one; the backend
                turns them on with PDL, so this is for reduce-overhead)
   +nocombo     no combo kernels (``inductor_config={"combo_kernels": False}``)
@@ -147,10 +149,11 @@ def main() -> None:
     print(json.dumps(header), flush=True)
 
     rows = []
-    default_blas = torch.backends.cuda.preferred_blas_library()
+    default_blas, default_max_k = torch.backends.cuda.preferred_blas_library(), gemv.MAX_K
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
+        gemv.MAX_K = gemv.GATED_MAX_K if "longk" in flags else default_max_k  # read at warm-up and capture
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -196,7 +199,7 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "nopdl", "combo", "nocombo", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "longk", "nopdl", "combo", "nocombo", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):

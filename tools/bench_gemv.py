@@ -7,8 +7,8 @@ row, K <= MAX_K). ``gemv_pdl_us``: the same graph with every GEMV launched with 
 dependent launch (sm_90+; docs/perf-notes.md, section 18). ``norm_gemv_us``: for the projections
 after an RMSNorm (qkv, gate_up, the LM head), the GEMV with the residual add + RMSNorm in its
 prologue, as the ``fuse_norm`` pass runs it (section 32): its cost over ``gemv_us``. The down rows
-after SiLU-mul time the ``fuse_silu`` op's GEMV per tiling against a SiLU-mul kernel + cuBLAS
-(section 36). A last row times a decode step's
+after SiLU-mul time cuBLAS against the plain GEMV and the ``fuse_silu`` op's GEMV, each per tiling
+(sections 36 and 37). A last row times a decode step's
 chain of projections in one graph, each reading the one before it (28 x qkv, o_proj, gate_up on the
 GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
@@ -59,23 +59,29 @@ def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int) -> tuple[fl
     return replay_us(graph, iters, "read") / copies, error
 
 
-# tilings of the down projection's GEMV with SiLU-mul in its prologue (K = 8960: long rows, few outputs)
-GATED_VARIANTS = (GATED_TILES, Tiles(2, 512, 4, 3), Tiles(4, 1024, 4, 2), Tiles(4, 1024, 8, 3), Tiles(8, 512, 8, 3),
-                  Tiles(4, 256, 4, 4), Tiles(2, 1024, 4, 3), Tiles(1, 1024, 4, 4))
+# tilings of the down projection's GEMVs (K = 8960: long rows, few outputs), plain and with SiLU-mul in the prologue
+DOWN_VARIANTS = (GATED_TILES, Tiles(2, 512, 4, 3), Tiles(4, 512, 4, 3), Tiles(4, 1024, 8, 3), Tiles(8, 512, 8, 3),
+                 Tiles(4, 256, 4, 4), Tiles(2, 1024, 4, 3), Tiles(1, 1024, 4, 4))
 
 
-def time_gated(iters: int) -> list[dict]:
-    """Down with SiLU-mul before it, one row, per layer over cold weights: the SiLU-mul kernel then
-    cuBLAS (the op's path for more rows; at one row Inductor's fused pointwise kernel then cuBLAS),
-    against one GEMV launch with SiLU-mul in its prologue, per tiling, with PDL as in a step."""
+def time_down(iters: int) -> list[dict]:
+    """Down after SiLU-mul, one row, per layer over cold weights, with PDL as in a step: cuBLAS on the
+    SiLU-mul'd row (the default step: Inductor's SiLU-mul kernel, then this), our SiLU-mul kernel then
+    cuBLAS (the ``fuse_silu`` op's path for more rows); the plain GEMV on that row per tiling (the
+    ``+longk`` path of tools/bench_decode.py), and the GEMV with SiLU-mul in its prologue per tiling
+    (``fuse_silu`` at one row)."""
     n, k, _, copies = SHAPES["down"]
     gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, dim=-1)
+    row = silu_mul_rows(gate, up)  # made once, outside the graphs: the variants that start from it time the linear alone
     mb = n * k * 2 / 1e6
-    variants = {"silu_mul + cublas": lambda w: F.linear(silu_mul_rows(gate, up), w)}
+    variants = {"cublas (SiLU-mul done)": lambda w: F.linear(row, w),
+                "silu_mul + cublas": lambda w: F.linear(silu_mul_rows(gate, up), w)}
+    variants.update({f"gemv {tuple(t)} (SiLU-mul done)": functools.partial(lambda w, t: gemv(row, w, tiles=t, pdl=True),
+                                                                           t=t) for t in DOWN_VARIANTS})
     variants.update({f"gated gemv {tuple(t)}": functools.partial(lambda w, t: silu_mul_gemv(gate, up, w, tiles=t,
                                                                                            pdl=True), t=t)
-                     for t in GATED_VARIANTS})
+                     for t in DOWN_VARIANTS})
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
     reference = F.linear(F.silu(gate) * up, weights[0]).float()
     rows = []
@@ -145,11 +151,11 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     header["pdl"] = pdl.supported(torch.device("cuda"))  # False: the pdl columns time plain launches
-    gated = time_gated(args.iters)
+    down = time_down(args.iters)
     chain = time_chain(args.iters)
     print(json.dumps(chain), flush=True)
     with open(args.out, "w") as f:
-        json.dump({**header, "rows": rows, "gated": gated, "chain": chain}, f, indent=1)
+        json.dump({**header, "rows": rows, "down": down, "chain": chain}, f, indent=1)
     print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV | GEMV with PDL us "
           "| GEMV with the norm us |")
     print("|---|---|---|---|---|---|---|")
@@ -157,7 +163,7 @@ def main() -> None:
         print(f"| {r['op']} | {r['N']} x {r['K']} | {r['cublas_us']} ({r['cublas_TBs']}) | {r['gemv_us']} "
               f"({r['gemv_TBs']}) | {r['speedup']} | {r['gemv_pdl_us']} | {r['norm_gemv_us'] or '-'} |")
     print("\n| down after SiLU-mul (one row) | us (TB/s) | max abs diff |\n|---|---|---|")
-    for r in gated:
+    for r in down:
         print(f"| {r['variant']} | {r['us']} ({r['TBs']}) | {r['max_abs_diff']:.3g} |")
     print(f"\nlayer chain ({chain['N']} GEMVs, {LAYERS} cuBLAS downs, one graph): {chain['gemv_us']} us, with PDL "
           f"{chain['gemv_pdl_us']} us ({chain['pdl_saved_us_per_gemv']} us a GEMV launch; same bits: {chain['same_bits']})")
