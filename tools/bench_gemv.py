@@ -8,7 +8,7 @@ dependent launch (sm_90+; docs/perf-notes.md, section 18). ``norm_gemv_us``: for
 after an RMSNorm (qkv, gate_up, the LM head), the GEMV with the residual add + RMSNorm in its
 prologue, as the ``fuse_norm`` pass runs it (section 32): its cost over ``gemv_us``. The down rows
 after SiLU-mul time cuBLAS against the plain GEMV and the ``fuse_silu`` op's GEMV, each per tiling
-(sections 36 and 37). A last row times a decode step's
+(sections 36 and 37); the K = 1536 projections' GEMV is timed per tiling too. A last row times a decode step's
 chain of projections in one graph, each reading the one before it (28 x qkv, o_proj, gate_up on the
 GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import pdl  # noqa: E402
-from fullgraph_backend.gemv import GATED_TILES, Tiles, gemv, rms_norm_gemv, silu_mul_gemv, silu_mul_rows  # noqa: E402
+from fullgraph_backend.gemv import GATED_TILES, TILES, Tiles, gemv, rms_norm_gemv, silu_mul_gemv, silu_mul_rows  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
 HIDDEN, INTERMEDIATE, QKV, VOCAB, LAYERS = 1536, 8960, 2048, 151936, 28
@@ -94,6 +94,25 @@ def time_down(iters: int) -> list[dict]:
     return rows
 
 
+# tilings of the K = 1536 projections' GEMV (TILES first): qkv and o_proj read 6.3 and 4.7 MB at
+# 1.6-1.9 TB/s with TILES (latency, three dependent 512-wide slices a program), gate_up 55 MB at 3.7
+SHORT_VARIANTS = (TILES, Tiles(4, 2048, 4, 1), Tiles(2, 2048, 4, 1), Tiles(8, 2048, 8, 1), Tiles(4, 1024, 4, 2),
+                  Tiles(2, 512, 4, 3), Tiles(8, 512, 4, 3), Tiles(4, 256, 4, 4))
+
+
+def time_short_tilings(iters: int) -> list[dict]:
+    """The plain GEMV with PDL per tiling of :data:`SHORT_VARIANTS`, on the K = 1536 projections."""
+    rows = []
+    for name in ("qkv", "o_proj", "gate_up"):
+        n, k, bias, copies = SHAPES[name]
+        for tiles in SHORT_VARIANTS:
+            us, error = time_op(functools.partial(gemv, pdl=True, tiles=tiles), n, k, bias, copies, iters)
+            rows.append(dict(op=name, variant=f"gemv {tuple(tiles)}", N=n, K=k, us=round(us, 2),
+                             TBs=round(n * k * 2 / 1e6 / us, 2), max_abs_diff=error))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def time_chain(iters: int) -> dict:
     """One graph per setting of a decode step's projections at one row, each input the output of
     the one before (down on cuBLAS, as ``uses_gemv`` rules): microseconds without and with PDL."""
@@ -152,19 +171,20 @@ def main() -> None:
         torch.cuda.empty_cache()
     header["pdl"] = pdl.supported(torch.device("cuda"))  # False: the pdl columns time plain launches
     down = time_down(args.iters)
+    short = time_short_tilings(args.iters)
     chain = time_chain(args.iters)
     print(json.dumps(chain), flush=True)
     with open(args.out, "w") as f:
-        json.dump({**header, "rows": rows, "down": down, "chain": chain}, f, indent=1)
+        json.dump({**header, "rows": rows, "down": down, "short_tilings": short, "chain": chain}, f, indent=1)
     print("\n| op (one row) | N x K | cuBLAS us (TB/s) | GEMV us (TB/s) | cuBLAS / GEMV | GEMV with PDL us "
           "| GEMV with the norm us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['op']} | {r['N']} x {r['K']} | {r['cublas_us']} ({r['cublas_TBs']}) | {r['gemv_us']} "
               f"({r['gemv_TBs']}) | {r['speedup']} | {r['gemv_pdl_us']} | {r['norm_gemv_us'] or '-'} |")
-    print("\n| down after SiLU-mul (one row) | us (TB/s) | max abs diff |\n|---|---|---|")
-    for r in down:
-        print(f"| {r['variant']} | {r['us']} ({r['TBs']}) | {r['max_abs_diff']:.3g} |")
+    print("\n| one row | tiling | us (TB/s) | max abs diff |\n|---|---|---|---|")
+    for r in down + short:
+        print(f"| {r['op']} | {r['variant']} | {r['us']} ({r['TBs']}) | {r['max_abs_diff']:.3g} |")
     print(f"\nlayer chain ({chain['N']} GEMVs, {LAYERS} cuBLAS downs, one graph): {chain['gemv_us']} us, with PDL "
           f"{chain['gemv_pdl_us']} us ({chain['pdl_saved_us_per_gemv']} us a GEMV launch; same bits: {chain['same_bits']})")
 
