@@ -283,6 +283,19 @@ def test_backend_pdl_graphs_match_plain_graphs():
     torch._dynamo.reset()
 
 
+def _compile_double_and_arange(options: dict, caplog) -> None:
+    """Compile ``x * 2`` and an ``arange`` (a Triton kernel with no load) with our backend and
+    ``options``, warnings captured, and check both outputs."""
+    def f(x):
+        return x * 2, torch.arange(x.shape[0] * 3, device=x.device)
+
+    torch._dynamo.reset()
+    x = torch.randn(8, 16, device="cuda")
+    with caplog.at_level("WARNING", logger="fullgraph"), torch.inference_mode():
+        doubled, iota = torch.compile(f, backend="fullgraph", options=options)(x)
+        assert torch.equal(doubled, x * 2) and torch.equal(iota, torch.arange(24, device="cuda"))
+
+
 @pytest.mark.gpu
 @needs_hopper
 def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplog):
@@ -294,15 +307,8 @@ def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplo
 
     from helpers import own_block_tables
 
-    def f(x):
-        return x * 2, torch.arange(x.shape[0] * 3, device=x.device)
-
-    torch._dynamo.reset()
-    x = torch.randn(8, 16, device="cuda")
     no_combo = {"inductor_config": {"combo_kernels": False}}  # the arange a kernel of its own, after x * 2's
-    with caplog.at_level("WARNING", logger="fullgraph"), torch.inference_mode():
-        doubled, iota = torch.compile(f, backend="fullgraph", options=no_combo)(x)
-        assert torch.equal(doubled, x * 2) and torch.equal(iota, torch.arange(24, device="cuda"))
+    _compile_double_and_arange(no_combo, caplog)
     assert "PDL off for this graph" in caplog.text
     caplog.clear()
     torch._dynamo.reset()
@@ -331,14 +337,7 @@ def test_combo_kernels_are_cut_into_their_parts_and_every_part_waits(monkeypatch
     real = backend.pdl_unwaited
     monkeypatch.setattr(backend, "pdl_unwaited", lambda sources: seen.append(list(sources)) or real(sources))
 
-    def f(x):
-        return x * 2, torch.arange(x.shape[0] * 3, device=x.device)
-
-    torch._dynamo.reset()
-    x = torch.randn(8, 16, device="cuda")
-    with caplog.at_level("WARNING", logger="fullgraph"), torch.inference_mode():
-        doubled, iota = torch.compile(f, backend="fullgraph")(x)
-        assert torch.equal(doubled, x * 2) and torch.equal(iota, torch.arange(24, device="cuda"))
+    _compile_double_and_arange({}, caplog)
     sources = [source for compiled in seen for _, source in compiled if "'launch_pdl': True" in source]
     combos = [source for source in sources if len(pdl._program_parts(source)) >= 2]
     assert combos, "no combo kernel found; the PDL kernels:\n" + "\n----\n".join(s[-1500:] for s in sources)

@@ -104,8 +104,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=".")
     add_arguments(parser)
-    parser.add_argument("--gated-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the down GEMV with SiLU-mul "
-                        "(+silufuse), instead of gemv.GATED_TILES: a tiling tools/bench_gemv.py found faster")
+    parser.add_argument("--gated-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the down GEMV (+silufuse, +longk), "
+                        "instead of gemv.GATED_TILES: a tiling tools/bench_gemv.py found faster")
     args = parser.parse_args()
     if args.gated_tiles:  # read by the op's launches, i.e. at warm-up and capture
         gemv.GATED_TILES = gemv.Tiles(*(int(v) for v in args.gated_tiles.split(",")))
