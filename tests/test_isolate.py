@@ -21,8 +21,11 @@ STUB = textwrap.dedent('''
     args = parser.parse_args()
     if args.modes == "bad":
         sys.exit(3)
-    if args.modes == "hangs":
+    if args.modes in ("hangs", "hangs-after-one"):
         import time
+        if args.modes == "hangs-after-one":  # the tools write their result after each row
+            with open(os.path.join(args.out, "result.json"), "w") as f:
+                json.dump({"device": "stub", "rows": [{"mode": args.modes, "batch": 1, "ms": 2.0}]}, f)
         time.sleep(600)
     turn = 0
     if args.log:
@@ -64,6 +67,16 @@ def test_a_mode_past_the_timeout_is_stopped_and_the_rest_go_on(tmp_path):
     assert [r["mode"] for r in rows] == ["hangs", "hangs", "x"]
     assert all(r["error"] == "its process ran past --mode-timeout 3 s and was stopped" for r in rows[:2])
     assert rows[2]["ok"] is True
+
+
+def test_a_stopped_mode_keeps_the_rows_it_wrote_before_the_stop(tmp_path):
+    script = tmp_path / "stub.py"
+    script.write_text(STUB)
+    _, rows = run_modes(str(script), [], ["hangs-after-one"], "result.json", [1, 8], timeout=3)
+    assert rows[0] == {"mode": "hangs-after-one", "batch": 1, "ms": 2.0}
+    assert rows[1] == {"mode": "hangs-after-one", "batch": 8,
+                       "error": "its process ran past --mode-timeout 3 s and was stopped"}
+    assert len(rows) == 2
 
 
 def test_rounds_alternate_the_order_and_give_each_numbers_median(tmp_path):

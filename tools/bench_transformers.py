@@ -3,7 +3,11 @@
 A transformers model with a named config's shapes (random bf16 weights) decodes greedily from
 ``--prompt-len`` random tokens. TPOT is the time per token after the first: two ``generate`` calls
 of ``--tokens`` and ``2 * --tokens`` new tokens, their difference over ``--tokens`` (prefill and
-setup cancel out), median of ``--repeats``. Modes:
+setup cancel out), median of ``--repeats``. The transformers modes also report ``step_ms``, the
+median time between consecutive decode steps of those timed generates (a stopping criterion that
+never stops notes each step's time; transformers syncs on every step's tokens on CUDA): one pause
+moves a difference of two generates by its whole length over ``--tokens``, but a median of
+steps not at all. Modes:
   eager            transformers, no compilation (``disable_compile=True``)
   hf-compiled      transformers' own auto-compiled static-cache decode (its default compile config)
   fullgraph        ``model.forward = torch.compile(model.forward, backend="fullgraph")``
@@ -70,9 +74,40 @@ def warm_up(generate, tokens: int) -> None:
         generate(2 * tokens)
 
 
-def tpot_ms(generate, tokens: int, repeats: int) -> float:
-    """Median ms per token after the first, from generates of ``tokens`` and ``2 * tokens`` new tokens."""
+class StepClock:
+    """A transformers stopping criterion that never stops and notes the time of each call: once per
+    decode step, after the step's token is picked."""
+
+    def __init__(self) -> None:
+        self.generates: list[list[float]] = []  # per generate since the last clear, its steps' times
+        self._not_done: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        """Forget what was noted (the warm-up's generates)."""
+        self.generates.clear()
+
+    def new_generate(self) -> None:
+        """Start noting a new generate's steps."""
+        self.generates.append([])
+
+    def step_ms(self) -> float:
+        """Median ms between consecutive steps of one generate, over every noted generate."""
+        gaps = [(b - a) * 1e3 for times in self.generates for a, b in zip(times, times[1:])]
+        return statistics.median(gaps)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.generates[-1].append(time.perf_counter())
+        if self._not_done is None or self._not_done.shape[0] != input_ids.shape[0]:
+            self._not_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._not_done
+
+
+def tpot_ms(generate, tokens: int, repeats: int, clock: StepClock | None = None) -> float:
+    """Median ms per token after the first, from generates of ``tokens`` and ``2 * tokens`` new tokens;
+    ``clock``, if given, keeps the steps of the timed generates only."""
     warm_up(generate, tokens)
+    if clock is not None:
+        clock.clear()
     per_token = []
     for _ in range(repeats):
         times = []
@@ -87,13 +122,16 @@ def tpot_ms(generate, tokens: int, repeats: int) -> float:
 
 
 @contextlib.contextmanager
-def compiled_generate(model, mode: str, ids: torch.Tensor):
-    """``(generate(n), backend)`` for one of the transformers modes: ``model.forward`` compiled as
-    ``mode`` asks (backend is the fullgraph backend, else None); transformers' own forward after."""
+def compiled_generate(model, mode: str, ids: torch.Tensor, options: dict | None = None):
+    """``(generate(n), backend, clock)`` for one of the transformers modes: ``model.forward`` compiled as
+    ``mode`` asks (backend is the fullgraph backend with ``options``, else None), every generate's
+    steps noted by ``clock``; transformers' own forward after."""
+    from transformers import StoppingCriteriaList
+
     torch._dynamo.reset()
-    backend = None
+    backend, clock = None, StepClock()
     if mode == "fullgraph":
-        backend = RecordingBackend()
+        backend = RecordingBackend(options)
         model.forward = torch.compile(model.forward, backend=backend)
     elif mode == "reduce-overhead":
         compiled = torch.compile(model.forward, mode="reduce-overhead")
@@ -107,21 +145,23 @@ def compiled_generate(model, mode: str, ids: torch.Tensor):
         model.forward = forward
 
     def generate(n: int):
+        clock.new_generate()
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                                   min_new_tokens=n, cache_implementation="static",
+                                  stopping_criteria=StoppingCriteriaList([clock]),
                                   disable_compile=mode != "hf-compiled")
 
     try:
-        yield generate, backend
+        yield generate, backend, clock
     finally:  # the next mode starts from transformers' own forward
         model.__dict__.pop("forward", None)
         model.__dict__.pop("_compiled_call", None)
 
 
-def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: int) -> dict:
-    with compiled_generate(model, mode, ids) as (generate, backend):
-        row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats)}
+def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: int, options: dict | None) -> dict:
+    with compiled_generate(model, mode, ids, options) as (generate, backend, clock):
+        row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats, clock), "step_ms": clock.step_ms()}
     if backend is not None:
         row["graphs"] = backend.graphs
         row["graph_keys"] = [[rec.size, rec.kind] for r in backend.runners for rec in r.capture_table]
@@ -160,6 +200,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="TPOT from generates of this many and twice as many")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--options", type=json.loads, default=None,
+                        help='backend="fullgraph" options for the fullgraph mode, as JSON')
     add_arguments(parser)
     args = parser.parse_args()
     modes = args.modes.split(",")
@@ -206,7 +248,7 @@ def main() -> None:
         ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device="cuda") if model else None
         for mode in hf_modes:
             try:
-                row = transformers_row(model, mode, ids, args.tokens, args.repeats)
+                row = transformers_row(model, mode, ids, args.tokens, args.repeats, args.options)
             except Exception as error:  # noqa: BLE001 - one mode failing must not lose the others' rows
                 row = {"mode": mode, "error": f"{type(error).__name__}: {error}"[:500]}
             record([{**row, "batch": batch}])
@@ -219,8 +261,8 @@ def _print_summary(result: dict, repeats: int) -> None:
           f"{result.get('transformers', '?')}, {result['model']} shapes, bf16, prompt {result['prompt_len']}, "
           f"TPOT ms (median of {repeats})")
     for batch in sorted({r["batch"] for r in result["rows"]}):
-        cells = [f"{r['mode']} {r['tpot_ms']:.2f}" if "tpot_ms" in r else f"{r['mode']} failed"
-                 for r in result["rows"] if r["batch"] == batch]
+        cells = [(f"{r['mode']} {r['tpot_ms']:.2f}" + (f" (step {r['step_ms']:.2f})" if "step_ms" in r else ""))
+                 if "tpot_ms" in r else f"{r['mode']} failed" for r in result["rows"] if r["batch"] == batch]
         print(f"batch {batch}: " + " | ".join(cells))
 
 

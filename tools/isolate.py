@@ -61,7 +61,8 @@ def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
     """Run ``script`` once per mode, each in a new Python process writing ``result_name`` (a JSON
     object with ``rows``) to a folder of its own; return the first result's other keys and every
     row, in mode order. A process that fails, or runs past ``timeout`` seconds and is stopped,
-    leaves a row ``{"mode", "batch", "error"}`` per batch of ``batches``; the others go on. With
+    leaves a row ``{"mode", "batch", "error"}`` per batch of ``batches`` it has no row for (a stopped
+process keeps the rows its result file held); the others go on. With
     ``rounds`` > 1 the modes run that many times, in order and reversed by turns, and a mode's row
     per batch is :func:`median_row` of its rounds."""
     header, runs = {}, {mode: [] for mode in modes}
@@ -100,11 +101,20 @@ def _run_one(script: str, argv: list[str], mode: str, result_name: str, batches:
         return {"rows": [{"mode": mode, "batch": batch, "error": why} for batch in batches]}
 
     with tempfile.TemporaryDirectory(prefix="fullgraph-mode-") as out:
+        path = os.path.join(out, result_name)
         try:
             code = subprocess.run([sys.executable, script, *child_argv(argv, mode, out)], timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            return failed(f"its process ran past --mode-timeout {timeout:g} s and was stopped")
-        path = os.path.join(out, result_name)
+            # the tools write their result after each row: what finished before the stop is kept
+            why = f"its process ran past --mode-timeout {timeout:g} s and was stopped"
+            try:
+                with open(path) as f:
+                    result = json.load(f)
+            except (OSError, ValueError):  # none written yet, or stopped while writing it
+                return failed(why)
+            done = {row["batch"] for row in result["rows"]}
+            result["rows"] += [row for row in failed(why)["rows"] if row["batch"] not in done]
+            return result
         if not os.path.exists(path):
             return failed(f"its process exited with code {code} and wrote no result")
         with open(path) as f:

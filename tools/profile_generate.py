@@ -9,6 +9,7 @@ Usage (GPU): python tools/profile_generate.py --out OUT_DIR [--modes fullgraph,h
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -28,12 +29,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--options", type=json.loads, default=None,
+                        help='backend="fullgraph" options for the fullgraph mode, as JSON')
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     model = transformers_model(args.model)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")
     for mode in args.modes.split(","):
-        with compiled_generate(model, mode, ids) as (generate, _):
+        with compiled_generate(model, mode, ids, args.options) as (generate, _, _):
             warm_up(generate, args.tokens)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
