@@ -34,7 +34,8 @@ class FullgraphConfig:
     - ``inductor_config``: extra ``torch._inductor.config`` patches for this compile, e.g.
       ``{"coordinate_descent_tuning": True}``; ``triton.cudagraphs`` stays off (we capture).
     - ``gemv``: in graphs captured on CUDA, run one-row 16-bit linears on our Triton GEMV instead
-      of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass); False keeps cuBLAS.
+      of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass; past K = 4096, the down
+      projection, only where ``pdl`` launches it); False keeps cuBLAS.
     - ``fuse_norm``: with ``gemv``, fold each RMSNorm (and the residual add before it) that feeds only
       a linear into that linear's op, so at batch 1 the GEMV computes the norm in its prologue and
       Inductor's norm kernel goes (the ``fuse_norm_linear`` pass; perf-notes sections 32, 34, 35).

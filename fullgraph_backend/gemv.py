@@ -5,10 +5,12 @@ columns to a CTA, which leaves most of an H100's SMs idle on the narrow ones (Qw
 and o_proj read their weights at a third of the card's bandwidth in the batch-1 profile,
 docs/perf-notes.md, section 3). Here each program owns ``BLOCK_N`` = 4 weight rows and walks K
 in 512-wide slices, so a 1536-wide output is 384 programs. Per call with cold weights it beats
-cuBLAS on every projection with K = 1536 and on the LM head; on down (K = 8960) it tied in one
-measurement and lost in another, so long K stays on cuBLAS's split-K; a two-row variant lost on
-gate_up and down, so more rows stay ``F.linear`` (:func:`uses_gemv`; docs/perf-notes.md,
-section 10, and the GEMV table of docs/benchmarks.md, ``python3 tools/bench_gemv.py``).
+cuBLAS on every projection with K = 1536 and on the LM head. Past K = ``LONG_K`` (the down
+projection, K = 8960) it walks 1024-wide slices (``LONG_K_TILES``): 9.3 us a call on the H200
+against 12.3 + 1.6 us for cuBLAS's split-K and its reduce, a decode step 5-7% shorter at batch 1
+(docs/perf-notes.md, section 38). A two-row variant lost on gate_up and down, so more rows stay
+``F.linear`` (:func:`uses_gemv`; docs/perf-notes.md, section 10, and the GEMV table of
+docs/benchmarks.md, ``python3 tools/bench_gemv.py``).
 
 The op is defined like every ``fullgraph`` op (``fullgraph_backend/library.py``: cheap Python
 dispatch, which matters where a graph runs without CUDA graphs, larger than the largest capture
@@ -22,9 +24,8 @@ on Hopper: its first weight loads overlap the previous kernel (docs/perf-notes.m
 RMSNorm (and the residual add before it): where the GEMV runs, the kernel computes the norm in
 its prologue, so no kernel of its own runs before it (the ``fuse_norm_linear`` pass puts them in;
 docs/perf-notes.md, section 32). ``fullgraph::silu_mul_linear`` is the op after ``silu(gate) *
-up``, the down projection: there the GEMV takes K up to ``GATED_MAX_K`` with its own tiling,
-10.7 us a call against 13.8 for SiLU-mul + cuBLAS on the H200 (the ``fuse_silu_linear`` pass;
-section 36).
+up``, the down projection, with ``LONG_K_TILES``: 10.7 us a call against 13.8 for SiLU-mul +
+cuBLAS on the H200 (the ``fuse_silu_linear`` pass; section 36).
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ try:
 except ImportError:  # triton is an optional dependency: without it every linear stays F.linear
     triton = None
 
-# Longest K measured faster than cuBLAS is 1536; 8960 tied or lost (docs/perf-notes.md, section 10).
-MAX_K = 4096
+# The longest K a one-row linear takes the GEMV at (Mistral-7B's down, 14336, fits). Measured faster
+# than cuBLAS at 1536 and, with LONG_K_TILES, at 8960 (perf-notes sections 10 and 38); read at each call.
+MAX_K = 16384
 
 
 class Tiles(NamedTuple):
@@ -56,13 +58,11 @@ class Tiles(NamedTuple):
 
 
 TILES = Tiles(block_n=4, block_k=512, num_warps=4, num_stages=3)
-# The down projection's GEMV with SiLU-mul in its prologue (K = 8960 on Qwen2.5-1.5B): 1024-wide
-# slices, 2 stages, fastest of 8 tilings on the H200 (10.7 us a call against 13.8 for SiLU-mul + cuBLAS;
-# TILES' 13.9), and the longest K it takes (Mistral-7B's 14336 fits; tools/bench_gemv.py, perf-notes 36).
-GATED_TILES = Tiles(block_n=4, block_k=1024, num_warps=4, num_stages=2)
-GATED_MAX_K = 16384
-# A plain one-row launch past this K takes GATED_TILES too: the op sends no such K to the GEMV (MAX_K),
-# but a direct call can, and so does tools/bench_decode.py's ``+longk`` (the down projection on the GEMV).
+# Launches past LONG_K (the down projection, K = 8960 on Qwen2.5-1.5B), plain or with SiLU-mul in the
+# prologue: 1024-wide slices, 2 stages. On the H200 (tools/bench_gemv.py, with PDL): plain 9.3 us a
+# call against 11.6 for TILES and 12.3 for cuBLAS (perf-notes 38); with SiLU-mul the fastest of 8
+# tilings, 10.7 us against 13.8 for SiLU-mul + cuBLAS (perf-notes 36).
+LONG_K_TILES = Tiles(block_n=4, block_k=1024, num_warps=4, num_stages=2)
 LONG_K = 4096
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -212,7 +212,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     does (CPU tensors under ``TRITON_INTERPRET=1``). ``pdl``: launch with programmatic dependent
     launch where the device supports it; None takes :func:`fullgraph_backend.pdl.enabled` (on
     inside the compiled calls of a ``pdl=True`` backend). ``tiles``: the launch's tiling; None takes
-    :data:`TILES` up to K = :data:`LONG_K`, :data:`GATED_TILES` past it. Example::
+    :data:`TILES` up to K = :data:`LONG_K`, :data:`LONG_K_TILES` past it. Example::
 
         y = gemv(torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
@@ -221,7 +221,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _check_row(x, weight, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl,
-            tiles=tiles or (TILES if k <= LONG_K else GATED_TILES))
+            tiles=tiles or (TILES if k <= LONG_K else LONG_K_TILES))
     return out
 
 
@@ -261,16 +261,17 @@ def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     )
 
 
-def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              max_k: int | None = None) -> bool:
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether a linear of ``x`` takes the GEMV: one row, CUDA, 16-bit, a bias (if any) of ``x``'s
-    dtype, within the measured bounds (K up to ``max_k``, :data:`MAX_K` as it is at the call if None).
+    dtype, K up to :data:`LONG_K`; past it, up to :data:`MAX_K` as it is at the call (tools/bench_decode.py
+    lowers it for a mode), and only where the launch takes PDL: without it the GEMV lost to cuBLAS's
+    split-K at K = 8960 on the H200 (13.8 against 11.8 us a call; 9.3 with PDL, perf-notes 38).
 
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
     return (triton is not None and x.is_cuda and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and x.numel() == k
-            and weight.stride(1) == 1 and k <= (MAX_K if max_k is None else max_k)
+            and weight.stride(1) == 1 and (k <= LONG_K or (k <= MAX_K and pdl_enabled(x.device)))
             and (bias is None or bias.dtype == x.dtype))
 
 
@@ -436,7 +437,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
 
     ``gate`` and ``up``: one row of K features each, unit stride along K (the two halves of a merged
     gate_up projection's output qualify); shapes and ``pdl`` as :func:`gemv`; ``tiles`` defaults to
-    :data:`GATED_TILES`. Example::
+    :data:`LONG_K_TILES`. Example::
 
         gate, up = gate_up_out.chunk(2, dim=-1)  # [1, 8960] each
         y = silu_mul_gemv(gate, up, down.weight)  # [1, 1536]
@@ -449,7 +450,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
                          f"{tuple(up.shape)} in {up.dtype}")
     out = torch.empty((*gate.shape[:-1], n), dtype=gate.dtype, device=gate.device)
     _launch(gate.reshape(k).contiguous(), weight, bias, out, pdl_enabled(gate.device) if pdl is None else pdl,
-            up=up.reshape(k).contiguous(), tiles=tiles or GATED_TILES)
+            up=up.reshape(k).contiguous(), tiles=tiles or LONG_K_TILES)
     return out
 
 
@@ -473,7 +474,7 @@ def _silu_mul_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
     elsewhere (CPU; fp32 on the GEMV's terms; rows the kernels cannot address)."""
     if not _gated_kernels_take(gate, up):
         return _gated_composed(gate, up, weight, bias)
-    if uses_gemv(gate, weight, bias, GATED_MAX_K):
+    if uses_gemv(gate, weight, bias):
         return silu_mul_gemv(gate, up, weight, bias)
     return linear(silu_mul_rows(gate, up), weight, bias)
 

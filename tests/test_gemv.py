@@ -37,8 +37,8 @@ def test_gemv_pdl_path_gives_the_same_bits(n, k, dtype):
 
 
 def test_gemv_past_long_k_takes_the_long_tiling_and_any_tiling_gives_the_linear(monkeypatch):
-    """K past LONG_K (the down projection's 8960, as ``+longk`` sends it) launches with GATED_TILES'
-    1024-wide slices; a tiling given explicitly is used instead; every one computes F.linear."""
+    """K past LONG_K (the down projection's 8960) launches with LONG_K_TILES' 1024-wide slices; a
+    tiling given explicitly is used instead; every one computes F.linear."""
     tilings = []
     real = gemv_module._launch
     monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
@@ -48,16 +48,24 @@ def test_gemv_past_long_k_takes_the_long_tiling_and_any_tiling_gives_the_linear(
         torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
     tiles = gemv_module.Tiles(2, 256, 4, 2)
     torch.testing.assert_close(gemv(x, weight, tiles=tiles), F.linear(x, weight), atol=1e-4, rtol=1e-5)
-    assert tilings == [gemv_module.TILES, gemv_module.GATED_TILES, tiles]
+    assert tilings == [gemv_module.TILES, gemv_module.LONG_K_TILES, tiles]
 
 
-def test_dispatch_reads_max_k_at_the_call(monkeypatch):
-    """tools/bench_decode.py's ``+longk`` raises MAX_K for a mode: the rule must read it then."""
+def test_long_k_takes_the_gemv_with_pdl_only_and_the_rule_reads_max_k_at_the_call(monkeypatch):
+    """The down projection (K = 8960) takes the GEMV where its launch takes PDL, cuBLAS elsewhere (the
+    GEMV lost without PDL); tools/bench_decode.py's ``+cublasdown`` lowers MAX_K to LONG_K for a mode,
+    so the rule must read it at the call. K = 1536 takes the GEMV either way."""
+    pdl = [False]
+    monkeypatch.setattr(gemv_module, "pdl_enabled", lambda device: pdl[0])
     with FakeTensorMode():
-        x, weight = _fake_cuda(1, 8960), _fake_cuda(1536, 8960)
+        x, weight, short = _fake_cuda(1, 8960), _fake_cuda(1536, 8960), _fake_cuda(2048, 1536)
         assert not uses_gemv(x, weight)
-        monkeypatch.setattr(gemv_module, "MAX_K", gemv_module.GATED_MAX_K)
+        assert uses_gemv(_fake_cuda(1, 1536), short)
+        pdl[0] = True
         assert uses_gemv(x, weight)
+        monkeypatch.setattr(gemv_module, "MAX_K", gemv_module.LONG_K)
+        assert not uses_gemv(x, weight)
+        assert uses_gemv(_fake_cuda(1, 1536), short)
 
 
 @settings(max_examples=25, deadline=None)
@@ -100,8 +108,9 @@ def _fake_cuda(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="cuda")
 
 
-def test_dispatch_rule_takes_one_row_16_bit_cuda_within_the_measured_bounds():
+def test_dispatch_rule_takes_one_row_16_bit_cuda_within_the_measured_bounds(monkeypatch):
     k = gemv_module.MAX_K
+    monkeypatch.setattr(gemv_module, "pdl_enabled", lambda device: True)  # K past LONG_K needs PDL (above)
     with FakeTensorMode():
         weight = _fake_cuda(2048, 1536)
         assert uses_gemv(_fake_cuda(1, 1536), weight)
@@ -110,7 +119,7 @@ def test_dispatch_rule_takes_one_row_16_bit_cuda_within_the_measured_bounds():
         assert not uses_gemv(_fake_cuda(1, 1536, dtype=torch.float32), _fake_cuda(2048, 1536, dtype=torch.float32))
         assert uses_gemv(_fake_cuda(1, k), _fake_cuda(16, k))
         assert uses_gemv(_fake_cuda(1, 1536), _fake_cuda(151936, 1536))  # an LM head
-        assert not uses_gemv(_fake_cuda(1, k + 1), _fake_cuda(16, k + 1))  # long K: cuBLAS's split-K won
+        assert not uses_gemv(_fake_cuda(1, k + 1), _fake_cuda(16, k + 1))  # past the longest K measured
         assert not uses_gemv(_fake_cuda(1, 64), _fake_cuda(64, 64).t())  # no unit stride along K
         assert uses_gemv(_fake_cuda(1, 1536), weight, _fake_cuda(2048))
         assert not uses_gemv(_fake_cuda(1, 1536), weight, _fake_cuda(2048, dtype=torch.float32))  # F.linear decides
@@ -155,15 +164,17 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fullgraph_backend.gemv import GATED_TILES, ROWS_BLOCK_K, SILU_MUL_BLOCK_K, TILES, _gemv_kernel as fn
+from fullgraph_backend.gemv import LONG_K_TILES, ROWS_BLOCK_K, SILU_MUL_BLOCK_K, TILES, _gemv_kernel as fn
 from fullgraph_backend.gemv import _rms_norm_rows_kernel, _silu_mul_rows_kernel
 
 types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
              norm_w="*bf16", h_out="*bf16", eps="fp32", up="*bf16")
 sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in types and name != "eps"}
-# the plain GEMV, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down projection's)
-for norm, gated, tiles in ((False, False, TILES), (True, False, TILES), (False, True, GATED_TILES)):
+# the plain GEMV in both tilings, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down
+# projection's)
+for norm, gated, tiles in ((False, False, TILES), (False, False, LONG_K_TILES), (True, False, TILES),
+                           (False, True, LONG_K_TILES)):
     flags = dict(HAS_BIAS=False, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
                  GATED=gated)
     consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
@@ -193,7 +204,7 @@ print("compiled")
 
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait_and_the_trigger_after():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
-    before the wait and lets the next kernel launch only after it, plain, with the RMSNorm prologue
+    before the wait and lets the next kernel launch only after it, plain (both tilings), with the RMSNorm prologue
     and with SiLU-mul's, and stores nothing before the wait; the norm-only kernel compiles too, in
     one pass and in slices, and the SiLU-mul rows kernel."""
     run_compiler_script(_SM90_SCRIPT)
@@ -390,7 +401,7 @@ def test_silu_mul_linear_kernel_paths_on_cpu(monkeypatch, shape):
     takes the GEMV with SiLU-mul in its prologue, more rows the SiLU-mul kernel then
     fullgraph::linear; both as the kernels compose, in the input's leading shape."""
     monkeypatch.setattr(gemv_module, "_gated_kernels_take", lambda gate, up: True)
-    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None, max_k=0: x.numel() == weight.shape[1])
+    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None: x.numel() == weight.shape[1])
     launches = []
     real = gemv_module._launch
     monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: launches.append(kw.get("up") is not None) or real(*a, **kw))

@@ -14,8 +14,8 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
-  +longk       one-row linears with K up to ``gemv.GATED_MAX_K`` on the GEMV (``gemv.MAX_K`` raised):
-               the down projection leaves cuBLAS's split-K, with ``GATED_TILES``' 1024-wide slices
+  +cublasdown  one-row linears past ``gemv.LONG_K`` (the down projection) on cuBLAS's split-K
+               (``gemv.MAX_K`` lowered), as before session 16 put them on the GEMV
   +combo       Inductor's combo kernels (independent small kernels launched as one; the backend
                turns them on with PDL, so this is for reduce-overhead)
   +nocombo     no combo kernels (``inductor_config={"combo_kernels": False}``)
@@ -104,11 +104,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=".")
     add_arguments(parser)
-    parser.add_argument("--gated-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the down GEMV (+silufuse, +longk), "
-                        "instead of gemv.GATED_TILES: a tiling tools/bench_gemv.py found faster")
+    parser.add_argument("--long-k-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the GEMVs past gemv.LONG_K (the "
+                        "down projection, plain or +silufuse) instead of gemv.LONG_K_TILES: a tiling "
+                        "tools/bench_gemv.py found faster")
     args = parser.parse_args()
-    if args.gated_tiles:  # read by the op's launches, i.e. at warm-up and capture
-        gemv.GATED_TILES = gemv.Tiles(*(int(v) for v in args.gated_tiles.split(",")))
+    if args.long_k_tiles:  # read by the op's launches, i.e. at warm-up and capture
+        gemv.LONG_K_TILES = gemv.Tiles(*(int(v) for v in args.long_k_tiles.split(",")))
 
     os.makedirs(args.out, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -134,7 +135,7 @@ def main() -> None:
     }
     bandwidth = copy_bandwidth()
     header["copy_bandwidth_TBs"] = round(bandwidth / 1e12, 3)
-    header["gated_tiles"] = list(gemv.GATED_TILES)
+    header["long_k_tiles"] = list(gemv.LONG_K_TILES)
     max_len = args.context + 1
     ctx = config.forward_context(dtype=dtype, device="cuda", max_num_seqs=max(batches), max_num_tokens=max(batches),
                                  max_model_len=max_len, attention_impl=args.attention_impl)
@@ -153,7 +154,7 @@ def main() -> None:
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
-        gemv.MAX_K = gemv.GATED_MAX_K if "longk" in flags else default_max_k  # read at warm-up and capture
+        gemv.MAX_K = gemv.LONG_K if "cublasdown" in flags else default_max_k  # read at warm-up and capture
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -199,7 +200,7 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "longk", "nopdl", "combo", "nocombo", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "cublasdown", "nopdl", "combo", "nocombo", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):

@@ -3,7 +3,7 @@
 Qwen2.5-1.5B's projections (qkv with bias, o_proj, gate_up, down, the LM head) at one row, bf16. Each op is timed as a CUDA-graph replay of one call per layer over distinct weight copies
 (28, as in the model; 3 for the LM head), after an L2-clearing read, and reported per call, with
 the effective TB/s of the weight read. The rows justify ``fullgraph_backend.gemv``'s rule (one
-row, K <= MAX_K). ``gemv_pdl_us``: the same graph with every GEMV launched with programmatic
+row; K up to LONG_K, and past it with PDL). ``gemv_pdl_us``: the same graph with every GEMV launched with programmatic
 dependent launch (sm_90+; docs/perf-notes.md, section 18). ``norm_gemv_us``: for the projections
 after an RMSNorm (qkv, gate_up, the LM head), the GEMV with the residual add + RMSNorm in its
 prologue, as the ``fuse_norm`` pass runs it (section 32): its cost over ``gemv_us``. The down rows
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import pdl  # noqa: E402
-from fullgraph_backend.gemv import GATED_TILES, TILES, Tiles, gemv, rms_norm_gemv, silu_mul_gemv, silu_mul_rows  # noqa: E402
+from fullgraph_backend.gemv import LONG_K_TILES, TILES, Tiles, gemv, rms_norm_gemv, silu_mul_gemv, silu_mul_rows  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
 HIDDEN, INTERMEDIATE, QKV, VOCAB, LAYERS = 1536, 8960, 2048, 151936, 28
@@ -60,7 +60,7 @@ def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int) -> tuple[fl
 
 
 # tilings of the down projection's GEMVs (K = 8960: long rows, few outputs), plain and with SiLU-mul in the prologue
-DOWN_VARIANTS = (GATED_TILES, Tiles(2, 512, 4, 3), Tiles(4, 512, 4, 3), Tiles(4, 1024, 8, 3), Tiles(8, 512, 8, 3),
+DOWN_VARIANTS = (LONG_K_TILES, Tiles(2, 512, 4, 3), Tiles(4, 512, 4, 3), Tiles(4, 1024, 8, 3), Tiles(8, 512, 8, 3),
                  Tiles(4, 256, 4, 4), Tiles(2, 1024, 4, 3), Tiles(1, 1024, 4, 4))
 
 
@@ -68,7 +68,7 @@ def time_down(iters: int) -> list[dict]:
     """Down after SiLU-mul, one row, per layer over cold weights, with PDL as in a step: cuBLAS on the
     SiLU-mul'd row (the default step: Inductor's SiLU-mul kernel, then this), our SiLU-mul kernel then
     cuBLAS (the ``fuse_silu`` op's path for more rows); the plain GEMV on that row per tiling (the
-    ``+longk`` path of tools/bench_decode.py), and the GEMV with SiLU-mul in its prologue per tiling
+    default one-row down since session 16), and the GEMV with SiLU-mul in its prologue per tiling
     (``fuse_silu`` at one row)."""
     n, k, _, copies = SHAPES["down"]
     gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
