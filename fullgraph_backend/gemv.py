@@ -64,6 +64,13 @@ TILES = Tiles(block_n=4, block_k=512, num_warps=4, num_stages=3)
 # tilings, 10.7 us against 13.8 for SiLU-mul + cuBLAS (perf-notes 36).
 LONG_K_TILES = Tiles(block_n=4, block_k=1024, num_warps=4, num_stages=2)
 LONG_K = 4096
+# Plain launches whose row fits one such slice and whose N is at most SHORT_N: one load round trip a
+# program, for qkv and o_proj, which run latency-bound at 1.5-1.9 TB/s. On the H200 (bench_gemv, with
+# PDL): qkv 2.98 against TILES' 3.43 us, o_proj 2.46 against 3.03; gate_up (N = 17920) 16.42 against
+# 14.75, hence the bound on N. Off (SHORT_N = 0) until a step measures it: tools/bench_decode.py's
+# ``+shorttiles`` sets SHORT_N for its mode (perf-notes 38).
+SHORT_TILES = Tiles(block_n=4, block_k=2048, num_warps=4, num_stages=1)
+SHORT_N = 0
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -212,7 +219,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     does (CPU tensors under ``TRITON_INTERPRET=1``). ``pdl``: launch with programmatic dependent
     launch where the device supports it; None takes :func:`fullgraph_backend.pdl.enabled` (on
     inside the compiled calls of a ``pdl=True`` backend). ``tiles``: the launch's tiling; None takes
-    :data:`TILES` up to K = :data:`LONG_K`, :data:`LONG_K_TILES` past it. Example::
+    :func:`default_tiles`. Example::
 
         y = gemv(torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
@@ -221,8 +228,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _check_row(x, weight, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl,
-            tiles=tiles or (TILES if k <= LONG_K else LONG_K_TILES))
+            tiles=tiles or default_tiles(n, k))
     return out
+
+
+def default_tiles(n: int, k: int) -> Tiles:
+    """The tiling of a plain one-row launch over an ``[n, k]`` weight: :data:`LONG_K_TILES` past
+    K = :data:`LONG_K`; :data:`SHORT_TILES` where the row fits its one slice and N is at most
+    :data:`SHORT_N` (as it is at the call); :data:`TILES` otherwise."""
+    if k > LONG_K:
+        return LONG_K_TILES
+    if k <= SHORT_TILES.block_k and n <= SHORT_N:
+        return SHORT_TILES
+    return TILES
 
 
 class NormPrologue(NamedTuple):

@@ -51,6 +51,25 @@ def test_gemv_past_long_k_takes_the_long_tiling_and_any_tiling_gives_the_linear(
     assert tilings == [gemv_module.TILES, gemv_module.LONG_K_TILES, tiles]
 
 
+def test_short_rows_of_narrow_outputs_take_one_slice_where_short_n_allows(monkeypatch):
+    """``+shorttiles`` (tools/bench_decode.py) sets SHORT_N: a row that fits SHORT_TILES' one slice,
+    with N up to SHORT_N, launches with it, read at the call; a wider N or a longer row does not.
+    Each computes F.linear, K off the slice's width."""
+    tilings = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
+    torch.manual_seed(1)
+    width = gemv_module.SHORT_TILES.block_k
+    shapes = ((12, 1000), (12, width), (40, 1000), (12, width + 1))
+    for short_n in (0, 16):
+        monkeypatch.setattr(gemv_module, "SHORT_N", short_n)
+        for n, k in shapes:
+            x, weight = torch.randn(1, k), torch.randn(n, k)
+            torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    short, plain = gemv_module.SHORT_TILES, gemv_module.TILES
+    assert tilings == [plain] * 4 + [short, short, plain, plain]
+
+
 def test_long_k_takes_the_gemv_with_pdl_only_and_the_rule_reads_max_k_at_the_call(monkeypatch):
     """The down projection (K = 8960) takes the GEMV where its launch takes PDL, cuBLAS elsewhere (the
     GEMV lost without PDL); tools/bench_decode.py's ``+cublasdown`` lowers MAX_K to LONG_K for a mode,
@@ -164,17 +183,17 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fullgraph_backend.gemv import LONG_K_TILES, ROWS_BLOCK_K, SILU_MUL_BLOCK_K, TILES, _gemv_kernel as fn
+from fullgraph_backend.gemv import LONG_K_TILES, ROWS_BLOCK_K, SHORT_TILES, SILU_MUL_BLOCK_K, TILES, _gemv_kernel as fn
 from fullgraph_backend.gemv import _rms_norm_rows_kernel, _silu_mul_rows_kernel
 
 types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
              norm_w="*bf16", h_out="*bf16", eps="fp32", up="*bf16")
 sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in types and name != "eps"}
-# the plain GEMV in both tilings, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down
+# the plain GEMV in its three tilings, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down
 # projection's)
-for norm, gated, tiles in ((False, False, TILES), (False, False, LONG_K_TILES), (True, False, TILES),
-                           (False, True, LONG_K_TILES)):
+for norm, gated, tiles in ((False, False, TILES), (False, False, LONG_K_TILES), (False, False, SHORT_TILES),
+                           (True, False, TILES), (False, True, LONG_K_TILES)):
     flags = dict(HAS_BIAS=False, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
                  GATED=gated)
     consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
@@ -204,7 +223,7 @@ print("compiled")
 
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait_and_the_trigger_after():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
-    before the wait and lets the next kernel launch only after it, plain (both tilings), with the RMSNorm prologue
+    before the wait and lets the next kernel launch only after it, plain (three tilings), with the RMSNorm prologue
     and with SiLU-mul's, and stores nothing before the wait; the norm-only kernel compiles too, in
     one pass and in slices, and the SiLU-mul rows kernel."""
     run_compiler_script(_SM90_SCRIPT)

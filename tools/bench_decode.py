@@ -16,6 +16,8 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
   +cublasdown  one-row linears past ``gemv.LONG_K`` (the down projection) on cuBLAS's split-K
                (``gemv.MAX_K`` lowered), as before session 16 put them on the GEMV
+  +shorttiles  one-row GEMVs with N up to 4096 whose row fits one 2048-wide slice (qkv, o_proj) launch
+               with ``gemv.SHORT_TILES`` (``gemv.SHORT_N`` set), the others as before
   +combo       Inductor's combo kernels (independent small kernels launched as one; the backend
                turns them on with PDL, so this is for reduce-overhead)
   +nocombo     no combo kernels (``inductor_config={"combo_kernels": False}``)
@@ -150,11 +152,12 @@ def main() -> None:
     print(json.dumps(header), flush=True)
 
     rows = []
-    default_blas, default_max_k = torch.backends.cuda.preferred_blas_library(), gemv.MAX_K
+    default_blas, default_max_k, default_short_n = torch.backends.cuda.preferred_blas_library(), gemv.MAX_K, gemv.SHORT_N
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
         gemv.MAX_K = gemv.LONG_K if "cublasdown" in flags else default_max_k  # read at warm-up and capture
+        gemv.SHORT_N = SHORT_TILES_N if "shorttiles" in flags else default_short_n
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -200,7 +203,9 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "cublasdown", "nopdl", "combo", "nocombo", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "cublasdown", "shorttiles", "nopdl", "combo", "nocombo",
+         "whole")
+SHORT_TILES_N = 4096  # +shorttiles: qkv (2048 wide on Qwen2.5-1.5B, 3072 on Llama-3.2-1B) and o_proj, not gate_up
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):
