@@ -18,6 +18,7 @@ STUB = textwrap.dedent('''
     parser.add_argument("--out")
     parser.add_argument("--batches")
     parser.add_argument("--log")  # each process appends its mode; its turn is the line count
+    parser.add_argument("--one-process", action="store_true", required=True)  # what run_modes' children get
     args = parser.parse_args()
     if args.modes == "bad":
         sys.exit(3)
@@ -39,9 +40,9 @@ STUB = textwrap.dedent('''
 ''')
 
 
-def test_child_argv_replaces_modes_and_out_in_either_spelling():
-    assert child_argv(["--modes", "a,b", "--batches", "1,8", "--out=x"], "b", "/o") == \
-        ["--batches", "1,8", "--modes", "b", "--out", "/o"]
+def test_child_argv_replaces_modes_and_out_in_either_spelling_and_runs_the_mode_in_the_child():
+    assert child_argv(["--modes", "a,b", "--batches", "1,8", "--out=x", "--rounds", "3"], "b", "/o") == \
+        ["--batches", "1,8", "--rounds", "3", "--one-process", "--modes", "b", "--out", "/o"]
     assert child_argv(["--modes=a,b", "--out", "x", "--one-process"], "a", "/o") == \
         ["--one-process", "--modes", "a", "--out", "/o"]
 
@@ -161,3 +162,19 @@ def test_rounds_below_one_are_refused(tool, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         module.main()
     assert "--rounds takes a whole number of at least 1, not '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["bench_decode", "bench_transformers"])
+def test_one_mode_with_rounds_runs_in_processes_of_its_own(tool, monkeypatch, tmp_path):
+    """``--rounds 3`` of a single mode (a backend option against the default, one command each) runs
+    its rounds apart like several modes do; the children get ``--one-process`` (child_argv) and so
+    measure it themselves."""
+    module = __import__(tool)
+    calls = _fake_children(monkeypatch, module, [], triton="t", date="d", model="m", dtype="bf16", context=1,
+                           attention_impl="triton", copy_bandwidth_TBs=4.2)
+    if tool == "bench_decode":
+        monkeypatch.setattr(module, "plot_decode", lambda result, path: None)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", "--modes", "full" if tool == "bench_decode" else "fullgraph",
+                                      "--batches", "8", "--rounds", "3", "--out", str(tmp_path)])
+    module.main()
+    assert len(calls) == 1 and calls[0][1] == (["full"] if tool == "bench_decode" else ["fullgraph"])

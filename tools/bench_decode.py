@@ -120,7 +120,7 @@ def main() -> None:
         unknown = set(_parse_mode(spec)[2]) - set(FLAGS)
         if unknown:
             parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
-    if len(modes) > 1 and not args.one_process:
+    if (len(modes) > 1 or args.rounds > 1) and not args.one_process:
         header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json", batches, args.rounds,
                                  args.mode_timeout)
         header["command"] = " ".join([os.path.basename(sys.executable), *sys.argv]) + "  (one process per mode)"

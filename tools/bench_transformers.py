@@ -214,7 +214,7 @@ def main() -> None:
               "date": datetime.date.today().isoformat(),
               "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}
     batches = [int(b) for b in args.batches.split(",")]
-    if len(modes) > 1 and not args.one_process:
+    if (len(modes) > 1 or args.rounds > 1) and not args.one_process:
         header, rows = run_modes(__file__, sys.argv[1:], modes, os.path.basename(result_path), batches,
                                  args.rounds, args.mode_timeout)
         result = {**header, **result, "command": result["command"] + "  (one process per mode)", "rows": rows}

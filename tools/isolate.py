@@ -44,16 +44,17 @@ def rounds_arg(text: str) -> int:
 
 def child_argv(argv: list[str], mode: str, out: str) -> list[str]:
     """``argv`` (a tool's arguments, without the program) with ``--modes`` set to ``mode`` alone and
-    ``--out`` to ``out``, in either spelling (``--modes a,b`` or ``--modes=a,b``)."""
+    ``--out`` to ``out``, in either spelling (``--modes a,b`` or ``--modes=a,b``), and
+    ``--one-process``: the child measures its mode itself, whatever ``--rounds`` says."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg in ("--modes", "--out"):
             skip = True
-        elif not arg.startswith(("--modes=", "--out=")):
+        elif not arg.startswith(("--modes=", "--out=")) and arg != "--one-process":
             kept.append(arg)
-    return [*kept, "--modes", mode, "--out", out]
+    return [*kept, "--one-process", "--modes", mode, "--out", out]
 
 
 def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
