@@ -4,6 +4,12 @@ Compiles the reference decoder with ``backend="fullgraph"``, takes one decode st
 with ``--context`` tokens cached, then reports the wall time of a compiled call, of the bare
 graph replay and the host time of each, and a torch.profiler table of the replay's kernels.
 
+With PDL (the default on sm_90+) a kernel starts while the one before it drains and waits at its
+``griddepcontrol.wait``; the profiler counts that wait in its duration, so the table's kernels sum
+to more than the replay (1.76 against 1.33 ms at batch 1 on the H200, perf-notes 38) and a kernel
+after an early-triggering one looks slow. For a table whose kernels add up, pass
+``--options '{"pdl": false}'``; the replay's wall time is the step's time either way.
+
 Usage (GPU): python tools/profile_decode.py [--batch 1] [--context 1000] [--model qwen2.5-1.5b]
        [--options '{"fuse_norm": true}']
 """
