@@ -84,7 +84,6 @@ def _require_triton(caller: str) -> None:
         raise RuntimeError(f"{caller} needs triton, which is not installed: pip install 'fullgraph[triton]'")
 
 
-
 @_jit
 def _rounded(value, dtype: tl.constexpr):
     """``value`` rounded to ``dtype``, back as fp32: where eager rounds (on a GPU to nearest even, as

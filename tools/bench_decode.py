@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend import gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
-from isolate import add_arguments, run_modes  # noqa: E402
+from isolate import add_arguments, run_modes, runs_apart  # noqa: E402
 from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
 
@@ -120,7 +120,7 @@ def main() -> None:
         unknown = set(_parse_mode(spec)[2]) - set(FLAGS)
         if unknown:
             parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
-    if (len(modes) > 1 or args.rounds > 1) and not args.one_process:
+    if runs_apart(args, modes):
         header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json", batches, args.rounds,
                                  args.mode_timeout)
         header["command"] = " ".join([os.path.basename(sys.executable), *sys.argv]) + "  (one process per mode)"

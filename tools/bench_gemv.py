@@ -74,7 +74,6 @@ def time_down(iters: int) -> list[dict]:
     gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, dim=-1)
     row = silu_mul_rows(gate, up)  # made once, outside the graphs: the variants that start from it time the linear alone
-    mb = n * k * 2 / 1e6
     variants = {"cublas (SiLU-mul done)": lambda w: F.linear(row, w),
                 "silu_mul + cublas": lambda w: F.linear(silu_mul_rows(gate, up), w)}
     variants.update({f"gemv {tuple(t)} (SiLU-mul done)": functools.partial(lambda w, t: gemv(row, w, tiles=t, pdl=True),
@@ -88,9 +87,7 @@ def time_down(iters: int) -> list[dict]:
     for name, fn in variants.items():
         error = (fn(weights[0]).float() - reference).abs().max().item()
         us = replay_us(capture(lambda: [fn(w) for w in weights]), iters, "read") / copies
-        rows.append(dict(op="down after SiLU-mul", variant=name, N=n, K=k, us=round(us, 2), TBs=round(mb / us, 2),
-                         max_abs_diff=error))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(variant_row("down after SiLU-mul", name, n, k, us, error))
     return rows
 
 
@@ -107,10 +104,17 @@ def time_short_tilings(iters: int) -> list[dict]:
         n, k, bias, copies = SHAPES[name]
         for tiles in SHORT_VARIANTS:
             us, error = time_op(functools.partial(gemv, pdl=True, tiles=tiles), n, k, bias, copies, iters)
-            rows.append(dict(op=name, variant=f"gemv {tuple(tiles)}", N=n, K=k, us=round(us, 2),
-                             TBs=round(n * k * 2 / 1e6 / us, 2), max_abs_diff=error))
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(variant_row(name, f"gemv {tuple(tiles)}", n, k, us, error))
     return rows
+
+
+def variant_row(op: str, variant: str, n: int, k: int, us: float, error: float) -> dict:
+    """One row of the tiling tables (printed as it is made): time per call and the TB/s of the
+    ``[n, k]`` bf16 weight read."""
+    row = dict(op=op, variant=variant, N=n, K=k, us=round(us, 2), TBs=round(n * k * 2 / 1e6 / us, 2),
+               max_abs_diff=error)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def time_chain(iters: int) -> dict:

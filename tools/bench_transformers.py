@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend.backend import RecordingBackend  # noqa: E402
 from fullgraph_backend.graph_runner import RECAPTURES_BEFORE_COPYING  # noqa: E402
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS  # noqa: E402
-from isolate import add_arguments, run_modes  # noqa: E402  (tools/ is on the path when run as a script)
+from isolate import add_arguments, run_modes, runs_apart  # noqa: E402  (tools/ is on the path when run as a script)
 
 MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine", "engine-hf")
 ENGINE_IMPLS = {"engine": "fullgraph", "engine-hf": "transformers"}
@@ -214,7 +214,7 @@ def main() -> None:
               "date": datetime.date.today().isoformat(),
               "command": "python3 tools/bench_transformers.py " + " ".join(sys.argv[1:]), "rows": []}
     batches = [int(b) for b in args.batches.split(",")]
-    if (len(modes) > 1 or args.rounds > 1) and not args.one_process:
+    if runs_apart(args, modes):
         header, rows = run_modes(__file__, sys.argv[1:], modes, os.path.basename(result_path), batches,
                                  args.rounds, args.mode_timeout)
         result = {**header, **result, "command": result["command"] + "  (one process per mode)", "rows": rows}

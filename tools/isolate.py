@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode-timeout", type=float, default=None, metavar="SECONDS", help=MODE_TIMEOUT_HELP)
 
 
+def runs_apart(args: argparse.Namespace, modes: list[str]) -> bool:
+    """Whether a tool hands its modes to :func:`run_modes`: several modes, or rounds of one, unless
+    ``--one-process`` (which :func:`child_argv` gives every child, so a child measures its mode)."""
+    return (len(modes) > 1 or args.rounds > 1) and not args.one_process
+
+
 def rounds_arg(text: str) -> int:
     """``--rounds``: a whole number, at least 1."""
     if not text.isdigit() or int(text) < 1:
