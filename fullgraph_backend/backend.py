@@ -17,13 +17,14 @@ from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.cuda_graph import CudaGraphs, EmulatedGraphs, graphs_for
 from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
+from fullgraph_backend.gemv import may_launch_gemv
 from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.pdl import supported as pdl_supported, unwaited as pdl_unwaited, with_launches
 from fullgraph_backend.regions import RegionalCompiler, install, run_on_fakes
 from fullgraph_backend.staging import aliased_writes
-from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, fuse_silu_linear, merge_linears,
-                    move_host_inputs, split_at_attention, swap_attention, swap_linear)
+from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, fuse_silu_linear,
+                    group_query_heads, merge_linears, move_host_inputs, split_at_attention, swap_attention, swap_linear)
 
 log = logging.getLogger("fullgraph")
 
@@ -73,7 +74,7 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
 
     sizes = _capture_sizes(config, ctx if has_attention else None)
     graphs = graphs_for(device)
-    compile_fn = _compiler(config, config.pdl and use_graphs and pdl_supported(device), dump)
+    compile_fn = _compiler(config, _takes_pdl(config, device, use_graphs, gm, has_attention), dump)
     paths: dict[BatchKind, Path] = {}
     if config.cudagraph_mode in ("piecewise", "full_and_piecewise") and has_attention:
         # split before compiling the whole graph: compile_fx may change the module it is given
@@ -92,12 +93,15 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
 
 def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None, impl: AttentionImpl,
                  example_inputs: list) -> list[tuple[str, Callable[[torch.fx.GraphModule], object]]]:
-    """The passes for one graph, in order: the attention swap and the merge of linears over one
+    """The passes for one graph, in order: the attention swap; with ``group_query_heads``, decode SDPA
+    over per-head copies of keys and values reading the shared heads; the merge of linears over one
     packed weight always; on CUDA, CPU inputs the graph copies to the device moved out of it; the
     linear swap where the graph will be captured on CUDA (there the GEMV's choice is made once per
     captured size), then the RMSNorms and SiLU-muls before linears folded into them."""
-    passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl)),
-              ("merge_linears", lambda g: merge_linears(g, example_inputs))]
+    passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl))]
+    if config.group_query_heads:
+        passes.append(("group_query_heads", group_query_heads))
+    passes.append(("merge_linears", lambda g: merge_linears(g, example_inputs)))
     if device.type == "cuda":
         passes.append(("move_host_inputs", lambda g: move_host_inputs(g, device)))
     if config.gemv and device.type == "cuda" and config.cudagraph_mode != "none":
@@ -156,6 +160,21 @@ def _unsafe_to_capture(gm: torch.fx.GraphModule, signature: BatchSignature, exam
         reasons.append(f"no input holds the batch size {signature.symbol} itself, so a call's size is unknown")
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return reasons + aliased_writes(signature, example_inputs, names)
+
+
+def _takes_pdl(config: FullgraphConfig, device: torch.device, use_graphs: bool, gm: torch.fx.GraphModule,
+               has_attention: bool) -> bool:
+    """Whether this graph's kernels launch with PDL: asked for, captured, on a device that has it, and
+    some kernel of ours may run in it (swapped attention, or a GEMV: one row). Inductor's PDL pays
+    beside ours, whose programs load weights before their wait; in a graph of Inductor's kernels,
+    cuBLAS and cuDNN alone it cost 7% a step (perf-notes 39), so such a graph goes without (logged)."""
+    if not (config.pdl and use_graphs and pdl_supported(device)):
+        return False
+    if has_attention or may_launch_gemv(gm.graph):
+        return True
+    log.info("fullgraph: PDL off for this graph: none of our kernels runs in it (no swapped attention, no one-row "
+             "linear), and Inductor's kernels alone run slower with it")
+    return False
 
 
 def _max_num_seqs(config: FullgraphConfig, ctx: ForwardContext | None) -> int | None:

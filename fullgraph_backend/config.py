@@ -51,7 +51,13 @@ class FullgraphConfig:
       (:mod:`fullgraph_backend.pdl`; perf-notes sections 18, 35: 1.57 -> 1.39 ms at batch 1 on the
       H200, unchanged at 16 and 64). There Inductor also compiles with combo kernels (independent
       small kernels launched as one: -2.4 to -2.8% at batch 1, section 36); ``inductor_config`` overrides
-      either. Elsewhere it changes nothing.
+      either. A graph in which none of our kernels can run (no swapped attention, no one-row linear:
+      transformers' static-cache step at batch 8) goes without (section 39). Elsewhere it changes nothing.
+    - ``group_query_heads``: where a one-query-position SDPA reads keys and values that the model
+      copied once per query head (transformers' ``repeat_kv``, when it passes a mask), let it read
+      the shared heads instead, the copy gone (the ``group_query_heads`` pass). Off by default until
+      measured on a GPU: it removes the step's largest elementwise kernel (4x the cache written a
+      layer), but its SDPA runs on fewer programs (perf-notes section 39).
     - ``regional_compile``: compile each distinct repeated region of a graph (a decoder layer) with
       Inductor once and call its code for every copy, instead of compiling the whole graph
       (:mod:`fullgraph_backend.regions`; perf-notes section 27). Every layer runs the kernels it
@@ -71,6 +77,7 @@ class FullgraphConfig:
     fuse_norm: bool = False
     fuse_silu: bool = False
     pdl: bool = True
+    group_query_heads: bool = False
     regional_compile: bool = True
 
     def __post_init__(self) -> None:
@@ -84,7 +91,7 @@ class FullgraphConfig:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
         self._check_inductor_config()
-        for name in ("gemv", "fuse_norm", "fuse_silu", "pdl", "regional_compile"):
+        for name in ("gemv", "fuse_norm", "fuse_silu", "pdl", "group_query_heads", "regional_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):

@@ -29,6 +29,7 @@ cuBLAS on the H200 (the ``fuse_silu_linear`` pass; section 36).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -526,3 +527,19 @@ silu_mul_linear = define_op("silu_mul_linear(Tensor gate, Tensor up, Tensor weig
 """``fullgraph::silu_mul_linear``: ``fullgraph::linear(F.silu(gate) * up, weight, bias)``, SiLU-mul
 in the GEMV's prologue where the GEMV runs (:func:`_silu_mul_linear`). The ``fuse_silu_linear``
 pass puts it in."""
+
+# the ops that may launch the GEMV, each on the row(s) of its first input
+GEMV_OPS = (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear)
+
+
+def may_launch_gemv(graph: torch.fx.Graph) -> bool:
+    """Whether a node of ``graph`` may run our GEMV: one of :data:`GEMV_OPS` whose input has one row,
+    a row count known only at the call (a dynamic batch), or no traced value to tell."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in GEMV_OPS:
+            continue
+        value = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
+        rows = math.prod(value.shape[:-1]) if isinstance(value, torch.Tensor) else None
+        if rows is None or isinstance(rows, torch.SymInt) or rows == 1:
+            return True
+    return False

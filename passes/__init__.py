@@ -8,8 +8,9 @@ from passes.merge_linears import LinearMergeReport, merge_linears
 from passes.split_attention import split_at_attention
 from passes.batch_mixing import find_batch_mixing
 from passes.host_inputs import HostInputReport, move_host_inputs
+from passes.group_query_heads import QueryGroupReport, group_query_heads
 
 __all__ = ["PassManager", "PassResult", "AttentionSwap", "SwapReport", "swap_attention", "LinearSwapReport",
            "swap_linear", "NormFusionReport", "fuse_norm_linear", "SiluFusionReport",
            "fuse_silu_linear", "LinearMergeReport", "merge_linears", "split_at_attention", "find_batch_mixing", "HostInputReport",
-           "move_host_inputs"]
+           "move_host_inputs", "QueryGroupReport", "group_query_heads"]

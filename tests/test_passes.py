@@ -152,6 +152,14 @@ def test_linear_swap_runs_only_for_graphs_captured_on_cuda(device, options, name
     assert [name for name, _ in passes] == ["swap_attention", "merge_linears", *names]
 
 
+def test_query_heads_group_between_the_swap_and_the_merge_where_asked():
+    from fullgraph_backend.backend import graph_passes
+    from fullgraph_backend.config import FullgraphConfig
+
+    passes = graph_passes(FullgraphConfig(group_query_heads=True), torch.device("cpu"), None, IMPL, [])
+    assert [name for name, _ in passes] == ["swap_attention", "group_query_heads", "merge_linears"]
+
+
 def test_swap_through_a_custom_backend_matches_eager():
     model = tiny_attention_model(layers=2)
     ctx = ctx_for(model, max_num_tokens=16)

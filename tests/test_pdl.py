@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fullgraph_backend import backend, compat, pdl
+from fullgraph_backend import backend, compat, gemv, pdl
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.dump.writer import GraphDump
+from helpers import dynamo_graph
 
 
 try:
@@ -98,6 +99,46 @@ def test_pdl_option_wraps_the_compiled_call_and_turns_on_inductors_pdl(monkeypat
     backend._compiler(options, True, no_dump)(graph, [])
     assert calls[-1] == {"triton.enable_pdl": False, "combo_kernels": False}
 
+
+def linear_graph(rows: int, dynamic: bool, fuse_silu: bool = False):
+    """Dynamo's graph of a 16-bit linear (of ``silu(gate) * up`` with ``fuse_silu``) over ``rows``
+    rows, after the passes that put our GEMV's ops in."""
+    from passes import fuse_silu_linear, swap_linear
+
+    torch._dynamo.reset()  # a size seen before would make the batch dynamic
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    if fuse_silu:
+        fn, args = (lambda g, u, w: torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w)), (
+            torch.randn(rows, 16, dtype=torch.bfloat16), torch.randn(rows, 16, dtype=torch.bfloat16), w)
+    else:
+        fn, args = (lambda x, w: torch.nn.functional.linear(x, w)), (torch.randn(rows, 16, dtype=torch.bfloat16), w)
+    gm, _ = dynamo_graph(fn, *args, dynamic=((0, 0), (1, 0)) if dynamic and fuse_silu else
+                         ((0, 0),) if dynamic else ())
+    swap_linear(gm)
+    if fuse_silu:
+        fuse_silu_linear(gm)
+    return gm
+
+
+@pytest.mark.parametrize("rows, dynamic, fuse_silu, expected", [
+    (1, False, False, True), (8, False, False, False), (8, True, False, True),
+    (1, False, True, True), (8, False, True, False)])
+def test_may_launch_gemv_where_a_linear_can_have_one_row(rows, dynamic, fuse_silu, expected):
+    assert gemv.may_launch_gemv(linear_graph(rows, dynamic, fuse_silu).graph) is expected
+
+
+def test_graphs_without_our_kernels_go_without_pdl(monkeypatch, caplog):
+    """Asked for and supported, PDL is taken where a GEMV or our attention may run; a graph of
+    eight-row linears alone goes without, and the log says why."""
+    monkeypatch.setattr(backend, "pdl_supported", lambda device: True)
+    config, cuda = FullgraphConfig(), torch.device("cuda")
+    assert backend._takes_pdl(config, cuda, True, linear_graph(1, False), has_attention=False)
+    assert backend._takes_pdl(config, cuda, True, linear_graph(8, False), has_attention=True)
+    with caplog.at_level("INFO", logger="fullgraph"):
+        assert not backend._takes_pdl(config, cuda, True, linear_graph(8, False), has_attention=False)
+    assert "PDL off for this graph: none of our kernels runs in it" in caplog.text
+    assert not backend._takes_pdl(FullgraphConfig(pdl=False), cuda, True, linear_graph(1, False), False)
+    assert not backend._takes_pdl(config, cuda, False, linear_graph(1, False), False)
 
 WAITS = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': True})\n    tl.extra.cuda.gdc_wait()\n    x = tl.load(p)"
 FILL = "@triton_heuristics.pointwise(triton_meta={'launch_pdl': True})\n    tl.store(out, 0.0)"

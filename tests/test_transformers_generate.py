@@ -83,3 +83,26 @@ def test_generate_in_cuda_graphs_matches_eager(family, cache):
     for batch in (3, 1, 3):
         got = greedy(model, *prompts(batch, cuda), cache)
         assert torch.equal(got, expected[batch]), f"{family}, {cache or 'dynamic'} cache, batch {batch}"
+
+
+def grouped_query_heads_match_eager(family: str, device: torch.device, caplog) -> None:
+    """With ``group_query_heads``, the static cache's decode SDPA reads the shared key/value heads
+    (the pass says so in the log) and greedy tokens stay eager's, batch 3 and 1."""
+    model = tiny_model(family, device)
+    expected = {batch: greedy(model, *prompts(batch, device), "static") for batch in (1, 3)}
+    model.forward = torch.compile(model.forward, backend="fullgraph", options={"group_query_heads": True})
+    with caplog.at_level("INFO", logger="fullgraph"):
+        for batch in (3, 1):
+            assert torch.equal(greedy(model, *prompts(batch, device), "static"), expected[batch]), f"{family} {batch}"
+    assert f"grouped {TINY['num_hidden_layers']} SDPA calls" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_static_cache_generate_with_grouped_query_heads_matches_eager(family, caplog):
+    grouped_query_heads_match_eager(family, DEVICE, caplog)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_grouped_query_heads_in_cuda_graphs_match_eager(family, caplog):
+    grouped_query_heads_match_eager(family, torch.device("cuda"), caplog)
