@@ -156,7 +156,12 @@ class Recording:
 
 
 class InputsMoved(Exception):
-    """An input a recording reads in place is no longer there: capture the key again."""
+    """An input a recording reads in place is no longer there: capture the key again. ``fixed``: the
+    positions of the fixed-address inputs that moved (none where only adopted state did)."""
+
+    def __init__(self, fixed: list[int]) -> None:
+        super().__init__(fixed)
+        self.fixed = fixed
 
 
 class CapturedPiece:
@@ -210,9 +215,10 @@ class CapturedPiece:
 
     def _replay(self, rec: Recording, args: tuple) -> tuple:
         if not compat.data_ptrs_equal(args, rec.ptrs, rec.in_place):
-            if not compat.data_ptrs_equal(args, rec.ptrs, self.static):
-                self._raise_moved(rec, args)
-            raise InputsMoved()  # only adopted state moved
+            fixed = [i for i in self.static if args[i].data_ptr() != rec.ptrs[i]]
+            if fixed and not self.adopt_inputs:  # a piece among several: one before it may have replayed
+                self._raise_moved(fixed)
+            raise InputsMoved(fixed)
         rec.staged.copy_in(args)
         rec.call.replay()
         rec.staged.write_back(args)
@@ -222,8 +228,8 @@ class CapturedPiece:
     def _as_fn_returns(self, outputs: tuple):
         return outputs[0] if self.single_output else outputs
 
-    def _raise_moved(self, rec: Recording, args: tuple) -> None:
-        moved = [i for i in self.static if args[i].data_ptr() != rec.ptrs[i]]
+    @staticmethod
+    def _raise_moved(moved: list[int]) -> None:
         raise RuntimeError(
             f"fullgraph: {len(moved)} fixed-address graph input(s) (weights, buffers or marked tensors; arg "
             f"positions {moved[:8]}) are not at the addresses captured in the CUDA graph, so a replay would read "
@@ -304,7 +310,9 @@ class GraphRunner:
         self._not_ours: list[int] | None = None  # _unshare's last all-clear: the copied inputs' addresses
         self._copied = self.plan.indices(Role.COPY)
         self._handed_out: list[torch.Tensor] = []  # outputs of the last call that live in graph memory
-        self._moves: dict[GraphKey, int] = {}  # per key, recaptures because an adopted input moved soon
+        # per key and whether fixed-address inputs moved (else adopted state), recaptures that came soon
+        self._moves: dict[tuple[GraphKey, bool], int] = {}
+        self._ungraphed: set[GraphKey] = set()  # keys whose weights moved too often: run without graphs
         self._lock = device_lock(graphs.device)
 
     @property
@@ -332,8 +340,9 @@ class GraphRunner:
             self._expire_outputs()
             try:
                 out = self._run(_Step(Phase.REPLAY, key), args)
-            except InputsMoved:  # raised before anything replayed: capture the key for the new addresses
-                self._recapture(key, args)
+            except InputsMoved as moved:  # raised before anything replayed: capture the key for the new addresses
+                if not self._recapture(key, args, moved.fixed):
+                    return outputs_as_tuple(self.paths[BatchKind.MIXED].fn(*args))
                 out = self._run(_Step(Phase.REPLAY, key), args)
             return self._hand_out(out if n is None else self.sig.slice_outputs(out, n, args), key, args)
 
@@ -348,6 +357,7 @@ class GraphRunner:
                 piece.copy_only.clear()
             self._owned.clear()
             self._moves.clear()
+            self._ungraphed.clear()
             self._owned_changed()
 
     # ---- keys ----------------------------------------------------------------------------
@@ -376,10 +386,12 @@ class GraphRunner:
                                      f"{sizes[-1] if sizes else 0}: running the compiled graph without CUDA graphs")
             return None
         if not self.pad:
-            return GraphKey(n, kind)
-        size = sizes[bisect.bisect_left(sizes, n)]
-        # a decode batch past the decode graphs runs the mixed graph: correct for any batch
-        return GraphKey(size, kind if size <= self._decode_limit else BatchKind.MIXED)
+            key = GraphKey(n, kind)
+        else:
+            size = sizes[bisect.bisect_left(sizes, n)]
+            # a decode batch past the decode graphs runs the mixed graph: correct for any batch
+            key = GraphKey(size, kind if size <= self._decode_limit else BatchKind.MIXED)
+        return None if key in self._ungraphed else key
 
     def _keys_to_capture(self, key: GraphKey) -> list[GraphKey]:
         """``key``; with a forward context and padding, every padded key not captured yet, largest
@@ -426,27 +438,40 @@ class GraphRunner:
         if self.on_capture:
             self.on_capture(self.capture_table)
 
-    def _recapture(self, key: GraphKey, args: tuple) -> None:
-        """Capture ``key`` again: a state input it reads in place moved. After
-        :data:`RECAPTURES_BEFORE_COPYING` moves within :data:`STABLE_REPLAYS` replays of their
-        capture, copy such inputs in and out instead."""
+    def _recapture(self, key: GraphKey, args: tuple, fixed: list[int]) -> bool:
+        """Capture ``key`` again: an input it reads in place moved (``fixed``: the fixed-address ones,
+        as cudagraph trees re-record when a parameter moves). After :data:`RECAPTURES_BEFORE_COPYING`
+        moves within :data:`STABLE_REPLAYS` replays of their capture, copy moved state in and out
+        instead; for moved weights, which are too large to copy, run ``key`` without graphs (returns
+        False)."""
         pieces = self.paths[key.kind].pieces
         if min(p.recordings[key].replays for p in pieces) < STABLE_REPLAYS:
-            self._moves[key] = self._moves.get(key, 0) + 1
-        moves = self._moves.get(key, 0)
-        if moves > RECAPTURES_BEFORE_COPYING:
-            self._say_once(f"moved {key}", f"state inputs of the graph for {key.size} rows moved {moves} times "
-                                           f"within {STABLE_REPLAYS} calls: copying them in and out at every call "
-                                           f"instead of reading them in place")
-            for piece in pieces:
-                piece.copy_only.add(key)
+            self._moves[key, bool(fixed)] = self._moves.get((key, bool(fixed)), 0) + 1
+        moves = self._moves.get((key, bool(fixed)), 0)
         for piece in pieces:
             del piece.recordings[key]
         # the dropped recording's memory is free for anyone's tensors now (on CUDA, once its pool
         # releases it): a new state tensor there is the caller's, not ours to copy (_unshare)
         del self._owned[key]
         self._owned_changed()
+        if fixed:
+            self._say_once("fixed moved", f"{len(fixed)} fixed-address input(s) (weights, buffers or marked tensors; "
+                                          f"arg positions {fixed[:8]}) moved since the capture: another instance of "
+                                          f"the model, model.to(...) or load_state_dict(assign=True); capturing again "
+                                          f"for the new addresses")
+        if fixed and moves > RECAPTURES_BEFORE_COPYING:
+            self._say_once(f"fixed moved {key}", f"fixed-address inputs of the graph for {key.size} rows moved {moves} "
+                                                 f"times within {STABLE_REPLAYS} calls: running it without CUDA graphs")
+            self._ungraphed.add(key)
+            return False
+        if moves > RECAPTURES_BEFORE_COPYING:
+            self._say_once(f"moved {key}", f"state inputs of the graph for {key.size} rows moved {moves} times "
+                                           f"within {STABLE_REPLAYS} calls: copying them in and out at every call "
+                                           f"instead of reading them in place")
+            for piece in pieces:
+                piece.copy_only.add(key)
         self._capture([key], args)
+        return True
 
     def _owned_changed(self) -> None:
         """What the runner owns lost a key's storages: the set again from the keys left, and

@@ -76,7 +76,9 @@ def input_role(placeholder: torch.fx.Node) -> InputRole:
         module_state = isinstance(value, torch.nn.Parameter)
     else:
         source = guard_source(arg.source)
-        module_state = source.is_unspecialized_nn_module() or source.is_specialized_nn_module()
+        # a module's float attribute Dynamo passes as a tensor (unspecialized) is a new tensor each call
+        module_state = ((source.is_unspecialized_nn_module() or source.is_specialized_nn_module())
+                        and not arg.pass_arg_as_tensor)
     return InputRole(static=marked or module_state, mutated=mutated,
                      host=bool(placeholder.meta.get("fullgraph_host_input")))
 

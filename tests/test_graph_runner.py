@@ -19,7 +19,7 @@ from fullgraph_backend.attention import registry
 from fullgraph_backend.attention.registry import AttentionImpl
 from fullgraph_backend.backend import fullgraph
 from fullgraph_backend.cuda_graph import EmulatedGraphs
-from fullgraph_backend.graph_runner import GraphRunner
+from fullgraph_backend.graph_runner import RECAPTURES_BEFORE_COPYING, GraphRunner
 
 from helpers import RunnerCapture, ctx_for, own_block_tables, random_batch, tiny_attention_model
 
@@ -194,11 +194,49 @@ def test_emulated_replay_hands_out_copies_that_outlive_the_next_call():
     assert torch.equal(first, first_copy)
 
 
-def test_moved_parameter_is_a_clear_error():
-    h = Harness(capture_sizes=[4, 8])
-    h.step(5)
+def moved_weight(h: Harness) -> None:
+    """Move a weight, as model.to(...) or load_state_dict(assign=True) does: same values, new memory."""
     weight = h.model.qkv[1].weight
     weight.data = weight.data.clone()
+
+
+def test_moved_parameter_is_captured_again_for_its_new_address(caplog):
+    """As cudagraph trees re-record: the graph reads the weights where they are now, logged once."""
+    h = Harness(capture_sizes=[4, 8])
+    h.step(5)
+    with torch.no_grad():
+        h.model.qkv[1].weight.mul_(0.5)  # the old memory keeps its values: a stale replay would show
+    moved_weight(h)
+    with caplog.at_level("INFO", logger="fullgraph"):
+        for n in (5, 6):
+            got, expected = h.step(n)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert caplog.text.count("moved since the capture") == 1
+    assert h.backend.runner.pieces[0].recordings[(8, BatchKind.MIXED)].replays == 2
+
+
+def test_weights_that_keep_moving_run_without_graphs(caplog):
+    """Moved again before STABLE_REPLAYS replays, more than RECAPTURES_BEFORE_COPYING times: weights
+    are too large to copy in, so that size runs the compiled code without graphs, still right."""
+    h = Harness(capture_sizes=[4, 8])
+    h.step(5)
+    with caplog.at_level("INFO", logger="fullgraph"):
+        for _ in range(RECAPTURES_BEFORE_COPYING + 2):
+            moved_weight(h)
+            got, expected = h.step(6)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert "running it without CUDA graphs" in caplog.text
+    replays = h.backend.runner.pieces[0].recordings[(4, BatchKind.MIXED)].replays
+    got, expected = h.step(3)  # another size, captured before the moves, is captured again and replays
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert h.backend.runner.pieces[0].recordings[(4, BatchKind.MIXED)].replays == replays + 1
+
+
+def test_moved_parameter_under_pieces_is_a_clear_error():
+    """Pieces check their weights one by one, after earlier pieces replayed: no capture again there."""
+    h = Harness("piecewise", capture_sizes=[4, 8])
+    h.step(5)
+    moved_weight(h)
     with use_forward_context(h.ctx), torch.inference_mode():
         ids, positions = h.batch(5)
         with pytest.raises(RuntimeError, match="not at the addresses captured") as info:

@@ -474,3 +474,28 @@ def test_state_placed_where_a_dropped_recording_was_is_the_callers():
             assert recording.staged.adopted and state.data_ptr() in recording.ptrs, \
                 f"epoch {epoch}: the state is not read in place"
     assert len(backend.runner.capture_table) == 3, "one capture per state tensor"
+
+
+class Scaled(nn.Module):
+    """A linear times a float attribute (as transformers' attention keeps ``self.scaling``)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.linear, self.scale = nn.Linear(8, 8), scale
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def test_a_module_float_dynamo_passes_as_a_tensor_is_read_at_every_call(caplog):
+    """A second instance whose float attribute differs makes Dynamo pass the float as a new tensor at
+    each call: an input to copy in, not a fixed-address one (which would be captured again and again)."""
+    torch.manual_seed(0)
+    models = [Scaled(0.5), Scaled(0.25)]
+    with caplog.at_level(logging.INFO, logger="fullgraph"), torch.inference_mode():
+        for model in models:
+            compiled, _ = _compile(model)
+            for n in (3, 1, 4, 2, 3):
+                x = torch.randn(n, 8)
+                torch.testing.assert_close(compiled(x), model(x))
+    assert "moved since the capture" not in caplog.text
