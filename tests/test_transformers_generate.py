@@ -106,3 +106,33 @@ def test_static_cache_generate_with_grouped_query_heads_matches_eager(family, ca
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_grouped_query_heads_in_cuda_graphs_match_eager(family, caplog):
     grouped_query_heads_match_eager(family, torch.device("cuda"), caplog)
+
+
+def models_sharing_code_match_eager(device: torch.device, caplog) -> None:
+    """Several models on one forward code, as a user compiles them one after another without
+    ``torch._dynamo.reset()``: two Llamas of different weights (the second runs the first's graphs,
+    captured again for its weights) and a Gemma (whose attention's float ``scaling`` differs, which
+    Dynamo then passes as a tensor made at each call)."""
+    torch.manual_seed(1)
+    other = tiny_model("llama", device)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0, 0.05)
+    models = [tiny_model("llama", device), other, tiny_model("gemma", device)]
+    expected = [greedy(m, *prompts(3, device), "static") for m in models]
+    for model in models:
+        model.forward = torch.compile(model.forward, backend="fullgraph", options={"compiler": "eager"})
+    with caplog.at_level("INFO", logger="fullgraph"):
+        for i in (0, 1, 2, 0):
+            assert torch.equal(greedy(models[i], *prompts(3, device), "static"), expected[i]), f"model {i}"
+    assert "moved since the capture" in caplog.text  # the second Llama ran the first's graphs
+    assert "without CUDA graphs" not in caplog.text  # two moves, and Gemma's scaling is no fixed-address input
+
+
+def test_models_sharing_compiled_code_in_one_process_match_eager(caplog):
+    models_sharing_code_match_eager(DEVICE, caplog)
+
+
+@pytest.mark.gpu
+def test_models_sharing_compiled_code_in_cuda_graphs_match_eager(caplog):
+    models_sharing_code_match_eager(torch.device("cuda"), caplog)
