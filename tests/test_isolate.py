@@ -155,6 +155,27 @@ def test_bench_transformers_merges_rows_without_touching_cuda(monkeypatch, tmp_p
     assert "batch 1: engine 1.60 | engine-hf failed" in out
 
 
+def test_bench_transformers_fullgraph_flags_change_one_option_each(monkeypatch, tmp_path, capsys):
+    """``fullgraph+gqa`` beside ``fullgraph`` in one command (so in the same rounds); flags add to
+    ``--options``; an unknown flag, or one on another mode, is refused naming the known ones."""
+    import bench_transformers
+
+    assert bench_transformers.mode_options("fullgraph", {"gemv": False}) == ("fullgraph", {"gemv": False})
+    assert bench_transformers.mode_options("fullgraph+gqa+nopdl", {"gemv": False}) == (
+        "fullgraph", {"gemv": False, "group_query_heads": True, "pdl": False})
+    assert bench_transformers.mode_options("hf-compiled", None) == ("hf-compiled", None)
+    calls = _fake_children(monkeypatch, bench_transformers, [])
+    monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", "fullgraph,fullgraph+gqa,hf-compiled",
+                                      "--out", str(tmp_path)])
+    bench_transformers.main()
+    assert calls[0][1] == ["fullgraph", "fullgraph+gqa", "hf-compiled"]
+    for bad in ("fullgraph+fast", "hf-compiled+gqa"):
+        monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", bad, "--out", str(tmp_path)])
+        with pytest.raises(SystemExit):
+            bench_transformers.main()
+        assert f"unknown mode(s) ['{bad}']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tool", ["bench_decode", "bench_transformers"])
 def test_rounds_below_one_are_refused(tool, monkeypatch, capsys):
     module = __import__(tool)

@@ -10,7 +10,8 @@ moves a difference of two generates by its whole length over ``--tokens``, but a
 steps not at all. Modes:
   eager            transformers, no compilation (``disable_compile=True``)
   hf-compiled      transformers' own auto-compiled static-cache decode (its default compile config)
-  fullgraph        ``model.forward = torch.compile(model.forward, backend="fullgraph")``
+  fullgraph        ``model.forward = torch.compile(model.forward, backend="fullgraph")``; ``fullgraph+FLAG``
+                   with one option changed (:data:`FULLGRAPH_FLAGS`), to compare in the same rounds
   reduce-overhead  ``model.forward = torch.compile(model.forward, mode="reduce-overhead")``, a new
                    cudagraph-trees step marked before each call
   engine           fullgraph's engine (``LLM``, -O4) with our own decoder, ``generate`` with token ids
@@ -46,6 +47,13 @@ from fullgraph_backend.models.hf_configs import NAMED_CONFIGS  # noqa: E402
 from isolate import add_arguments, run_modes, runs_apart  # noqa: E402  (tools/ is on the path when run as a script)
 
 MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine", "engine-hf")
+# fullgraph+FLAG: the backend's options with these on top of --options
+FULLGRAPH_FLAGS = {
+    "gqa": {"group_query_heads": True},
+    "nopdl": {"pdl": False},
+    # Inductor's PDL and combo kernels asked for, in graphs where the backend leaves them off (no kernel of ours)
+    "inductorpdl": {"inductor_config": {"triton.enable_pdl": True, "combo_kernels": True}},
+}
 ENGINE_IMPLS = {"engine": "fullgraph", "engine-hf": "transformers"}
 # the decode keys (batch 1 and 8) and the prefill chunk: enough for TPOT, quick to capture
 ENGINE_CAPTURE_SIZES = (1, 2, 4, 8, 16, 512)
@@ -159,8 +167,23 @@ def compiled_generate(model, mode: str, ids: torch.Tensor, options: dict | None 
         model.__dict__.pop("_compiled_call", None)
 
 
+def mode_options(mode: str, options: dict | None) -> tuple[str, dict | None]:
+    """``fullgraph+flag+...`` as ``("fullgraph", options with each flag's on top)``; another mode as it is."""
+    base, *flags = mode.split("+")
+    for flag in flags:
+        options = {**(options or {}), **FULLGRAPH_FLAGS[flag]}
+    return base, options
+
+
+def unknown_modes(modes: list[str]) -> list[str]:
+    """The modes that are neither one of :data:`MODES` nor ``fullgraph`` with known flags."""
+    return [m for m in modes if m not in MODES and not (m.startswith("fullgraph+")
+                                                        and set(m.split("+")[1:]) <= FULLGRAPH_FLAGS.keys())]
+
+
 def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: int, options: dict | None) -> dict:
-    with compiled_generate(model, mode, ids, options) as (generate, backend, clock):
+    base, options = mode_options(mode, options)
+    with compiled_generate(model, base, ids, options) as (generate, backend, clock):
         row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats, clock), "step_ms": clock.step_ms()}
     if backend is not None:
         row["graphs"] = backend.graphs
@@ -205,9 +228,10 @@ def main() -> None:
     add_arguments(parser)
     args = parser.parse_args()
     modes = args.modes.split(",")
-    unknown = set(modes) - set(MODES)
+    unknown = unknown_modes(modes)
     if unknown:
-        parser.error(f"unknown mode(s) {sorted(unknown)}; known: {list(MODES)}")
+        parser.error(f"unknown mode(s) {unknown}; known: {list(MODES)}, and fullgraph+FLAG with FLAG one of "
+                     f"{list(FULLGRAPH_FLAGS)}")
     os.makedirs(args.out, exist_ok=True)
     result_path = os.path.join(args.out, f"bench_transformers_{args.model}.json")
     result = {"kind": "transformers", "model": args.model, "prompt_len": args.prompt_len, "tokens": args.tokens,
