@@ -165,15 +165,15 @@ def _unsafe_to_capture(gm: torch.fx.GraphModule, signature: BatchSignature, exam
 def _takes_pdl(config: FullgraphConfig, device: torch.device, use_graphs: bool, gm: torch.fx.GraphModule,
                has_attention: bool) -> bool:
     """Whether this graph's kernels launch with PDL: asked for, captured, on a device that has it, and
-    some kernel of ours may run in it (swapped attention, or a GEMV: one row). Inductor's PDL pays
+    some kernel of ours may run in it (swapped attention, or a GEMV: one 16-bit row). Inductor's PDL pays
     beside ours, whose programs load weights before their wait; in a graph of Inductor's kernels,
     cuBLAS and cuDNN alone it cost 7% a step (perf-notes 39), so such a graph goes without (logged)."""
     if not (config.pdl and use_graphs and pdl_supported(device)):
         return False
     if has_attention or may_launch_gemv(gm.graph):
         return True
-    log.info("fullgraph: PDL off for this graph: none of our kernels runs in it (no swapped attention, no one-row "
-             "linear), and Inductor's kernels alone run slower with it")
+    log.info("fullgraph: PDL off for this graph: none of our kernels runs in it (no swapped attention, no "
+             "one-row 16-bit linear), and Inductor's kernels alone run slower with it")
     return False
 
 

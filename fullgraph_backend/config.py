@@ -51,8 +51,9 @@ class FullgraphConfig:
       (:mod:`fullgraph_backend.pdl`; perf-notes sections 18, 35: 1.57 -> 1.39 ms at batch 1 on the
       H200, unchanged at 16 and 64). There Inductor also compiles with combo kernels (independent
       small kernels launched as one: -2.4 to -2.8% at batch 1, section 36); ``inductor_config`` overrides
-      either. A graph in which none of our kernels can run (no swapped attention, no one-row linear:
-      transformers' static-cache step at batch 8) goes without (section 39). Elsewhere it changes nothing.
+      either. A graph in which none of our kernels can run (no swapped attention, no one-row 16-bit
+      linear: transformers' static-cache step at batch 8) goes without (section 39). Elsewhere it
+      changes nothing.
     - ``group_query_heads``: where a one-query-position SDPA reads keys and values that the model
       copied once per query head (transformers' ``repeat_kv``, when it passes a mask), let it read
       the shared heads instead, the copy gone (the ``group_query_heads`` pass). Off by default until

@@ -533,13 +533,15 @@ GEMV_OPS = (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear)
 
 
 def may_launch_gemv(graph: torch.fx.Graph) -> bool:
-    """Whether a node of ``graph`` may run our GEMV: one of :data:`GEMV_OPS` whose input has one row,
-    a row count known only at the call (a dynamic batch), or no traced value to tell."""
+    """Whether a node of ``graph`` may run our GEMV: one of :data:`GEMV_OPS` whose 16-bit input has one
+    row, a row count known only at the call (a dynamic batch), or no traced value to tell."""
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in GEMV_OPS:
             continue
         value = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
-        rows = math.prod(value.shape[:-1]) if isinstance(value, torch.Tensor) else None
-        if rows is None or isinstance(rows, torch.SymInt) or rows == 1:
+        if not isinstance(value, torch.Tensor):
+            return True
+        rows = math.prod(value.shape[:-1])
+        if value.dtype in GEMV_DTYPES and (isinstance(rows, torch.SymInt) or rows == 1):
             return True
     return False

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._dispatch.python import enable_python_dispatcher
 
-from passes.swap_attention import SDPA_TARGETS
+from passes.swap_attention import SDPA_TARGETS, fake_value
 from passes.swap_linear import skipped_tail
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -148,9 +148,7 @@ def _trace(nodes: list[torch.fx.Node], example: torch.Tensor) -> None:
     mode = getattr(example, "fake_mode", None)
     with mode if mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
         for node in nodes:
-            call_args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["example_value"])
-            node.meta["example_value"] = (getattr(call_args[0], node.target)(*call_args[1:], **kwargs)
-                                          if node.op == "call_method" else node.target(*call_args, **kwargs))
+            node.meta["example_value"] = fake_value(node)
 
 
 def _erase_unread(graph: torch.fx.Graph, copy: torch.fx.Node) -> None:

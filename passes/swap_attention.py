@@ -135,12 +135,17 @@ def _refresh_fakes(graph: torch.fx.Graph, changed: torch.fx.Node) -> None:
             continue
         if any("example_value" not in n.meta for n in node.all_input_nodes):
             continue
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["example_value"])
-        if node.op == "call_method":
-            node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            node.meta["example_value"] = node.target(*args, **kwargs)
+        node.meta["example_value"] = fake_value(node)
         fed.add(node)
+
+
+def fake_value(node: torch.fx.Node) -> object:
+    """What ``node`` (a function or method call) computes on its inputs' traced values; called inside
+    their fake mode."""
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["example_value"])
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 def _attention_args(node: torch.fx.Node) -> tuple:

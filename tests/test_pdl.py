@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fullgraph_backend import backend, compat, gemv, pdl
 from fullgraph_backend.config import FullgraphConfig
@@ -100,20 +101,18 @@ def test_pdl_option_wraps_the_compiled_call_and_turns_on_inductors_pdl(monkeypat
     assert calls[-1] == {"triton.enable_pdl": False, "combo_kernels": False}
 
 
-def linear_graph(rows: int, dynamic: bool, fuse_silu: bool = False):
-    """Dynamo's graph of a 16-bit linear (of ``silu(gate) * up`` with ``fuse_silu``) over ``rows``
-    rows, after the passes that put our GEMV's ops in."""
+def linear_graph(rows: int, dynamic: bool, fuse_silu: bool = False, dtype: torch.dtype = torch.bfloat16):
+    """Dynamo's graph of a linear (of ``silu(gate) * up`` with ``fuse_silu``) over ``rows`` rows,
+    after the passes that put our GEMV's ops in."""
     from passes import fuse_silu_linear, swap_linear
 
+    def gated(gate, up, weight):
+        return F.linear(F.silu(gate) * up, weight)
+
     torch._dynamo.reset()  # a size seen before would make the batch dynamic
-    w = torch.randn(8, 16, dtype=torch.bfloat16)
-    if fuse_silu:
-        fn, args = (lambda g, u, w: torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w)), (
-            torch.randn(rows, 16, dtype=torch.bfloat16), torch.randn(rows, 16, dtype=torch.bfloat16), w)
-    else:
-        fn, args = (lambda x, w: torch.nn.functional.linear(x, w)), (torch.randn(rows, 16, dtype=torch.bfloat16), w)
-    gm, _ = dynamo_graph(fn, *args, dynamic=((0, 0), (1, 0)) if dynamic and fuse_silu else
-                         ((0, 0),) if dynamic else ())
+    rows_in = [torch.randn(rows, 16, dtype=dtype) for _ in range(2 if fuse_silu else 1)]
+    gm, _ = dynamo_graph(gated if fuse_silu else F.linear, *rows_in, torch.randn(8, 16, dtype=dtype),
+                         dynamic=[(i, 0) for i in range(len(rows_in))] if dynamic else ())
     swap_linear(gm)
     if fuse_silu:
         fuse_silu_linear(gm)
@@ -125,6 +124,12 @@ def linear_graph(rows: int, dynamic: bool, fuse_silu: bool = False):
     (1, False, True, True), (8, False, True, False)])
 def test_may_launch_gemv_where_a_linear_can_have_one_row(rows, dynamic, fuse_silu, expected):
     assert gemv.may_launch_gemv(linear_graph(rows, dynamic, fuse_silu).graph) is expected
+
+
+def test_float32_linears_never_launch_the_gemv():
+    """float32 stays on cuBLAS (eager's exact products), so such a graph runs none of our kernels."""
+    assert not gemv.may_launch_gemv(linear_graph(1, False, dtype=torch.float32).graph)
+    assert not gemv.may_launch_gemv(linear_graph(8, True, dtype=torch.float32).graph)
 
 
 def test_graphs_without_our_kernels_go_without_pdl(monkeypatch, caplog):

@@ -97,9 +97,8 @@ def grouped_query_heads_match_eager(family: str, device: torch.device, caplog) -
     assert f"grouped {TINY['num_hidden_layers']} SDPA calls" in caplog.text
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_static_cache_generate_with_grouped_query_heads_matches_eager(family, caplog):
-    grouped_query_heads_match_eager(family, DEVICE, caplog)
+def test_static_cache_generate_with_grouped_query_heads_matches_eager(caplog):
+    grouped_query_heads_match_eager("llama", DEVICE, caplog)  # Gemma too on the GPU; the pass's own tests cover the rest
 
 
 @pytest.mark.gpu
