@@ -129,13 +129,22 @@ def tpot_ms(generate, tokens: int, repeats: int, clock: StepClock | None = None)
     return statistics.median(per_token)
 
 
+def mode_options(mode: str, options: dict | None) -> tuple[str, dict | None]:
+    """``fullgraph+flag+...`` as ``("fullgraph", options with each flag's on top)``; another mode as it is."""
+    base, *flags = mode.split("+")
+    for flag in flags:
+        options = {**(options or {}), **FULLGRAPH_FLAGS[flag]}
+    return base, options
+
+
 @contextlib.contextmanager
 def compiled_generate(model, mode: str, ids: torch.Tensor, options: dict | None = None):
     """``(generate(n), backend, clock)`` for one of the transformers modes: ``model.forward`` compiled as
-    ``mode`` asks (backend is the fullgraph backend with ``options``, else None), every generate's
-    steps noted by ``clock``; transformers' own forward after."""
+    ``mode`` asks (backend is the fullgraph backend with ``options`` and a ``fullgraph+FLAG`` mode's
+    flags, else None), every generate's steps noted by ``clock``; transformers' own forward after."""
     from transformers import StoppingCriteriaList
 
+    mode, options = mode_options(mode, options)
     torch._dynamo.reset()
     backend, clock = None, StepClock()
     if mode == "fullgraph":
@@ -167,14 +176,6 @@ def compiled_generate(model, mode: str, ids: torch.Tensor, options: dict | None 
         model.__dict__.pop("_compiled_call", None)
 
 
-def mode_options(mode: str, options: dict | None) -> tuple[str, dict | None]:
-    """``fullgraph+flag+...`` as ``("fullgraph", options with each flag's on top)``; another mode as it is."""
-    base, *flags = mode.split("+")
-    for flag in flags:
-        options = {**(options or {}), **FULLGRAPH_FLAGS[flag]}
-    return base, options
-
-
 def unknown_modes(modes: list[str]) -> list[str]:
     """The modes that are neither one of :data:`MODES` nor ``fullgraph`` with known flags."""
     return [m for m in modes if m not in MODES and not (m.startswith("fullgraph+")
@@ -182,8 +183,7 @@ def unknown_modes(modes: list[str]) -> list[str]:
 
 
 def transformers_row(model, mode: str, ids: torch.Tensor, tokens: int, repeats: int, options: dict | None) -> dict:
-    base, options = mode_options(mode, options)
-    with compiled_generate(model, base, ids, options) as (generate, backend, clock):
+    with compiled_generate(model, mode, ids, options) as (generate, backend, clock):
         row = {"mode": mode, "tpot_ms": tpot_ms(generate, tokens, repeats, clock), "step_ms": clock.step_ms()}
     if backend is not None:
         row["graphs"] = backend.graphs

@@ -69,7 +69,7 @@ def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
     object with ``rows``) to a folder of its own; return the first result's other keys and every
     row, in mode order. A process that fails, or runs past ``timeout`` seconds and is stopped,
     leaves a row ``{"mode", "batch", "error"}`` per batch of ``batches`` it has no row for (a stopped
-process keeps the rows its result file held); the others go on. With
+    process keeps the rows its result file held); the others go on. With
     ``rounds`` > 1 the modes run that many times, in order and reversed by turns, and a mode's row
     per batch is :func:`median_row` of its rounds."""
     header, runs = {}, {mode: [] for mode in modes}

@@ -4,7 +4,8 @@ Builds the bench_transformers model (random bf16 weights), warms each ``--modes`
 bench_transformers does, then profiles one ``generate`` of ``--tokens`` new tokens with
 torch.profiler (host and GPU) and writes each mode's op table to ``OUT_DIR/profile_<mode>.txt``.
 The fullgraph mode launches with PDL on sm_90+, whose early-launch waits the profiler counts as
-kernel time (tools/profile_decode.py says more): compare its kernels with ``--options '{"pdl": false}'``.
+kernel time (tools/profile_decode.py says more): compare its kernels with ``--options '{"pdl": false}'``
+or the mode ``fullgraph+nopdl`` (modes as bench_transformers takes them).
 
 Usage (GPU): python tools/profile_generate.py --out OUT_DIR [--modes fullgraph,hf-compiled] [--batch 1]
 """
