@@ -11,6 +11,11 @@ one query (``q.reshape(B, kv_heads, group, D)``), attend over their group's key/
 mask's one row broadcast to each. Each head's scores, softmax and sum are those of the original call.
 Longer queries (prefill) and causal SDPA keep the copy: their rows would need the mask repeated per
 head, and ``is_causal`` ranks rows by position.
+
+The grouped call runs on ``batch x kv_heads`` (sequence, head) pairs instead of ``batch x heads``. On
+the H200 (Llama-3.2-1B's shapes, cuDNN's SDPA) that made a batch-8 step 0.18 ms faster (64 pairs) and
+a batch-1 step 0.18 ms slower (8 pairs), so a call is grouped only where its batch is known and gives
+at least :data:`MIN_GROUPED_PAIRS` (docs/perf-notes.md, section 40).
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from passes.swap_linear import skipped_tail
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 RESHAPES = ("reshape", "view")
+# fewest (sequence, key/value head) pairs a grouped call may run on: 64 measured faster, 8 slower
+MIN_GROUPED_PAIRS = 64
 
 
 @dataclass
@@ -41,13 +48,16 @@ class QueryGroupReport:
         return line + skipped_tail(self.skipped)
 
 
-def group_query_heads(gm: torch.fx.GraphModule) -> QueryGroupReport:
+def group_query_heads(gm: torch.fx.GraphModule, min_pairs: int | None = None) -> QueryGroupReport:
     """Rewrite each one-query-position SDPA of ``gm`` whose keys and values are per-head copies
-    (``repeat_kv``) to read the shared heads; returns the report."""
+    (``repeat_kv``) to read the shared heads, where its batch is known and the grouped call runs on at
+    least ``min_pairs`` (sequence, key/value head) pairs (default :data:`MIN_GROUPED_PAIRS`; 0 groups at
+    every batch); returns the report."""
     report = QueryGroupReport()
     graph = gm.graph
+    min_pairs = MIN_GROUPED_PAIRS if min_pairs is None else min_pairs
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]:
-        found = _grouped_call(node)
+        found = _grouped_call(node, min_pairs)
         if isinstance(found, str):
             report.skipped.append(f"{node.name}: {found}")
         elif found is not None:
@@ -91,9 +101,10 @@ def _shared_heads(copy: object) -> tuple[torch.fx.Node, int] | None:
     return x, group
 
 
-def _grouped_call(node: torch.fx.Node) -> tuple | str | None:
+def _grouped_call(node: torch.fx.Node, min_pairs: int) -> tuple | str | None:
     """What :func:`_rewrite` needs for an SDPA over per-head copies it can read without them; None for
-    an SDPA over other keys and values; why not, for one over copies that does not fit."""
+    an SDPA over other keys and values; why not, for one over copies that does not fit or would run
+    on fewer than ``min_pairs`` (sequence, key/value head) pairs."""
     args = _sdpa_args(node)
     keys, values = _shared_heads(args.get("key")), _shared_heads(args.get("value"))
     if keys is None or values is None:
@@ -110,7 +121,22 @@ def _grouped_call(node: torch.fx.Node) -> tuple | str | None:
     mask_value = _value(mask)
     if mask is not None and (mask_value is None or mask_value.dim() != 4 or mask_value.shape[1] != 1):
         return "the mask is not one row per sequence, shared by every head ([B, 1, 1, S])"
+    too_few = _too_few_pairs(query.shape[0], query.shape[1] // keys[1], min_pairs)
+    if too_few:
+        return too_few
     return args, keys[0], values[0], keys[1]
+
+
+def _too_few_pairs(batch, kv_heads: int, min_pairs: int) -> str | None:
+    """Why a grouped call on ``batch x kv_heads`` pairs could be slower than the copy it saves, if so."""
+    if min_pairs <= 0:
+        return None
+    if not isinstance(batch, int):
+        return (f"the batch is dynamic: grouped only where batch x {kv_heads} key/value heads is known to be "
+                f">= {min_pairs} (fewer ran slower)")
+    if batch * kv_heads < min_pairs:
+        return f"batch {batch} x {kv_heads} key/value heads < {min_pairs} pairs: the grouped call would run slower"
+    return None
 
 
 def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, args: dict, keys: torch.fx.Node, values: torch.fx.Node,

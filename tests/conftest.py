@@ -9,6 +9,9 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors in its interpreter; set before anything imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton 3.9 warns at each compile while this is unset, and 3.10 turns FP fusion off by default: the
+# tests compile as every Triton before 3.10 did (and the GPU machine's 3.6 does)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from helpers import RunnerCapture  # noqa: E402  (imports fullgraph_backend: after the environment is set)
 

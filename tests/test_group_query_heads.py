@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from passes import group_query_heads
+from passes.group_query_heads import MIN_GROUPED_PAIRS
 from passes.swap_attention import SDPA_TARGETS
 
 KV_HEADS, GROUP, HEAD_DIM, CACHE = 2, 3, 8, 11
@@ -42,17 +43,20 @@ def inputs(batch: int, queries: int = 1, mask_heads: int = 1, bool_mask: bool = 
     return q, k, v, mask
 
 
-def rewritten(fn, args):
-    """``fn`` compiled by Dynamo with the pass over its graph (every input's batch dynamic), called
-    once on ``args``; with the graph and the pass's report."""
+def rewritten(fn, args, min_pairs: int | None = 0, dynamic: bool = True):
+    """``fn`` compiled by Dynamo with the pass over its graph (every input's batch dynamic, unless
+    ``dynamic`` is False), called once on ``args``; with the graph and the pass's report. The pass
+    groups at every batch unless ``min_pairs`` says otherwise (None: its default)."""
     seen = []
 
     def backend(gm, example_inputs):
-        seen.append((gm, group_query_heads(gm)))
+        seen.append((gm, group_query_heads(gm, min_pairs)))
         return gm.forward
 
+    torch._dynamo.reset()
     for x in args:
-        torch._dynamo.mark_dynamic(x, 0)
+        if dynamic:
+            torch._dynamo.mark_dynamic(x, 0)
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
     compiled(*args)
     ((gm, report),) = seen
@@ -94,6 +98,23 @@ def test_calls_the_rewrite_does_not_fit_keep_their_copies(fn, args, reason):
     assert not report.grouped and len(report.skipped) == 1 and reason in report.skipped[0]
     assert reason in report.summary()
     torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+@pytest.mark.parametrize("batch, dynamic, reason", [
+    (MIN_GROUPED_PAIRS // KV_HEADS, False, None),
+    (MIN_GROUPED_PAIRS // KV_HEADS - 1, False, f"key/value heads < {MIN_GROUPED_PAIRS} pairs"),
+    (MIN_GROUPED_PAIRS // KV_HEADS, True, "the batch is dynamic"),
+])
+def test_by_default_only_batches_known_to_give_enough_pairs_group(batch, dynamic, reason):
+    """At batch 1 the grouped call ran slower than the copy it saves, at batch 8 faster (H200): the
+    pass groups where batch x key/value heads is known to reach MIN_GROUPED_PAIRS, and says why not."""
+    args = inputs(batch)
+    compiled, _, report = rewritten(attend, args, min_pairs=None, dynamic=dynamic)
+    if reason is None:
+        assert len(report.grouped) == 1 and not report.skipped
+    else:
+        assert not report.grouped and len(report.skipped) == 1 and reason in report.skipped[0]
+    torch.testing.assert_close(compiled(*args), attend(*args), rtol=1e-5, atol=1e-6)
 
 
 def test_sdpa_over_unrepeated_heads_is_not_reported():

@@ -101,6 +101,9 @@ def test_a_rounds_row_is_the_median_of_the_rounds_that_measured():
     assert merged == {"mode": "m", "batch": 8, "tpot_ms": 2.2, "tpot_ms_rounds": [3.0, 2.0, 2.2], "graphs": 2,
                       "graphs_rounds": [2, 2, 2], "rounds": 3}
     assert median_row(rows[1:2])["error"].startswith("its process exited")
+    two = median_row([{"mode": "m", "batch": 1, "tpot_ms": 2.0, "graphs": 3},
+                      {"mode": "m", "batch": 1, "tpot_ms": 3.0, "graphs": 2}])
+    assert two["tpot_ms"] == 2.5 and two["graphs"] == 2 and isinstance(two["graphs"], int)  # a count stays whole
 
 
 def _fake_children(monkeypatch, module, rows, **header):
@@ -156,20 +159,20 @@ def test_bench_transformers_merges_rows_without_touching_cuda(monkeypatch, tmp_p
 
 
 def test_bench_transformers_fullgraph_flags_change_one_option_each(monkeypatch, tmp_path, capsys):
-    """``fullgraph+gqa`` beside ``fullgraph`` in one command (so in the same rounds); flags add to
+    """``fullgraph+nogqa`` beside ``fullgraph`` in one command (so in the same rounds); flags add to
     ``--options``; an unknown flag, or one on another mode, is refused naming the known ones."""
     import bench_transformers
 
     assert bench_transformers.mode_options("fullgraph", {"gemv": False}) == ("fullgraph", {"gemv": False})
-    assert bench_transformers.mode_options("fullgraph+gqa+nopdl", {"gemv": False}) == (
-        "fullgraph", {"gemv": False, "group_query_heads": True, "pdl": False})
+    assert bench_transformers.mode_options("fullgraph+nogqa+nopdl", {"gemv": False}) == (
+        "fullgraph", {"gemv": False, "group_query_heads": False, "pdl": False})
     assert bench_transformers.mode_options("hf-compiled", None) == ("hf-compiled", None)
     calls = _fake_children(monkeypatch, bench_transformers, [])
-    monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", "fullgraph,fullgraph+gqa,hf-compiled",
+    monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", "fullgraph,fullgraph+nogqa,hf-compiled",
                                       "--out", str(tmp_path)])
     bench_transformers.main()
-    assert calls[0][1] == ["fullgraph", "fullgraph+gqa", "hf-compiled"]
-    for bad in ("fullgraph+fast", "hf-compiled+gqa"):
+    assert calls[0][1] == ["fullgraph", "fullgraph+nogqa", "hf-compiled"]
+    for bad in ("fullgraph+fast", "hf-compiled+nogqa"):
         monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", bad, "--out", str(tmp_path)])
         with pytest.raises(SystemExit):
             bench_transformers.main()

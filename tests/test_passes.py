@@ -143,21 +143,21 @@ def test_swap_linear_leaves_autocast_graphs_alone():
 ])
 def test_linear_swap_runs_only_for_graphs_captured_on_cuda(device, options, names):
     """And CPU inputs leave graphs on CUDA only (on CPU they are where the graph computes); the
-    attention swap and the merge of linears run everywhere, the merge before the linear swap; the
-    norms fold into the swapped linears after it."""
+    attention swap, the grouping of query heads and the merge of linears run everywhere, the merge
+    before the linear swap; the norms fold into the swapped linears after it."""
     from fullgraph_backend.backend import graph_passes
     from fullgraph_backend.config import FullgraphConfig
 
     passes = graph_passes(FullgraphConfig.from_options(options), torch.device(device), None, IMPL, [])
-    assert [name for name, _ in passes] == ["swap_attention", "merge_linears", *names]
+    assert [name for name, _ in passes] == ["swap_attention", "group_query_heads", "merge_linears", *names]
 
 
-def test_query_heads_group_between_the_swap_and_the_merge_where_asked():
+def test_query_heads_stay_copied_where_asked():
     from fullgraph_backend.backend import graph_passes
     from fullgraph_backend.config import FullgraphConfig
 
-    passes = graph_passes(FullgraphConfig(group_query_heads=True), torch.device("cpu"), None, IMPL, [])
-    assert [name for name, _ in passes] == ["swap_attention", "group_query_heads", "merge_linears"]
+    passes = graph_passes(FullgraphConfig(group_query_heads=False), torch.device("cpu"), None, IMPL, [])
+    assert [name for name, _ in passes] == ["swap_attention", "merge_linears"]
 
 
 def test_swap_through_a_custom_backend_matches_eager():

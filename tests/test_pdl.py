@@ -345,16 +345,17 @@ def _compile_double_and_arange(options: dict, caplog) -> None:
 @pytest.mark.gpu
 @needs_hopper
 def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplog):
-    """An ``arange`` returned on its own is a Triton kernel with no load: compiled with PDL it
-    would never wait, so the graph is compiled again without Inductor's PDL (logged), and its
-    outputs are right; the tiny decoder's graphs have no such kernel and keep it."""
+    """An ``arange`` returned on its own is a Triton kernel with no load: compiled with Inductor's PDL
+    (asked for directly: no kernel of ours runs in this graph, so the backend leaves PDL off) it
+    would never wait, so the graph is compiled again without it (logged), and its outputs are right;
+    the tiny decoder's graphs have no such kernel and keep it."""
     from fullgraph_backend import use_forward_context
     from fullgraph_backend.models import build_model, get_config
 
     from helpers import own_block_tables
 
-    no_combo = {"inductor_config": {"combo_kernels": False}}  # the arange a kernel of its own, after x * 2's
-    _compile_double_and_arange(no_combo, caplog)
+    no_combo = {**backend.PDL_PATCHES, "combo_kernels": False}  # the arange a kernel of its own, after x * 2's
+    _compile_double_and_arange({"inductor_config": no_combo}, caplog)
     assert "PDL off for this graph" in caplog.text
     caplog.clear()
     torch._dynamo.reset()
@@ -375,15 +376,15 @@ def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplo
 @pytest.mark.gpu
 @needs_hopper
 def test_combo_kernels_are_cut_into_their_parts_and_every_part_waits(monkeypatch, caplog):
-    """With combo kernels (the default with PDL) Inductor launches x * 2 and the arange as one
-    kernel: the check sees its parts in the source Inductor really writes, and either every part
-    waits (the combo is the graph's first kernel: each access waits) or the graph compiled again
-    without Inductor's PDL; the outputs are right either way."""
+    """With combo kernels (the default with PDL, asked for directly here) Inductor launches x * 2 and
+    the arange as one kernel: the check sees its parts in the source Inductor really writes, and either
+    every part waits (the combo is the graph's first kernel: each access waits) or the graph compiled
+    again without Inductor's PDL; the outputs are right either way."""
     seen = []
     real = backend.pdl_unwaited
     monkeypatch.setattr(backend, "pdl_unwaited", lambda sources: seen.append(list(sources)) or real(sources))
 
-    _compile_double_and_arange({}, caplog)
+    _compile_double_and_arange({"inductor_config": backend.PDL_PATCHES}, caplog)
     sources = [source for compiled in seen for _, source in compiled if "'launch_pdl': True" in source]
     combos = [source for source in sources if len(pdl._program_parts(source)) >= 2]
     assert combos, "no combo kernel found; the PDL kernels:\n" + "\n----\n".join(s[-1500:] for s in sources)

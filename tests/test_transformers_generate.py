@@ -5,6 +5,8 @@ Tiny random fp32 configs of each family the installed transformers has; batch 1 
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -85,26 +87,28 @@ def test_generate_in_cuda_graphs_matches_eager(family, cache):
         assert torch.equal(got, expected[batch]), f"{family}, {cache or 'dynamic'} cache, batch {batch}"
 
 
-def grouped_query_heads_match_eager(family: str, device: torch.device, caplog) -> None:
-    """With ``group_query_heads``, the static cache's decode SDPA reads the shared key/value heads
-    (the pass says so in the log) and greedy tokens stay eager's, batch 3 and 1."""
+def grouped_query_heads_match_eager(family: str, device: torch.device, caplog, monkeypatch) -> None:
+    """With ``group_query_heads`` at every batch (the tiny models' 2 key/value heads give too few
+    pairs for the default), the static cache's decode SDPA reads the shared key/value heads (the pass
+    says so in the log) and greedy tokens stay eager's, batch 3 and 1."""
+    monkeypatch.setattr(sys.modules["passes.group_query_heads"], "MIN_GROUPED_PAIRS", 0)
     model = tiny_model(family, device)
     expected = {batch: greedy(model, *prompts(batch, device), "static") for batch in (1, 3)}
-    model.forward = torch.compile(model.forward, backend="fullgraph", options={"group_query_heads": True})
+    model.forward = torch.compile(model.forward, backend="fullgraph")
     with caplog.at_level("INFO", logger="fullgraph"):
         for batch in (3, 1):
             assert torch.equal(greedy(model, *prompts(batch, device), "static"), expected[batch]), f"{family} {batch}"
     assert f"grouped {TINY['num_hidden_layers']} SDPA calls" in caplog.text
 
 
-def test_static_cache_generate_with_grouped_query_heads_matches_eager(caplog):
-    grouped_query_heads_match_eager("llama", DEVICE, caplog)  # Gemma too on the GPU; the pass's own tests cover the rest
+def test_static_cache_generate_with_grouped_query_heads_matches_eager(caplog, monkeypatch):
+    grouped_query_heads_match_eager("llama", DEVICE, caplog, monkeypatch)  # Gemma too on the GPU; the pass's own tests cover the rest
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_grouped_query_heads_in_cuda_graphs_match_eager(family, caplog):
-    grouped_query_heads_match_eager(family, torch.device("cuda"), caplog)
+def test_grouped_query_heads_in_cuda_graphs_match_eager(family, caplog, monkeypatch):
+    grouped_query_heads_match_eager(family, torch.device("cuda"), caplog, monkeypatch)
 
 
 def models_sharing_code_match_eager(device: torch.device, caplog) -> None:

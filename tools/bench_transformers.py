@@ -49,7 +49,7 @@ from isolate import add_arguments, run_modes, runs_apart  # noqa: E402  (tools/ 
 MODES = ("eager", "hf-compiled", "fullgraph", "reduce-overhead", "engine", "engine-hf")
 # fullgraph+FLAG: the backend's options with these on top of --options
 FULLGRAPH_FLAGS = {
-    "gqa": {"group_query_heads": True},
+    "nogqa": {"group_query_heads": False},
     "nopdl": {"pdl": False},
     # Inductor's PDL and combo kernels asked for, in graphs where the backend leaves them off (no kernel of ours)
     "inductorpdl": {"inductor_config": {"triton.enable_pdl": True, "combo_kernels": True}},

@@ -91,14 +91,16 @@ def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
 
 def median_row(rows: list[dict]) -> dict:
     """One row for the rounds ``rows`` of a mode and batch: the first's keys, each number the median
-    of the rounds that measured it, those values as ``<key>_rounds``; an error only if every round
-    failed."""
+    of the rounds that measured it (a count, such as graphs, the lower middle one: a whole number),
+    those values as ``<key>_rounds``; an error only if every round failed."""
     measured = [row for row in rows if "error" not in row] or rows[:1]
     merged = {**measured[0], "rounds": len(measured)}
     for key, value in measured[0].items():
         if key != "batch" and isinstance(value, (int, float)) and not isinstance(value, bool):
             values = [row[key] for row in measured if isinstance(row.get(key), (int, float))]
-            merged[key], merged[f"{key}_rounds"] = statistics.median(values), values
+            counts = all(isinstance(v, int) for v in values)
+            merged[key] = statistics.median_low(values) if counts else statistics.median(values)
+            merged[f"{key}_rounds"] = values
     return merged
 
 

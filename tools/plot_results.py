@@ -109,17 +109,26 @@ def plot_attention(result: dict, path: str) -> None:
 
 
 def plot_transformers(result: dict, path: str) -> None:
-    """Time per decode step by batch, one bar per way of running transformers' decode (log scale:
-    eager is 10x): the per-step clock (``step_ms``) where every row has it, else TPOT."""
+    """Time per decode step by batch, one bar per way of running transformers' decode (log scale
+    where one is 5x another, as eager is; else linear from 0, so bar heights compare), each bar
+    labelled with its value: the per-step clock (``step_ms``) where every row has it, else TPOT."""
     rows = [r for r in result["rows"] if "tpot_ms" in r]
     metric = "step_ms" if all("step_ms" in r for r in rows) else "tpot_ms"
     batches = sorted({r["batch"] for r in rows})
     series = {mode: [next((r[metric] for r in rows if r["mode"] == mode and r["batch"] == b), 0) for b in batches]
               for mode in dict.fromkeys(r["mode"] for r in rows)}
     fig, ax = _subplots(figsize=(9, 4.5))
-    _grouped_bars(ax, [f"batch {b}" for b in batches], series)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms between decode steps (log)" if metric == "step_ms" else "ms per output token (log)")
+    positions = _grouped_bars(ax, [f"batch {b}" for b in batches], series)
+    for label, values in series.items():
+        for x, value in zip(positions[label], values):
+            if value:
+                ax.annotate(f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=7)
+    measured = [v for values in series.values() for v in values if v]
+    log = max(measured) > 5 * min(measured)
+    if log:
+        ax.set_yscale("log")
+    unit = "ms between decode steps" if metric == "step_ms" else "ms per output token"
+    ax.set_ylabel(unit + (" (log)" if log else ""))
     ax.set_title(f"{result['model']} shapes, prompt {result['prompt_len']}, {result['device']}, torch {result['torch']}, "
                  f"transformers {result['transformers']}", fontsize=9)
     ax.legend(fontsize=8, ncol=2)

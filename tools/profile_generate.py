@@ -2,7 +2,8 @@
 
 Builds the bench_transformers model (random bf16 weights), warms each ``--modes`` entry up as
 bench_transformers does, then profiles one ``generate`` of ``--tokens`` new tokens with
-torch.profiler (host and GPU) and writes each mode's op table to ``OUT_DIR/profile_<mode>.txt``.
+torch.profiler (host and GPU) and writes each mode's op table to ``OUT_DIR/profile_<mode>.txt``
+(``+`` in a mode as ``_``).
 The fullgraph mode launches with PDL on sm_90+, whose early-launch waits the profiler counts as
 kernel time (tools/profile_decode.py says more): compare its kernels with ``--options '{"pdl": false}'``
 or the mode ``fullgraph+nopdl`` (modes as bench_transformers takes them).
@@ -48,7 +49,7 @@ def main() -> None:
         averages = prof.key_averages()
         table = (averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n"
                  + averages.table(sort_by="self_device_time_total", row_limit=25))
-        with open(os.path.join(args.out, f"profile_{mode}.txt"), "w") as f:
+        with open(os.path.join(args.out, f"profile_{mode.replace('+', '_')}.txt"), "w") as f:
             f.write(table)
         print(f"== {mode}\n{table}", flush=True)
 
