@@ -94,10 +94,11 @@ def fullgraph(gm: torch.fx.GraphModule, example_inputs: list, options: dict | No
 def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardContext | None, impl: AttentionImpl,
                  example_inputs: list) -> list[tuple[str, Callable[[torch.fx.GraphModule], object]]]:
     """The passes for one graph, in order: the attention swap; with ``group_query_heads``, decode SDPA
-    over per-head copies of keys and values reading the shared heads (at batches where that pays); the merge of linears over one
-    packed weight always; on CUDA, CPU inputs the graph copies to the device moved out of it; the
-    linear swap where the graph will be captured on CUDA (there the GEMV's choice is made once per
-    captured size), then the RMSNorms and SiLU-muls before linears folded into them."""
+    over per-head copies of keys and values reading the shared heads (at batches where that pays);
+    the merge of linears over one packed weight always; on CUDA, CPU inputs the graph copies to the
+    device moved out of it; the linear swap where the graph will be captured on CUDA (there the
+    GEMV's choice is made once per captured size), then the RMSNorms and SiLU-muls before linears
+    folded into them."""
     passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl))]
     if config.group_query_heads:
         passes.append(("group_query_heads", group_query_heads))

@@ -53,7 +53,6 @@ def rewritten(fn, args, min_pairs: int | None = 0, dynamic: bool = True):
         seen.append((gm, group_query_heads(gm, min_pairs)))
         return gm.forward
 
-    torch._dynamo.reset()
     for x in args:
         if dynamic:
             torch._dynamo.mark_dynamic(x, 0)
