@@ -208,7 +208,7 @@ def test_a_kernel_that_never_waits_compiles_the_graph_again_without_inductors_pd
     else:
         assert calls[1] == (("copy of", "graph"), {"triton.enable_pdl": False, "combo_kernels": True})
         assert compiled == ("copy of", "graph")
-        assert "PDL off for this graph" in caplog.text and "triton_poi_0" in caplog.text
+        assert "Inductor's PDL off for this graph" in caplog.text and "triton_poi_0" in caplog.text
 
 
 def test_pdl_option_is_checked():
@@ -356,7 +356,7 @@ def test_a_graph_with_a_kernel_that_never_waits_runs_without_inductors_pdl(caplo
 
     no_combo = {**backend.PDL_PATCHES, "combo_kernels": False}  # the arange a kernel of its own, after x * 2's
     _compile_double_and_arange({"inductor_config": no_combo}, caplog)
-    assert "PDL off for this graph" in caplog.text
+    assert "Inductor's PDL off for this graph" in caplog.text
     caplog.clear()
     torch._dynamo.reset()
     config = get_config("tiny")
@@ -389,5 +389,5 @@ def test_combo_kernels_are_cut_into_their_parts_and_every_part_waits(monkeypatch
     combos = [source for source in sources if len(pdl._program_parts(source)) >= 2]
     assert combos, "no combo kernel found; the PDL kernels:\n" + "\n----\n".join(s[-1500:] for s in sources)
     waits = all("gdc_wait()" in part for source in combos for part in pdl._program_parts(source))
-    assert waits != ("PDL off for this graph" in caplog.text), combos[0][-2000:]
+    assert waits != ("Inductor's PDL off for this graph" in caplog.text), combos[0][-2000:]
     torch._dynamo.reset()
