@@ -124,7 +124,7 @@ def plot_transformers(result: dict, path: str) -> None:
             if value:
                 ax.annotate(f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=7)
     measured = [v for values in series.values() for v in values if v]
-    log = max(measured) > 5 * min(measured)
+    log = bool(measured) and max(measured) > 5 * min(measured)  # a run whose every row failed plots empty
     if log:
         ax.set_yscale("log")
     unit = "ms between decode steps" if metric == "step_ms" else "ms per output token"
