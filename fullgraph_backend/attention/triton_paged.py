@@ -49,7 +49,6 @@ below; the op schema does not have it. ``tools/sweep_attention.py`` times a grid
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 from typing import NamedTuple
 
@@ -62,6 +61,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.forward_context import BatchKind, current_forward_context
 from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
+from fullgraph_backend.scratch import kept_buffers
 
 LOG2E = 1.4426950408889634
 # Cap on split-KV segments per request, which bounds the scratch and the merge's work (untuned;
@@ -637,27 +637,11 @@ _SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
 def _scratch(device: torch.device, rows: int, d_pad: int) -> tuple[torch.Tensor, ...]:
     """``(acc, max, sum, tickets)`` for ``rows`` partial rows; the tickets (one per (request, KV
     head), fewer than ``rows``) start at 0, and every split launch leaves them at 0."""
-    key = (device, rows, d_pad)
-    if key not in _SCRATCH:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("triton attention: split-KV scratch for this shape was not allocated before CUDA "
-                               "graph capture; run the op once at this padded size (warmup) before capturing")
-
-        def allocate() -> tuple[torch.Tensor, ...]:
-            buffers = (torch.empty(rows * d_pad, dtype=torch.float32, device=device),
-                       torch.empty(rows, dtype=torch.float32, device=device),
-                       torch.empty(rows, dtype=torch.float32, device=device),
-                       torch.zeros(rows, dtype=torch.int32, device=device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the tickets' zeros, before the caller's stream uses them
-            return buffers
-
-        # cudagraph trees (mode="reduce-overhead") send every allocation of the thread that warms up
-        # or records a graph to their pool, and refuse a pool tensor that is not an output: a buffer
-        # kept across calls is allocated on a thread of its own, outside any graph's pool.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            _SCRATCH[key] = pool.submit(allocate).result()
-    return _SCRATCH[key]
+    return kept_buffers(_SCRATCH, (device, rows, d_pad), device, lambda: (
+        torch.empty(rows * d_pad, dtype=torch.float32, device=device),
+        torch.empty(rows, dtype=torch.float32, device=device),
+        torch.empty(rows, dtype=torch.float32, device=device),
+        torch.zeros(rows, dtype=torch.int32, device=device)), "triton attention: split-KV")
 
 
 # TMA descriptors of each KV cache: built once per cache, not per call (two would cost an eager

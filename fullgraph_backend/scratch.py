@@ -1,0 +1,40 @@
+"""Device buffers our kernels keep across calls (split partials, merge tickets), allocated once.
+
+A captured graph keeps writing to the addresses it was captured with, so such a buffer lives for
+the process: entries are never dropped. Kernels that merge split work through an atomic ticket
+counter leave their counters at 0, so every launch, replayed or not, finds them zeroed.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Callable
+
+import torch
+
+
+def kept_buffers(table: dict, key: tuple, device: torch.device, make: Callable[[], tuple[torch.Tensor, ...]],
+                 owner: str) -> tuple[torch.Tensor, ...]:
+    """``table[key]``: the buffers ``make()`` returns on ``device``, made at the first call for ``key``
+    and kept in ``table`` (each kernel module holds its own, keyed by device and shape).
+
+    The first call for a key must not be under CUDA graph capture (the graph runner warms every
+    graph key up first, which makes them); ``owner`` names the kernel in that error. ``make`` runs
+    on a worker thread: cudagraph trees (``mode="reduce-overhead"``) send every allocation of the
+    thread that warms up or records a graph to their pool and refuse a pool tensor that is not an
+    output (docs/perf-notes.md, section 35). The device is synchronised after it, so zeros it
+    wrote are in place before the caller's stream uses them.
+    """
+    if key not in table:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{owner}: scratch for this shape was not allocated before CUDA graph capture; run "
+                               "the op once at this padded size (warmup) before capturing")
+
+        def allocate() -> tuple[torch.Tensor, ...]:
+            buffers = make()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return buffers
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            table[key] = pool.submit(allocate).result()
+    return table[key]
