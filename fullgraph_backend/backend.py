@@ -17,7 +17,7 @@ from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.cuda_graph import CudaGraphs, EmulatedGraphs, graphs_for
 from fullgraph_backend.dump.writer import GraphDump
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
-from fullgraph_backend.gemv import may_launch_gemv
+from fullgraph_backend.gemv import may_launch_linear_kernel
 from fullgraph_backend.graph_runner import CapturedPiece, GraphRunner, Path
 from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.pdl import supported as pdl_supported, unwaited as pdl_unwaited, with_launches
@@ -166,15 +166,16 @@ def _unsafe_to_capture(gm: torch.fx.GraphModule, signature: BatchSignature, exam
 def _takes_pdl(config: FullgraphConfig, device: torch.device, use_graphs: bool, gm: torch.fx.GraphModule,
                has_attention: bool) -> bool:
     """Whether this graph's kernels launch with PDL: asked for, captured, on a device that has it, and
-    some kernel of ours may run in it (swapped attention, or a GEMV: one 16-bit row). Inductor's PDL pays
+    some kernel of ours may run in it (swapped attention, or a GEMV or few-row linear: up to
+    ``few_rows.MAX_ROWS`` 16-bit rows). Inductor's PDL pays
     beside ours, whose programs load weights before their wait; in a graph of Inductor's kernels,
     cuBLAS and cuDNN alone it cost 7% a step (perf-notes 39), so such a graph goes without (logged)."""
     if not (config.pdl and use_graphs and pdl_supported(device)):
         return False
-    if has_attention or may_launch_gemv(gm.graph):
+    if has_attention or may_launch_linear_kernel(gm.graph):
         return True
     log.info("fullgraph: PDL off for this graph: none of our kernels runs in it (no swapped attention, no "
-             "one-row 16-bit linear), and Inductor's kernels alone run slower with it")
+             "16-bit linear of few rows), and Inductor's kernels alone run slower with it")
     return False
 
 

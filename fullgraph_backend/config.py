@@ -35,7 +35,9 @@ class FullgraphConfig:
       ``{"coordinate_descent_tuning": True}``; ``triton.cudagraphs`` stays off (we capture).
     - ``gemv``: in graphs captured on CUDA, run one-row 16-bit linears on our Triton GEMV instead
       of cuBLAS (:mod:`fullgraph_backend.gemv`, the ``swap_linear`` pass; past K = 4096, the down
-      projection, only where ``pdl`` launches it); False keeps cuBLAS.
+      projection, only where ``pdl`` launches it), and linears of 2 to 16 rows on our tensor-core
+      few-row kernel (:mod:`fullgraph_backend.few_rows`: a batch-16 decode step 3% shorter on the
+      H200, perf-notes section 41); False keeps cuBLAS.
     - ``fuse_norm``: with ``gemv``, fold each RMSNorm (and the residual add before it) that feeds only
       a linear into that linear's op, so at batch 1 the GEMV computes the norm in its prologue and
       Inductor's norm kernel goes (the ``fuse_norm_linear`` pass; perf-notes sections 32, 34, 35).
@@ -51,8 +53,8 @@ class FullgraphConfig:
       (:mod:`fullgraph_backend.pdl`; perf-notes sections 18, 35: 1.57 -> 1.39 ms at batch 1 on the
       H200, unchanged at 16 and 64). There Inductor also compiles with combo kernels (independent
       small kernels launched as one: -2.4 to -2.8% at batch 1, section 36); ``inductor_config`` overrides
-      either. A graph in which none of our kernels can run (no swapped attention, no one-row 16-bit
-      linear: transformers' static-cache step at batch 8) goes without (section 39). Elsewhere it
+      either. A graph in which none of our kernels can run (no swapped attention, no 16-bit linear
+      of 1 to 16 rows: transformers' static-cache step at batch 32) goes without (section 39). Elsewhere it
       changes nothing.
     - ``group_query_heads``: where a one-query-position SDPA reads keys and values that the model
       copied once per query head (transformers' ``repeat_kv``, when it passes a mask), let it read

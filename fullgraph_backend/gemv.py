@@ -8,8 +8,9 @@ in 512-wide slices, so a 1536-wide output is 384 programs. Per call with cold we
 cuBLAS on every projection with K = 1536 and on the LM head. Past K = ``LONG_K`` (the down
 projection, K = 8960) it walks 1024-wide slices (``LONG_K_TILES``): 9.3 us a call on the H200
 against 12.3 + 1.6 us for cuBLAS's split-K and its reduce, a decode step 5-7% shorter at batch 1
-(docs/perf-notes.md, section 38). A two-row variant lost on gate_up and down, so more rows stay
-``F.linear`` (:func:`uses_gemv`; docs/perf-notes.md, section 10, and the GEMV table of
+(docs/perf-notes.md, section 38). A two-row CUDA-core variant lost on gate_up and down
+(docs/perf-notes.md, section 10), so 2 to 16 rows take the tensor-core kernel of
+:mod:`fullgraph_backend.few_rows` and more stay ``F.linear`` (:func:`uses_gemv`, the GEMV table of
 docs/benchmarks.md, ``python3 tools/bench_gemv.py``).
 
 The op is defined like every ``fullgraph`` op (``fullgraph_backend/library.py``: cheap Python
@@ -35,6 +36,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from fullgraph_backend import few_rows
+from fullgraph_backend.few_rows import few_row_linear, uses_few_rows
 from fullgraph_backend.library import define_op
 from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
 
@@ -294,8 +297,12 @@ def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One row on the GEMV, a few rows on :func:`fullgraph_backend.few_rows.few_row_linear`, the
+    rest (and what those kernels do not take) on ``F.linear``."""
     if uses_gemv(x, weight, bias):
         return gemv(x, weight, bias)
+    if uses_few_rows(x, weight, bias):
+        return few_row_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -528,13 +535,14 @@ silu_mul_linear = define_op("silu_mul_linear(Tensor gate, Tensor up, Tensor weig
 in the GEMV's prologue where the GEMV runs (:func:`_silu_mul_linear`). The ``fuse_silu_linear``
 pass puts it in."""
 
-# the ops that may launch the GEMV, each on the row(s) of its first input
+# the ops that may launch the GEMV or the few-row kernel, each on the row(s) of its first input
 GEMV_OPS = (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear)
 
 
-def may_launch_gemv(graph: torch.fx.Graph) -> bool:
-    """Whether a node of ``graph`` may run our GEMV: one of :data:`GEMV_OPS` whose 16-bit input has one
-    row, a row count known only at the call (a dynamic batch), or no traced value to tell."""
+def may_launch_linear_kernel(graph: torch.fx.Graph) -> bool:
+    """Whether a node of ``graph`` may run our GEMV or few-row kernel: one of :data:`GEMV_OPS` whose
+    16-bit input has 1 to ``few_rows.MAX_ROWS`` rows (as it is at the call), a row count known only
+    at the call (a dynamic batch), or no traced value to tell."""
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in GEMV_OPS:
             continue
@@ -542,6 +550,6 @@ def may_launch_gemv(graph: torch.fx.Graph) -> bool:
         if not isinstance(value, torch.Tensor):
             return True
         rows = math.prod(value.shape[:-1])
-        if value.dtype in GEMV_DTYPES and (isinstance(rows, torch.SymInt) or rows == 1):
+        if value.dtype in GEMV_DTYPES and (isinstance(rows, torch.SymInt) or 1 <= rows <= max(1, few_rows.MAX_ROWS)):
             return True
     return False

@@ -1,8 +1,9 @@
-"""Swap each ``F.linear`` node for ``fullgraph::linear``, which runs one-row 16-bit products on a GEMV.
+"""Swap each ``F.linear`` node for ``fullgraph::linear``, which runs 16-bit products of one row on
+a GEMV and of 2 to 16 rows on the few-row kernel.
 
 The backend runs this pass only for graphs it captures in CUDA graphs on a CUDA device: there
-the op's choice between the GEMV and cuBLAS is made once per captured size. The op computes
-what ``F.linear`` does either way (see :mod:`fullgraph_backend.gemv` for when it takes the GEMV).
+the op's choice between our kernels and cuBLAS is made once per captured size. The op computes
+what ``F.linear`` does either way (see :mod:`fullgraph_backend.gemv` for when it takes which).
 """
 from __future__ import annotations
 

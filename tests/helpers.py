@@ -283,6 +283,34 @@ def hf_logits(model: torch.nn.Module, prompts: list[list[int]], tokens: list[lis
 
 
 # ---- Triton's real compiler ------------------------------------------------------------------------
+SM90_PDL_PRELUDE = r'''
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def pdl_ptx(fn, types, flags, tiles):
+    """PTX of ``fn`` compiled for sm_90 with PDL: arguments typed by ``types`` (pointers and ints
+    16-divisible, as a launch specialises them), the rest constexpr from ``flags``. Checks that it
+    launches with PDL and waits before it triggers; returns the PTX and where the wait is."""
+    sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in types and types[name] != "fp32"}
+    consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=True))
+    ptx = kernel.asm["ptx"]
+    wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert kernel.metadata.launch_pdl and wait < trigger, ptx
+    return ptx, wait
+'''
+"""Prepended to a :func:`run_compiler_script` script: Triton's compiler set up for sm_90 and
+``pdl_ptx``, which compiles one of our PDL kernels and checks its wait-then-trigger order."""
+
+
 def run_compiler_script(script: str) -> None:
     """Run ``script`` (which compiles kernels for sm_90 with Triton's own ptxas, no GPU needed, and
     prints "compiled") in a fresh interpreter without ``TRITON_INTERPRET``; skips without ptxas."""

@@ -11,7 +11,7 @@ from fullgraph_backend import gemv as gemv_module
 from fullgraph_backend.gemv import (add_rms_norm_linear, gemv, linear, rms_norm, rms_norm_gemv, rms_norm_linear,
                                     rms_norm_rows, silu_mul_gemv, silu_mul_linear, silu_mul_rows, uses_gemv)
 
-from helpers import run_compiler_script
+from helpers import SM90_PDL_PRELUDE, run_compiler_script
 
 
 @pytest.mark.parametrize("n, k", [(37, 1000), (4, 512), (130, 1536), (9, 7)])
@@ -177,32 +177,20 @@ except RuntimeError as error:
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
-_SM90_SCRIPT = r'''
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_SM90_SCRIPT = SM90_PDL_PRELUDE + r'''
 from fullgraph_backend.gemv import LONG_K_TILES, ROWS_BLOCK_K, SHORT_TILES, SILU_MUL_BLOCK_K, TILES, _gemv_kernel as fn
 from fullgraph_backend.gemv import _rms_norm_rows_kernel, _silu_mul_rows_kernel
 
 types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
              norm_w="*bf16", h_out="*bf16", eps="fp32", up="*bf16")
-sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
-attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in types and name != "eps"}
 # the plain GEMV in its three tilings, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down
 # projection's)
 for norm, gated, tiles in ((False, False, TILES), (False, False, LONG_K_TILES), (False, False, SHORT_TILES),
                            (True, False, TILES), (False, True, LONG_K_TILES)):
     flags = dict(HAS_BIAS=False, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
                  GATED=gated)
-    consts = {(fn.arg_names.index(n),): v for n, v in flags.items()}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=True))
-    ptx = kernel.asm["ptx"]
-    wait, trigger = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
-    assert kernel.metadata.launch_pdl and wait < trigger and "ld.global" in ptx[:wait], ptx
+    ptx, wait = pdl_ptx(fn, types, flags, tiles)
+    assert "ld.global" in ptx[:wait], ptx
     assert "st.global" not in ptx[:wait], "a store before the wait"
     assert ("ex2" in ptx) == gated, "exp only where SiLU is computed"
 rows = _rms_norm_rows_kernel

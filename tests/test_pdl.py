@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fullgraph_backend import backend, compat, gemv, pdl
+from fullgraph_backend import backend, compat, few_rows, gemv, pdl
 from fullgraph_backend.config import FullgraphConfig
 from fullgraph_backend.dump.writer import GraphDump
 from helpers import dynamo_graph
@@ -120,27 +120,35 @@ def linear_graph(rows: int, dynamic: bool, fuse_silu: bool = False, dtype: torch
 
 
 @pytest.mark.parametrize("rows, dynamic, fuse_silu, expected", [
-    (1, False, False, True), (8, False, False, False), (8, True, False, True),
-    (1, False, True, True), (8, False, True, False)])
-def test_may_launch_gemv_where_a_linear_can_have_one_row(rows, dynamic, fuse_silu, expected):
-    assert gemv.may_launch_gemv(linear_graph(rows, dynamic, fuse_silu).graph) is expected
+    (1, False, False, True), (8, False, False, True), (17, False, False, False), (17, True, False, True),
+    (1, False, True, True), (8, False, True, True), (17, False, True, False)])
+def test_may_launch_a_kernel_of_ours_where_a_linear_can_have_few_rows(rows, dynamic, fuse_silu, expected):
+    assert few_rows.MAX_ROWS == 16
+    assert gemv.may_launch_linear_kernel(linear_graph(rows, dynamic, fuse_silu).graph) is expected
+
+
+def test_no_few_row_kernel_means_one_row_only(monkeypatch):
+    monkeypatch.setattr(few_rows, "MAX_ROWS", 1)
+    assert not gemv.may_launch_linear_kernel(linear_graph(8, False).graph)
+    assert gemv.may_launch_linear_kernel(linear_graph(1, False).graph)
 
 
 def test_float32_linears_never_launch_the_gemv():
     """float32 stays on cuBLAS (eager's exact products), so such a graph runs none of our kernels."""
-    assert not gemv.may_launch_gemv(linear_graph(1, False, dtype=torch.float32).graph)
-    assert not gemv.may_launch_gemv(linear_graph(8, True, dtype=torch.float32).graph)
+    assert not gemv.may_launch_linear_kernel(linear_graph(1, False, dtype=torch.float32).graph)
+    assert not gemv.may_launch_linear_kernel(linear_graph(8, True, dtype=torch.float32).graph)
 
 
 def test_graphs_without_our_kernels_go_without_pdl(monkeypatch, caplog):
-    """Asked for and supported, PDL is taken where a GEMV or our attention may run; a graph of
-    eight-row linears alone goes without, and the log says why."""
+    """Asked for and supported, PDL is taken where a GEMV, the few-row kernel or our attention may
+    run; a graph of 17-row linears alone goes without, and the log says why."""
     monkeypatch.setattr(backend, "pdl_supported", lambda device: True)
     config, cuda = FullgraphConfig(), torch.device("cuda")
     assert backend._takes_pdl(config, cuda, True, linear_graph(1, False), has_attention=False)
-    assert backend._takes_pdl(config, cuda, True, linear_graph(8, False), has_attention=True)
+    assert backend._takes_pdl(config, cuda, True, linear_graph(8, False), has_attention=False)
+    assert backend._takes_pdl(config, cuda, True, linear_graph(17, False), has_attention=True)
     with caplog.at_level("INFO", logger="fullgraph"):
-        assert not backend._takes_pdl(config, cuda, True, linear_graph(8, False), has_attention=False)
+        assert not backend._takes_pdl(config, cuda, True, linear_graph(17, False), has_attention=False)
     assert "PDL off for this graph: none of our kernels runs in it" in caplog.text
     assert not backend._takes_pdl(FullgraphConfig(pdl=False), cuda, True, linear_graph(1, False), False)
     assert not backend._takes_pdl(config, cuda, False, linear_graph(1, False), False)
