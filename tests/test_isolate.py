@@ -167,6 +167,8 @@ def test_bench_transformers_fullgraph_flags_change_one_option_each(monkeypatch, 
     assert bench_transformers.mode_options("fullgraph+nogqa+nopdl", {"gemv": False}) == (
         "fullgraph", {"gemv": False, "group_query_heads": False, "pdl": False})
     assert bench_transformers.mode_options("hf-compiled", None) == ("hf-compiled", None)
+    assert bench_transformers.mode_options("fullgraph+nofewrows", None) == ("fullgraph", {})  # a module setting
+    assert bench_transformers.unknown_modes(["fullgraph+nofewrows", "fullgraph+fast"]) == ["fullgraph+fast"]
     calls = _fake_children(monkeypatch, bench_transformers, [])
     monkeypatch.setattr(sys, "argv", ["bench_transformers.py", "--modes", "fullgraph,fullgraph+nogqa,hf-compiled",
                                       "--out", str(tmp_path)])

@@ -11,6 +11,7 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +tuned       Inductor's coordinate-descent tuning, as gpt-fast does
   +cublaslt    cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
   +nogemv      the backend's ``gemv=False``: one-row linears stay on cuBLAS
+  +nofewrows   linears of 2 to 16 rows on cuBLAS (``few_rows.MAX_ROWS`` = 1), as before session 19
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
@@ -48,7 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fullgraph_backend import gemv, use_forward_context  # noqa: E402
+from fullgraph_backend import few_rows, gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 from isolate import add_arguments, run_modes, runs_apart  # noqa: E402
@@ -109,9 +110,14 @@ def main() -> None:
     parser.add_argument("--long-k-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the GEMVs past gemv.LONG_K (the "
                         "down projection, plain or +silufuse) instead of gemv.LONG_K_TILES: a tiling "
                         "tools/bench_gemv.py found faster")
+    parser.add_argument("--few-row-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES[,SPLIT_K] of every few-row launch "
+                        "instead of few_rows.default_tiles' choice")
     args = parser.parse_args()
     if args.long_k_tiles:  # read by the op's launches, i.e. at warm-up and capture
         gemv.LONG_K_TILES = gemv.Tiles(*(int(v) for v in args.long_k_tiles.split(",")))
+    if args.few_row_tiles:
+        tiles = few_rows.FewRowTiles(*(int(v) for v in args.few_row_tiles.split(",")))
+        few_rows.default_tiles = lambda n, k: tiles
 
     os.makedirs(args.out, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -138,6 +144,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     header["copy_bandwidth_TBs"] = round(bandwidth / 1e12, 3)
     header["long_k_tiles"] = list(gemv.LONG_K_TILES)
+    header["few_row_tiles"] = args.few_row_tiles or "default"
     max_len = args.context + 1
     ctx = config.forward_context(dtype=dtype, device="cuda", max_num_seqs=max(batches), max_num_tokens=max(batches),
                                  max_model_len=max_len, attention_impl=args.attention_impl)
@@ -153,11 +160,13 @@ def main() -> None:
 
     rows = []
     default_blas, default_max_k, default_short_n = torch.backends.cuda.preferred_blas_library(), gemv.MAX_K, gemv.SHORT_N
+    default_max_rows = few_rows.MAX_ROWS
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
         gemv.MAX_K = gemv.LONG_K if "cublasdown" in flags else default_max_k  # read at warm-up and capture
         gemv.SHORT_N = SHORT_TILES_N if "shorttiles" in flags else default_short_n
+        few_rows.MAX_ROWS = 1 if "nofewrows" in flags else default_max_rows
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -203,8 +212,8 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "normfuse", "silufuse", "cublasdown", "shorttiles", "nopdl", "combo", "nocombo",
-         "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "normfuse", "silufuse", "cublasdown", "shorttiles", "nopdl",
+         "combo", "nocombo", "whole")
 SHORT_TILES_N = 4096  # +shorttiles: qkv (2048 wide on Qwen2.5-1.5B, 3072 on Llama-3.2-1B) and o_proj, not gate_up
 
 

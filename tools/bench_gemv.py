@@ -12,7 +12,11 @@ after SiLU-mul time cuBLAS against the plain GEMV and the ``fuse_silu`` op's GEM
 chain of projections in one graph, each reading the one before it (28 x qkv, o_proj, gate_up on the
 GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
-Usage (GPU): python tools/bench_gemv.py --out bench_gemv.json
+``--few-rows`` times the same projections at 2 to 64 rows instead: cuBLAS against the few-row
+kernel (``fullgraph_backend.few_rows``, with PDL) per tiling and split count, the rows behind its
+``MAX_ROWS`` and ``TILES`` (docs/perf-notes.md, section 41).
+
+Usage (GPU): python tools/bench_gemv.py --out bench_gemv.json [--few-rows --rows 2,8,16,32,64]
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import pdl  # noqa: E402
+from fullgraph_backend.few_rows import FewRowTiles, default_tiles, few_row_linear, split_for  # noqa: E402
 from fullgraph_backend.gemv import LONG_K_TILES, TILES, Tiles, gemv, rms_norm_gemv, silu_mul_gemv, silu_mul_rows  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
@@ -49,11 +54,11 @@ def norm_gemv(k: int):
     return lambda x, weight, bias=None: rms_norm_gemv(x, norm_weight, 1e-6, weight, bias, residual)[0]
 
 
-def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int) -> tuple[float, float]:
+def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int, rows: int = 1) -> tuple[float, float]:
     """(microseconds per call, max abs difference from F.linear) over ``copies`` cold weights."""
     weights = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5,
                 torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None) for _ in range(copies)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     error = (fn(x, *weights[0]).float() - F.linear(x, *weights[0]).float()).abs().max().item()
     graph = capture(lambda: [fn(x, w, b) for w, b in weights])
     return replay_us(graph, iters, "read") / copies, error
@@ -148,10 +153,61 @@ def time_chain(iters: int) -> dict:
                 same_bits=bool(torch.equal(outs[False], outs[True])))
 
 
+# few-row tilings (split 0: chosen from the SM count), after each projection's default (few_rows.default_tiles)
+FEW_ROW_VARIANTS = (FewRowTiles(32, 256, 4, 4), FewRowTiles(16, 256, 4, 4), FewRowTiles(32, 128, 4, 4),
+                    FewRowTiles(32, 512, 4, 3), FewRowTiles(64, 128, 4, 4), FewRowTiles(64, 256, 4, 3),
+                    FewRowTiles(64, 256, 8, 3), FewRowTiles(128, 128, 4, 3), FewRowTiles(128, 128, 8, 3),
+                    FewRowTiles(128, 64, 4, 5), FewRowTiles(32, 256, 4, 4, 1), FewRowTiles(64, 128, 4, 4, 1),
+                    FewRowTiles(64, 128, 4, 4, 4), FewRowTiles(16, 512, 4, 3, 1))
+
+
+def time_few_rows(rows_list: list[int], iters: int, log) -> list[dict]:
+    """Each projection at each row count: cuBLAS, then the few-row kernel with PDL per tiling of
+    :data:`FEW_ROW_VARIANTS` (the split count each ran with in the row; a tiling that does not
+    compile, e.g. past the shared memory, is a row with its error). Rows go to ``log`` as made."""
+    out = []
+
+    def add(row):
+        out.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    for name, (n, k, bias, copies) in SHAPES.items():
+        for rows in rows_list:
+            us, _ = time_op(F.linear, n, k, bias, copies, iters, rows)
+            add(variant_row(f"{name} x{rows}", "cublas", n, k, us, 0.0))
+            for tiles in (default_tiles(n, k), *FEW_ROW_VARIANTS):
+                fn = functools.partial(few_row_linear, pdl=True, tiles=tiles)
+                label = f"few-row {tuple(tiles[:4])} split {split_for(n, k, tiles, torch.device('cuda'))}"
+                try:
+                    us, error = time_op(fn, n, k, bias, copies, iters, rows)
+                except Exception as e:  # noqa: BLE001  (a tiling past the device's limits: its row says so)
+                    add(dict(op=f"{name} x{rows}", variant=label, error=f"{type(e).__name__}: {str(e)[:120]}"))
+                    continue
+                add(variant_row(f"{name} x{rows}", label, n, k, us, error))
+            torch.cuda.empty_cache()
+    return out
+
+
+def print_few_rows(rows: list[dict]) -> None:
+    """Per projection and row count: cuBLAS, the default tiling (``few_rows.default_tiles``) and the
+    fastest, with their ratio."""
+    print("\n| op x rows | cuBLAS us (TB/s) | default us | fastest | us (TB/s) | cuBLAS / fastest | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        group = [r for r in rows if r["op"] == op and "us" in r]
+        cublas, ours = group[0], group[1:]
+        best = min(ours, key=lambda r: r["us"])
+        print(f"| {op} | {cublas['us']} ({cublas['TBs']}) | {ours[0]['us']} | {best['variant']} | {best['us']} "
+              f"({best['TBs']}) | {cublas['us'] / best['us']:.3f} | {best['max_abs_diff']:.3g} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench_gemv.json")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--few-rows", action="store_true", help="time 2+ rows: cuBLAS against the few-row kernel")
+    parser.add_argument("--rows", default="2,8,16,32,64", help="row counts of --few-rows")
     args = parser.parse_args()
     import triton
 
@@ -160,6 +216,13 @@ def main() -> None:
               "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "timing": f"median of {args.iters} CUDA-graph replays after a 256 MiB L2-clearing read, per call"}
     print(json.dumps(header), flush=True)
+    if args.few_rows:
+        with open(args.out + "l", "w") as log:  # one row a line as they come: a killed run keeps its rows
+            rows = time_few_rows([int(r) for r in args.rows.split(",")], args.iters, log)
+        with open(args.out, "w") as f:
+            json.dump({**header, "few_rows": rows}, f, indent=1)
+        print_few_rows(rows)
+        return
     rows = []
     for name, (n, k, bias, copies) in SHAPES.items():
         mb = n * k * 2 / 1e6  # megabytes over microseconds is TB/s

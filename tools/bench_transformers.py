@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend.backend import RecordingBackend  # noqa: E402
+from fullgraph_backend import few_rows  # noqa: E402
 from fullgraph_backend.graph_runner import RECAPTURES_BEFORE_COPYING  # noqa: E402
 from fullgraph_backend.models.hf_configs import NAMED_CONFIGS  # noqa: E402
 from isolate import add_arguments, run_modes, runs_apart  # noqa: E402  (tools/ is on the path when run as a script)
@@ -53,6 +54,8 @@ FULLGRAPH_FLAGS = {
     "nopdl": {"pdl": False},
     # Inductor's PDL and combo kernels asked for, in graphs where the backend leaves them off (no kernel of ours)
     "inductorpdl": {"inductor_config": {"triton.enable_pdl": True, "combo_kernels": True}},
+    # linears of 2 to 16 rows on cuBLAS, as before session 19 (few_rows.MAX_ROWS = 1 for the mode: no option)
+    "nofewrows": {},
 }
 ENGINE_IMPLS = {"engine": "fullgraph", "engine-hf": "transformers"}
 # the decode keys (batch 1 and 8) and the prefill chunk: enough for TPOT, quick to capture
@@ -144,6 +147,9 @@ def compiled_generate(model, mode: str, ids: torch.Tensor, options: dict | None 
     flags, else None), every generate's steps noted by ``clock``; transformers' own forward after."""
     from transformers import StoppingCriteriaList
 
+    max_rows = few_rows.MAX_ROWS
+    if "nofewrows" in mode.split("+"):  # read by the linears at warm-up and capture
+        few_rows.MAX_ROWS = 1
     mode, options = mode_options(mode, options)
     torch._dynamo.reset()
     backend, clock = None, StepClock()
@@ -172,6 +178,7 @@ def compiled_generate(model, mode: str, ids: torch.Tensor, options: dict | None 
     try:
         yield generate, backend, clock
     finally:  # the next mode starts from transformers' own forward
+        few_rows.MAX_ROWS = max_rows
         model.__dict__.pop("forward", None)
         model.__dict__.pop("_compiled_call", None)
 

@@ -16,6 +16,7 @@ median of CUDA-graph replays (tools/graph_timing.py) after a 256 MiB memset, aft
 (clean cold L2) and back to back. Times include the fused K/V store.
 
 Usage (GPU): python tools/sweep_attention.py [--out sweep_attention.json] [--iters 50] [--budget-s 200] [--jobs 8]
+             [--shape 12q/2kv] [--batches 16,64]
              python tools/sweep_attention.py --smoke   # CPU (TRITON_INTERPRET=1): tiny shapes, no timing
 Variants are first compiled into Triton's disk cache by --jobs spawned processes (compile time
 dominates the run); variants past --budget-s of wall time are skipped (and counted), so the run
@@ -218,7 +219,10 @@ class Sweep:
         return [(qh, kvh, ml, None if c is None else dict(c)) for qh, kvh, ml, c in sorted(tasks, key=str)]
 
     def run(self):
-        shapes = SMOKE_SHAPES if self.smoke else SHAPES
+        shapes = SMOKE_SHAPES if self.smoke else [
+            (label, q_heads, kv_heads, context, max_len,
+             tuple(b for b in batches if not self.args.batches or str(b) in self.args.batches.split(",")))
+            for label, q_heads, kv_heads, context, max_len, batches in SHAPES if self.args.shape in label]
         tiles = SMOKE_TILES if self.smoke else TILES
         segment_grid = SMOKE_SEGMENTS if self.smoke else SEGMENTS
         head_dim = 64 if self.smoke else HEAD_DIM
@@ -233,11 +237,13 @@ class Sweep:
                 stage1 = [default]
                 for block_n, warps, stages in itertools.product(*tiles.values()):
                     config = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    if default["page_tiles"] and block_n != BLOCK_SIZE:  # a page tile is one cache block
+                        config["page_tiles"] = False
                     stage1.append(self.run_variant(shape, label, "tiles", config))
                 best_tiles = self.best(stage1)
                 tile_config = {} if best_tiles is None or best_tiles is default else \
                     dict(BLOCK_N=best_tiles["BLOCK_N"], num_warps=best_tiles["num_warps"],
-                         num_stages=best_tiles["num_stages"])
+                         num_stages=best_tiles["num_stages"], page_tiles=best_tiles["page_tiles"])
                 # stage 2: segment counts with the best tiles (the default count is stage 1's)
                 stage2 = [best_tiles] if best_tiles else []
                 for segments in segment_grid:
@@ -300,6 +306,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=200.0, help="skip variants after this much wall time")
     parser.add_argument("--jobs", type=int, default=8, help="processes compiling variants up front (0: none)")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, no timing")
+    parser.add_argument("--shape", default="", help="only shapes whose label holds this text (e.g. 12q/2kv)")
+    parser.add_argument("--batches", default="", help="only these batches of each shape (e.g. 16,64)")
     args = parser.parse_args()
     torch.manual_seed(0)
     import triton
