@@ -148,6 +148,11 @@ def _few_rows_kernel(x, w, bias, out, partial, tickets, M, N, K, k_per_split, sp
             _store_rows(out, total, bias, offs_m, offs_n, m_ok, n_ok, N, HAS_BIAS)
 
 
+# Split partials and tickets, keyed by (device, splits, padded rows, N, column tiles); kept for
+# the process (fullgraph_backend/scratch.py).
+_SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
 def default_tiles(n: int, k: int) -> FewRowTiles:
     """The tiling of a launch over an ``[n, k]`` weight: :data:`LONG_K_TILES` past K = :data:`LONG_K`,
     :data:`NARROW_TILES` up to N = :data:`NARROW_N`, :data:`WIDE_TILES` beyond (as they are at the call)."""
@@ -188,6 +193,9 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"few_row_linear needs x [..., {k}], weight [N, K] with unit stride along K and bias "
                          f"[N]; got x {tuple(x.shape)}, weight strides {weight.stride()}, bias "
                          f"{None if bias is None else tuple(bias.shape)}")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError(f"few_row_linear needs x, weight and bias on one device; got {x.device}, {weight.device}, "
+                         f"{None if bias is None else bias.device}")
     rows = x.reshape(-1, k)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
@@ -209,16 +217,11 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         partial = tickets = out
     flag = kernel_flag(pdl_enabled(x.device) if pdl is None else pdl, x.device)
     _few_rows_kernel[(n_tiles, splits)](
-        rows, weight, bias if bias is not None else weight, out, partial, tickets, m, n, k, k_per_split, splits,
-        rows.stride(0), weight.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+        rows, weight, bias.contiguous() if bias is not None else weight, out, partial, tickets, m, n, k, k_per_split,
+        splits, rows.stride(0), weight.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, MERGE=splits > 1, PDL=flag, DOT_FP32=not x.is_cuda, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages, launch_pdl=flag and x.is_cuda)
     return out
-
-
-# Split partials and tickets, keyed by (device, splits, padded rows, N, column tiles); kept for
-# the process (fullgraph_backend/scratch.py).
-_SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def uses_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

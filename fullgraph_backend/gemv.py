@@ -273,7 +273,7 @@ def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     flag = kernel_flag(use_pdl, row.device)
     residual = norm.residual if norm is not None else None
     return _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
-        row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        row, weight, bias.contiguous() if bias is not None else weight, out, n, k, weight.stride(0),
         row if residual is None else residual, row if norm is None else norm.weight,
         row if residual is None else norm.h_out, 0.0 if norm is None else norm.eps, row if up is None else up,
         HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=flag, NORM=norm is not None,

@@ -81,6 +81,12 @@ def test_split_scratch_is_made_once_per_shape_and_stale_partials_do_not_leak():
     _within_an_ulp(got, _expected(x, weight, None))
 
 
+def test_a_strided_bias_view_is_read_by_its_strides():
+    x, weight, _ = _case(3, 24, 64, False)
+    spaced = torch.randn(48).half()[::2]  # stride 2, as a slice of a larger vector
+    _within_an_ulp(few_row_linear(x, weight, spaced, tiles=FewRowTiles(16, 32, 4, 2, 2)), _expected(x, weight, spaced))
+
+
 def test_no_rows_give_an_empty_output():
     _, weight, _ = _case(1, 8, 32, False)
     assert few_row_linear(torch.empty(0, 32, dtype=torch.float16), weight).shape == (0, 8)
@@ -98,6 +104,8 @@ def test_few_row_linear_rejects_what_it_cannot_compute():
         few_row_linear(x.float(), weight.float())
     with pytest.raises(ValueError, match="one dtype"):
         few_row_linear(x, weight.bfloat16())
+    with pytest.raises(ValueError, match="one device"):
+        few_row_linear(x, weight.to("meta"))
 
 
 def test_tilings_follow_the_weight_shape_and_splits_the_sm_count():

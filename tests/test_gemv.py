@@ -114,6 +114,12 @@ def test_gemv_reads_a_strided_weight_view():
     torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
 
 
+def test_gemv_reads_a_strided_bias_view():
+    weight, x = torch.randn(32, 300), torch.randn(1, 300)
+    bias = torch.randn(64)[::2]  # stride 2: read as if contiguous, every other entry would be wrong
+    torch.testing.assert_close(gemv(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
 def test_gemv_rejects_what_it_cannot_compute():
     with pytest.raises(ValueError, match="one row of 8 features"):
         gemv(torch.randn(2, 8), torch.randn(4, 8))

@@ -14,7 +14,7 @@ GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
 ``--few-rows`` times the same projections at 2 to 64 rows instead: cuBLAS against the few-row
 kernel (``fullgraph_backend.few_rows``, with PDL) per tiling and split count, the rows behind its
-``MAX_ROWS`` and ``TILES`` (docs/perf-notes.md, section 41).
+``MAX_ROWS`` and ``default_tiles`` (docs/perf-notes.md, section 41).
 
 Usage (GPU): python tools/bench_gemv.py --out bench_gemv.json [--few-rows --rows 2,8,16,32,64]
 """
