@@ -210,7 +210,7 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     splits = triton.cdiv(k, k_per_split)  # no empty range
     n_tiles = triton.cdiv(n, tiles.block_n)
     if splits > 1:
-        partial, tickets = kept_buffers(_SCRATCH, (x.device, splits, block_m, n, n_tiles), x.device, lambda: (
+        partial, tickets = kept_buffers(_SCRATCH, (splits, block_m, n, n_tiles), x.device, lambda: (
             torch.empty(splits * block_m * n, dtype=torch.float32, device=x.device),
             torch.zeros(n_tiles, dtype=torch.int32, device=x.device)), "few_row_linear")
     else:  # one range writes the output itself; the scratch pointers are never touched
@@ -224,12 +224,17 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
+def kernel_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether our linear kernels (this one and the GEMV) take these operands, whatever the rows:
+    Triton installed, CUDA, 16-bit ``x``, a 2-D weight (and bias, if any) in x's dtype with unit
+    stride along K. fp32 stays on cuBLAS, so float32 runs keep eager's products."""
+    return (triton is not None and x.is_cuda and x.dtype in FEW_ROW_DTYPES and weight.dtype == x.dtype
+            and weight.dim() == 2 and weight.stride(1) == 1 and (bias is None or bias.dtype == x.dtype))
+
+
 def uses_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether a linear of ``x`` takes this kernel: CUDA, 16-bit, 2 to :data:`MAX_ROWS` rows (as it is
-    at the call), weight (and bias, if any) in x's dtype with unit stride along K. fp32 stays on
-    cuBLAS, so float32 runs keep eager's products."""
+    """Whether a linear of ``x`` takes this kernel: :func:`kernel_operands`, and 2 to :data:`MAX_ROWS`
+    rows (as it is at the call)."""
     k = weight.shape[-1]
     rows = x.numel() // k if x.shape[-1] == k and k else 0
-    return (triton is not None and x.is_cuda and x.dtype in FEW_ROW_DTYPES and weight.dtype == x.dtype
-            and 2 <= rows <= MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
-            and (bias is None or bias.dtype == x.dtype))
+    return 2 <= rows <= MAX_ROWS and kernel_operands(x, weight, bias)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph_backend import few_rows
-from fullgraph_backend.few_rows import few_row_linear, uses_few_rows
+from fullgraph_backend.few_rows import FEW_ROW_DTYPES, few_row_linear, kernel_operands, uses_few_rows
 from fullgraph_backend.library import define_op
 from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
 
@@ -75,7 +75,7 @@ LONG_K = 4096
 # ``+shorttiles`` sets SHORT_N for its mode (perf-notes 38).
 SHORT_TILES = Tiles(block_n=4, block_k=2048, num_warps=4, num_stages=1)
 SHORT_N = 0
-GEMV_DTYPES = (torch.bfloat16, torch.float16)
+GEMV_DTYPES = FEW_ROW_DTYPES  # the 16-bit dtypes both linear kernels take
 
 
 def _jit(fn):
@@ -291,9 +291,8 @@ def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     fp32 stays on cuBLAS, so float32 runs keep eager's exact products (greedy tokens equal eager's).
     """
     k = weight.shape[1]
-    return (triton is not None and x.is_cuda and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and x.numel() == k
-            and weight.stride(1) == 1 and (k <= LONG_K or (k <= MAX_K and pdl_enabled(x.device)))
-            and (bias is None or bias.dtype == x.dtype))
+    return (kernel_operands(x, weight, bias) and x.numel() == k
+            and (k <= LONG_K or (k <= MAX_K and pdl_enabled(x.device))))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

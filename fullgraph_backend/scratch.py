@@ -14,8 +14,8 @@ import torch
 
 def kept_buffers(table: dict, key: tuple, device: torch.device, make: Callable[[], tuple[torch.Tensor, ...]],
                  owner: str) -> tuple[torch.Tensor, ...]:
-    """``table[key]``: the buffers ``make()`` returns on ``device``, made at the first call for ``key``
-    and kept in ``table`` (each kernel module holds its own, keyed by device and shape).
+    """The buffers ``make()`` returns on ``device``, made at the first call for ``(device, *key)`` and
+    kept in ``table`` under it (each kernel module holds its own; ``key`` names the shape).
 
     The first call for a key must not be under CUDA graph capture (the graph runner warms every
     graph key up first, which makes them); ``owner`` names the kernel in that error. ``make`` runs
@@ -24,6 +24,7 @@ def kept_buffers(table: dict, key: tuple, device: torch.device, make: Callable[[
     output (docs/perf-notes.md, section 35). The device is synchronised after it, so zeros it
     wrote are in place before the caller's stream uses them.
     """
+    key = (device, *key)
     if key not in table:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{owner}: scratch for this shape was not allocated before CUDA graph capture; run "

@@ -637,7 +637,7 @@ _SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
 def _scratch(device: torch.device, rows: int, d_pad: int) -> tuple[torch.Tensor, ...]:
     """``(acc, max, sum, tickets)`` for ``rows`` partial rows; the tickets (one per (request, KV
     head), fewer than ``rows``) start at 0, and every split launch leaves them at 0."""
-    return kept_buffers(_SCRATCH, (device, rows, d_pad), device, lambda: (
+    return kept_buffers(_SCRATCH, (rows, d_pad), device, lambda: (
         torch.empty(rows * d_pad, dtype=torch.float32, device=device),
         torch.empty(rows, dtype=torch.float32, device=device),
         torch.empty(rows, dtype=torch.float32, device=device),
