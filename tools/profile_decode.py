@@ -10,6 +10,12 @@ to more than the replay (1.76 against 1.33 ms at batch 1 on the H200, perf-notes
 after an early-triggering one looks slow. For a table whose kernels add up, pass
 ``--options '{"pdl": false}'``; the replay's wall time is the step's time either way.
 
+So a second table attributes the step itself: each kernel is charged the time from the end of the
+kernel before it to its own end (:func:`critical_path`). Under PDL a kernel's launch and its work
+before the wait overlap the kernel before and are not charged; what is charged is what the chain
+waited for. The charges of one replay add up to its span on the GPU. A third table lists the
+kernels of ``--window`` (positions in the replay) one by one: one layer's projections apart.
+
 Usage (GPU): python tools/profile_decode.py [--batch 1] [--context 1000] [--model qwen2.5-1.5b]
        [--options '{"fuse_norm": true}']
 """
@@ -46,6 +52,56 @@ def median_ms(fn, sync_each: bool, n: int = 200) -> float:
     return round(statistics.median(times), 4)
 
 
+def critical_path(kernels: list[tuple[str, float, float]], replays: int) -> list[dict]:
+    """Per kernel name, what ``replays`` back-to-back replays of one graph spent on it, a replay's worth.
+
+    ``kernels``: (name, start, end) of every kernel of the replays, in us. A replay's kernels run as
+    one dependent chain, so sorted by end each kernel's charge is its end minus the end before it
+    (the first: its duration); ``gap`` is the part of a charge before the kernel started (a launch
+    gap, 0 under PDL once the kernel launched early). Rows: name, calls, ``us`` (summed duration,
+    waits included), ``critical_us`` (summed charge), ``gap_us``, per replay; largest charge first.
+    """
+    ordered = sorted(kernels, key=lambda kernel: kernel[2])
+    if not ordered or len(ordered) % replays:
+        raise ValueError(f"{len(ordered)} kernels do not split into {replays} replays of one graph")
+    per_replay = len(ordered) // replays
+    rows: dict[str, dict] = {}
+    for index, (name, start, end) in enumerate(ordered):
+        before = ordered[index - 1][2] if index % per_replay else start
+        row = rows.setdefault(name, {"name": name, "calls": 0, "us": 0.0, "critical_us": 0.0, "gap_us": 0.0})
+        row["calls"] += 1
+        row["us"] += end - start
+        row["critical_us"] += end - before
+        row["gap_us"] += max(0.0, start - before)
+    for row in rows.values():
+        for field in ("calls", "us", "critical_us", "gap_us"):
+            row[field] = round(row[field] / replays, 3)
+    return sorted(rows.values(), key=lambda row: -row["critical_us"])
+
+
+def kernel_sequence(kernels: list[tuple[str, float, float]], replays: int) -> list[dict]:
+    """A replay's kernels in order (by end), each with its duration and charge averaged over the
+    ``replays``, which run the same graph: what one layer's kernels cost, one by one."""
+    ordered = sorted(kernels, key=lambda kernel: kernel[2])
+    per_replay = len(ordered) // replays
+    rows = []
+    for index in range(per_replay):
+        runs = [(ordered[r * per_replay + index], ordered[r * per_replay + index - 1][2] if index else None)
+                for r in range(replays)]
+        rows.append({"name": runs[0][0][0],
+                     "us": round(sum(end - start for (_, start, end), _ in runs) / replays, 3),
+                     "critical_us": round(sum(end - (start if before is None else before)
+                                              for (_, start, end), before in runs) / replays, 3)})
+    return rows
+
+
+def device_kernels(prof) -> list[tuple[str, float, float]]:
+    """(name, start, end) in us of every GPU kernel a torch.profiler run recorded."""
+    return [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.end > event.time_range.start
+            and not event.name.startswith(("Memcpy", "Memset"))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-1.5b")
@@ -53,6 +109,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=25, help="kernels listed")
     parser.add_argument("--options", default="{}", help="the backend's options as JSON")
+    parser.add_argument("--window", default="40:60", help="positions A:B of a replay's kernels listed one by one")
+    parser.add_argument("--out", help="also write the report and the critical-path rows to this JSON file")
     args = parser.parse_args()
     config = get_config(args.model)
     ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=args.batch,
@@ -77,12 +135,30 @@ def main() -> None:
                   "replay wall ms": median_ms(call.replay, True),
                   "replay host ms": median_ms(call.replay, False)}
         print(json.dumps(report), flush=True)
+        replays = 10
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
+            for _ in range(replays):
                 call.replay()
-            torch.cuda.synchronize()
-    print("kernels of 10 replays:")
+                torch.cuda.synchronize()  # so no replay's kernels overlap the next one's
+    print(f"kernels of {replays} replays:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    kernels = device_kernels(prof)
+    rows = critical_path(kernels, replays)
+    sequence = kernel_sequence(kernels, replays)
+    print("a replay's critical path (us): charge = end minus the end of the kernel before; gap = before its start")
+    print(f"{'kernel':<64} {'calls':>6} {'duration':>9} {'charge':>9} {'gap':>7}")
+    for row in rows[:args.rows]:
+        print(f"{row['name'][:64]:<64} {row['calls']:>6g} {row['us']:>9.1f} {row['critical_us']:>9.1f} {row['gap_us']:>7.1f}")
+    print(f"{'total':<64} {sum(r['calls'] for r in rows):>6g} {sum(r['us'] for r in rows):>9.1f} "
+          f"{sum(r['critical_us'] for r in rows):>9.1f} {sum(r['gap_us'] for r in rows):>7.1f}")
+    first, last = (int(bound) for bound in args.window.split(":"))
+    print(f"kernels {first}-{last - 1} of a replay, one by one (us): duration, charge")
+    for index in range(first, min(last, len(sequence))):
+        row = sequence[index]
+        print(f"{index:>4} {row['name'][:64]:<64} {row['us']:>8.2f} {row['critical_us']:>8.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**report, "critical_path": rows, "sequence": sequence}, f, indent=1)
 
 
 if __name__ == "__main__":
