@@ -12,13 +12,14 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +cublaslt    cuBLASLt as PyTorch's preferred BLAS library for that mode's matmuls
   +nogemv      the backend's ``gemv=False``: one-row linears stay on cuBLAS
   +nofewrows   linears of 2 to 16 rows on cuBLAS (``few_rows.MAX_ROWS`` = 1), as before session 19
+  +widestages4 the few-row kernel's wide tiling (gate_up, the LM head) with 4 stages, as in session 19
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
   +cublasdown  one-row linears past ``gemv.LONG_K`` (the down projection) on cuBLAS's split-K
                (``gemv.MAX_K`` lowered), as before session 16 put them on the GEMV
-  +shorttiles  one-row GEMVs with N up to 4096 whose row fits one 2048-wide slice (qkv, o_proj) launch
-               with ``gemv.SHORT_TILES`` (``gemv.SHORT_N`` set), the others as before
+  +noshorttiles  one-row GEMVs of N up to 4096 whose row fits one 2048-wide slice (qkv, o_proj) with
+               ``gemv.TILES``, as before session 20 (``gemv.SHORT_N`` = 0), not ``gemv.SHORT_TILES``
   +combo       Inductor's combo kernels (independent small kernels launched as one; the backend
                turns them on with PDL, so this is for reduce-overhead)
   +nocombo     no combo kernels (``inductor_config={"combo_kernels": False}``)
@@ -160,13 +161,14 @@ def main() -> None:
 
     rows = []
     default_blas, default_max_k, default_short_n = torch.backends.cuda.preferred_blas_library(), gemv.MAX_K, gemv.SHORT_N
-    default_max_rows = few_rows.MAX_ROWS
+    default_max_rows, default_wide = few_rows.MAX_ROWS, few_rows.WIDE_TILES
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
         gemv.MAX_K = gemv.LONG_K if "cublasdown" in flags else default_max_k  # read at warm-up and capture
-        gemv.SHORT_N = SHORT_TILES_N if "shorttiles" in flags else default_short_n
+        gemv.SHORT_N = 0 if "noshorttiles" in flags else default_short_n
         few_rows.MAX_ROWS = 1 if "nofewrows" in flags else default_max_rows
+        few_rows.WIDE_TILES = default_wide._replace(num_stages=4) if "widestages4" in flags else default_wide
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -212,9 +214,8 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "normfuse", "silufuse", "cublasdown", "shorttiles", "nopdl",
-         "combo", "nocombo", "whole")
-SHORT_TILES_N = 4096  # +shorttiles: qkv (2048 wide on Qwen2.5-1.5B, 3072 on Llama-3.2-1B) and o_proj, not gate_up
+FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "widestages4", "normfuse", "silufuse", "cublasdown",
+         "noshorttiles", "nopdl", "combo", "nocombo", "whole")
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):

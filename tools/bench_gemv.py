@@ -158,13 +158,22 @@ FEW_ROW_VARIANTS = (FewRowTiles(32, 256, 4, 4), FewRowTiles(16, 256, 4, 4), FewR
                     FewRowTiles(32, 512, 4, 3), FewRowTiles(64, 128, 4, 4), FewRowTiles(64, 256, 4, 3),
                     FewRowTiles(64, 256, 8, 3), FewRowTiles(128, 128, 4, 3), FewRowTiles(128, 128, 8, 3),
                     FewRowTiles(128, 64, 4, 5), FewRowTiles(32, 256, 4, 4, 1), FewRowTiles(64, 128, 4, 4, 1),
-                    FewRowTiles(64, 128, 4, 4, 4), FewRowTiles(16, 512, 4, 3, 1))
+                    FewRowTiles(64, 128, 4, 4, 4), FewRowTiles(16, 512, 4, 3, 1),
+                    # fewer stages, so more programs fit an SM at once (gate_up's 280 column tiles of 64 rows
+                    # take two waves at 4 stages, two programs an SM), and more K ranges for the down projection
+                    FewRowTiles(64, 128, 4, 3), FewRowTiles(64, 128, 4, 2), FewRowTiles(32, 128, 4, 3),
+                    FewRowTiles(32, 128, 8, 4), FewRowTiles(64, 64, 4, 6), FewRowTiles(128, 64, 4, 3),
+                    FewRowTiles(32, 128, 4, 4, 12), FewRowTiles(64, 128, 4, 3, 8), FewRowTiles(16, 128, 4, 4),
+                    # narrow column tiles in one K range: more programs for qkv and o_proj
+                    FewRowTiles(16, 256, 4, 4, 1), FewRowTiles(16, 128, 4, 4, 1), FewRowTiles(32, 128, 4, 4, 1),
+                    FewRowTiles(16, 256, 4, 3, 1))
 
 
-def time_few_rows(rows_list: list[int], iters: int, log) -> list[dict]:
+def time_few_rows(rows_list: list[int], iters: int, log, ops: list[str]) -> list[dict]:
     """Each projection at each row count: cuBLAS, then the few-row kernel with PDL per tiling of
     :data:`FEW_ROW_VARIANTS` (the split count each ran with in the row; a tiling that does not
-    compile, e.g. past the shared memory, is a row with its error). Rows go to ``log`` as made."""
+    compile, e.g. past the shared memory, is a row with its error). Rows go to ``log`` as made.
+    ``ops``: the projections of :data:`SHAPES` timed."""
     out = []
 
     def add(row):
@@ -172,7 +181,8 @@ def time_few_rows(rows_list: list[int], iters: int, log) -> list[dict]:
         log.write(json.dumps(row) + "\n")
         log.flush()
 
-    for name, (n, k, bias, copies) in SHAPES.items():
+    for name in ops:
+        n, k, bias, copies = SHAPES[name]
         for rows in rows_list:
             us, _ = time_op(F.linear, n, k, bias, copies, iters, rows)
             add(variant_row(f"{name} x{rows}", "cublas", n, k, us, 0.0))
@@ -208,7 +218,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--few-rows", action="store_true", help="time 2+ rows: cuBLAS against the few-row kernel")
     parser.add_argument("--rows", default="2,8,16,32,64", help="row counts of --few-rows")
+    parser.add_argument("--ops", default=",".join(SHAPES), help="projections of --few-rows, comma-separated")
     args = parser.parse_args()
+    unknown = set(args.ops.split(",")) - set(SHAPES)
+    if unknown:
+        parser.error(f"--ops: unknown projection(s) {sorted(unknown)}; known: {', '.join(SHAPES)}")
     import triton
 
     header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -218,7 +232,7 @@ def main() -> None:
     print(json.dumps(header), flush=True)
     if args.few_rows:
         with open(args.out + "l", "w") as log:  # one row a line as they come: a killed run keeps its rows
-            rows = time_few_rows([int(r) for r in args.rows.split(",")], args.iters, log)
+            rows = time_few_rows([int(r) for r in args.rows.split(",")], args.iters, log, args.ops.split(","))
         with open(args.out, "w") as f:
             json.dump({**header, "few_rows": rows}, f, indent=1)
         print_few_rows(rows)
