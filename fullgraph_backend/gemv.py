@@ -71,10 +71,11 @@ LONG_K = 4096
 # Plain launches whose row fits one such slice and whose N is at most SHORT_N: one load round trip a
 # program, for qkv and o_proj, which run latency-bound at 1.5-1.9 TB/s. On the H200 (bench_gemv, with
 # PDL): qkv 2.98 against TILES' 3.43 us, o_proj 2.46 against 3.03; gate_up (N = 17920) 16.42 against
-# 14.75, hence the bound on N. Off (SHORT_N = 0) until a step measures it: tools/bench_decode.py's
-# ``+shorttiles`` sets SHORT_N for its mode (perf-notes 38).
+# 14.75, hence the bound on N. The batch-1 decode step: -15.5 us (session 17) and -17.4 us (session 20)
+# against TILES in the same run (perf-notes 39 and 42); tools/bench_decode.py's ``+noshorttiles`` sets
+# SHORT_N to 0 for its mode.
 SHORT_TILES = Tiles(block_n=4, block_k=2048, num_warps=4, num_stages=1)
-SHORT_N = 0
+SHORT_N = 4096
 GEMV_DTYPES = FEW_ROW_DTYPES  # the 16-bit dtypes both linear kernels take
 
 

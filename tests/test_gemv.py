@@ -52,9 +52,9 @@ def test_gemv_past_long_k_takes_the_long_tiling_and_any_tiling_gives_the_linear(
 
 
 def test_short_rows_of_narrow_outputs_take_one_slice_where_short_n_allows(monkeypatch):
-    """``+shorttiles`` (tools/bench_decode.py) sets SHORT_N: a row that fits SHORT_TILES' one slice,
-    with N up to SHORT_N, launches with it, read at the call; a wider N or a longer row does not.
-    Each computes F.linear, K off the slice's width."""
+    """A row that fits SHORT_TILES' one slice, with N up to SHORT_N, launches with it, SHORT_N read at
+    the call (``+noshorttiles`` of tools/bench_decode.py sets it to 0); a wider N or a longer row does
+    not. Each computes F.linear, K off the slice's width."""
     tilings = []
     real = gemv_module._launch
     monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
@@ -247,11 +247,12 @@ NORM_SHAPES = [(2048, 1536, True), (17920, 1536, False), (151936, 1536, False), 
 @pytest.mark.parametrize("residual", [True, False])
 def test_norm_gemv_in_fp16_gives_eagers_bits(n, k, bias, residual):
     """float16 (whose casts Triton's interpreter rounds as torch does): the fused kernel's output is
-    the GEMV of eager's normed row, bit for bit, and the sum is eager's x + residual, with and
-    without PDL."""
+    the GEMV of eager's normed row with the fused kernel's tiling (TILES: a plain launch may take
+    SHORT_TILES, which sums other slices), bit for bit, and the sum is eager's x + residual, with
+    and without PDL."""
     x, r, norm_weight, weight, b = _norm_case(n, k, torch.float16, residual, bias)
     h = x + r if residual else x
-    expected = gemv(rms_norm(h, norm_weight, 1e-6), weight, b)
+    expected = gemv(rms_norm(h, norm_weight, 1e-6), weight, b, tiles=gemv_module.TILES)
     for pdl in (False, True):
         out, total = rms_norm_gemv(x, norm_weight, 1e-6, weight, b, r, pdl=pdl)
         assert torch.equal(out, expected)
