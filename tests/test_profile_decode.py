@@ -35,5 +35,6 @@ def test_a_kernel_count_that_does_not_split_into_replays_is_refused():
 
 def test_the_sequence_averages_each_kernel_of_the_replay_in_order():
     kernels = [("a", 0, 10), ("b", 5, 14), ("a", 100, 108), ("b", 104, 114)]
-    assert kernel_sequence(kernels, replays=2) == [{"name": "a", "us": 9.0, "critical_us": 9.0},
-                                             {"name": "b", "us": 9.5, "critical_us": 5.0}]
+    assert kernel_sequence(kernels, replays=2) == [
+        {"name": "a", "calls": 1, "us": 9.0, "critical_us": 9.0, "gap_us": 0.0},
+        {"name": "b", "calls": 1, "us": 9.5, "critical_us": 5.0, "gap_us": 0.0}]

@@ -17,7 +17,7 @@ waited for. The charges of one replay add up to its span on the GPU. A third tab
 kernels of ``--window`` (positions in the replay) one by one: one layer's projections apart.
 
 Usage (GPU): python tools/profile_decode.py [--batch 1] [--context 1000] [--model qwen2.5-1.5b]
-       [--options '{"fuse_norm": true}']
+       [--options '{"fuse_norm": true}'] [--window 100:120] [--out profile.json]
 """
 from __future__ import annotations
 
@@ -52,47 +52,50 @@ def median_ms(fn, sync_each: bool, n: int = 200) -> float:
     return round(statistics.median(times), 4)
 
 
-def critical_path(kernels: list[tuple[str, float, float]], replays: int) -> list[dict]:
-    """Per kernel name, what ``replays`` back-to-back replays of one graph spent on it, a replay's worth.
-
-    ``kernels``: (name, start, end) of every kernel of the replays, in us. A replay's kernels run as
-    one dependent chain, so sorted by end each kernel's charge is its end minus the end before it
-    (the first: its duration); ``gap`` is the part of a charge before the kernel started (a launch
-    gap, 0 under PDL once the kernel launched early). Rows: name, calls, ``us`` (summed duration,
-    waits included), ``critical_us`` (summed charge), ``gap_us``, per replay; largest charge first.
-    """
+def _charges(kernels: list[tuple[str, float, float]], replays: int) -> list[tuple[int, str, float, float, float]]:
+    """(position in its replay, name, duration, charge, gap) of every kernel of ``replays`` replays
+    of one graph. A replay's kernels run as one dependent chain, so sorted by end each kernel's charge
+    is its end minus the end of the kernel before it (a replay's first: its duration), and its gap the
+    part of that before it started (a launch gap; 0 under PDL once it launched early)."""
     ordered = sorted(kernels, key=lambda kernel: kernel[2])
     if not ordered or len(ordered) % replays:
         raise ValueError(f"{len(ordered)} kernels do not split into {replays} replays of one graph")
     per_replay = len(ordered) // replays
-    rows: dict[str, dict] = {}
+    out = []
     for index, (name, start, end) in enumerate(ordered):
         before = ordered[index - 1][2] if index % per_replay else start
-        row = rows.setdefault(name, {"name": name, "calls": 0, "us": 0.0, "critical_us": 0.0, "gap_us": 0.0})
+        out.append((index % per_replay, name, end - start, end - before, max(0.0, start - before)))
+    return out
+
+
+def _summed(charges, key, replays: int) -> list[dict]:
+    """The charges grouped by ``key`` (of a charge tuple), in first-seen order, each summed field a
+    replay's worth: name, calls, ``us`` (duration, waits included), ``critical_us``, ``gap_us``."""
+    rows: dict = {}
+    for charge in charges:
+        _, name, duration, critical, gap = charge
+        row = rows.setdefault(key(charge), {"name": name, "calls": 0, "us": 0.0, "critical_us": 0.0, "gap_us": 0.0})
         row["calls"] += 1
-        row["us"] += end - start
-        row["critical_us"] += end - before
-        row["gap_us"] += max(0.0, start - before)
+        row["us"] += duration
+        row["critical_us"] += critical
+        row["gap_us"] += gap
     for row in rows.values():
         for field in ("calls", "us", "critical_us", "gap_us"):
             row[field] = round(row[field] / replays, 3)
-    return sorted(rows.values(), key=lambda row: -row["critical_us"])
+    return list(rows.values())
+
+
+def critical_path(kernels: list[tuple[str, float, float]], replays: int) -> list[dict]:
+    """Per kernel name, what a replay of one graph spent on it, averaged over ``replays`` replays:
+    ``kernels`` are (name, start, end) in us, charged as :func:`_charges` says; largest charge first."""
+    rows = _summed(_charges(kernels, replays), lambda charge: charge[1], replays)
+    return sorted(rows, key=lambda row: -row["critical_us"])
 
 
 def kernel_sequence(kernels: list[tuple[str, float, float]], replays: int) -> list[dict]:
-    """A replay's kernels in order (by end), each with its duration and charge averaged over the
-    ``replays``, which run the same graph: what one layer's kernels cost, one by one."""
-    ordered = sorted(kernels, key=lambda kernel: kernel[2])
-    per_replay = len(ordered) // replays
-    rows = []
-    for index in range(per_replay):
-        runs = [(ordered[r * per_replay + index], ordered[r * per_replay + index - 1][2] if index else None)
-                for r in range(replays)]
-        rows.append({"name": runs[0][0][0],
-                     "us": round(sum(end - start for (_, start, end), _ in runs) / replays, 3),
-                     "critical_us": round(sum(end - (start if before is None else before)
-                                              for (_, start, end), before in runs) / replays, 3)})
-    return rows
+    """A replay's kernels in order, each averaged over the ``replays`` (which run the same graph):
+    what one layer's kernels cost, one by one."""
+    return _summed(_charges(kernels, replays), lambda charge: charge[0], replays)
 
 
 def device_kernels(prof) -> list[tuple[str, float, float]]:
