@@ -73,11 +73,19 @@ LONG_K = 4096
 # At 64 rows every tiling lost to cuBLAS (0.84-0.98x); 32 rows were not measured.
 
 
-def _jit(fn):
+def triton_jit(fn):
+    """``triton.jit(fn)`` where Triton is installed, else ``fn`` as it is, so that a kernel module
+    imports without Triton (its wrappers then raise :func:`require_triton`'s error)."""
     return triton.jit(fn) if triton is not None else fn
 
 
-@_jit
+def require_triton(caller: str) -> None:
+    """The error of a kernel wrapper called without Triton installed, naming the wrapper and the fix."""
+    if triton is None:
+        raise RuntimeError(f"{caller} needs triton, which is not installed: pip install 'fullgraph[triton]'")
+
+
+@triton_jit
 def _weight_slice(w, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K: tl.constexpr):
     """The ``[BLOCK_N, BLOCK_K]`` weight tile of rows ``offs_n`` from column ``k0``, zero from ``k_hi``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -85,7 +93,7 @@ def _weight_slice(w, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K: tl.constexpr):
                    mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
 
 
-@_jit
+@triton_jit
 def _fold_slice(acc, weight, x, offs_m, m_ok, stride_xm, k0, k_hi, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
     """``acc`` plus the rows' slice from column ``k0`` times a loaded weight slice, transposed.
     ``DOT_FP32``: both in fp32 first (exact for 16-bit values), for Triton's CPU interpreter, which
@@ -98,7 +106,7 @@ def _fold_slice(acc, weight, x, offs_m, m_ok, stride_xm, k0, k_hi, BLOCK_K: tl.c
     return tl.dot(rows, tl.trans(weight), acc)
 
 
-@_jit
+@triton_jit
 def _store_rows(out, result, bias, offs_m, offs_n, m_ok, n_ok, N, HAS_BIAS: tl.constexpr):
     """``result (+ bias)`` rounded once to ``out``'s dtype, into the ``[M, N]`` output."""
     if HAS_BIAS:
@@ -107,7 +115,7 @@ def _store_rows(out, result, bias, offs_m, offs_n, m_ok, n_ok, N, HAS_BIAS: tl.c
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@_jit
+@triton_jit
 def _few_rows_kernel(x, w, bias, out, partial, tickets, M, N, K, k_per_split, splits, stride_xm, stride_wn,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      MERGE: tl.constexpr, PDL: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -186,8 +194,7 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
         y = few_row_linear(torch.randn(16, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
-    if triton is None:
-        raise RuntimeError("few_row_linear needs triton, which is not installed: pip install 'fullgraph[triton]'")
+    require_triton("few_row_linear")
     n, k = weight.shape
     if x.dtype not in FEW_ROW_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"few_row_linear takes 16-bit x, weight and bias of one dtype (fp32 would multiply in TF32); "

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph_backend import few_rows
-from fullgraph_backend.few_rows import FEW_ROW_DTYPES, few_row_linear, kernel_operands, uses_few_rows
+from fullgraph_backend.few_rows import (FEW_ROW_DTYPES, few_row_linear, kernel_operands, require_triton, triton_jit,
+                                       uses_few_rows)
 from fullgraph_backend.library import define_op
 from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
 
@@ -79,24 +80,14 @@ SHORT_N = 4096
 GEMV_DTYPES = FEW_ROW_DTYPES  # the 16-bit dtypes both linear kernels take
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-def _require_triton(caller: str) -> None:
-    """The error of a kernel wrapper called without Triton installed, naming the wrapper and the fix."""
-    if triton is None:
-        raise RuntimeError(f"{caller} needs triton, which is not installed: pip install 'fullgraph[triton]'")
-
-
-@_jit
+@triton_jit
 def _rounded(value, dtype: tl.constexpr):
     """``value`` rounded to ``dtype``, back as fp32: where eager rounds (on a GPU to nearest even, as
     torch; Triton's interpreter truncates to bfloat16, and its "rtne" does not carry into the exponent)."""
     return value.to(dtype).to(tl.float32)
 
 
-@_jit
+@triton_jit
 def _summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL: tl.constexpr):
     """``x + residual`` over one slice, rounded to x's dtype as eager's add rounds, as fp32."""
     h = tl.load(x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -105,7 +96,7 @@ def _summed_slice(x, residual, offs_k, k_ok, HAS_RESIDUAL: tl.constexpr):
     return h
 
 
-@_jit
+@triton_jit
 def _inv_rms(x, residual, h_out, K, eps, stored, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
     """``rsqrt(mean((x + residual)**2) + eps)`` of one row in fp32; writes the sum's first
     ``stored`` features to ``h_out``: K in one program of a grid, 0 in the others (every program
@@ -121,7 +112,7 @@ def _inv_rms(x, residual, h_out, K, eps, stored, HAS_RESIDUAL: tl.constexpr, BLO
     return tl.rsqrt(tl.sum(squares, 0) / K + eps)
 
 
-@_jit
+@triton_jit
 def _row_slice(x, residual, norm_w, up, offs_k, k_ok, rstd, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                GATED: tl.constexpr):
     """One slice of the GEMV's input row as fp32: ``x``; with ``NORM`` the RMSNorm of
@@ -136,7 +127,7 @@ def _row_slice(x, residual, norm_w, up, offs_k, k_ok, rstd, NORM: tl.constexpr, 
     return tl.load(x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
 
 
-@_jit
+@triton_jit
 def _gated(gate, up, offs, ok):
     """``silu(gate) * up`` over one slice as fp32: silu in fp32 as torch computes it
     (``x / (1 + exp(-x))``), rounded to the inputs' dtype, then the product, rounded again."""
@@ -145,14 +136,14 @@ def _gated(gate, up, offs, ok):
     return _rounded(_rounded(g / (1.0 + tl.exp(-g)), gate.dtype.element_ty) * u, gate.dtype.element_ty)
 
 
-@_jit
+@triton_jit
 def _normed(h, norm_w, offs_k, k_ok, rstd, dtype: tl.constexpr):
     """``h`` (fp32) normalised by ``rstd``, cast to ``dtype``, times the norm weight, cast again."""
     scale = tl.load(norm_w + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     return _rounded(_rounded(h * rstd, dtype) * scale, dtype)
 
 
-@_jit
+@triton_jit
 def _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K: tl.constexpr):
     """The ``[BLOCK_N, BLOCK_K]`` weight tile of rows ``offs_n`` from column ``k0``, zero past K."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -160,7 +151,7 @@ def _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K: tl.constexpr):
                    other=0.0)
 
 
-@_jit
+@triton_jit
 def _fold_slice(acc, weight, x, residual, norm_w, up, K, k0, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
     """``acc`` plus one loaded weight slice times the row's slice from column ``k0``."""
@@ -169,7 +160,7 @@ def _fold_slice(acc, weight, x, residual, norm_w, up, K, k0, rstd, BLOCK_K: tl.c
     return acc + weight.to(tl.float32) * row[None, :]
 
 
-@_jit
+@triton_jit
 def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps, up, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
@@ -227,7 +218,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
         y = gemv(torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16), w)  # w [2048, 1536]
     """
-    _require_triton("gemv")
+    require_triton("gemv")
     n, k = weight.shape
     _check_row(x, weight, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
@@ -318,7 +309,7 @@ ROWS_BLOCK_K = 1024
 ROWS_ONE_PASS_MAX_K = 8192
 
 
-@_jit
+@triton_jit
 def _rms_norm_rows_kernel(x, residual, norm_w, normed, h_out, K, eps, HAS_RESIDUAL: tl.constexpr,
                           BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
     """Program ``i``: row ``i`` of ``rms_norm(x (+ residual)) * norm_w`` into ``normed`` and the sum
@@ -366,7 +357,7 @@ def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
 
         out, h = rms_norm_gemv(o_proj_out, norm.weight, 1e-6, gate_up.weight, residual=h)
     """
-    _require_triton("rms_norm_gemv")
+    require_triton("rms_norm_gemv")
     n, k = weight.shape
     _check_row(x, weight, bias)
     if norm_weight.shape != (k,) or (residual is not None and residual.shape != x.shape):
@@ -384,7 +375,7 @@ def rms_norm_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     """``rms_norm(h) * norm_weight`` with ``h = x (+ residual)`` over rows ``x [..., K]``, one program
     a row (one launch, as Inductor's own norm kernel); returns it and ``h`` (None without
     ``residual``). What the ops run where the GEMV does not: more rows, long K, fp32."""
-    _require_triton("rms_norm_rows")
+    require_triton("rms_norm_rows")
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
     normed = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -445,7 +436,7 @@ GEMV's prologue where the GEMV runs (:func:`_norm_linear`). The ``fuse_norm_line
 SILU_MUL_BLOCK_K = 1024
 
 
-@_jit
+@triton_jit
 def _silu_mul_rows_kernel(gate, up, out, K, stride_gate, stride_up, BLOCK_K: tl.constexpr):
     """Program ``(i, j)``: slice ``j`` of row ``i`` of ``silu(gate) * up`` into ``out`` (contiguous),
     rounded as the GEMV's prologue rounds (:func:`_gated`)."""
@@ -467,7 +458,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
         gate, up = gate_up_out.chunk(2, dim=-1)  # [1, 8960] each
         y = silu_mul_gemv(gate, up, down.weight)  # [1, 1536]
     """
-    _require_triton("silu_mul_gemv")
+    require_triton("silu_mul_gemv")
     n, k = weight.shape
     _check_row(gate, weight, bias)
     if up.shape != gate.shape or up.dtype != gate.dtype:
@@ -482,7 +473,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
 def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` over rows ``[..., K]`` (each with unit stride along K) in one launch,
     contiguous: what the op runs before cuBLAS where the GEMV does not (more rows, fp32 excepted)."""
-    _require_triton("silu_mul_rows")
+    require_triton("silu_mul_rows")
     k = gate.shape[-1]
     gate_rows, up_rows = gate.view(-1, k), up.view(-1, k)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
