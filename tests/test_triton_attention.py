@@ -238,13 +238,19 @@ def test_decode_segments():
     counts = [decode_segments(n, 8, 1 << 20, cpu) for n in (1, 2, 4, 8, 64, 1024)]
     assert counts == sorted(counts, reverse=True) and counts[0] > 1 and counts[-1] == 1
     assert all(1 <= c <= triton_paged.MAX_SEGMENTS and c & (c - 1) == 0 for c in counts)
-    # the graph's KV bound caps the count: at most one segment per min_segment_tokens chunk of it
-    bounds = (64, 256, 511, 512, 1008, 1024, 4096, 1 << 20)
+    # the graph's KV bound caps the count: the bound's min_segment_tokens chunks, rounded up to a
+    # power of two (no segment spans two chunks; the last ones may be empty)
+    bounds = (64, 256, 511, 512, 577, 1008, 1024, 4096, 1 << 20)
     by_bound = [decode_segments(1, 2, bound, cpu, min_segment_tokens=256) for bound in bounds]
-    assert by_bound == sorted(by_bound) and by_bound[:5] == [1, 1, 2, 2, 4] and by_bound[-1] > 4
-    assert all(c <= -(-bound // 256) for c, bound in zip(by_bound, bounds))
+    assert by_bound == sorted(by_bound) and by_bound[:6] == [1, 1, 2, 2, 4, 4] and by_bound[-1] > 4
     default = [decode_segments(1, 2, bound, cpu) for bound in bounds]
-    assert all(c <= -(-bound // triton_paged.MIN_SEGMENT_TOKENS) for c, bound in zip(default, bounds))
+    target = triton_paged.PROGRAMS_PER_SM * triton_paged._sm_count(cpu)
+    for c, bound in zip(default, bounds):
+        chunks = -(-bound // triton_paged.MIN_SEGMENT_TOKENS)
+        stopped_by_sms = 1 * 2 * (2 * c) > target
+        assert c >= chunks or c == triton_paged.MAX_SEGMENTS or stopped_by_sms  # one chunk a segment at most
+        assert c < 2 * chunks  # and no doubling past that
+    assert default[4] == 8  # Llama-3.2-1B at the engine bench's bound: five chunks, eight segments
     assert decode_segments(1, 2, triton_paged.MIN_SEGMENT_TOKENS, cpu) == 1
     assert decode_segments(1, 2, triton_paged.MIN_SEGMENT_TOKENS + 1, cpu) == 2
     assert decode_segments(1, 2, 4096, cpu, min_segment_tokens=4096) == 1

@@ -67,12 +67,13 @@ LOG2E = 1.4426950408889634
 # Cap on split-KV segments per request, which bounds the scratch and the merge's work (untuned;
 # vLLM uses 16): at batch 1 and 4096 tokens, 32 segments are one 128-key tile each.
 MAX_SEGMENTS = 32
-# Each segment gets at least this many tokens of the longest possible KV range (the graph's
-# bound, block-table width x block size; the segment count is at most the bound's number of
-# such chunks), so short-context graphs take few segments or one (no partials, no merge). One
-# 128-key tile, because one-tile segments beat two-tile ones for Qwen2.5-1.5B's decode at batch 1
-# (docs/perf-notes.md, section 13). Fewer, longer segments trade the merge (partials written and
-# read back by the last program) for a longer serial loop per program.
+# Each segment gets at most this many tokens of the longest possible KV range (the graph's
+# bound, block-table width x block size; the segment count is that bound's number of such chunks,
+# rounded up to a power of two, where the SMs allow it), so short-context graphs take few segments
+# or one (no partials, no merge). One 128-key tile, because one-tile segments beat two-tile ones
+# for Qwen2.5-1.5B's decode at batch 1 (docs/perf-notes.md, section 13) and for Llama-3.2-1B's
+# (section 43). Fewer, longer segments trade the merge (partials written and read back by the last
+# program) for a longer serial loop per program.
 MIN_SEGMENT_TOKENS = 128
 # Decode launches aim at this many programs per SM. Three of the split-KV programs (4 warps,
 # 128-key tiles) fit an SM on sm_90, but two are faster: the best segment count at every batch
@@ -559,14 +560,16 @@ def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: t
 
     ``max_kv_len`` bounds every request's KV length in this graph (block-table width x block size,
     a host constant of the graph key). Doubles the segment count while the launch stays within
-    ``programs_per_sm`` programs per SM and ``max_kv_len`` still has a ``min_segment_tokens`` chunk
-    for every segment: a small batch over a long bound gets many segments, a batch that already
-    fills the GPU or a short bound gets 1 (no partials, no merge).
+    ``programs_per_sm`` programs per SM and segments are fewer than the bound's ``min_segment_tokens``
+    chunks: a small batch over a long bound gets many segments, up to one chunk each (the chunk
+    count rounded up to a power of two, so no segment takes two chunks: 8 segments for Llama-3.2-1B's
+    bound of 577 at batch 1, 9.5 against 10.8 us for 4; docs/perf-notes.md, section 43); a batch that
+    already fills the GPU or a bound of one chunk gets 1 (no partials, no merge).
     """
     segments = 1
     target = programs_per_sm * _sm_count(device)
     chunks = -(-max_kv_len // min_segment_tokens)
-    while segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target and segments * 2 <= chunks:
+    while segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target and segments < chunks:
         segments *= 2
     return segments
 
