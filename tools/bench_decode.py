@@ -13,11 +13,14 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +nogemv      the backend's ``gemv=False``: one-row linears stay on cuBLAS
   +nofewrows   linears of 2 to 16 rows on cuBLAS (``few_rows.MAX_ROWS`` = 1), as before session 19
   +widestages4 the few-row kernel's wide tiling (gate_up, the LM head) with 4 stages, as in session 19
+  +alttiles    the few-row tilings (and row limit) that ``--alt-tiles`` gives, for an A/B in one run
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
   +cublasdown  one-row linears past ``gemv.LONG_K`` (the down projection) on cuBLAS's split-K
                (``gemv.MAX_K`` lowered), as before session 16 put them on the GEMV
+  +segmentsdown  split-KV segments as before session 21: the bound's 128-token chunks rounded down to a
+               power of two, not up (two chunks in some segments where the count is not a power of two)
   +noshorttiles  one-row GEMVs of N up to 4096 whose row fits one 2048-wide slice (qkv, o_proj) with
                ``gemv.TILES``, as before session 20 (``gemv.SHORT_N`` = 0), not ``gemv.SHORT_TILES``
   +combo       Inductor's combo kernels (independent small kernels launched as one; the backend
@@ -51,6 +54,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend import few_rows, gemv, use_forward_context  # noqa: E402
+from fullgraph_backend.attention import triton_paged  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
 from isolate import add_arguments, run_modes, runs_apart  # noqa: E402
@@ -113,7 +117,14 @@ def main() -> None:
                         "tools/bench_gemv.py found faster")
     parser.add_argument("--few-row-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES[,SPLIT_K] of every few-row launch "
                         "instead of few_rows.default_tiles' choice")
+    parser.add_argument("--alt-tiles", type=json.loads, default={},
+                        help='JSON for the modes with +alttiles: few_rows\' tiling per weight class, {"narrow" | '
+                        '"wide" | "long_k": [BLOCK_N, BLOCK_K, WARPS, STAGES, SPLIT_K]}, and "max_rows" '
+                        '(few_rows.MAX_ROWS); what it leaves out stays the default')
     args = parser.parse_args()
+    unknown = set(args.alt_tiles) - {*ALT_TILES, "max_rows"}
+    if unknown:
+        parser.error(f"--alt-tiles: unknown key(s) {sorted(unknown)}; known: {[*ALT_TILES, 'max_rows']}")
     if args.long_k_tiles:  # read by the op's launches, i.e. at warm-up and capture
         gemv.LONG_K_TILES = gemv.Tiles(*(int(v) for v in args.long_k_tiles.split(",")))
     if args.few_row_tiles:
@@ -146,6 +157,8 @@ def main() -> None:
     header["copy_bandwidth_TBs"] = round(bandwidth / 1e12, 3)
     header["long_k_tiles"] = list(gemv.LONG_K_TILES)
     header["few_row_tiles"] = args.few_row_tiles or "default"
+    if args.alt_tiles:
+        header["alt_tiles"] = args.alt_tiles
     max_len = args.context + 1
     ctx = config.forward_context(dtype=dtype, device="cuda", max_num_seqs=max(batches), max_num_tokens=max(batches),
                                  max_model_len=max_len, attention_impl=args.attention_impl)
@@ -161,14 +174,20 @@ def main() -> None:
 
     rows = []
     default_blas, default_max_k, default_short_n = torch.backends.cuda.preferred_blas_library(), gemv.MAX_K, gemv.SHORT_N
-    default_max_rows, default_wide = few_rows.MAX_ROWS, few_rows.WIDE_TILES
+    default_max_rows, default_segments = few_rows.MAX_ROWS, triton_paged.decode_segments
+    default_classes = {name: getattr(few_rows, attr) for name, attr in ALT_TILES.items()}
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
+        alt = args.alt_tiles if "alttiles" in flags else {}
+        for name, attr in ALT_TILES.items():
+            setattr(few_rows, attr, few_rows.FewRowTiles(*alt[name]) if name in alt else default_classes[name])
         torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in flags else default_blas)
         gemv.MAX_K = gemv.LONG_K if "cublasdown" in flags else default_max_k  # read at warm-up and capture
         gemv.SHORT_N = 0 if "noshorttiles" in flags else default_short_n
-        few_rows.MAX_ROWS = 1 if "nofewrows" in flags else default_max_rows
-        few_rows.WIDE_TILES = default_wide._replace(num_stages=4) if "widestages4" in flags else default_wide
+        few_rows.MAX_ROWS = 1 if "nofewrows" in flags else alt.get("max_rows", default_max_rows)
+        triton_paged.decode_segments = _segments_down(default_segments) if "segmentsdown" in flags else default_segments
+        if "widestages4" in flags:
+            few_rows.WIDE_TILES = default_classes["wide"]._replace(num_stages=4)
         torch._dynamo.reset()
         if impl:
             ctx.attention_impl = impl
@@ -214,8 +233,20 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "widestages4", "normfuse", "silufuse", "cublasdown",
-         "noshorttiles", "nopdl", "combo", "nocombo", "whole")
+FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "widestages4", "alttiles", "normfuse", "silufuse",
+         "cublasdown", "segmentsdown", "noshorttiles", "nopdl", "combo", "nocombo", "whole")
+# --alt-tiles' keys: few_rows' tiling constants by weight class (few_rows.default_tiles)
+ALT_TILES = {"narrow": "NARROW_TILES", "wide": "WIDE_TILES", "long_k": "LONG_K_TILES"}
+
+
+def _segments_down(rule):
+    """``rule`` (``triton_paged.decode_segments``) with the bound's chunks rounded down to a power of
+    two, as before session 21: where the rule gives more segments than chunks, half as many."""
+    def segments(num_reqs, num_kv_heads, max_kv_len, device, min_segment_tokens=triton_paged.MIN_SEGMENT_TOKENS,
+                 programs_per_sm=triton_paged.PROGRAMS_PER_SM):
+        count = rule(num_reqs, num_kv_heads, max_kv_len, device, min_segment_tokens, programs_per_sm)
+        return count // 2 if count > -(-max_kv_len // min_segment_tokens) else count
+    return segments
 
 
 def _compiled(model, mode: str, flags: set[str], impl: str):

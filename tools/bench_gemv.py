@@ -14,7 +14,8 @@ GEMV, down on cuBLAS, then the LM head), without and with PDL.
 
 ``--few-rows`` times the same projections at 2 to 64 rows instead: cuBLAS against the few-row
 kernel (``fullgraph_backend.few_rows``, with PDL) per tiling and split count, the rows behind its
-``MAX_ROWS`` and ``default_tiles`` (docs/perf-notes.md, section 41).
+``MAX_ROWS`` and ``default_tiles`` (docs/perf-notes.md, section 41); ``--model`` takes another
+decoder's projections (e.g. llama-3.2-1b).
 
 Usage (GPU): python tools/bench_gemv.py --out bench_gemv.json [--few-rows --rows 2,8,16,32,64]
 """
@@ -35,14 +36,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fullgraph_backend import pdl  # noqa: E402
 from fullgraph_backend.few_rows import FewRowTiles, default_tiles, few_row_linear, split_for  # noqa: E402
 from fullgraph_backend.gemv import LONG_K_TILES, TILES, Tiles, gemv, rms_norm_gemv, silu_mul_gemv, silu_mul_rows  # noqa: E402
+from fullgraph_backend.models import get_config  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the path when run as a script)
 
 HIDDEN, INTERMEDIATE, QKV, VOCAB, LAYERS = 1536, 8960, 2048, 151936, 28
-SHAPES = {  # name: (N, K, bias, copies)
-    "qkv": (QKV, HIDDEN, True, LAYERS), "o_proj": (HIDDEN, HIDDEN, False, LAYERS),
-    "gate_up": (2 * INTERMEDIATE, HIDDEN, False, LAYERS), "down": (HIDDEN, INTERMEDIATE, False, LAYERS),
-    "lm_head": (VOCAB, HIDDEN, False, 3),
-}
+
+
+def model_shapes(config) -> dict[str, tuple[int, int, bool, int]]:
+    """A decoder's projections, ``name: (N, K, bias, copies)``: one weight per layer (3 for the LM head)."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_layers
+    q_width = config.num_heads * config.head_dim
+    return {"qkv": (q_width + 2 * config.num_kv_heads * config.head_dim, hidden, config.qkv_bias, layers),
+            "o_proj": (hidden, q_width, False, layers), "gate_up": (2 * inter, hidden, False, layers),
+            "down": (hidden, inter, False, layers), "lm_head": (config.vocab_size, hidden, False, 3)}
+
+
+SHAPES = model_shapes(get_config("qwen2.5-1.5b"))  # --few-rows --model replaces it
 AFTER_NORM = ("qkv", "gate_up", "lm_head")
 
 
@@ -219,6 +228,7 @@ def main() -> None:
     parser.add_argument("--few-rows", action="store_true", help="time 2+ rows: cuBLAS against the few-row kernel")
     parser.add_argument("--rows", default="2,8,16,32,64", help="row counts of --few-rows")
     parser.add_argument("--ops", default=",".join(SHAPES), help="projections of --few-rows, comma-separated")
+    parser.add_argument("--model", default="qwen2.5-1.5b", help="whose projections --few-rows times (named config)")
     args = parser.parse_args()
     unknown = set(args.ops.split(",")) - set(SHAPES)
     if unknown:
@@ -231,6 +241,8 @@ def main() -> None:
               "timing": f"median of {args.iters} CUDA-graph replays after a 256 MiB L2-clearing read, per call"}
     print(json.dumps(header), flush=True)
     if args.few_rows:
+        SHAPES.update(model_shapes(get_config(args.model)))
+        header["model"] = args.model
         with open(args.out + "l", "w") as log:  # one row a line as they come: a killed run keeps its rows
             rows = time_few_rows([int(r) for r in args.rows.split(",")], args.iters, log, args.ops.split(","))
         with open(args.out, "w") as f:

@@ -4,13 +4,16 @@ What it is for: the data behind ``triton_paged.launch_plan``'s choices (tile, wa
 segments per shape), and the way to pick them for a device or shape not measured yet (the
 current plans come from H100 runs: docs/perf-notes.md, sections 4, 6 and 13).
 
-Shapes (bf16, head dim 128, paged cache with 16-token blocks, shuffled block tables, q/k/v strided
-views of one fused QKV output as models pass them):
+Shapes (bf16, head dim 128 or ``--head-dim``, paged cache with 16-token blocks, shuffled block tables,
+q/k/v strided views of one fused QKV output as models pass them):
   32 q / 8 kv heads, context 4096 (graph bound 4096), batch 1 / 8 / 64;
-  12 q / 2 kv heads (Qwen2.5-1.5B), context 1000 (graph bound 1008, as tools/bench_decode.py), batch 1 / 16 / 64.
+  12 q / 2 kv heads (Qwen2.5-1.5B), context 1000 (graph bound 1001, as tools/bench_decode.py), batch 1 / 16 / 64;
+  32 q / 8 kv heads, context 576 (bound 577), batch 1 / 16 / 64: Llama-3.2-1B with ``--head-dim 64``.
 Per shape: the default config; stage 1, BLOCK_N x num_warps x num_stages at the default segment
-count; stage 2, the segment counts (1 = no partials, no merge) with stage 1's best tiles; plus the
-unified kernel (what mixed graphs run) for reference. Every variant is checked once against the
+count; stage 2, the segment counts (1 = no partials, no merge) with stage 1's best tiles; stage 3,
+where the default gathers its tiles, smaller gathered tiles with as many more segments (one tile a
+segment still) and, on a Hopper GPU, whole-block TMA tiles (the narrow plan's) at the default
+segment count and twice it; plus the unified kernel (what mixed graphs run) for reference. Every variant is checked once against the
 reference op (max abs error, and that the step's K/V landed in their slots), then timed as the
 median of CUDA-graph replays (tools/graph_timing.py) after a 256 MiB memset, after a 256 MiB read
 (clean cold L2) and back to back. Times include the fused K/V store.
@@ -47,12 +50,15 @@ from graph_timing import capture, replay_us  # noqa: E402  (tools/ is on the pat
 from fullgraph_backend.forward_context import ForwardContext  # noqa: E402
 from fullgraph_backend.kv_cache import NULL_BLOCK  # noqa: E402
 
-HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
+BLOCK_SIZE, DTYPE = 16, torch.bfloat16
 # (label, q heads, kv heads, context, max_model_len, batches)
 SHAPES = [("32q/8kv ctx4096", 32, 8, 4096, 4096, (1, 8, 64)),
-          ("12q/2kv ctx1000", 12, 2, 1000, 1001, (1, 16, 64))]
+          ("12q/2kv ctx1000", 12, 2, 1000, 1001, (1, 16, 64)),
+          ("32q/8kv ctx576", 32, 8, 576, 577, (1, 16, 64))]  # Llama-3.2-1B (--head-dim 64) at the engine bench's context
 TILES = dict(BLOCK_N=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(2, 3, 4))
 SEGMENTS = (1, 2, 4, 8, 16, 32)
+PAGE_WARPS, PAGE_STAGES = (2, 4), (3, 5)
+SMALL_TILES = (32, 64)
 SMOKE_SHAPES = [("4q/2kv ctx100", 4, 2, 100, 128, (1, 3))]
 SMOKE_TILES = dict(BLOCK_N=(16, 32), num_warps=(4,), num_stages=(2,))
 SMOKE_SEGMENTS = (1, 4)
@@ -115,9 +121,9 @@ def config_name(config: dict | None) -> str:
     return " ".join(f"{k}={v}" for k, v in config.items())
 
 
-def default_segments(q_heads: int, kv_heads: int, max_len: int, batch: int, device: str) -> int:
+def default_segments(q_heads: int, kv_heads: int, max_len: int, batch: int, device: str, head_dim: int) -> int:
     """The segment count paged_attention picks for a decode graph of ``batch`` (the shape-only rule)."""
-    q = torch.empty(batch, q_heads, HEAD_DIM, dtype=DTYPE, device=device)
+    q = torch.empty(batch, q_heads, head_dim, dtype=DTYPE, device=device)
     table = torch.empty(batch, -(-max_len // BLOCK_SIZE), dtype=torch.int32, device=device)
     return launch_plan(q, kv_heads, table, BLOCK_SIZE, batch, split_kv=True)["segments"]
 
@@ -161,6 +167,7 @@ class Sweep:
         self.args = args
         self.smoke = args.smoke
         self.device = "cpu" if self.smoke else "cuda"
+        self.head_dim = 64 if self.smoke else args.head_dim
         self.start = time.perf_counter()
         self.rows: list[dict] = []
         self.skipped = 0
@@ -210,7 +217,7 @@ class Sweep:
         tasks = set()
         for _, q_heads, kv_heads, _, max_len, batches in shapes:
             for batch in batches:
-                segments = default_segments(q_heads, kv_heads, max_len, batch, self.device)
+                segments = default_segments(q_heads, kv_heads, max_len, batch, self.device, self.head_dim)
                 for values in itertools.product(*tiles.values()):
                     tasks.add((q_heads, kv_heads, max_len, (*zip(tiles, values), ("segments", segments))))
             for segments in segment_grid:
@@ -225,7 +232,7 @@ class Sweep:
             for label, q_heads, kv_heads, context, max_len, batches in SHAPES if self.args.shape in label]
         tiles = SMOKE_TILES if self.smoke else TILES
         segment_grid = SMOKE_SEGMENTS if self.smoke else SEGMENTS
-        head_dim = 64 if self.smoke else HEAD_DIM
+        head_dim = self.head_dim
         summary = []
         self.precompiled = precompile(self.tasks(shapes, tiles, segment_grid), self.args.jobs, self.device, head_dim)
         print(json.dumps({"precompile": self.precompiled}), flush=True)
@@ -250,8 +257,23 @@ class Sweep:
                     if segments == default["segments"]:
                         continue
                     stage2.append(self.run_variant(shape, label, "segments", dict(tile_config, segments=segments)))
+                # stage 3: where the default gathers its tiles, whole-block TMA tiles as the narrow plan
+                # reads them (Hopper only), at the default segment count and twice it; and smaller
+                # gathered tiles with as many more segments, so each segment is still one tile
+                stage3 = []
+                if not default["page_tiles"]:
+                    for block_n, warps in itertools.product(SMALL_TILES, (2, 4)):
+                        segments = default["segments"] * default["BLOCK_N"] // block_n
+                        if block_n < default["BLOCK_N"] and segments <= triton_paged.MAX_SEGMENTS:
+                            config = dict(BLOCK_N=block_n, num_warps=warps, segments=segments)
+                            stage3.append(self.run_variant(shape, label, "one-tile segments", config))
+                if not default["page_tiles"] and not self.smoke and triton_paged._has_tma(shape.q.device):
+                    for warps, stages, segments in itertools.product(PAGE_WARPS, PAGE_STAGES, (1, 2)):
+                        config = dict(BLOCK_N=BLOCK_SIZE, num_warps=warps, num_stages=stages, page_tiles=True,
+                                      segments=min(triton_paged.MAX_SEGMENTS, default["segments"] * segments))
+                        stage3.append(self.run_variant(shape, label, "page tiles", config))
                 self.run_variant(shape, label, "unified (mixed graphs)", None, split_kv=False)
-                best = self.best([r for r in stage1 + stage2 if r])
+                best = self.best([r for r in stage1 + stage2 + stage3 if r])
                 summary.append(dict(shape=label, batch=batch, default=default, best=best))
                 del shape
                 if not self.smoke:
@@ -308,6 +330,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, no timing")
     parser.add_argument("--shape", default="", help="only shapes whose label holds this text (e.g. 12q/2kv)")
     parser.add_argument("--batches", default="", help="only these batches of each shape (e.g. 16,64)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim of every shape (Llama-3.2-1B: 64)")
     args = parser.parse_args()
     torch.manual_seed(0)
     import triton
