@@ -185,7 +185,8 @@ def main() -> None:
         gemv.MAX_K = gemv.LONG_K if "cublasdown" in flags else default_max_k  # read at warm-up and capture
         gemv.SHORT_N = 0 if "noshorttiles" in flags else default_short_n
         few_rows.MAX_ROWS = 1 if "nofewrows" in flags else alt.get("max_rows", default_max_rows)
-        triton_paged.decode_segments = _segments_down(default_segments) if "segmentsdown" in flags else default_segments
+        segments_down = "segmentsdown" in flags
+        triton_paged.decode_segments = _segments_down(default_segments) if segments_down else default_segments
         if "widestages4" in flags:
             few_rows.WIDE_TILES = default_classes["wide"]._replace(num_stages=4)
         torch._dynamo.reset()

@@ -13,10 +13,10 @@ Per shape: the default config; stage 1, BLOCK_N x num_warps x num_stages at the 
 count; stage 2, the segment counts (1 = no partials, no merge) with stage 1's best tiles; stage 3,
 where the default gathers its tiles, smaller gathered tiles with as many more segments (one tile a
 segment still) and, on a Hopper GPU, whole-block TMA tiles (the narrow plan's) at the default
-segment count and twice it; plus the unified kernel (what mixed graphs run) for reference. Every variant is checked once against the
-reference op (max abs error, and that the step's K/V landed in their slots), then timed as the
-median of CUDA-graph replays (tools/graph_timing.py) after a 256 MiB memset, after a 256 MiB read
-(clean cold L2) and back to back. Times include the fused K/V store.
+segment count and twice it; plus the unified kernel (what mixed graphs run) for reference. Every
+variant is checked once against the reference op (max abs error, and that the step's K/V landed in
+their slots), then timed as the median of CUDA-graph replays (tools/graph_timing.py) after a 256 MiB
+memset, after a 256 MiB read (clean cold L2) and back to back. Times include the fused K/V store.
 
 Usage (GPU): python tools/sweep_attention.py [--out sweep_attention.json] [--iters 50] [--budget-s 200] [--jobs 8]
              [--shape 12q/2kv] [--batches 16,64]
@@ -54,7 +54,7 @@ BLOCK_SIZE, DTYPE = 16, torch.bfloat16
 # (label, q heads, kv heads, context, max_model_len, batches)
 SHAPES = [("32q/8kv ctx4096", 32, 8, 4096, 4096, (1, 8, 64)),
           ("12q/2kv ctx1000", 12, 2, 1000, 1001, (1, 16, 64)),
-          ("32q/8kv ctx576", 32, 8, 576, 577, (1, 16, 64))]  # Llama-3.2-1B (--head-dim 64) at the engine bench's context
+          ("32q/8kv ctx576", 32, 8, 576, 577, (1, 16, 64))]  # Llama-3.2-1B (--head-dim 64), engine bench context
 TILES = dict(BLOCK_N=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(2, 3, 4))
 SEGMENTS = (1, 2, 4, 8, 16, 32)
 PAGE_WARPS, PAGE_STAGES = (2, 4), (3, 5)
@@ -257,9 +257,9 @@ class Sweep:
                     if segments == default["segments"]:
                         continue
                     stage2.append(self.run_variant(shape, label, "segments", dict(tile_config, segments=segments)))
-                # stage 3: where the default gathers its tiles, whole-block TMA tiles as the narrow plan
-                # reads them (Hopper only), at the default segment count and twice it; and smaller
-                # gathered tiles with as many more segments, so each segment is still one tile
+                # stage 3, where the default gathers its tiles: smaller gathered tiles with as many more
+                # segments, so each segment is still one tile; and whole-block TMA tiles as the narrow
+                # plan reads them (Hopper only), at the default segment count and twice it
                 stage3 = []
                 if not default["page_tiles"]:
                     for block_n, warps in itertools.product(SMALL_TILES, (2, 4)):
