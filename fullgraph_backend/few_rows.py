@@ -19,7 +19,7 @@ With PDL the program loads its first weight slice, waits for the kernel before (
 ``x`` may be), and only then lets the next kernel launch, as the GEMV does; it touches the scratch
 only after its wait, when the kernel before (which may use the same scratch) has completed.
 
-Scratch is kept per (device, split count, padded rows, N); its first use must not be under CUDA
+Scratch is kept per (device, split count, padded rows, N, column tiles); its first use must not be under CUDA
 graph capture (the graph runner warms every graph key up first).
 """
 from __future__ import annotations

@@ -115,8 +115,6 @@ def main() -> None:
     parser.add_argument("--long-k-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the GEMVs past gemv.LONG_K (the "
                         "down projection, plain or +silufuse) instead of gemv.LONG_K_TILES: a tiling "
                         "tools/bench_gemv.py found faster")
-    parser.add_argument("--few-row-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES[,SPLIT_K] of every few-row launch "
-                        "instead of few_rows.default_tiles' choice")
     parser.add_argument("--alt-tiles", type=json.loads, default={},
                         help='JSON for the modes with +alttiles: few_rows\' tiling per weight class, {"narrow" | '
                         '"wide" | "long_k": [BLOCK_N, BLOCK_K, WARPS, STAGES, SPLIT_K]}, and "max_rows" '
@@ -127,9 +125,6 @@ def main() -> None:
         parser.error(f"--alt-tiles: unknown key(s) {sorted(unknown)}; known: {[*ALT_TILES, 'max_rows']}")
     if args.long_k_tiles:  # read by the op's launches, i.e. at warm-up and capture
         gemv.LONG_K_TILES = gemv.Tiles(*(int(v) for v in args.long_k_tiles.split(",")))
-    if args.few_row_tiles:
-        tiles = few_rows.FewRowTiles(*(int(v) for v in args.few_row_tiles.split(",")))
-        few_rows.default_tiles = lambda n, k: tiles
 
     os.makedirs(args.out, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -156,7 +151,6 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     header["copy_bandwidth_TBs"] = round(bandwidth / 1e12, 3)
     header["long_k_tiles"] = list(gemv.LONG_K_TILES)
-    header["few_row_tiles"] = args.few_row_tiles or "default"
     if args.alt_tiles:
         header["alt_tiles"] = args.alt_tiles
     max_len = args.context + 1

@@ -51,7 +51,7 @@ def model_shapes(config) -> dict[str, tuple[int, int, bool, int]]:
             "down": (hidden, inter, False, layers), "lm_head": (config.vocab_size, hidden, False, 3)}
 
 
-SHAPES = model_shapes(get_config("qwen2.5-1.5b"))  # --few-rows --model replaces it
+SHAPES = model_shapes(get_config("qwen2.5-1.5b"))  # --few-rows times --model's instead
 AFTER_NORM = ("qkv", "gate_up", "lm_head")
 
 
@@ -178,11 +178,11 @@ FEW_ROW_VARIANTS = (FewRowTiles(32, 256, 4, 4), FewRowTiles(16, 256, 4, 4), FewR
                     FewRowTiles(16, 256, 4, 3, 1))
 
 
-def time_few_rows(rows_list: list[int], iters: int, log, ops: list[str]) -> list[dict]:
+def time_few_rows(rows_list: list[int], iters: int, log, ops: list[str], shapes: dict) -> list[dict]:
     """Each projection at each row count: cuBLAS, then the few-row kernel with PDL per tiling of
     :data:`FEW_ROW_VARIANTS` (the split count each ran with in the row; a tiling that does not
     compile, e.g. past the shared memory, is a row with its error). Rows go to ``log`` as made.
-    ``ops``: the projections of :data:`SHAPES` timed."""
+    ``ops``: the projections of ``shapes`` (:func:`model_shapes`) timed."""
     out = []
 
     def add(row):
@@ -191,7 +191,7 @@ def time_few_rows(rows_list: list[int], iters: int, log, ops: list[str]) -> list
         log.flush()
 
     for name in ops:
-        n, k, bias, copies = SHAPES[name]
+        n, k, bias, copies = shapes[name]
         for rows in rows_list:
             us, _ = time_op(F.linear, n, k, bias, copies, iters, rows)
             add(variant_row(f"{name} x{rows}", "cublas", n, k, us, 0.0))
@@ -241,10 +241,10 @@ def main() -> None:
               "timing": f"median of {args.iters} CUDA-graph replays after a 256 MiB L2-clearing read, per call"}
     print(json.dumps(header), flush=True)
     if args.few_rows:
-        SHAPES.update(model_shapes(get_config(args.model)))
         header["model"] = args.model
         with open(args.out + "l", "w") as log:  # one row a line as they come: a killed run keeps its rows
-            rows = time_few_rows([int(r) for r in args.rows.split(",")], args.iters, log, args.ops.split(","))
+            rows = time_few_rows([int(r) for r in args.rows.split(",")], args.iters, log, args.ops.split(","),
+                                 model_shapes(get_config(args.model)))
         with open(args.out, "w") as f:
             json.dump({**header, "few_rows": rows}, f, indent=1)
         print_few_rows(rows)

@@ -232,13 +232,13 @@ class Sweep:
             for label, q_heads, kv_heads, context, max_len, batches in SHAPES if self.args.shape in label]
         tiles = SMOKE_TILES if self.smoke else TILES
         segment_grid = SMOKE_SEGMENTS if self.smoke else SEGMENTS
-        head_dim = self.head_dim
         summary = []
-        self.precompiled = precompile(self.tasks(shapes, tiles, segment_grid), self.args.jobs, self.device, head_dim)
+        self.precompiled = precompile(self.tasks(shapes, tiles, segment_grid), self.args.jobs, self.device,
+                                      self.head_dim)
         print(json.dumps({"precompile": self.precompiled}), flush=True)
         for label, q_heads, kv_heads, context, max_len, batches in shapes:
             for batch in batches:
-                shape = Shape(q_heads, kv_heads, context, max_len, batch, head_dim, self.device)
+                shape = Shape(q_heads, kv_heads, context, max_len, batch, self.head_dim, self.device)
                 default = self.run_variant(shape, label, "default", None)
                 # stage 1: tiles at the default segment count
                 stage1 = [default]
