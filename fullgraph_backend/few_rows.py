@@ -41,9 +41,13 @@ except ImportError:  # triton is optional: without it every linear stays F.linea
 # ``+nofewrows`` sets it to 1 for its mode); more rows stay on cuBLAS.
 MAX_ROWS = 16
 FEW_ROW_DTYPES = (torch.bfloat16, torch.float16)
-# Programs a launch aims for, per SM of the device: split_k grows until the column tiles times the
-# splits reach it (each split keeps at least one K slice).
+# Programs a launch aims for, per SM of the device, where its column tiles leave SMs idle: split_k
+# grows until the column tiles times the splits reach it (each split keeps at least one K slice).
+# Column tiles that give every SM one already stay in one K range: Llama-3.2-1B's gate_up (256 tiles
+# on 132 SMs) took two and ran 22.2 us at 16 rows against 18.6 in one (cuBLAS 18.8; docs/perf-notes.md,
+# section 44). The CPU (Triton's interpreter) counts CPU_SMS, so small test shapes split.
 PROGRAMS_PER_SM = 2
+CPU_SMS = 4
 
 
 class FewRowTiles(NamedTuple):
@@ -86,8 +90,9 @@ def require_triton(caller: str) -> None:
 
 
 @triton_jit
-def _weight_slice(w, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` weight tile of rows ``offs_n`` from column ``k0``, zero from ``k_hi``."""
+def weight_slice(w, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` weight tile of rows ``offs_n`` from column ``k0``, zero from ``k_hi``
+    (this kernel's and the GEMV's; row offsets in int64, so weights past 2**31 elements address right)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     return tl.load(w + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :],
                    mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
@@ -133,13 +138,13 @@ def _few_rows_kernel(x, w, bias, out, partial, tickets, M, N, K, k_per_split, sp
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = k_lo
     if PDL:
-        w0 = _weight_slice(w, offs_n, n_ok, stride_wn, k_lo, k_hi, BLOCK_K)
+        w0 = weight_slice(w, offs_n, n_ok, stride_wn, k_lo, k_hi, BLOCK_K)
         gdc_wait()
         gdc_launch_dependents()
         acc = _fold_slice(acc, w0, x, offs_m, m_ok, stride_xm, k_lo, k_hi, BLOCK_K, DOT_FP32)
         k_start = k_lo + BLOCK_K
     for k0 in range(k_start, k_hi, BLOCK_K):
-        weight = _weight_slice(w, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K)
+        weight = weight_slice(w, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K)
         acc = _fold_slice(acc, weight, x, offs_m, m_ok, stride_xm, k0, k_hi, BLOCK_K, DOT_FP32)
     if not MERGE:
         _store_rows(out, acc, bias, offs_m, offs_n, m_ok, n_ok, N, HAS_BIAS)
@@ -173,14 +178,18 @@ def default_tiles(n: int, k: int) -> FewRowTiles:
 
 
 def split_for(n: int, k: int, tiles: FewRowTiles, device: torch.device) -> int:
-    """The K ranges of a launch: ``tiles.split_k`` if set, else the fewest that bring the column
-    tiles times the splits to :data:`PROGRAMS_PER_SM` per SM of ``device`` (one SM count on the
-    CPU), with at least one ``block_k`` slice a range."""
+    """The K ranges of a launch: ``tiles.split_k`` if set; else one where the column tiles are at
+    least the SMs of ``device`` (:data:`CPU_SMS` on the CPU), and where they are fewer the fewest
+    that bring the column tiles times the splits to :data:`PROGRAMS_PER_SM` per SM, with at least
+    one ``block_k`` slice a range."""
     slices = triton.cdiv(k, tiles.block_k)
     if tiles.split_k:
         return min(tiles.split_k, slices)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(slices, triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(n, tiles.block_n))))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    column_tiles = triton.cdiv(n, tiles.block_n)
+    if column_tiles >= sms:
+        return 1
+    return max(1, min(slices, triton.cdiv(PROGRAMS_PER_SM * sms, column_tiles)))
 
 
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

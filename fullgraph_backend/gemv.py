@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from fullgraph_backend import few_rows
 from fullgraph_backend.few_rows import (FEW_ROW_DTYPES, few_row_linear, kernel_operands, require_triton, triton_jit,
-                                       uses_few_rows)
+                                       uses_few_rows, weight_slice)
 from fullgraph_backend.library import define_op
 from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
 
@@ -144,14 +144,6 @@ def _normed(h, norm_w, offs_k, k_ok, rstd, dtype: tl.constexpr):
 
 
 @triton_jit
-def _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` weight tile of rows ``offs_n`` from column ``k0``, zero past K."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(w + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :],
-                   other=0.0)
-
-
-@triton_jit
 def _fold_slice(acc, weight, x, residual, norm_w, up, K, k0, rstd, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
     """``acc`` plus one loaded weight slice times the row's slice from column ``k0``."""
@@ -187,7 +179,7 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = 0
     if PDL or NORM:
-        w0 = _weight_slice(w, offs_n, n_ok, stride_wn, K, 0, BLOCK_K)
+        w0 = weight_slice(w, offs_n, n_ok, stride_wn, 0, K, BLOCK_K)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -198,7 +190,7 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
         acc = _fold_slice(acc, w0, x, residual, norm_w, up, K, 0, rstd, BLOCK_K, NORM, HAS_RESIDUAL, GATED)
         k_start = BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
-        weight = _weight_slice(w, offs_n, n_ok, stride_wn, K, k0, BLOCK_K)
+        weight = weight_slice(w, offs_n, n_ok, stride_wn, k0, K, BLOCK_K)
         acc = _fold_slice(acc, weight, x, residual, norm_w, up, K, k0, rstd, BLOCK_K, NORM, HAS_RESIDUAL, GATED)
     result = tl.sum(acc, 1)
     if HAS_BIAS:

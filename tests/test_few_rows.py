@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fullgraph_backend import few_rows
+from fullgraph_backend import few_rows, pdl
 from fullgraph_backend.few_rows import FewRowTiles, default_tiles, few_row_linear, split_for, uses_few_rows
 from fullgraph_backend.gemv import linear
 
@@ -113,11 +113,15 @@ def test_tilings_follow_the_weight_shape_and_splits_the_sm_count():
     assert default_tiles(17920, 1536) == few_rows.WIDE_TILES  # gate_up
     assert default_tiles(151936, 1536) == few_rows.WIDE_TILES  # the LM head
     assert default_tiles(1536, 8960) == few_rows.LONG_K_TILES  # down
-    cpu = torch.device("cpu")  # one nominal SM: PROGRAMS_PER_SM programs
+    cpu = torch.device("cpu")  # CPU_SMS nominal SMs
+    target = few_rows.PROGRAMS_PER_SM * few_rows.CPU_SMS
     assert split_for(2048, 1536, few_rows.NARROW_TILES, cpu) == 1  # set in the tiling
-    assert split_for(32, 8960, FewRowTiles(32, 128, 4, 4), cpu) == few_rows.PROGRAMS_PER_SM
+    assert split_for(32, 8960, FewRowTiles(32, 128, 4, 4), cpu) == target  # one column tile
+    assert split_for(96, 8960, FewRowTiles(32, 128, 4, 4), cpu) == -(-target // 3)  # three: the fewest that reach it
     assert split_for(32, 100, FewRowTiles(32, 128, 4, 4), cpu) == 1  # one slice: one range
     assert split_for(32, 8960, FewRowTiles(32, 128, 4, 4, 100), cpu) == 70  # at most one range a slice
+    # a column tile for every SM: one range (Llama-3.2-1B's gate_up, 256 tiles on an H200's 132 SMs)
+    assert split_for(32 * few_rows.CPU_SMS, 8960, FewRowTiles(32, 128, 4, 4), cpu) == 1
 
 
 def _fake_cuda(*shape, dtype=torch.bfloat16):
@@ -195,3 +199,23 @@ def test_gpu_few_row_linear_matches_cublas_in_captured_replays(rows, n, k, bias)
         graph.replay()
         assert torch.equal(out, first)
     assert all(not tickets.any() for _, tickets in few_rows._SCRATCH.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gpu_weights_past_2_31_elements_are_addressed_right(rows):
+    """Both linear kernels read weight rows through ``weight_slice``'s int64 offsets: with int32 ones
+    (the GEMV's before session 22) the rows past 2**31 elements would be read from wrapped addresses.
+    One row takes the GEMV, four the few-row kernel; the last rows are compared with cuBLAS's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    k = 2048
+    n = 2 ** 31 // k + 256  # 4.3 GB of bf16
+    torch.manual_seed(rows)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    with pdl.launches():
+        out = linear(x, weight)
+    tail = slice(n - 512, n)
+    torch.testing.assert_close(out[:, tail], F.linear(x, weight[tail]), atol=2e-2, rtol=2e-2)
+    del weight

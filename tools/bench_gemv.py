@@ -175,7 +175,9 @@ FEW_ROW_VARIANTS = (FewRowTiles(32, 256, 4, 4), FewRowTiles(16, 256, 4, 4), FewR
                     FewRowTiles(32, 128, 4, 4, 12), FewRowTiles(64, 128, 4, 3, 8), FewRowTiles(16, 128, 4, 4),
                     # narrow column tiles in one K range: more programs for qkv and o_proj
                     FewRowTiles(16, 256, 4, 4, 1), FewRowTiles(16, 128, 4, 4, 1), FewRowTiles(32, 128, 4, 4, 1),
-                    FewRowTiles(16, 256, 4, 3, 1))
+                    FewRowTiles(16, 256, 4, 3, 1),
+                    # the wide default in one K range (Llama-3.2-1B's gate_up: 256 column tiles, split 2 by the rule)
+                    FewRowTiles(64, 128, 4, 3, 1))
 
 
 def time_few_rows(rows_list: list[int], iters: int, log, ops: list[str], shapes: dict) -> list[dict]:
