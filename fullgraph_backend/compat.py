@@ -75,14 +75,23 @@ def root_local(source) -> str | None:
 
 
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | None = None) -> object:
-    """Inductor once, symbolic in the batch dim, with Inductor's own CUDA graphs off.
+    """Inductor once, symbolic in the batch dim, with Inductor's own CUDA graphs off, its compile
+    caches keyed by the schemas of the custom ops ``gm`` calls too
+    (:func:`fullgraph_backend.library.op_schemas_tag`, added to ``torch.compiler.config.cache_key_tag``,
+    which 2.11 through 2.14 put in the FX graph and AOTAutograd caches' keys).
 
     ``compile_fx`` may mutate ``gm`` (pytorch#138980): callers pass a graph they own.
     2.13+ adds ``compile_region_name``; the positional form works in 2.11 too.
     """
     from torch._inductor.compile_fx import compile_fx as inductor_compile
 
-    return inductor_compile(gm, example_inputs, config_patches={**(patches or {}), "triton.cudagraphs": False})
+    from fullgraph_backend.library import op_schemas_tag
+
+    tag = op_schemas_tag(gm)
+    keyed = (torch.compiler.config.patch(cache_key_tag=f"{torch.compiler.config.cache_key_tag}|{tag}") if tag
+             else contextlib.nullcontext())
+    with keyed:
+        return inductor_compile(gm, example_inputs, config_patches={**(patches or {}), "triton.cudagraphs": False})
 
 
 def realize_thresholds(device: torch.device, patches: dict) -> tuple[int, int]:

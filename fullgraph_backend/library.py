@@ -8,6 +8,7 @@ of a batch larger than the largest capture size.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
@@ -48,3 +49,19 @@ def define_decomposed(schema: str, fn: Callable) -> torch._ops.OpOverload:
     _LIB.define(schema)
     _LIB.impl(name, fn, "CompositeImplicitAutograd")
     return getattr(torch.ops.fullgraph, name).default
+
+
+# torch's own ops, whose schemas come with the torch build (which the caches' key names already)
+TORCH_NAMESPACES = ("aten", "prims")
+
+
+def op_schemas_tag(gm: torch.fx.GraphModule) -> str:
+    """A digest of the schemas of the custom ops ``gm`` calls (ours and any other library's), or ""
+    when it calls none. Inductor's compile caches key a graph by its code, which names an op but
+    not its schema, and its compiled code passes every argument by position: compiled by a version
+    of this package whose op took other arguments, a cached entry would call the op wrongly (it
+    raises). The backend puts this digest in the caches' key (:func:`fullgraph_backend.compat.compile_fx`)."""
+    schemas = sorted({str(node.target._schema) for node in gm.graph.nodes
+                      if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                      and node.target.namespace not in TORCH_NAMESPACES})
+    return "custom-ops:" + hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16] if schemas else ""

@@ -59,3 +59,43 @@ def test_every_graph_of_an_engine_is_cached_by_aotautograd():
     # the backend's own phases are in Dynamo's compile times, beside AOTAutograd's and Inductor's
     times = torch._dynamo.utils.compile_times(repr="str")
     assert all(f"fullgraph.{phase}," in times for phase in ("passes", "regions.keys", "regions.split")), times
+
+
+_SCHEMA_SCRIPT = r'''
+import sys
+import torch
+from torch._dynamo.utils import counters
+import fullgraph_backend  # noqa: F401  (registers the backend)
+
+lib = torch.library.Library("fgcache", "DEF")
+lib.define(sys.argv[1])
+lib.impl("f", lambda x, y=None: x + 1, "CompositeExplicitAutograd")
+torch.library.register_fake("fgcache::f", lambda x, y=None: torch.empty_like(x), lib=lib)
+compiled = torch.compile(lambda x: torch.ops.fgcache.f.default(x * 2) * 3, backend="fullgraph",
+                         options={"cudagraph_mode": "none"})
+assert compiled(torch.ones(4)).tolist() == [9.0] * 4
+print("hit" if counters["inductor"]["fxgraph_cache_hit"] else "miss")
+'''
+
+
+@pytest.mark.parametrize("schemas, verdicts", [
+    (("f(Tensor x, Tensor? y=None) -> Tensor", "f(Tensor x) -> Tensor"), ["miss", "miss"]),
+    (("f(Tensor x) -> Tensor", "f(Tensor x) -> Tensor"), ["miss", "hit"]),
+])
+def test_a_custom_ops_schema_is_part_of_the_compile_caches_key(tmp_path, schemas, verdicts):
+    """Two processes compile one graph through a custom op whose schema the second changes (as an
+    upgrade of this package may change one of ours): Inductor's compiled code passes every argument
+    by position, so a cache hit would call the op with the old schema's arguments and raise. The
+    schemas are in the key: the second process compiles again; with the schema unchanged it loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    seen = []
+    for schema in schemas:
+        result = subprocess.run([sys.executable, "-c", _SCHEMA_SCRIPT, schema], capture_output=True, text=True,
+                                env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        seen.append(result.stdout.split()[-1])
+    assert seen == verdicts
