@@ -139,6 +139,29 @@ def test_bench_decode_runs_modes_apart_and_merges_their_rows(monkeypatch, tmp_pa
     assert "| full+nopdl | error | error |" in capsys.readouterr().out
 
 
+def test_bench_decode_takes_a_projection_to_cublas_by_weight_shape(monkeypatch, tmp_path, capsys):
+    """``+cublas_OP`` is a known suffix for each projection name and an unknown one is a usage error;
+    the rule it installs refuses exactly that projection's weight shape (Qwen2.5-1.5B's o_proj)."""
+    import bench_decode
+    import torch
+
+    calls = _fake_children(monkeypatch, bench_decode, [], triton="t", date="d", model="m", dtype="bf16", context=1,
+                           attention_impl="triton", copy_bandwidth_TBs=4.2)
+    monkeypatch.setattr(bench_decode, "plot_decode", lambda result, path: None)
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", "full,full+cublas_o_proj+cublas_qkv", "--batches",
+                                      "16", "--out", str(tmp_path)])
+    bench_decode.main()
+    assert calls[0][1] == ["full", "full+cublas_o_proj+cublas_qkv"]
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", "full+cublas_mlp", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench_decode.main()
+    assert "cublas_mlp" in capsys.readouterr().err
+    rule = bench_decode._sparing(lambda x, weight, bias=None: True, {(1536, 1536)})
+    x = torch.empty(4, 1536)
+    assert not rule(x, torch.empty(1536, 1536)) and rule(x, torch.empty(2048, 1536))
+    assert bench_decode._sparing(len, set()) is len  # no flag: the library's rule itself
+
+
 def test_bench_transformers_merges_rows_without_touching_cuda(monkeypatch, tmp_path, capsys):
     import json
 

@@ -27,6 +27,9 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
                turns them on with PDL, so this is for reduce-overhead)
   +nocombo     no combo kernels (``inductor_config={"combo_kernels": False}``)
   +whole       the backend's ``regional_compile=False``: the graph compiled whole, not layer by layer
+  +cublas_OP   that projection's linears of 2 to 16 rows on cuBLAS, the others on the few-row kernel
+               (OP: qkv, o_proj, gate_up, down or lm_head, by weight shape), to find which one a
+               batch's step loses on (``full+cublas_o_proj+cublas_qkv``)
 (``full+nopdl`` is ``full`` as it was before session 13, ``full+nocombo`` before session 14. Then
 ``+pdl`` launched only our kernels with PDL and ``+inductorpdl`` only Inductor's; ``full`` now
 launches both that way. Session 14 removed ``+prefetch3`` and ``+kvprefetch``, which measured
@@ -57,6 +60,7 @@ from fullgraph_backend import few_rows, gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.attention import triton_paged  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
+from bench_gemv import model_shapes  # noqa: E402
 from isolate import add_arguments, run_modes, runs_apart  # noqa: E402
 from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
@@ -130,9 +134,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     for spec in modes:
-        unknown = set(_parse_mode(spec)[2]) - set(FLAGS)
+        unknown = {flag for flag in _parse_mode(spec)[2] if flag not in FLAGS and flag[7:] not in CUBLAS_OPS}
         if unknown:
-            parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)}")
+            parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)} and "
+                         f"cublas_OP for OP in {list(CUBLAS_OPS)}")
     if runs_apart(args, modes):
         header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json", batches, args.rounds,
                                  args.mode_timeout)
@@ -169,6 +174,7 @@ def main() -> None:
     rows = []
     default_blas, default_max_k, default_short_n = torch.backends.cuda.preferred_blas_library(), gemv.MAX_K, gemv.SHORT_N
     default_max_rows, default_segments = few_rows.MAX_ROWS, triton_paged.decode_segments
+    default_uses_few_rows, shapes = gemv.uses_few_rows, model_shapes(config)
     default_classes = {name: getattr(few_rows, attr) for name, attr in ALT_TILES.items()}
     for spec in modes:
         mode, impl, flags = _parse_mode(spec)
@@ -180,6 +186,7 @@ def main() -> None:
         gemv.SHORT_N = 0 if "noshorttiles" in flags else default_short_n
         few_rows.MAX_ROWS = 1 if "nofewrows" in flags else alt.get("max_rows", default_max_rows)
         segments_down = "segmentsdown" in flags
+        gemv.uses_few_rows = _sparing(default_uses_few_rows, {shapes[f[7:]][:2] for f in flags if f in CUBLAS_FLAGS})
         triton_paged.decode_segments = _segments_down(default_segments) if segments_down else default_segments
         if "widestages4" in flags:
             few_rows.WIDE_TILES = default_classes["wide"]._replace(num_stages=4)
@@ -232,6 +239,18 @@ FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "widestages4", "alttiles", 
          "cublasdown", "segmentsdown", "noshorttiles", "nopdl", "combo", "nocombo", "whole")
 # --alt-tiles' keys: few_rows' tiling constants by weight class (few_rows.default_tiles)
 ALT_TILES = {"narrow": "NARROW_TILES", "wide": "WIDE_TILES", "long_k": "LONG_K_TILES"}
+
+
+CUBLAS_OPS = ("qkv", "o_proj", "gate_up", "down", "lm_head")  # bench_gemv.model_shapes' names
+CUBLAS_FLAGS = tuple(f"cublas_{op}" for op in CUBLAS_OPS)
+
+
+def _sparing(rule, on_cublas: set[tuple[int, int]]):
+    """``rule`` (``gemv.uses_few_rows``, which the op asks at warm-up and capture) refusing weights of
+    the ``(N, K)`` shapes in ``on_cublas``: those linears stay on cuBLAS."""
+    if not on_cublas:
+        return rule
+    return lambda x, weight, bias=None: tuple(weight.shape) not in on_cublas and rule(x, weight, bias)
 
 
 def _segments_down(rule):
