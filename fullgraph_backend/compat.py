@@ -78,7 +78,7 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | N
     """Inductor once, symbolic in the batch dim, with Inductor's own CUDA graphs off, its compile
     caches keyed by the schemas of the custom ops ``gm`` calls too
     (:func:`fullgraph_backend.library.op_schemas_tag`, added to ``torch.compiler.config.cache_key_tag``,
-    which 2.11 through 2.14 put in the FX graph and AOTAutograd caches' keys).
+    which 2.11 and 2.13 put in the FX graph and AOTAutograd caches' keys).
 
     ``compile_fx`` may mutate ``gm`` (pytorch#138980): callers pass a graph they own.
     2.13+ adds ``compile_region_name``; the positional form works in 2.11 too.

@@ -218,4 +218,3 @@ def test_gpu_weights_past_2_31_elements_are_addressed_right(rows):
         out = linear(x, weight)
     tail = slice(n - 512, n)
     torch.testing.assert_close(out[:, tail], F.linear(x, weight[tail]), atol=2e-2, rtol=2e-2)
-    del weight

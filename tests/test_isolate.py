@@ -152,10 +152,11 @@ def test_bench_decode_takes_a_projection_to_cublas_by_weight_shape(monkeypatch, 
                                       "16", "--out", str(tmp_path)])
     bench_decode.main()
     assert calls[0][1] == ["full", "full+cublas_o_proj+cublas_qkv"]
-    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", "full+cublas_mlp", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        bench_decode.main()
-    assert "cublas_mlp" in capsys.readouterr().err
+    for bad in ("cublas_mlp", "xxxxxxxqkv"):
+        monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--modes", f"full+{bad}", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit):
+            bench_decode.main()
+        assert bad in capsys.readouterr().err
     rule = bench_decode._sparing(lambda x, weight, bias=None: True, {(1536, 1536)})
     x = torch.empty(4, 1536)
     assert not rule(x, torch.empty(1536, 1536)) and rule(x, torch.empty(2048, 1536))

@@ -134,7 +134,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     for spec in modes:
-        unknown = {flag for flag in _parse_mode(spec)[2] if flag not in FLAGS and flag[7:] not in CUBLAS_OPS}
+        unknown = {flag for flag in _parse_mode(spec)[2] if flag not in FLAGS + CUBLAS_FLAGS}
         if unknown:
             parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)} and "
                          f"cublas_OP for OP in {list(CUBLAS_OPS)}")
