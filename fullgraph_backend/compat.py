@@ -10,6 +10,8 @@ from typing import Iterator
 
 import torch
 
+from fullgraph_backend.library import op_schemas_tag
+
 
 def weak_tensor(t: torch.Tensor) -> torch.Tensor:
     """A tensor aliasing ``t``'s memory without keeping it alive.
@@ -84,8 +86,6 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, patches: dict | N
     2.13+ adds ``compile_region_name``; the positional form works in 2.11 too.
     """
     from torch._inductor.compile_fx import compile_fx as inductor_compile
-
-    from fullgraph_backend.library import op_schemas_tag
 
     tag = op_schemas_tag(gm)
     keyed = (torch.compiler.config.patch(cache_key_tag=f"{torch.compiler.config.cache_key_tag}|{tag}") if tag

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
-from fullgraph_backend.scratch import kept_buffers
+from fullgraph_backend.scratch import kept_buffers, sm_count
 
 try:
     import triton
@@ -45,9 +45,8 @@ FEW_ROW_DTYPES = (torch.bfloat16, torch.float16)
 # grows until the column tiles times the splits reach it (each split keeps at least one K slice).
 # Column tiles that give every SM one already stay in one K range: Llama-3.2-1B's gate_up (256 tiles
 # on 132 SMs) took two and ran 22.2 us at 16 rows against 18.6 in one (cuBLAS 18.8; docs/perf-notes.md,
-# section 44). The CPU (Triton's interpreter) counts CPU_SMS, so small test shapes split.
+# section 44).
 PROGRAMS_PER_SM = 2
-CPU_SMS = 4
 
 
 class FewRowTiles(NamedTuple):
@@ -179,13 +178,13 @@ def default_tiles(n: int, k: int) -> FewRowTiles:
 
 def split_for(n: int, k: int, tiles: FewRowTiles, device: torch.device) -> int:
     """The K ranges of a launch: ``tiles.split_k`` if set; else one where the column tiles are at
-    least the SMs of ``device`` (:data:`CPU_SMS` on the CPU), and where they are fewer the fewest
+    least the SMs of ``device`` (:func:`fullgraph_backend.scratch.sm_count`), and where they are fewer the fewest
     that bring the column tiles times the splits to :data:`PROGRAMS_PER_SM` per SM, with at least
     one ``block_k`` slice a range."""
     slices = triton.cdiv(k, tiles.block_k)
     if tiles.split_k:
         return min(tiles.split_k, slices)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    sms = sm_count(device)
     column_tiles = triton.cdiv(n, tiles.block_n)
     if column_tiles >= sms:
         return 1

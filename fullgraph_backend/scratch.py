@@ -1,4 +1,5 @@
-"""Device buffers our kernels keep across calls (split partials, merge tickets), allocated once.
+"""Device buffers our kernels keep across calls (split partials, merge tickets), allocated once,
+and the SM count the split work is sized to.
 
 A captured graph keeps writing to the addresses it was captured with, so such a buffer lives for
 the process: entries are never dropped. Kernels that merge split work through an atomic ticket
@@ -10,6 +11,16 @@ import concurrent.futures
 from typing import Callable
 
 import torch
+
+# Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
+NOMINAL_SMS = 16
+
+
+def sm_count(device: torch.device) -> int:
+    """The SMs a launch on ``device`` can fill: its multiprocessors on CUDA, :data:`NOMINAL_SMS` elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NOMINAL_SMS
 
 
 def kept_buffers(table: dict, key: tuple, device: torch.device, make: Callable[[], tuple[torch.Tensor, ...]],

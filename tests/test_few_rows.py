@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fullgraph_backend import few_rows, pdl
 from fullgraph_backend.few_rows import FewRowTiles, default_tiles, few_row_linear, split_for, uses_few_rows
 from fullgraph_backend.gemv import linear
+from fullgraph_backend.scratch import sm_count
 
 from helpers import SM90_PDL_PRELUDE, run_compiler_script
 
@@ -113,15 +114,15 @@ def test_tilings_follow_the_weight_shape_and_splits_the_sm_count():
     assert default_tiles(17920, 1536) == few_rows.WIDE_TILES  # gate_up
     assert default_tiles(151936, 1536) == few_rows.WIDE_TILES  # the LM head
     assert default_tiles(1536, 8960) == few_rows.LONG_K_TILES  # down
-    cpu = torch.device("cpu")  # CPU_SMS nominal SMs
-    target = few_rows.PROGRAMS_PER_SM * few_rows.CPU_SMS
+    cpu = torch.device("cpu")  # scratch.NOMINAL_SMS stand-in SMs
+    target = few_rows.PROGRAMS_PER_SM * sm_count(cpu)
     assert split_for(2048, 1536, few_rows.NARROW_TILES, cpu) == 1  # set in the tiling
     assert split_for(32, 8960, FewRowTiles(32, 128, 4, 4), cpu) == target  # one column tile
     assert split_for(96, 8960, FewRowTiles(32, 128, 4, 4), cpu) == -(-target // 3)  # three: the fewest that reach it
     assert split_for(32, 100, FewRowTiles(32, 128, 4, 4), cpu) == 1  # one slice: one range
     assert split_for(32, 8960, FewRowTiles(32, 128, 4, 4, 100), cpu) == 70  # at most one range a slice
     # a column tile for every SM: one range (Llama-3.2-1B's gate_up, 256 tiles on an H200's 132 SMs)
-    assert split_for(32 * few_rows.CPU_SMS, 8960, FewRowTiles(32, 128, 4, 4), cpu) == 1
+    assert split_for(32 * sm_count(cpu), 8960, FewRowTiles(32, 128, 4, 4), cpu) == 1
 
 
 def _fake_cuda(*shape, dtype=torch.bfloat16):

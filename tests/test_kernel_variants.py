@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def on_h200(monkeypatch) -> None:
     """An H200's device constants for launch plans on meta tensors, and scratch and descriptor tables
     of the test's own (the meta tensors must not reach the process-wide ones)."""
-    monkeypatch.setattr(triton_paged, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_paged, "sm_count", lambda device: 132)
     monkeypatch.setattr(triton_paged, "_has_tma", lambda device: True)
     monkeypatch.setattr(triton_paged, "_SCRATCH", {})
     monkeypatch.setattr(triton_paged, "_DESCRIPTORS", WeakIdKeyDictionary())

@@ -244,7 +244,7 @@ def test_decode_segments():
     by_bound = [decode_segments(1, 2, bound, cpu, min_segment_tokens=256) for bound in bounds]
     assert by_bound == sorted(by_bound) and by_bound[:6] == [1, 1, 2, 2, 4, 4] and by_bound[-1] > 4
     default = [decode_segments(1, 2, bound, cpu) for bound in bounds]
-    target = triton_paged.PROGRAMS_PER_SM * triton_paged._sm_count(cpu)
+    target = triton_paged.PROGRAMS_PER_SM * triton_paged.sm_count(cpu)
     for c, bound in zip(default, bounds):
         chunks = -(-bound // triton_paged.MIN_SEGMENT_TOKENS)
         stopped_by_sms = 1 * 2 * (2 * c) > target
@@ -256,7 +256,7 @@ def test_decode_segments():
     assert decode_segments(1, 2, 4096, cpu, min_segment_tokens=4096) == 1
     assert decode_segments(1, 2, 4096, cpu, min_segment_tokens=1024) < decode_segments(1, 2, 4096, cpu)
     # the launch stays within PROGRAMS_PER_SM programs per SM
-    target = triton_paged.PROGRAMS_PER_SM * triton_paged._sm_count(cpu)
+    target = triton_paged.PROGRAMS_PER_SM * triton_paged.sm_count(cpu)
     assert all(n * 8 * c <= max(target, n * 8) for n, c in zip((1, 2, 4, 8, 64, 1024), counts))
 
 
@@ -312,7 +312,7 @@ def test_launch_plan_narrow_decode(dtype):
     """(request, KV head) pairs reaching a quarter of the SMs: 16-bit decode takes the narrow
     program (fewer warps, half-size tiles, twice the programs per SM); below, the 4-warp one."""
     cpu = torch.device("cpu")
-    sms = triton_paged._sm_count(cpu)
+    sms = triton_paged.sm_count(cpu)
     kv_heads, head_dim = 2, 128
     table = torch.zeros(64, 64, dtype=torch.int32)  # bound 1024 tokens at block size 16
     elem = torch.finfo(dtype).bits // 8

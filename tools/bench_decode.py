@@ -60,7 +60,7 @@ from fullgraph_backend import few_rows, gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.attention import triton_paged  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
-from bench_gemv import model_shapes  # noqa: E402
+from bench_gemv import SHAPES, model_shapes  # noqa: E402
 from isolate import add_arguments, run_modes, runs_apart  # noqa: E402
 from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
@@ -137,7 +137,7 @@ def main() -> None:
         unknown = {flag for flag in _parse_mode(spec)[2] if flag not in FLAGS + CUBLAS_FLAGS}
         if unknown:
             parser.error(f"unknown mode suffix(es) {sorted(unknown)} in {spec!r}; known: {list(FLAGS)} and "
-                         f"cublas_OP for OP in {list(CUBLAS_OPS)}")
+                         f"cublas_OP for OP in {list(SHAPES)}")
     if runs_apart(args, modes):
         header, rows = run_modes(__file__, sys.argv[1:], modes, "bench_decode.json", batches, args.rounds,
                                  args.mode_timeout)
@@ -241,8 +241,7 @@ FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "widestages4", "alttiles", 
 ALT_TILES = {"narrow": "NARROW_TILES", "wide": "WIDE_TILES", "long_k": "LONG_K_TILES"}
 
 
-CUBLAS_OPS = ("qkv", "o_proj", "gate_up", "down", "lm_head")  # bench_gemv.model_shapes' names
-CUBLAS_FLAGS = tuple(f"cublas_{op}" for op in CUBLAS_OPS)
+CUBLAS_FLAGS = tuple(f"cublas_{op}" for op in SHAPES)  # bench_gemv.model_shapes' projection names
 
 
 def _sparing(rule, on_cublas: set[tuple[int, int]]):

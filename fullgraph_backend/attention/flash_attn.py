@@ -20,6 +20,7 @@ import torch
 from fullgraph_backend.forward_context import BatchKind, current_forward_context
 from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.kv_cache import store_kv
+from fullgraph_backend.scratch import sm_count
 
 MAX_VERSION = (2, 8, 3, 1)  # 2.8.3.post1
 
@@ -42,8 +43,7 @@ def _num_splits(num_reqs: int, kv_heads: int, device: torch.device) -> int:
 
     Counted per KV head: FA2 packs a one-token query's GQA group into one tile.
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(32, 2 * sms // (num_reqs * kv_heads)))
+    return max(1, min(32, 2 * sm_count(device) // (num_reqs * kv_heads)))
 
 
 @impl_op("flash_attn_attention")

@@ -61,7 +61,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fullgraph_backend.attention.registry import impl_op
 from fullgraph_backend.forward_context import BatchKind, current_forward_context
 from fullgraph_backend.pdl import enabled as pdl_enabled, gdc_launch_dependents, gdc_wait, kernel_flag
-from fullgraph_backend.scratch import kept_buffers
+from fullgraph_backend.scratch import kept_buffers, sm_count
 
 LOG2E = 1.4426950408889634
 # Cap on split-KV segments per request, which bounds the scratch and the merge's work (untuned;
@@ -92,8 +92,6 @@ NARROW_PROGRAMS_PER_SM = 4
 # block manager keeps a request's blocks in order where it can, which engine/block_layout.py
 # measures (docs/perf-notes.md, section 15).
 PAGE_TILE_STAGES = 5
-# Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
-_NOMINAL_SMS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Keys of paged_attention's private ``_config`` overrides.
 CONFIG_KEYS = ("BLOCK_N", "num_warps", "num_stages", "segments", "min_segment_tokens", "page_tiles")
@@ -548,12 +546,6 @@ def _merge_if_last(
 
 # ---- launch parameters (functions of shapes and device constants only) ---------------------------
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _NOMINAL_SMS
-
-
 def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
                     min_segment_tokens: int = MIN_SEGMENT_TOKENS, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Split-KV segments per request for a uniform-decode launch of ``num_reqs`` padded requests.
@@ -567,7 +559,7 @@ def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: t
     already fills the GPU or a bound of one chunk gets 1 (no partials, no merge).
     """
     segments = 1
-    target = programs_per_sm * _sm_count(device)
+    target = programs_per_sm * sm_count(device)
     chunks = -(-max_kv_len // min_segment_tokens)
     while segments < MAX_SEGMENTS and num_reqs * num_kv_heads * segments * 2 <= target and segments < chunks:
         segments *= 2
@@ -577,7 +569,7 @@ def decode_segments(num_reqs: int, num_kv_heads: int, max_kv_len: int, device: t
 def _narrow_decode(num_reqs: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a 16-bit decode launch has enough (request, KV head) pairs, a quarter of the SMs,
     for ``NARROW_WARPS``-warp programs on 16 KiB tiles (``NARROW_PROGRAMS_PER_SM`` per SM)."""
-    return dtype != torch.float32 and 4 * num_reqs * num_kv_heads >= _sm_count(device)
+    return dtype != torch.float32 and 4 * num_reqs * num_kv_heads >= sm_count(device)
 
 
 @functools.lru_cache(maxsize=None)
