@@ -104,6 +104,8 @@ def test_a_rounds_row_is_the_median_of_the_rounds_that_measured():
     two = median_row([{"mode": "m", "batch": 1, "tpot_ms": 2.0, "graphs": 3},
                       {"mode": "m", "batch": 1, "tpot_ms": 3.0, "graphs": 2}])
     assert two["tpot_ms"] == 2.5 and two["graphs"] == 2 and isinstance(two["graphs"], int)  # a count stays whole
+    assert median_row([{"mode": "m", "batch": 1, "x_floor": 1.82}, {"mode": "m", "batch": 1, "x_floor": 1.83}])[
+        "x_floor"] == 1.825  # as printed in the table, not 1.8250000000000002
 
 
 def _fake_children(monkeypatch, module, rows, **header):

@@ -91,7 +91,7 @@ def run_modes(script: str, argv: list[str], modes: list[str], result_name: str,
 
 def median_row(rows: list[dict]) -> dict:
     """One row for the rounds ``rows`` of a mode and batch: the first's keys, each number the median
-    of the rounds that measured it (a count, such as graphs, the lower middle one: a whole number),
+    of the rounds that measured it (to 6 decimals; a count, such as graphs, the lower middle one: a whole number),
     those values as ``<key>_rounds``; an error only if every round failed."""
     measured = [row for row in rows if "error" not in row] or rows[:1]
     merged = {**measured[0], "rounds": len(measured)}
@@ -99,7 +99,9 @@ def median_row(rows: list[dict]) -> dict:
         if key != "batch" and isinstance(value, (int, float)) and not isinstance(value, bool):
             values = [row[key] for row in measured if isinstance(row.get(key), (int, float))]
             counts = all(isinstance(v, int) for v in values)
-            merged[key] = statistics.median_low(values) if counts else statistics.median(values)
+            # the mean of two middle values in binary floating point (1.82 and 1.83 -> 1.8250000000000002),
+            # rounded back to what the rows' own digits can tell
+            merged[key] = statistics.median_low(values) if counts else round(statistics.median(values), 6)
             merged[f"{key}_rounds"] = values
     return merged
 
