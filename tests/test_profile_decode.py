@@ -38,3 +38,14 @@ def test_the_sequence_averages_each_kernel_of_the_replay_in_order():
     assert kernel_sequence(kernels, replays=2) == [
         {"name": "a", "calls": 1, "us": 9.0, "critical_us": 9.0, "gap_us": 0.0},
         {"name": "b", "calls": 1, "us": 9.5, "critical_us": 5.0, "gap_us": 0.0}]
+
+
+def test_cublas_names_projections_before_anything_runs(monkeypatch, capsys):
+    """``--cublas`` takes bench_gemv's projection names (as bench_decode's ``+cublas_OP``); another is a
+    usage error, raised before the model is built."""
+    import profile_decode
+
+    monkeypatch.setattr(sys, "argv", ["profile_decode.py", "--cublas", "o_proj,mlp"])
+    with pytest.raises(SystemExit):
+        profile_decode.main()
+    assert "unknown projection(s) ['mlp']" in capsys.readouterr().err

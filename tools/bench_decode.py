@@ -60,7 +60,7 @@ from fullgraph_backend import few_rows, gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.attention import triton_paged  # noqa: E402
 from fullgraph_backend.attention.registry import resolve_impl  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
-from bench_gemv import SHAPES, model_shapes  # noqa: E402
+from bench_gemv import SHAPES, model_shapes, sparing  # noqa: E402
 from isolate import add_arguments, run_modes, runs_apart  # noqa: E402
 from plot_results import plot_decode  # noqa: E402  (tools/ is on the path when run as a script)
 
@@ -186,7 +186,7 @@ def main() -> None:
         gemv.SHORT_N = 0 if "noshorttiles" in flags else default_short_n
         few_rows.MAX_ROWS = 1 if "nofewrows" in flags else alt.get("max_rows", default_max_rows)
         segments_down = "segmentsdown" in flags
-        gemv.uses_few_rows = _sparing(default_uses_few_rows, {shapes[f[7:]][:2] for f in flags if f in CUBLAS_FLAGS})
+        gemv.uses_few_rows = sparing(default_uses_few_rows, {shapes[f[7:]][:2] for f in flags if f in CUBLAS_FLAGS})
         triton_paged.decode_segments = _segments_down(default_segments) if segments_down else default_segments
         if "widestages4" in flags:
             few_rows.WIDE_TILES = default_classes["wide"]._replace(num_stages=4)
@@ -242,14 +242,6 @@ ALT_TILES = {"narrow": "NARROW_TILES", "wide": "WIDE_TILES", "long_k": "LONG_K_T
 
 
 CUBLAS_FLAGS = tuple(f"cublas_{op}" for op in SHAPES)  # bench_gemv.model_shapes' projection names
-
-
-def _sparing(rule, on_cublas: set[tuple[int, int]]):
-    """``rule`` (``gemv.uses_few_rows``, which the op asks at warm-up and capture) refusing weights of
-    the ``(N, K)`` shapes in ``on_cublas``: those linears stay on cuBLAS."""
-    if not on_cublas:
-        return rule
-    return lambda x, weight, bias=None: tuple(weight.shape) not in on_cublas and rule(x, weight, bias)
 
 
 def _segments_down(rule):

@@ -52,6 +52,15 @@ def model_shapes(config) -> dict[str, tuple[int, int, bool, int]]:
 
 
 SHAPES = model_shapes(get_config("qwen2.5-1.5b"))  # --few-rows times --model's instead
+
+
+def sparing(rule, on_cublas: set[tuple[int, int]]):
+    """``rule`` (``gemv.uses_few_rows``, which the op asks at warm-up and capture) refusing weights of
+    the ``(N, K)`` shapes in ``on_cublas`` (:func:`model_shapes`' first two): those linears stay on
+    cuBLAS (bench_decode's ``+cublas_OP`` modes, profile_decode's ``--cublas``)."""
+    if not on_cublas:
+        return rule
+    return lambda x, weight, bias=None: tuple(weight.shape) not in on_cublas and rule(x, weight, bias)
 AFTER_NORM = ("qkv", "gate_up", "lm_head")
 
 

@@ -17,7 +17,7 @@ waited for. The charges of one replay add up to its span on the GPU. A third tab
 kernels of ``--window`` (positions in the replay) one by one: one layer's projections apart.
 
 Usage (GPU): python tools/profile_decode.py [--batch 1] [--context 1000] [--model qwen2.5-1.5b]
-       [--options '{"fuse_norm": true}'] [--window 100:120] [--out profile.json]
+       [--options '{"fuse_norm": true}'] [--cublas o_proj] [--window 100:120] [--out profile.json]
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fullgraph_backend import use_forward_context  # noqa: E402
+from fullgraph_backend import gemv, use_forward_context  # noqa: E402
 from fullgraph_backend.backend import RecordingBackend  # noqa: E402
 from fullgraph_backend.demo import block_tables  # noqa: E402
 from fullgraph_backend.models import build_model, get_config  # noqa: E402
+from bench_gemv import SHAPES, model_shapes, sparing  # noqa: E402  (tools/, the script's own folder)
 
 
 def median_ms(fn, sync_each: bool, n: int = 200) -> float:
@@ -114,8 +115,15 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="the backend's options as JSON")
     parser.add_argument("--window", default="40:60", help="positions A:B of a replay's kernels listed one by one")
     parser.add_argument("--out", help="also write the report and the critical-path rows to this JSON file")
+    parser.add_argument("--cublas", default="", help=f"projections ({', '.join(SHAPES)}; comma-separated) whose "
+                        "2-16-row linears stay on cuBLAS, as tools/bench_decode.py's +cublas_OP modes")
     args = parser.parse_args()
     config = get_config(args.model)
+    on_cublas = [op for op in args.cublas.split(",") if op]
+    if set(on_cublas) - set(SHAPES):
+        parser.error(f"--cublas: unknown projection(s) {sorted(set(on_cublas) - set(SHAPES))}; known: {list(SHAPES)}")
+    shapes = model_shapes(config)
+    gemv.uses_few_rows = sparing(gemv.uses_few_rows, {shapes[op][:2] for op in on_cublas})
     ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=args.batch,
                                  max_num_tokens=max(args.batch, 2), max_model_len=args.context + 1)
     for cache in ctx.kv_caches:
@@ -132,7 +140,8 @@ def main() -> None:
         key = runner._key(None if runner.sig.is_static else args.batch, ctx.batch_kind)
         call = runner.pieces[0].recordings[key].call
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
-                  "batch": args.batch, "context": args.context, "key": [key[0], key[1].value],
+                  "batch": args.batch, "cublas": on_cublas, "context": args.context,
+                  "key": [key[0], key[1].value],
                   "compiled call wall ms": median_ms(lambda: compiled(ids, positions), True),
                   "compiled call host ms": median_ms(lambda: compiled(ids, positions), False),
                   "replay wall ms": median_ms(call.replay, True),
