@@ -52,6 +52,7 @@ def model_shapes(config) -> dict[str, tuple[int, int, bool, int]]:
 
 
 SHAPES = model_shapes(get_config("qwen2.5-1.5b"))  # --few-rows times --model's instead
+AFTER_NORM = ("qkv", "gate_up", "lm_head")
 
 
 def sparing(rule, on_cublas: set[tuple[int, int]]):
@@ -61,7 +62,6 @@ def sparing(rule, on_cublas: set[tuple[int, int]]):
     if not on_cublas:
         return rule
     return lambda x, weight, bias=None: tuple(weight.shape) not in on_cublas and rule(x, weight, bias)
-AFTER_NORM = ("qkv", "gate_up", "lm_head")
 
 
 def norm_gemv(k: int):
