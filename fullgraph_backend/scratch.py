@@ -8,6 +8,7 @@ counter leave their counters at 0, so every launch, replayed or not, finds them 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ import torch
 NOMINAL_SMS = 16
 
 
+@functools.lru_cache(maxsize=None)  # asked at every eager attention launch (launch_plan): once a device
 def sm_count(device: torch.device) -> int:
     """The SMs a launch on ``device`` can fill: its multiprocessors on CUDA, :data:`NOMINAL_SMS` elsewhere."""
     if device.type == "cuda":
