@@ -31,6 +31,7 @@ from fullgraph_backend.compat import outputs_as_tuple
 from fullgraph_backend.cuda_graph import CapturedCall, CudaGraphs, EmulatedGraphs, frozen_gc
 from fullgraph_backend.forward_context import BatchKind, ForwardContext, current_forward_context
 from fullgraph_backend.padding import BatchSignature
+from fullgraph_backend.scratch import owned_by
 from fullgraph_backend.staging import InputPlan, Role, StagedInputs
 
 log = logging.getLogger("fullgraph")
@@ -314,6 +315,7 @@ class GraphRunner:
         self._moves: dict[tuple[GraphKey, bool], int] = {}
         self._ungraphed: set[GraphKey] = set()  # keys whose weights moved too often: run without graphs
         self._lock = device_lock(graphs.device)
+        self._scratch: dict = {}  # our kernels' kept buffers for this runner's launches (scratch.owned_by)
 
     @property
     def pieces(self) -> list[CapturedPiece]:
@@ -329,7 +331,7 @@ class GraphRunner:
         args = args + self.extra_args
         if self.plan.host:  # CPU tensors the graph reads on the device (passes/host_inputs.py)
             args = tuple(a.to(self.graphs.device) if i in self.plan.host else a for i, a in enumerate(args))
-        with self._lock:
+        with self._lock, owned_by(self._scratch):
             n = self.sig.batch_size(args)
             key = self._key(n, self._check_context(n))
             if key is None:

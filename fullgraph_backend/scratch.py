@@ -1,17 +1,44 @@
 """Device buffers our kernels keep across calls (split partials, merge tickets), allocated once,
 and the SM count the split work is sized to.
 
-A captured graph keeps writing to the addresses it was captured with, so such a buffer lives for
-the process: entries are never dropped. Kernels that merge split work through an atomic ticket
-counter leave their counters at 0, so every launch, replayed or not, finds them zeroed.
+A captured graph keeps writing to the addresses it was captured with, so such a buffer lives as
+long as the graphs that use it: entries are never dropped. Kernels that merge split work through
+an atomic ticket counter leave their counters at 0, so every launch, replayed or not, finds them
+zeroed.
+
+Two launches that share a buffer must not run at once. Inside one graph runner they do not (its
+calls hold a lock and run in order on the caller's stream), but two compiled models may run at
+once on two streams (a draft and a target model, say), so each runner keeps its own buffers
+(:func:`owned_by`, around every call of a :class:`fullgraph_backend.graph_runner.GraphRunner`);
+kernels launched outside a runner share the process's.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
-from typing import Callable
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
+
+_OWNER: ContextVar[dict | None] = ContextVar("fullgraph_scratch_owner", default=None)
+
+
+@contextlib.contextmanager
+def owned_by(store: dict) -> Iterator[None]:
+    """Buffers :func:`kept_buffers` hands out inside this block are ``store``'s: made there at their
+    first use inside such a block, and found there again (a graph runner's warm-up makes them, its
+    captures bake in their addresses). Example::
+
+        with owned_by(self.scratch):
+            out = compiled_step(*args)
+    """
+    token = _OWNER.set(store)
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
 
 # Stand-in SM count where there are no SMs (the CPU interpreter), so tests exercise splitting.
 NOMINAL_SMS = 16
@@ -28,7 +55,8 @@ def sm_count(device: torch.device) -> int:
 def kept_buffers(table: dict, key: tuple, device: torch.device, make: Callable[[], tuple[torch.Tensor, ...]],
                  owner: str) -> tuple[torch.Tensor, ...]:
     """The buffers ``make()`` returns on ``device``, made at the first call for ``(device, *key)`` and
-    kept in ``table`` under it (each kernel module holds its own; ``key`` names the shape).
+    kept in ``table`` under it (each kernel module holds its own; ``key`` names the shape), or, inside
+    :func:`owned_by`, in the owner's store in place of ``table``.
 
     The first call for a key must not be under CUDA graph capture (the graph runner warms every
     graph key up first, which makes them); ``owner`` names the kernel in that error. ``make`` runs
@@ -37,6 +65,9 @@ def kept_buffers(table: dict, key: tuple, device: torch.device, make: Callable[[
     output (docs/perf-notes.md, section 35). The device is synchronised after it, so zeros it
     wrote are in place before the caller's stream uses them.
     """
+    store = _OWNER.get()
+    if store is not None:
+        table = store.setdefault(id(table), {})  # the module's table outlives every store: its id is one key
     key = (device, *key)
     if key not in table:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -187,3 +187,49 @@ def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch, fuse
     assert {shape for shape, _, gated in calls if gated} == (down if fuse == "fuse_silu" else set())
     assert per_step[2] == [] and per_step[3] == []  # graphs that exist replay: no Python, no new GEMV calls
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not _runs("triton"), reason="needs the triton attention impl")
+def test_two_models_on_two_streams_keep_their_own_scratch():
+    """Two compiled models (a draft and a target, say) replaying decode graphs at once on two
+    streams: each runner's split-KV partials and tickets are its own, so every concurrent step
+    gives the bits that model's step gives alone."""
+    from helpers import RunnerCapture
+
+    from fullgraph_backend.models import build_model, get_config
+
+    torch._dynamo.reset()
+    config = get_config("tiny")
+    models = [build_model(config, seed=seed, dtype=torch.bfloat16, device="cuda") for seed in (0, 1)]
+    ctxs = [config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=16, max_num_tokens=32,
+                                   max_model_len=512, attention_impl="triton") for _ in models]
+    backends = [RunnerCapture() for _ in models]
+    compiled = [torch.compile(m, backend=b) for m, b in zip(models, backends)]
+    lens = [200 + 17 * i for i in range(16)]  # two 128-token chunks or more a request: split-KV segments
+
+    def step(i: int) -> torch.Tensor:
+        with use_forward_context(ctxs[i]), torch.inference_mode():
+            positions = ctxs[i].prepare([1] * 16, lens, own_block_tables(ctxs[i], 16))
+            ids = torch.arange(16, device="cuda") + i
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+            return compiled[i](ids, positions).clone()
+
+    for ctx in ctxs:
+        _fresh(ctx)
+    alone = [step(0), step(1)]  # each model by itself (compiles, captures, replays once)
+    torch.cuda.synchronize()
+    streams = [torch.cuda.Stream() for _ in models]
+    for _ in range(50):
+        outs = []
+        for i, stream in enumerate(streams):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                outs.append(step(i))
+        torch.cuda.synchronize()
+        for i in (0, 1):
+            assert torch.equal(outs[i], alone[i]), f"model {i}"
+    owned = [{t.data_ptr() for table in b.runner._scratch.values() for bufs in table.values() for t in bufs}
+             for b in backends]
+    assert owned[0] and owned[1] and not owned[0] & owned[1]
+    torch._dynamo.reset()
