@@ -168,6 +168,21 @@ def plot_tensor_parallel(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_persistent_mlp(result: dict, path: str) -> None:
+    """tools/bench_persistent_mlp.py: microseconds an MLP block by variant, each with its HBM floor."""
+    rows = [r for r in result["rows"] if "us_a_block" in r][::-1]
+    fig, ax = _subplots(figsize=(9, 4.5))
+    names = [r["variant"] for r in rows]
+    ax.barh(names, [r["us_a_block"] for r in rows], label="measured")
+    ax.scatter([r["floor_us"] for r in rows], names, color="black", marker="|", s=300, label="HBM floor of its bytes")
+    ax.set_xlabel("us a block (8 blocks in one CUDA graph, L2 cleared before)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(f"MLP block, {result['shapes']}, {result['device']}, torch {result['torch']}", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     source, target = sys.argv[1:3]
     with open(source) as f:
@@ -178,6 +193,8 @@ def main() -> None:
         plot_transformers(result, target)
     elif result.get("kind") == "tensor_parallel":
         plot_tensor_parallel(result, target)
+    elif result.get("kind") == "persistent_mlp":
+        plot_persistent_mlp(result, target)
     elif "shapes" in result:  # tools/bench_attention.py
         plot_attention(result, target)
     else:
