@@ -8,7 +8,7 @@ Phase 1, program p: the RMSNorm (every program, from L2), its ``cols`` gate and 
 tensor-core products with the row as an operand's first column (so the weight tiles stream through
 Triton's cp.async stages), SiLU-mul, written to an I-wide buffer. A grid barrier: one counter, each
 program adds 1 and spins until the counter reaches the next multiple of the grid (no reset between
-launches), with a short ``nanosleep`` between polls. Phase 2, programs 0..H/rows: the down
+launches, which must not overlap: one stream, no PDL), with a short ``nanosleep`` between polls. Phase 2, programs 0..H/rows: the down
 projection row-wise as the GEMV walks it, the first weight slice loaded before the barrier's wait,
 the residual add in the epilogue. Every program must be resident at once (:func:`check_resident`
 refuses a launch that would spin forever). ``phases=(1, 2)`` runs the phases as two launches, with
