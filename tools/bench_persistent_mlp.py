@@ -38,7 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fullgraph_backend.few_rows import triton_jit  # noqa: E402
-from fullgraph_backend.gemv import _rounded, gemv  # noqa: E402
+from fullgraph_backend.gemv import _inv_rms, _normed, _rounded, _summed_slice, gemv, rms_norm  # noqa: E402
+from fullgraph_backend.scratch import sm_count  # noqa: E402
 
 try:
     import triton.language as tl
@@ -46,7 +47,6 @@ except ImportError:  # the tests skip without triton
     tl = None
 
 HIDDEN, INTERMEDIATE, EPS, BLOCKS = 1536, 8960, 1e-6, 8
-HBM_TBPS = 4.28  # the H200's measured copy bandwidth (docs/benchmarks.md), for the floor
 
 
 class MlpTiles(NamedTuple):
@@ -98,10 +98,10 @@ def _grid_barrier(counter, nprog, NAP: tl.constexpr):
 
 
 @triton_jit
-def _normed_slice(x, res, norm_w, offs, rstd, dtype: tl.constexpr):
-    """RMSNorm of ``x + res`` over one slice, rounded where eager rounds (Qwen2's and Llama's norm)."""
-    h = _rounded(tl.load(x + offs).to(tl.float32) + tl.load(res + offs).to(tl.float32), dtype)
-    return _rounded(_rounded(h * rstd, dtype) * tl.load(norm_w + offs).to(tl.float32), dtype)
+def _normed_slice(x, res, norm_w, offs, rstd, H: tl.constexpr):
+    """RMSNorm of ``x + res`` over one slice, rounded where eager rounds: the GEMV's norm prologue."""
+    ok = offs < H
+    return _normed(_summed_slice(x, res, offs, ok, True), norm_w, offs, ok, rstd, x.dtype.element_ty)
 
 
 @triton_jit
@@ -119,19 +119,15 @@ def _mlp_block_kernel(x, res, norm_w, w_gate_up, w_down, gated, counter, out, ep
             # the first weight tiles go out before the norm's reads: they depend on nothing
             gate_first = tl.load(w_gate_up + cols[:, None] * H + kk[None, :])
             up_first = tl.load(w_gate_up + (I + cols)[:, None] * H + kk[None, :])
-            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                h = _rounded(tl.load(x + k0 + kk).to(tl.float32) + tl.load(res + k0 + kk).to(tl.float32), dtype)
-                squares += h * h
-            rstd = tl.rsqrt(tl.sum(squares, 0) / H + eps)
-            row = _column(_normed_slice(x, res, norm_w, kk, rstd, dtype), dtype)
+            rstd = _inv_rms(x, res, out, H, eps, 0, True, BLOCK_K)  # stores none of x + res (0 features)
+            row = _column(_normed_slice(x, res, norm_w, kk, rstd, H), dtype)
             gate = tl.dot(gate_first, row)
             up = tl.dot(up_first, row)
             for k0 in range(BLOCK_K, H, BLOCK_K):
                 # the weight loads first, then the row's slice: phase 1 alone 19.2 us against 21.6 the other way round (H200)
                 w_gate = tl.load(w_gate_up + cols[:, None] * H + (k0 + kk)[None, :])
                 w_up = tl.load(w_gate_up + (I + cols)[:, None] * H + (k0 + kk)[None, :])
-                row = _column(_normed_slice(x, res, norm_w, k0 + kk, rstd, dtype), dtype)
+                row = _column(_normed_slice(x, res, norm_w, k0 + kk, rstd, H), dtype)
                 gate = tl.dot(w_gate, row, gate)
                 up = tl.dot(w_up, row, up)
             g = _rounded(_first(gate), dtype)
@@ -151,7 +147,7 @@ def _mlp_block_kernel(x, res, norm_w, w_gate_up, w_down, gated, counter, out, ep
                 w = tl.load(w_down + rows[:, None] * I + (k0 + dk)[None, :], mask=ok[None, :], other=0.0)
                 a = tl.load(gated + k0 + dk, mask=ok, other=0.0, cache_modifier=".cg")
                 acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-            h = _rounded(tl.load(x + rows).to(tl.float32) + tl.load(res + rows).to(tl.float32), dtype)
+            h = _summed_slice(x, res, rows, rows < H, True)
             tl.store(out + rows, (h + _rounded(tl.sum(acc, 1), dtype)).to(dtype))
     elif PHASES == 3:
         _grid_barrier(counter, tl.num_programs(0), NAP)
@@ -168,7 +164,7 @@ def check_resident(kernel, programs: int, num_warps: int, device: torch.device) 
     props = torch.cuda.get_device_properties(device)
     per_sm = min(props.shared_memory_per_multiprocessor // max(kernel.metadata.shared, 1),
                  65536 // max(kernel.n_regs * 32 * num_warps, 1), 64 // num_warps)
-    if programs > per_sm * props.multi_processor_count:
+    if programs > per_sm * sm_count(device):
         raise RuntimeError(f"{programs} programs, {per_sm} an SM (shared memory {kernel.metadata.shared} B, "
                            f"{kernel.n_regs} registers): not all resident, the barrier would not return")
 
@@ -195,10 +191,15 @@ def mlp_block(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, w_gate_u
     return out
 
 
+def _add_norm(x, res, norm_w):
+    """``(rms_norm(x + res) * norm_w, x + res)``: the decoder's residual add and RMSNorm, in eager ops."""
+    h = x + res
+    return rms_norm(h, norm_w, EPS), h
+
+
 def reference(x, res, norm_w, w_gate_up, w_down):
     """The block in eager PyTorch, rounding as the decoder's modules do."""
-    h = x + res
-    normed = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype) * norm_w
+    normed, h = _add_norm(x, res, norm_w)
     gate, up = F.linear(normed, w_gate_up).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, w_down)
 
@@ -214,7 +215,7 @@ def block_weights(hidden: int, intermediate: int, device, dtype=torch.bfloat16, 
 def library_chain(weights, x0, zeros, pdl: bool):
     """The default step's kernels for the blocks: Inductor add + RMSNorm, GEMV, Inductor SiLU-mul, GEMV."""
     intermediate = weights[0][2].shape[1]
-    norm = torch.compile(lambda x, res, w: _eager_norm(x + res, w))
+    norm = torch.compile(_add_norm)
     silu_mul = torch.compile(lambda gu: F.silu(gu[:, :intermediate]) * gu[:, intermediate:])
 
     def run():
@@ -224,10 +225,6 @@ def library_chain(weights, x0, zeros, pdl: bool):
             x, res = gemv(silu_mul(gemv(normed, w_gate_up, pdl=pdl)), w_down, pdl=pdl), h
         return x + res
     return run
-
-
-def _eager_norm(h, w):
-    return (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype) * w, h
 
 
 # name: (mlp_block's keywords, the share of the block's weights the variant reads, for its floor)
@@ -247,7 +244,8 @@ def main() -> None:
     parser.add_argument("--out", default="persistent_mlp.json")
     parser.add_argument("--iters", type=int, default=30)
     args = parser.parse_args()
-    from graph_timing import capture, replay_us  # tools/ is on the path when run as a script
+    from bench_decode import copy_bandwidth  # tools/ is on the path when run as a script
+    from graph_timing import capture, replay_us
 
     device = torch.device("cuda")
     weights = [block_weights(HIDDEN, INTERMEDIATE, device, seed=i) for i in range(BLOCKS)]
@@ -275,7 +273,8 @@ def main() -> None:
     runs = {"library chain, GEMVs without PDL": (library_chain(weights, x0, zeros, False), 1),
             "library chain (the default step's kernels, GEMVs with PDL)": (library_chain(weights, x0, zeros, True), 1),
             **{name: (persistent(**kw), share) for name, (kw, share) in VARIANTS.items()}}
-    floor = 3 * HIDDEN * INTERMEDIATE * 2 / (HBM_TBPS * 1e6)
+    bandwidth = copy_bandwidth()  # the floor's, measured in this run as bench_decode's is
+    floor = 3 * HIDDEN * INTERMEDIATE * 2 / bandwidth * 1e6
     rows = []
     for name, (run, share) in runs.items():
         try:
@@ -288,7 +287,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = dict(kind="persistent_mlp", device=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=datetime.date.today().isoformat(), shapes=f"H {HIDDEN}, I {INTERMEDIATE}, bf16, one row",
-                  blocks=BLOCKS, floor_us_a_block=round(floor, 2), default_tiles=MlpTiles()._asdict(), check=check,
+                  blocks=BLOCKS, copy_bandwidth_TBs=round(bandwidth / 1e12, 3), floor_us_a_block=round(floor, 2), default_tiles=MlpTiles()._asdict(), check=check,
                   rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
