@@ -20,6 +20,10 @@ the GEMV (``fullgraph_backend.gemv``, with PDL), Inductor's SiLU-mul, the GEMV f
 blocks of distinct weights (656 MB, past L2) in one CUDA graph after an L2-clearing read
 (``graph_timing``); the result is a block's share. docs/perf-notes.md, section 46.
 
+Measured further in session 25 (perf-notes section 47): a barrier-free form of the block swapped into
+every layer of the step (branch ``persistent-mlp-op``) ran the batch-1 step 4% slower: the four
+kernels cost 26.4 us a layer in the step against 30.1 here. A harness number is not a step number.
+
 Usage (GPU): python tools/bench_persistent_mlp.py --out persistent_mlp.json
 """
 from __future__ import annotations
@@ -87,7 +91,10 @@ def _first(acc):
 @triton_jit
 def _grid_barrier(counter, nprog, NAP: tl.constexpr):
     """Wait until every program of the launch has arrived. The counter only grows: a launch's arrivals
-    are one block of ``nprog`` increments, so the target is the next multiple (int32: 2**31 arrivals)."""
+    are one block of ``nprog`` increments, so the target is the next multiple (int32: 2**31 arrivals).
+    One thread of the program does the atomics: a CTA barrier before the release puts every warp's
+    stores before it, and one after the acquire keeps every warp's loads after it."""
+    tl.debug_barrier()
     old = tl.atomic_add(counter, 1, sem="release", scope="gpu")
     target = (old // nprog + 1) * nprog
     seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
@@ -95,6 +102,7 @@ def _grid_barrier(counter, nprog, NAP: tl.constexpr):
         if NAP > 0:
             _nap(tl.full((), NAP, tl.int32))
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
 
 
 @triton_jit
