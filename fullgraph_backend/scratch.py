@@ -29,7 +29,9 @@ _OWNER: ContextVar[dict | None] = ContextVar("fullgraph_scratch_owner", default=
 def owned_by(store: dict) -> Iterator[None]:
     """Buffers :func:`kept_buffers` hands out inside this block are ``store``'s: made there at their
     first use inside such a block, and found there again (a graph runner's warm-up makes them, its
-    captures bake in their addresses). Example::
+    captures bake in their addresses). ``store`` must outlive every graph captured with its buffers,
+    as a runner's does: dropped, its buffers go back to the allocator, which may give them to the
+    next store, and two graphs then share them (docs/perf-notes.md, section 47). Example::
 
         with owned_by(self.scratch):
             out = compiled_step(*args)
