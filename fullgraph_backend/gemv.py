@@ -8,7 +8,7 @@ in 512-wide slices, so a 1536-wide output is 384 programs. Per call with cold we
 cuBLAS on every projection with K = 1536 and on the LM head. Past K = ``LONG_K`` (the down
 projection, K = 8960) it walks 1024-wide slices (``LONG_K_TILES``): 9.3 us a call on the H200
 against 12.3 + 1.6 us for cuBLAS's split-K and its reduce, a decode step 5-7% shorter at batch 1
-(docs/perf-notes.md, section 38). A two-row CUDA-core variant lost on gate_up and down
+(docs/perf-notes.md, section 38; two rows a program since section 48). A two-row CUDA-core variant lost on gate_up and down
 (docs/perf-notes.md, section 10), so 2 to 16 rows take the tensor-core kernel of
 :mod:`fullgraph_backend.few_rows` and more stay ``F.linear`` (:func:`uses_gemv`, the GEMV table of
 docs/benchmarks.md, ``python3 tools/bench_gemv.py``).
@@ -25,7 +25,7 @@ on Hopper: its first weight loads overlap the previous kernel (docs/perf-notes.m
 RMSNorm (and the residual add before it): where the GEMV runs, the kernel computes the norm in
 its prologue, so no kernel of its own runs before it (the ``fuse_norm_linear`` pass puts them in;
 docs/perf-notes.md, section 32). ``fullgraph::silu_mul_linear`` is the op after ``silu(gate) *
-up``, the down projection, with ``LONG_K_TILES``: 10.7 us a call against 13.8 for SiLU-mul +
+up``, the down projection, with ``SILU_MUL_TILES``: 10.7 us a call against 13.8 for SiLU-mul +
 cuBLAS on the H200 (the ``fuse_silu_linear`` pass; section 36).
 """
 from __future__ import annotations
@@ -63,11 +63,16 @@ class Tiles(NamedTuple):
 
 
 TILES = Tiles(block_n=4, block_k=512, num_warps=4, num_stages=3)
-# Launches past LONG_K (the down projection, K = 8960 on Qwen2.5-1.5B), plain or with SiLU-mul in the
-# prologue: 1024-wide slices, 2 stages. On the H200 (tools/bench_gemv.py, with PDL): plain 9.3 us a
-# call against 11.6 for TILES and 12.3 for cuBLAS (perf-notes 38); with SiLU-mul the fastest of 8
-# tilings, 10.7 us against 13.8 for SiLU-mul + cuBLAS (perf-notes 36).
-LONG_K_TILES = Tiles(block_n=4, block_k=1024, num_warps=4, num_stages=2)
+# Plain launches past LONG_K (the down projection, K = 8960 on Qwen2.5-1.5B): 2 rows a program,
+# 1024-wide slices, 3 stages. On the H200 the Qwen2.5-1.5B step at batch 1 took 1.4% less than with
+# (4, 1024, 4, 2) (four runs, -0.9 to -1.8%; the fastest of 7 tilings in the step; Llama-3.2-1B's
+# unchanged: perf-notes 48). Alone (tools/bench_gemv.py, with PDL) the older tiling took 9.3 us a call
+# against 12.3 for cuBLAS (perf-notes 38).
+LONG_K_TILES = Tiles(block_n=2, block_k=1024, num_warps=4, num_stages=3)
+# The same launches with SiLU-mul in the prologue (fuse_silu): 4 rows a program, 2 stages, the fastest
+# of 8 tilings alone, 10.7 us against 13.8 for SiLU-mul + cuBLAS (perf-notes 36). LONG_K_TILES' tiling
+# made the batch-1 step 17% slower with fuse_silu (perf-notes 48).
+SILU_MUL_TILES = Tiles(block_n=4, block_k=1024, num_warps=4, num_stages=2)
 LONG_K = 4096
 # Plain launches whose row fits one such slice and whose N is at most SHORT_N: one load round trip a
 # program, for qkv and o_proj, which run latency-bound at 1.5-1.9 TB/s. On the H200 (bench_gemv, with
@@ -445,7 +450,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
 
     ``gate`` and ``up``: one row of K features each, unit stride along K (the two halves of a merged
     gate_up projection's output qualify); shapes and ``pdl`` as :func:`gemv`; ``tiles`` defaults to
-    :data:`LONG_K_TILES`. Example::
+    :data:`SILU_MUL_TILES`. Example::
 
         gate, up = gate_up_out.chunk(2, dim=-1)  # [1, 8960] each
         y = silu_mul_gemv(gate, up, down.weight)  # [1, 1536]
@@ -458,7 +463,7 @@ def silu_mul_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bi
                          f"{tuple(up.shape)} in {up.dtype}")
     out = torch.empty((*gate.shape[:-1], n), dtype=gate.dtype, device=gate.device)
     _launch(gate.reshape(k).contiguous(), weight, bias, out, pdl_enabled(gate.device) if pdl is None else pdl,
-            up=up.reshape(k).contiguous(), tiles=tiles or LONG_K_TILES)
+            up=up.reshape(k).contiguous(), tiles=tiles or SILU_MUL_TILES)
     return out
 
 

@@ -184,7 +184,8 @@ except RuntimeError as error:
 
 
 _SM90_SCRIPT = SM90_PDL_PRELUDE + r'''
-from fullgraph_backend.gemv import LONG_K_TILES, ROWS_BLOCK_K, SHORT_TILES, SILU_MUL_BLOCK_K, TILES, _gemv_kernel as fn
+from fullgraph_backend.gemv import (LONG_K_TILES, ROWS_BLOCK_K, SHORT_TILES, SILU_MUL_BLOCK_K, SILU_MUL_TILES, TILES,
+                                   _gemv_kernel as fn)
 from fullgraph_backend.gemv import _rms_norm_rows_kernel, _silu_mul_rows_kernel
 
 types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
@@ -192,7 +193,7 @@ types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", 
 # the plain GEMV in its three tilings, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down
 # projection's)
 for norm, gated, tiles in ((False, False, TILES), (False, False, LONG_K_TILES), (False, False, SHORT_TILES),
-                           (True, False, TILES), (False, True, LONG_K_TILES)):
+                           (True, False, TILES), (False, True, SILU_MUL_TILES)):
     flags = dict(HAS_BIAS=False, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
                  GATED=gated)
     ptx, wait = pdl_ptx(fn, types, flags, tiles)
@@ -369,11 +370,17 @@ def test_silu_mul_gemv_is_the_gemv_of_the_rows_kernels_silu_mul(n, k, bias):
     torch.testing.assert_close(expected.float(), F.linear(F.silu(gate) * up, weight, b).float(), atol=0.05, rtol=0.02)
 
 
-def test_silu_mul_gemv_takes_other_tilings_with_the_same_result():
-    """The tiling changes which program sums what, not the products: equal within fp32 reassociation."""
+def test_silu_mul_gemv_takes_other_tilings_with_the_same_result(monkeypatch):
+    """By default it launches with SILU_MUL_TILES, not the plain down's LONG_K_TILES (which made the fused
+    step slower); the tiling changes which program sums what, not the products: equal within fp32
+    reassociation."""
+    tilings = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
     gate, up, weight = _gated_case(1, 3000, 40, torch.float32, seed=1)
     expected = silu_mul_gemv(gate, up, weight)
-    for tiles in (gemv_module.Tiles(2, 1024, 4, 2), gemv_module.Tiles(8, 256, 4, 4)):
+    assert tilings == [gemv_module.SILU_MUL_TILES] and gemv_module.SILU_MUL_TILES != gemv_module.LONG_K_TILES
+    for tiles in (gemv_module.LONG_K_TILES, gemv_module.Tiles(8, 256, 4, 4)):
         torch.testing.assert_close(silu_mul_gemv(gate, up, weight, tiles=tiles), expected, atol=1e-5, rtol=1e-5)
 
 

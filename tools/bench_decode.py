@@ -116,9 +116,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=".")
     add_arguments(parser)
-    parser.add_argument("--long-k-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the GEMVs past gemv.LONG_K (the "
-                        "down projection, plain or +silufuse) instead of gemv.LONG_K_TILES: a tiling "
-                        "tools/bench_gemv.py found faster")
+    parser.add_argument("--long-k-tiles", help="BLOCK_N,BLOCK_K,WARPS,STAGES of the plain GEMVs past gemv.LONG_K "
+                        "(the down projection) instead of gemv.LONG_K_TILES (+silufuse keeps gemv.SILU_MUL_TILES)")
     parser.add_argument("--alt-tiles", type=json.loads, default={},
                         help='JSON for the modes with +alttiles: few_rows\' tiling per weight class, {"narrow" | '
                         '"wide" | "long_k": [BLOCK_N, BLOCK_K, WARPS, STAGES, SPLIT_K]}, and "max_rows" '

@@ -84,7 +84,7 @@ def time_op(fn, n: int, k: int, bias: bool, copies: int, iters: int, rows: int =
 
 # tilings of the down projection's GEMVs (K = 8960: long rows, few outputs), plain and with SiLU-mul in the prologue
 DOWN_VARIANTS = (LONG_K_TILES, Tiles(2, 512, 4, 3), Tiles(4, 512, 4, 3), Tiles(4, 1024, 8, 3), Tiles(8, 512, 8, 3),
-                 Tiles(4, 256, 4, 4), Tiles(2, 1024, 4, 3), Tiles(1, 1024, 4, 4))
+                 Tiles(4, 256, 4, 4), Tiles(4, 1024, 4, 2), Tiles(1, 1024, 4, 4))
 
 
 def time_down(iters: int) -> list[dict]:
