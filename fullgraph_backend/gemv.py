@@ -8,7 +8,7 @@ in 512-wide slices, so a 1536-wide output is 384 programs. Per call with cold we
 cuBLAS on every projection with K = 1536 and on the LM head. Past K = ``LONG_K`` (the down
 projection, K = 8960) it walks 1024-wide slices (``LONG_K_TILES``): 9.3 us a call on the H200
 against 12.3 + 1.6 us for cuBLAS's split-K and its reduce, a decode step 5-7% shorter at batch 1
-(docs/perf-notes.md, section 38; two rows a program since section 48). A two-row CUDA-core variant lost on gate_up and down
+(docs/perf-notes.md, sections 38 and 48). A two-row CUDA-core variant lost on gate_up and down
 (docs/perf-notes.md, section 10), so 2 to 16 rows take the tensor-core kernel of
 :mod:`fullgraph_backend.few_rows` and more stay ``F.linear`` (:func:`uses_gemv`, the GEMV table of
 docs/benchmarks.md, ``python3 tools/bench_gemv.py``).
