@@ -185,7 +185,8 @@ def main() -> None:
         gemv.SHORT_N = 0 if "noshorttiles" in flags else default_short_n
         few_rows.MAX_ROWS = 1 if "nofewrows" in flags else alt.get("max_rows", default_max_rows)
         segments_down = "segmentsdown" in flags
-        gemv.uses_few_rows = sparing(default_uses_few_rows, {shapes[f.removeprefix("cublas_")][:2] for f in flags if f in CUBLAS_FLAGS})
+        on_cublas = {shapes[f.removeprefix("cublas_")][:2] for f in flags if f in CUBLAS_FLAGS}
+        gemv.uses_few_rows = sparing(default_uses_few_rows, on_cublas)
         triton_paged.decode_segments = _segments_down(default_segments) if segments_down else default_segments
         if "widestages4" in flags:
             few_rows.WIDE_TILES = default_classes["wide"]._replace(num_stages=4)

@@ -8,8 +8,8 @@ Phase 1, program p: the RMSNorm (every program, from L2), its ``cols`` gate and 
 tensor-core products with the row as an operand's first column (so the weight tiles stream through
 Triton's cp.async stages), SiLU-mul, written to an I-wide buffer. A grid barrier: one counter, each
 program adds 1 and spins until the counter reaches the next multiple of the grid (no reset between
-launches, which must not overlap: one stream, no PDL), with a short ``nanosleep`` between polls. Phase 2, programs 0..H/rows: the down
-projection row-wise as the GEMV walks it, the first weight slice loaded before the barrier's wait,
+launches, which must not overlap: one stream, no PDL), with a short ``nanosleep`` between polls.
+Phase 2, programs 0..H/rows: the down projection row-wise as the GEMV walks it, the first weight slice loaded before the barrier's wait,
 the residual add in the epilogue. Every program must be resident at once (:func:`check_resident`
 refuses a launch that would spin forever). ``phases=(1, 2)`` runs the phases as two launches, with
 no barrier: Triton's interpreter runs a grid's programs one after another (the CPU tests), and the
@@ -132,7 +132,8 @@ def _mlp_block_kernel(x, res, norm_w, w_gate_up, w_down, gated, counter, out, ep
             gate = tl.dot(gate_first, row)
             up = tl.dot(up_first, row)
             for k0 in range(BLOCK_K, H, BLOCK_K):
-                # the weight loads first, then the row's slice: phase 1 alone 19.2 us against 21.6 the other way round (H200)
+                # the weight loads first, then the row's slice: phase 1 alone 19.2 us against 21.6 the
+                # other way round (H200)
                 w_gate = tl.load(w_gate_up + cols[:, None] * H + (k0 + kk)[None, :])
                 w_up = tl.load(w_gate_up + (I + cols)[:, None] * H + (k0 + kk)[None, :])
                 row = _column(_normed_slice(x, res, norm_w, k0 + kk, rstd, H), dtype)
@@ -149,7 +150,8 @@ def _mlp_block_kernel(x, res, norm_w, w_gate_up, w_down, gated, counter, out, ep
         if PHASES == 3:
             _grid_barrier(counter, tl.num_programs(0), NAP)
         if PHASES & 2:
-            acc = first.to(tl.float32) * tl.load(gated + dk, mask=dk < I, other=0.0, cache_modifier=".cg").to(tl.float32)[None, :]
+            a = tl.load(gated + dk, mask=dk < I, other=0.0, cache_modifier=".cg")
+            acc = first.to(tl.float32) * a.to(tl.float32)[None, :]
             for k0 in range(DOWN_K, I, DOWN_K):
                 ok = (k0 + dk) < I
                 w = tl.load(w_down + rows[:, None] * I + (k0 + dk)[None, :], mask=ok[None, :], other=0.0)
@@ -295,8 +297,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = dict(kind="persistent_mlp", device=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=datetime.date.today().isoformat(), shapes=f"H {HIDDEN}, I {INTERMEDIATE}, bf16, one row",
-                  blocks=BLOCKS, copy_bandwidth_TBs=round(bandwidth / 1e12, 3), floor_us_a_block=round(floor, 2), default_tiles=MlpTiles()._asdict(), check=check,
-                  rows=rows)
+                  blocks=BLOCKS, copy_bandwidth_TBs=round(bandwidth / 1e12, 3), floor_us_a_block=round(floor, 2),
+                  default_tiles=MlpTiles()._asdict(), check=check, rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("| variant | us a block | floor | x floor |\n|---|---|---|---|")
