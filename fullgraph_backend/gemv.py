@@ -26,7 +26,9 @@ RMSNorm (and the residual add before it): where the GEMV runs, the kernel comput
 its prologue, so no kernel of its own runs before it (the ``fuse_norm_linear`` pass puts them in;
 docs/perf-notes.md, section 32). ``fullgraph::silu_mul_linear`` is the op after ``silu(gate) *
 up``, the down projection, with ``SILU_MUL_TILES``: 10.7 us a call against 13.8 for SiLU-mul +
-cuBLAS on the H200 (the ``fuse_silu_linear`` pass; section 36).
+cuBLAS on the H200 (the ``fuse_silu_linear`` pass; section 36). ``fullgraph::linear_silu_mul`` is the
+op before it: ``silu(gate) * up`` of a merged gate_up projection's halves, SiLU-mul in the GEMV's
+epilogue (the ``fuse_silu_epilogue`` pass, on by default; a batch-1 step 0.4-1.2% shorter, section 49).
 """
 from __future__ import annotations
 
@@ -134,11 +136,17 @@ def _row_slice(x, residual, norm_w, up, offs_k, k_ok, rstd, NORM: tl.constexpr, 
 
 @triton_jit
 def _gated(gate, up, offs, ok):
-    """``silu(gate) * up`` over one slice as fp32: silu in fp32 as torch computes it
-    (``x / (1 + exp(-x))``), rounded to the inputs' dtype, then the product, rounded again."""
+    """``silu(gate) * up`` over one slice as fp32 (:func:`_silu_mul`)."""
     g = tl.load(gate + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(up + offs, mask=ok, other=0.0).to(tl.float32)
-    return _rounded(_rounded(g / (1.0 + tl.exp(-g)), gate.dtype.element_ty) * u, gate.dtype.element_ty)
+    return _silu_mul(g, u, gate.dtype.element_ty)
+
+
+@triton_jit
+def _silu_mul(g, u, dtype: tl.constexpr):
+    """``silu(g) * u`` of fp32 values that ``dtype`` holds exactly: silu in fp32 as torch computes it
+    (``x / (1 + exp(-x))``), rounded to ``dtype``, then the product, rounded again."""
+    return _rounded(_rounded(g / (1.0 + tl.exp(-g)), dtype) * u, dtype)
 
 
 @triton_jit
@@ -160,7 +168,7 @@ def _fold_slice(acc, weight, x, residual, norm_w, up, K, k0, rstd, BLOCK_K: tl.c
 @triton_jit
 def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps, up, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr):
     """Program ``i``: ``out[i*BLOCK_N : (i+1)*BLOCK_N] = w[rows] @ x (+ bias)``, fp32 accumulation.
 
     Products accumulate elementwise in a ``[BLOCK_N, BLOCK_K]`` tile and are summed once after the
@@ -178,9 +186,20 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     norm before any weight load cost ~1.6 us a GEMV on the H200 (docs/perf-notes.md, section 34).
 
     ``GATED``: the row is ``silu(x) * up`` (:func:`_gated`), computed slice by slice as K is walked.
+
+    ``PAIRED``: the output is ``silu(gate) * up`` of the product's two halves (``out[f]`` from weight
+    rows ``f`` and ``f + N/2``, the gated MLP's merged gate_up projection): program ``i`` owns
+    ``BLOCK_N / 2`` such pairs, their rows interleaved in the tile, and applies SiLU-mul to its sums
+    rounded as the product's output is (:func:`_silu_mul`), so no kernel of its own runs after it.
     """
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    if PAIRED:
+        lanes = tl.arange(0, BLOCK_N)
+        pairs = tl.program_id(0) * (BLOCK_N // 2) + lanes // 2
+        offs_n = pairs + (lanes % 2) * (N // 2)
+        n_ok = pairs < N // 2
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = 0
     if PDL or NORM:
@@ -200,7 +219,14 @@ def _gemv_kernel(x, w, bias, out, N, K, stride_wn, residual, norm_w, h_out, eps,
     result = tl.sum(acc, 1)
     if HAS_BIAS:
         result += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out + offs_n, result.to(out.dtype.element_ty), mask=n_ok)
+    if PAIRED:
+        gate_sum, up_sum = tl.split(tl.reshape(result, (BLOCK_N // 2, 2)))
+        offs_f = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        gated = _silu_mul(_rounded(gate_sum, out.dtype.element_ty), _rounded(up_sum, out.dtype.element_ty),
+                          out.dtype.element_ty)
+        tl.store(out + offs_f, gated.to(out.dtype.element_ty), mask=offs_f < N // 2)
+    else:
+        tl.store(out + offs_n, result.to(out.dtype.element_ty), mask=n_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -255,18 +281,21 @@ def _check_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _launch(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, use_pdl: bool,
-            norm: NormPrologue | None = None, up: torch.Tensor | None = None, tiles: Tiles = TILES):
-    """Launch the kernel (``up``: the row is ``silu(row) * up``); returns Triton's compiled kernel
-    (its ``metadata.launch_pdl`` says how it launched)."""
+            norm: NormPrologue | None = None, up: torch.Tensor | None = None, tiles: Tiles = TILES,
+            paired: bool = False):
+    """Launch the kernel (``up``: the row is ``silu(row) * up``; ``paired``: the output is SiLU-mul of
+    the product's halves); returns Triton's compiled kernel (its ``metadata.launch_pdl`` says how it
+    launched)."""
     n, k = weight.shape
     flag = kernel_flag(use_pdl, row.device)
     residual = norm.residual if norm is not None else None
-    return _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
+    grid = triton.cdiv(n // 2, tiles.block_n // 2) if paired else triton.cdiv(n, tiles.block_n)
+    return _gemv_kernel[(grid,)](
         row, weight, bias.contiguous() if bias is not None else weight, out, n, k, weight.stride(0),
         row if residual is None else residual, row if norm is None else norm.weight,
         row if residual is None else norm.h_out, 0.0 if norm is None else norm.eps, row if up is None else up,
         HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=flag, NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None, GATED=up is not None,
+        HAS_RESIDUAL=residual is not None, GATED=up is not None, PAIRED=paired,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=flag and row.is_cuda,
     )
 
@@ -434,9 +463,13 @@ SILU_MUL_BLOCK_K = 1024
 
 
 @triton_jit
-def _silu_mul_rows_kernel(gate, up, out, K, stride_gate, stride_up, BLOCK_K: tl.constexpr):
+def _silu_mul_rows_kernel(gate, up, out, K, stride_gate, stride_up, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program ``(i, j)``: slice ``j`` of row ``i`` of ``silu(gate) * up`` into ``out`` (contiguous),
-    rounded as the GEMV's prologue rounds (:func:`_gated`)."""
+    rounded as the GEMV's prologue rounds (:func:`_gated`). ``PDL``: waits for the kernel before it
+    first, as Inductor's SiLU-mul kernel it stands for does."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = offs < K
@@ -474,9 +507,10 @@ def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     k = gate.shape[-1]
     gate_rows, up_rows = gate.view(-1, k), up.view(-1, k)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    flag = kernel_flag(pdl_enabled(gate.device), gate.device)
     _silu_mul_rows_kernel[(gate_rows.shape[0], triton.cdiv(k, SILU_MUL_BLOCK_K))](
-        gate_rows, up_rows, out, k, gate_rows.stride(0), up_rows.stride(0), BLOCK_K=SILU_MUL_BLOCK_K,
-        num_warps=TILES.num_warps)
+        gate_rows, up_rows, out, k, gate_rows.stride(0), up_rows.stride(0), BLOCK_K=SILU_MUL_BLOCK_K, PDL=flag,
+        num_warps=TILES.num_warps, launch_pdl=flag and gate.is_cuda)
     return out
 
 
@@ -523,8 +557,52 @@ silu_mul_linear = define_op("silu_mul_linear(Tensor gate, Tensor up, Tensor weig
 in the GEMV's prologue where the GEMV runs (:func:`_silu_mul_linear`). The ``fuse_silu_linear``
 pass puts it in."""
 
+
+# SiLU-mul after the gated MLP's merged gate_up projection, in the GEMV's epilogue: at batch 1 Inductor
+# runs ``silu(gate) * up`` as a kernel of its own between the gate_up and down GEMVs; here the program
+# that sums gate's row f sums up's row f too and writes SiLU-mul of the two, so down follows gate_up.
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  pdl: bool | None = None, tiles: Tiles | None = None) -> torch.Tensor:
+    """``F.silu(gate) * up`` with ``gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)`` for one
+    row, in one launch of the GEMV kernel, rounded where eager's three ops round.
+
+    ``weight [2F, K]``: gate's rows, then up's (a merged gate_up projection). Shapes and ``pdl`` as
+    :func:`gemv`; ``tiles`` defaults to :func:`default_tiles` of the weight, and a program's rows
+    (``block_n``, half of them gate's) must be even. Example::
+
+        h = gemv_silu_mul(x, gate_up.weight)  # x [1, 1536], weight [17920, 1536] -> h [1, 8960]
+    """
+    require_triton("gemv_silu_mul")
+    n, k = weight.shape
+    _check_row(x, weight, bias)
+    tiles = tiles or default_tiles(n, k)
+    if n % 2 or tiles.block_n % 2:
+        raise ValueError(f"gemv_silu_mul needs an even number of weight rows (gate's, then up's) and of rows a "
+                         f"program owns; got weight {tuple(weight.shape)} and {tiles}")
+    out = torch.empty((*x.shape[:-1], n // 2), dtype=x.dtype, device=x.device)
+    _launch(x.reshape(k).contiguous(), weight, bias, out, pdl_enabled(x.device) if pdl is None else pdl,
+            tiles=tiles, paired=True)
+    return out
+
+
+def _linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU-mul of ``linear(x, weight, bias)``'s halves: one row on the GEMV with SiLU-mul in its
+    epilogue; other rows ``fullgraph::linear`` then :func:`silu_mul_rows` (CUDA, 16-bit) or eager's
+    ops (CPU; fp32, which keeps eager's numerics)."""
+    if uses_gemv(x, weight, bias) and weight.shape[0] % 2 == 0:
+        return gemv_silu_mul(x, weight, bias)
+    gate, up = linear(x, weight, bias).chunk(2, dim=-1)
+    return silu_mul_rows(gate, up) if _gated_kernels_take(gate, up) else F.silu(gate) * up
+
+
+linear_silu_mul = define_op("linear_silu_mul(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", _linear_silu_mul,
+                            lambda x, weight, bias=None: x.new_empty((*x.shape[:-1], weight.shape[0] // 2)))
+"""``fullgraph::linear_silu_mul``: ``F.silu(gate) * up`` of ``fullgraph::linear(x, weight, bias)``'s
+two halves, SiLU-mul in the GEMV's epilogue where the GEMV runs (:func:`_linear_silu_mul`). The
+``fuse_silu_epilogue`` pass puts it in."""
+
 # the ops that may launch the GEMV or the few-row kernel, each on the row(s) of its first input
-GEMV_OPS = (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear)
+GEMV_OPS = (linear, rms_norm_linear, add_rms_norm_linear, silu_mul_linear, linear_silu_mul)
 
 
 def may_launch_linear_kernel(graph: torch.fx.Graph) -> bool:

@@ -8,8 +8,9 @@ from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fullgraph_backend import gemv as gemv_module
-from fullgraph_backend.gemv import (add_rms_norm_linear, gemv, linear, rms_norm, rms_norm_gemv, rms_norm_linear,
-                                    rms_norm_rows, silu_mul_gemv, silu_mul_linear, silu_mul_rows, uses_gemv)
+from fullgraph_backend.gemv import (add_rms_norm_linear, gemv, gemv_silu_mul, linear, linear_silu_mul, rms_norm,
+                                    rms_norm_gemv, rms_norm_linear, rms_norm_rows, silu_mul_gemv, silu_mul_linear,
+                                    silu_mul_rows, uses_gemv)
 
 from helpers import SM90_PDL_PRELUDE, run_compiler_script
 
@@ -190,16 +191,18 @@ from fullgraph_backend.gemv import _rms_norm_rows_kernel, _silu_mul_rows_kernel
 
 types = dict(x="*bf16", w="*bf16", bias="*bf16", out="*bf16", N="i32", K="i32", stride_wn="i32", residual="*bf16",
              norm_w="*bf16", h_out="*bf16", eps="fp32", up="*bf16")
-# the plain GEMV in its three tilings, with the RMSNorm of x + residual in its prologue, and with SiLU-mul (the down
-# projection's)
-for norm, gated, tiles in ((False, False, TILES), (False, False, LONG_K_TILES), (False, False, SHORT_TILES),
-                           (True, False, TILES), (False, True, SILU_MUL_TILES)):
+# the plain GEMV in its three tilings, with the RMSNorm of x + residual in its prologue, with SiLU-mul (the down
+# projection's), and with SiLU-mul of the product's halves in its epilogue (gate_up's, in the tilings it takes)
+for norm, gated, paired, tiles in ((False, False, False, TILES), (False, False, False, LONG_K_TILES),
+                                   (False, False, False, SHORT_TILES), (True, False, False, TILES),
+                                   (False, True, False, SILU_MUL_TILES), (False, False, True, TILES),
+                                   (False, False, True, LONG_K_TILES)):
     flags = dict(HAS_BIAS=False, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=True, NORM=norm, HAS_RESIDUAL=norm,
-                 GATED=gated)
+                 GATED=gated, PAIRED=paired)
     ptx, wait = pdl_ptx(fn, types, flags, tiles)
     assert "ld.global" in ptx[:wait], ptx
     assert "st.global" not in ptx[:wait], "a store before the wait"
-    assert ("ex2" in ptx) == gated, "exp only where SiLU is computed"
+    assert ("ex2" in ptx) == (gated or paired), "exp only where SiLU is computed"
 rows = _rms_norm_rows_kernel
 types = dict(x="*bf16", residual="*bf16", norm_w="*bf16", normed="*bf16", h_out="*bf16", K="i32", eps="fp32")
 for one_pass, block in ((False, ROWS_BLOCK_K), (True, 2048)):
@@ -209,18 +212,17 @@ for one_pass, block in ((False, ROWS_BLOCK_K), (True, 2048)):
                              constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=TILES.num_warps))
 gated = _silu_mul_rows_kernel
 types = dict(gate="*bf16", up="*bf16", out="*bf16", K="i32", stride_gate="i64", stride_up="i64")
-triton.compile(ASTSource(fn=gated, signature={n: types.get(n, "constexpr") for n in gated.arg_names},
-                         constexprs={(gated.arg_names.index("BLOCK_K"),): SILU_MUL_BLOCK_K}),
-               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=TILES.num_warps))
+ptx, wait = pdl_ptx(gated, types, dict(BLOCK_K=SILU_MUL_BLOCK_K, PDL=True), TILES)
+assert "st.global" not in ptx[:wait], "a store before the wait"
 print("compiled")
 '''
 
 
 def test_pdl_gemv_compiles_for_sm90_with_weight_loads_before_the_wait_and_the_trigger_after():
     """Triton's real compiler (no GPU needed): the PDL path keeps the first weight slice's loads
-    before the wait and lets the next kernel launch only after it, plain (three tilings), with the RMSNorm prologue
-    and with SiLU-mul's, and stores nothing before the wait; the norm-only kernel compiles too, in
-    one pass and in slices, and the SiLU-mul rows kernel."""
+    before the wait and lets the next kernel launch only after it, plain (three tilings), with the RMSNorm prologue,
+    with SiLU-mul's and with SiLU-mul in the epilogue, and stores nothing before the wait; the norm-only kernel
+    compiles too, in one pass and in slices, and the SiLU-mul rows kernel waits before its stores."""
     run_compiler_script(_SM90_SCRIPT)
 
 
@@ -436,3 +438,71 @@ def test_silu_mul_linear_kernel_paths_on_cpu(monkeypatch, shape):
         assert launches == [True] and torch.equal(out, gemv(silu_mul_rows(gate, up), weight))
     else:
         assert not launches and torch.equal(out, F.linear(silu_mul_rows(gate, up), weight))
+
+
+# ---- SiLU-mul in the GEMV's epilogue (fullgraph::linear_silu_mul) ----
+@pytest.mark.parametrize("n, k, bias", [(74, 1000, True), (128, 1536, False), (18, 7, True), (16, 8960, False)])
+def test_gemv_silu_mul_is_the_rows_kernels_silu_mul_of_the_gemv(n, k, bias):
+    """One launch with SiLU-mul in the epilogue gives the bits of the plain GEMV (same tiling: the same
+    sums in the same order) then the rows kernel's SiLU-mul of its halves, with and without PDL, in
+    every tiling the plain GEMV takes (and 8 rows a program); eager's composition within bf16
+    tolerance (the interpreter truncates where a GPU rounds)."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    tilings = (gemv_module.TILES, gemv_module.LONG_K_TILES, gemv_module.SHORT_TILES, gemv_module.Tiles(8, 256, 4, 2))
+    for tiles in tilings:
+        expected = silu_mul_rows(*gemv(x, weight, b, tiles=tiles).chunk(2, dim=-1))
+        for pdl in (False, True):
+            assert torch.equal(gemv_silu_mul(x, weight, b, pdl=pdl, tiles=tiles), expected), tiles
+    gate, up = F.linear(x, weight, b).chunk(2, dim=-1)
+    torch.testing.assert_close(expected.float(), (F.silu(gate) * up).float(), atol=0.07, rtol=0.03)
+
+
+def test_gemv_silu_mul_takes_the_plain_gemvs_tiling_and_rejects_odd_rows(monkeypatch):
+    tilings = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch",
+                        lambda *a, **kw: tilings.append((kw["tiles"], kw["paired"])) or real(*a, **kw))
+    x, weight = torch.randn(1, 64).to(torch.float16), torch.randn(4200, 64).to(torch.float16)
+    assert gemv_silu_mul(x, weight).shape == (1, 2100)
+    assert tilings == [(gemv_module.default_tiles(4200, 64), True)]
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        gemv_silu_mul(x, weight[:7])
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        gemv_silu_mul(x, weight, tiles=gemv_module.Tiles(1, 64, 4, 1))
+
+
+def test_linear_silu_mul_equals_eagers_ops_where_it_falls_back():
+    """On CPU (and in fp32) the op runs eager's own ops: the same bits, at every row count; its fake
+    gives the kernels' shape."""
+    for dtype, rows in [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 1), (torch.bfloat16, 3)]:
+        gen = torch.Generator().manual_seed(rows)
+        x, weight = torch.randn(rows, 96, generator=gen).to(dtype), torch.randn(80, 96, generator=gen).to(dtype)
+        b = torch.randn(80, generator=gen).to(dtype)
+        gate, up = F.linear(x, weight, b).chunk(2, dim=-1)
+        assert torch.equal(linear_silu_mul(x, weight, b), F.silu(gate) * up)
+    with FakeTensorMode():
+        assert linear_silu_mul(_fake_cuda(3, 2, 256), _fake_cuda(64, 256)).shape == (3, 2, 32)
+
+
+@pytest.mark.parametrize("shape", [(1, 600), (1, 1, 600), (3, 600), (2, 3, 600)])
+def test_linear_silu_mul_kernel_paths_on_cpu(monkeypatch, shape):
+    """The op's CUDA dispatch run on CPU under the interpreter (the device checks patched): one row
+    takes the GEMV with SiLU-mul in its epilogue, more rows fullgraph::linear then the SiLU-mul rows
+    kernel; both as the kernels compose, in the input's leading shape."""
+    monkeypatch.setattr(gemv_module, "_gated_kernels_take", lambda gate, up: True)
+    monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None: x.numel() == weight.shape[1])
+    launches = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: launches.append(kw.get("paired")) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=gen).to(torch.float16)
+    weight = (torch.randn(48, shape[-1], generator=gen) * 0.05).to(torch.float16)
+    out = linear_silu_mul(x, weight)
+    assert out.shape == (*shape[:-1], 24)
+    if x.numel() == shape[-1]:
+        assert launches == [True] and torch.equal(out, silu_mul_rows(*gemv(x, weight).chunk(2, dim=-1)))
+    else:
+        assert not launches and torch.equal(out, silu_mul_rows(*F.linear(x, weight).chunk(2, dim=-1)))
