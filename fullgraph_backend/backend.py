@@ -23,8 +23,9 @@ from fullgraph_backend.padding import BatchSignature, InputRole, input_role
 from fullgraph_backend.pdl import supported as pdl_supported, unwaited as pdl_unwaited, with_launches
 from fullgraph_backend.regions import RegionalCompiler, install, run_on_fakes
 from fullgraph_backend.staging import aliased_writes
-from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, fuse_silu_linear,
-                    group_query_heads, merge_linears, move_host_inputs, split_at_attention, swap_attention, swap_linear)
+from passes import (HostInputReport, PassManager, find_batch_mixing, fuse_norm_linear, fuse_silu_epilogue,
+                    fuse_silu_linear, group_query_heads, merge_linears, move_host_inputs, split_at_attention,
+                    swap_attention, swap_linear)
 
 log = logging.getLogger("fullgraph")
 
@@ -97,8 +98,8 @@ def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardCont
     over per-head copies of keys and values reading the shared heads (at batches where that pays);
     the merge of linears over one packed weight always; on CUDA, CPU inputs the graph copies to the
     device moved out of it; the linear swap where the graph will be captured on CUDA (there the
-    GEMV's choice is made once per captured size), then the RMSNorms and SiLU-muls before linears
-    folded into them."""
+    GEMV's choice is made once per captured size), then SiLU-muls after the gate_up linears and the
+    RMSNorms and SiLU-muls before linears folded into them."""
     passes = [("swap_attention", lambda g: swap_attention(g, ctx, impl))]
     if config.group_query_heads:
         passes.append(("group_query_heads", group_query_heads))
@@ -107,6 +108,8 @@ def graph_passes(config: FullgraphConfig, device: torch.device, ctx: ForwardCont
         passes.append(("move_host_inputs", lambda g: move_host_inputs(g, device)))
     if config.gemv and device.type == "cuda" and config.cudagraph_mode != "none":
         passes.append(("swap_linear", swap_linear))
+        if config.fuse_silu_epilogue:
+            passes.append(("fuse_silu_epilogue", fuse_silu_epilogue))
         if config.fuse_norm:
             passes.append(("fuse_norm_linear", fuse_norm_linear))
         if config.fuse_silu:

@@ -47,6 +47,11 @@ class FullgraphConfig:
       (the down projection) into that linear's op, so at batch 1 the GEMV computes it in its
       prologue and down leaves cuBLAS's split-K (the ``fuse_silu_linear`` pass; perf-notes section
       36). float32 graphs are left alone.
+    - ``fuse_silu_epilogue``: with ``gemv``, fold each SiLU-mul whose two halves come from one linear
+      (the gated MLP's merged gate_up projection) into that linear's op, so at batch 1 the GEMV
+      computes it in its epilogue and Inductor's SiLU-mul kernel goes (the ``fuse_silu_epilogue``
+      pass; perf-notes section 49). It takes the SiLU-mul ``fuse_silu`` would fold into down, so
+      ``fuse_silu`` needs it off. float32 graphs are left alone.
     - ``pdl``: in graphs captured on CUDA devices of compute capability 9.0+, launch our Triton
       kernels (the GEMV, split-KV decode) and Inductor's with programmatic dependent launch, so a
       kernel starts (and the GEMV loads weights) while the one before it drains
@@ -79,6 +84,7 @@ class FullgraphConfig:
     gemv: bool = True
     fuse_norm: bool = False
     fuse_silu: bool = False
+    fuse_silu_epilogue: bool = True
     pdl: bool = True
     group_query_heads: bool = True
     regional_compile: bool = True
@@ -94,9 +100,13 @@ class FullgraphConfig:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("attention_impl", self.attention_impl, tuple(impl_names()))
         self._check_inductor_config()
-        for name in ("gemv", "fuse_norm", "fuse_silu", "pdl", "group_query_heads", "regional_compile"):
+        for name in ("gemv", "fuse_norm", "fuse_silu", "fuse_silu_epilogue", "pdl", "group_query_heads",
+                     "regional_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fuse_silu and self.fuse_silu_epilogue:
+            raise ValueError("fuse_silu folds the SiLU-mul that fuse_silu_epilogue (on by default) folds into "
+                             "gate_up's epilogue: pass fuse_silu_epilogue=False with it")
         if self.max_num_seqs is not None and (not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1):
             raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
 

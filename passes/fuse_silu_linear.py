@@ -15,30 +15,21 @@ dtype, either operand order, the product read only by the linear.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from fullgraph_backend.gemv import GEMV_DTYPES, silu_mul_linear
-from passes.swap_linear import linears_fed_by, skipped_tail
+from passes.swap_linear import FusionReport, linears_fed_by
 
 SILU_TARGETS = (F.silu, torch.ops.aten.silu.default)
 MUL_TARGETS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
 
 
-@dataclass
-class SiluFusionReport:
+class SiluFusionReport(FusionReport):
     """The fused ops by node name, and why each other SiLU-mul feeding a linear was left alone."""
 
-    fused: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """One line: how many SiLU-mul -> linear pairs were fused, what was skipped and why."""
-        line = (f"fused {len(self.fused)} SiLU-mul -> fullgraph::linear pairs" if self.fused
-                else "no SiLU-mul -> fullgraph::linear pairs fused")
-        return line + skipped_tail(self.skipped)
+    PAIRS = "SiLU-mul -> fullgraph::linear pairs"
 
 
 def fuse_silu_linear(gm: torch.fx.GraphModule) -> SiluFusionReport:
@@ -68,6 +59,19 @@ def _is_silu(node: object) -> bool:
 def _silu_mul(product: object) -> tuple[torch.fx.Node, ...] | str | None:
     """``(gate, up, product node, silu node)`` if ``product`` is ``silu(gate) * up`` the fused op
     computes; None if it is no SiLU-mul; why not, for one that does not fit."""
+    found = silu_mul_operands(product)
+    if found is None or isinstance(found, str):
+        return found
+    if len(product.users) != 1:
+        return "the product has readers besides the linear"
+    gate, up, silu = found
+    return gate, up, product, silu
+
+
+def silu_mul_operands(product: object) -> tuple[torch.fx.Node, ...] | str | None:
+    """``(gate, up, silu node)`` if ``product`` is ``silu(gate) * up`` of two 16-bit tensors of one
+    shape whose SiLU has no other reader; None if it is no SiLU-mul; why not, for one that does not
+    fit our kernels (float32, a broadcast, SiLU read elsewhere)."""
     if not (isinstance(product, torch.fx.Node) and product.op == "call_function" and product.target in MUL_TARGETS
             and len(product.args) == 2 and not product.kwargs):
         return None
@@ -83,6 +87,6 @@ def _silu_mul(product: object) -> tuple[torch.fx.Node, ...] | str | None:
         return f"{values[0].dtype}: no GEMV runs, Inductor keeps SiLU-mul"
     if values[0].shape != values[1].shape or values[0].dtype != values[1].dtype:
         return f"gate {tuple(values[0].shape)} and up {tuple(values[1].shape)} differ in shape or dtype (a broadcast)"
-    if len(product.users) != 1 or len(silu.users) != 1:
-        return "SiLU or the product has readers besides the linear"
-    return gate, up, product, silu
+    if len(silu.users) != 1:
+        return "SiLU has readers besides the product"
+    return gate, up, silu

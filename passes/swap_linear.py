@@ -75,6 +75,21 @@ def linears_fed_by(graph: torch.fx.Graph, match: Callable[[object], object], ski
             yield node, weight, bias, found
 
 
+@dataclass
+class FusionReport:
+    """A fusion pass's report: the fused ops by node name, and why each other candidate was left
+    alone; a subclass names what one fused op stands for (``PAIRS``)."""
+
+    fused: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    PAIRS = "pairs"
+
+    def summary(self) -> str:
+        """One line: how many were fused, what was skipped and why."""
+        line = f"fused {len(self.fused)} {self.PAIRS}" if self.fused else f"no {self.PAIRS} fused"
+        return line + skipped_tail(self.skipped)
+
+
 def skipped_tail(skipped: list[str]) -> str:
     """The end of a prologue fusion's one-line summary: ``"; skipped N: <each distinct reason>"``, or
     nothing when none was skipped."""

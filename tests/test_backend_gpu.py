@@ -145,26 +145,31 @@ def test_piecewise_matches_full(model_and_ctx):
     torch.testing.assert_close(outputs["piecewise"], outputs["full"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fuse", ["", "fuse_norm", "fuse_silu"])
+FUSIONS = {"default": {}, "fuse_norm": {"fuse_norm": True},
+            "fuse_silu": {"fuse_silu": True, "fuse_silu_epilogue": False}, "none": {"fuse_silu_epilogue": False}}
+
+
+@pytest.mark.parametrize("fuse", list(FUSIONS))
 def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch, fuse):
     """bf16, full graphs: in the one-token graph the swapped linears run the Triton GEMV (launched
-    while graphs are warmed up and captured, not on replay), with ``fuse_norm`` those after an
-    RMSNorm with the norm in its prologue, with ``fuse_silu`` down with SiLU-mul in its prologue;
-    outputs stay within bf16 tolerance of eager at one token and more."""
+    while graphs are warmed up and captured, not on replay): by default gate_up with SiLU-mul in its
+    epilogue, with ``fuse_norm`` too the other projections after an RMSNorm with the norm in their
+    prologue, with ``fuse_silu`` down with SiLU-mul in its prologue instead, with neither fusion each
+    plain; outputs stay within bf16 tolerance of eager at one token and more."""
     from fullgraph_backend import gemv as gemv_module
     from fullgraph_backend.models import build_model, get_config
 
     torch._dynamo.reset()
     calls = []
-    real = gemv_module._launch  # (row, weight, bias, out, use_pdl[, norm prologue], up=...): every GEMV launch
+    real = gemv_module._launch  # (row, weight, bias, out, use_pdl[, norm prologue], up=..., paired=...): every GEMV
     monkeypatch.setattr(gemv_module, "_launch", lambda *args, **kwargs: calls.append(
-        (tuple(args[1].shape), len(args) > 5 and args[5] is not None, kwargs.get("up") is not None))
-        or real(*args, **kwargs))
+        (tuple(args[1].shape), len(args) > 5 and args[5] is not None, kwargs.get("up") is not None,
+         kwargs.get("paired", False))) or real(*args, **kwargs))
     config = get_config("tiny")
     model = build_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
     ctx = config.forward_context(dtype=torch.bfloat16, device="cuda", max_num_seqs=8, max_num_tokens=16,
                                  max_model_len=64)
-    options = {"cudagraph_mode": "full", **({fuse: True} if fuse else {})}
+    options = {"cudagraph_mode": "full", **FUSIONS[fuse]}
     compiled = torch.compile(model, backend="fullgraph", options=options)
     per_step = []
     with use_forward_context(ctx), torch.inference_mode():
@@ -179,12 +184,14 @@ def test_one_row_linears_take_the_gemv_in_bf16_and_match_eager(monkeypatch, fuse
             torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2, msg=f"batch {query}")
             per_step.append(calls[before:])
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert {shape for shape, _, _ in calls} == shapes  # the one-token graph ran every linear on the GEMV (one row only)
+    assert {call[0] for call in calls} == shapes  # the one-token graph ran every linear on the GEMV (one row only)
     layer = model.layers[0]
-    after_norms = {tuple(m.weight.shape) for m in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, model.lm_head)}
-    assert {shape for shape, norm, _ in calls if norm} == (after_norms if fuse == "fuse_norm" else set())
+    after_norms = {tuple(m.weight.shape) for m in (layer.self_attn.qkv_proj, model.lm_head)}  # gate_up's stays
+    assert {shape for shape, norm, _, _ in calls if norm} == (after_norms if fuse == "fuse_norm" else set())
     down = {tuple(layer.mlp.down_proj.weight.shape)}
-    assert {shape for shape, _, gated in calls if gated} == (down if fuse == "fuse_silu" else set())
+    assert {shape for shape, _, gated, _ in calls if gated} == (down if fuse == "fuse_silu" else set())
+    gate_up = {tuple(layer.mlp.gate_up_proj.weight.shape)}
+    assert {shape for shape, _, _, paired in calls if paired} == (set() if fuse in ("fuse_silu", "none") else gate_up)
     assert per_step[2] == [] and per_step[3] == []  # graphs that exist replay: no Python, no new GEMV calls
     torch._dynamo.reset()
 

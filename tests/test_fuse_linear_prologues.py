@@ -1,6 +1,7 @@
 """The fuse_norm_linear and fuse_silu_linear passes: RMSNorms and SiLU-muls folded into the linears
-after them, on our decoder and on transformers' Llama and Qwen2 code, run as the backend runs them
-on graphs captured on CUDA."""
+after them; and fuse_silu_epilogue: SiLU-muls folded into the gate_up linear before them. On our
+decoder and on transformers' Llama and Qwen2 code, run as the backend runs them on graphs captured
+on CUDA."""
 from __future__ import annotations
 
 import collections
@@ -14,11 +15,11 @@ from fullgraph_backend import compat, use_forward_context
 from fullgraph_backend.attention.registry import get_impl
 from fullgraph_backend.backend import graph_passes
 from fullgraph_backend.config import FullgraphConfig
-from fullgraph_backend.gemv import add_rms_norm_linear, linear, rms_norm_linear, silu_mul_linear
+from fullgraph_backend.gemv import add_rms_norm_linear, linear, linear_silu_mul, rms_norm_linear, silu_mul_linear
 from fullgraph_backend.models import build_model, get_config
 from fullgraph_backend.models.hf import ATTN_IMPLEMENTATION, TransformersDecoder, inspect_model
 from fullgraph_backend.regions import RegionalCompiler
-from passes import PassManager, fuse_norm_linear, fuse_silu_linear, swap_linear
+from passes import PassManager, fuse_norm_linear, fuse_silu_epilogue, fuse_silu_linear, swap_linear
 
 from helpers import dynamo_graph
 
@@ -50,7 +51,8 @@ def step(model: nn.Module, dtype: torch.dtype, options: dict | None = None, comp
 
     def read(gm, example_inputs):
         gm = compat.copy_dynamo_graph(gm)
-        passes = graph_passes(FullgraphConfig.from_options({"fuse_norm": True, **(options or {})}), torch.device("cuda"), ctx, impl, example_inputs)
+        config = FullgraphConfig.from_options({"fuse_norm": True, "fuse_silu_epilogue": False, **(options or {})})
+        passes = graph_passes(config, torch.device("cuda"), ctx, impl, example_inputs)
         results = {r.name: r for r in PassManager(passes, None).run(gm)}
         inputs = [*example_inputs, *results["swap_attention"].report.inputs.values()]
         return compiler(gm, inputs), results, inputs
@@ -136,6 +138,18 @@ def test_inductor_compiles_the_fused_graph_to_eagers_logits():
     torch.testing.assert_close(run(compiled, values, ctx), expected, atol=1e-2, rtol=2e-2)  # logits ~0.1
 
 
+def bf16_randn(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    return [torch.randn(shape, dtype=torch.bfloat16) for shape in shapes]
+
+
+def swapped(model: nn.Module, *inputs: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:
+    """``model`` in bf16, inference only (changed in place), its Dynamo graph on ``inputs`` (static
+    shapes) after ``swap_linear``, and the graph's example inputs."""
+    gm, example_inputs = dynamo_graph(model.requires_grad_(False).to(torch.bfloat16), *inputs, dynamic=())
+    swap_linear(gm)
+    return gm, example_inputs
+
+
 class _Norm(nn.Module):
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -165,10 +179,8 @@ class _Skips(nn.Module):
 
 
 def test_norms_read_elsewhere_are_left_and_sums_read_before_the_linear_stay_adds():
-    model = _Skips().requires_grad_(False).to(torch.bfloat16)
-    x, r = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(3, 16, dtype=torch.bfloat16)
-    gm, example_inputs = dynamo_graph(model, x, r, dynamic=())
-    swap_linear(gm)
+    model, (x, r) = _Skips(), bf16_randn((3, 16), (3, 16))
+    gm, example_inputs = swapped(model, x, r)
     report = fuse_norm_linear(gm)
     assert [residual for _, residual in report.fused] == [False, True]
     assert len(report.skipped) == 1 and "the normed value has 2 readers" in report.skipped[0]
@@ -178,22 +190,27 @@ def test_norms_read_elsewhere_are_left_and_sums_read_before_the_linear_stay_adds
             torch.testing.assert_close(got, want)
 
 
-# ---- fuse_silu_linear: SiLU-mul into the down projection ----
+# ---- fuse_silu_linear and fuse_silu_epilogue: SiLU-mul into the down projection, or into gate_up ----
 SILU_ONLY = {"fuse_norm": False, "fuse_silu": True}
+EPILOGUE_ONLY = {"fuse_norm": False, "fuse_silu_epilogue": True}
 
 
 @pytest.mark.parametrize("impl, dtype", [("fullgraph", torch.bfloat16), ("fullgraph", torch.float16),
                                          ("llama", torch.bfloat16), ("qwen2", torch.bfloat16)])
-def test_every_silu_mul_before_down_is_fused_and_the_step_computes_the_same(impl, dtype):
-    """One per layer (the halves of the merged gate_up projection), no SiLU left; logits as eager's
-    (on CPU the op runs eager's own ops)."""
-    gm, results, values, expected, ctx = step(build(impl, dtype), dtype, SILU_ONLY)
-    report = results["fuse_silu_linear"].report
+@pytest.mark.parametrize("fusion", ["fuse_silu_linear", "fuse_silu_epilogue"])
+def test_every_silu_mul_of_the_mlp_is_fused_and_the_step_computes_the_same(fusion, impl, dtype):
+    """One per layer (the halves of the merged gate_up projection: our decoder's chunk, transformers'
+    merged split), into down's prologue or gate_up's epilogue; no SiLU left, three plain linears a
+    layer and the LM head; logits as eager's (on CPU the op runs eager's own ops)."""
+    options, op, pairs = {"fuse_silu_linear": (SILU_ONLY, silu_mul_linear, "SiLU-mul -> fullgraph::linear"),
+                          "fuse_silu_epilogue": (EPILOGUE_ONLY, linear_silu_mul, "fullgraph::linear -> SiLU-mul")}[fusion]
+    gm, results, values, expected, ctx = step(build(impl, dtype), dtype, options)
+    report = results[fusion].report
     assert len(report.fused) == LAYERS and not report.skipped, report.summary()
-    assert f"fused {LAYERS} SiLU-mul" in report.summary()
+    assert f"fused {LAYERS} {pairs} pairs" in report.summary()
     after = targets(gm)
-    assert after[silu_mul_linear] == LAYERS and not after[torch.nn.functional.silu]
-    assert after[linear] == 3 * LAYERS + 1  # qkv, o_proj, gate_up, the LM head
+    assert after[op] == LAYERS and not after[torch.nn.functional.silu]
+    assert after[linear] == 3 * LAYERS + 1
     torch.testing.assert_close(run(gm, values, ctx), expected)
 
 
@@ -213,7 +230,7 @@ def test_float32_graphs_keep_inductors_silu_mul():
     torch.testing.assert_close(run(gm, values, ctx), expected)
 
 
-def test_the_silu_option_is_off_by_default():
+def test_the_silu_prologue_option_is_off_by_default():
     gm, results, values, expected, ctx = step(build("fullgraph", torch.bfloat16), torch.bfloat16, {"fuse_norm": False})
     assert "fuse_silu_linear" not in results and not targets(gm)[silu_mul_linear]
 
@@ -238,14 +255,91 @@ class _GatedSkips(nn.Module):
 
 
 def test_silu_muls_read_elsewhere_or_broadcast_are_left_alone():
-    model = _GatedSkips().requires_grad_(False).to(torch.bfloat16)
-    gate, up = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(3, 16, dtype=torch.bfloat16)
-    row = torch.randn(16, dtype=torch.bfloat16)
-    gm, example_inputs = dynamo_graph(model, gate, up, row, dynamic=())
-    swap_linear(gm)
+    model, (gate, up, row) = _GatedSkips(), bf16_randn((3, 16), (3, 16), (16,))
+    gm, example_inputs = swapped(model, gate, up, row)
     report = fuse_silu_linear(gm)
     assert len(report.fused) == 1 and len(report.skipped) == 3, report.summary()
-    assert sum("readers besides the linear" in s for s in report.skipped) == 2
+    assert sum("readers besides the product" in s for s in report.skipped) == 1
+    assert sum("readers besides the linear" in s for s in report.skipped) == 1
     assert sum("a broadcast" in s for s in report.skipped) == 1
     with torch.inference_mode():
         torch.testing.assert_close(gm(*example_inputs)[0], model(gate, up, row))
+
+
+# ---- fuse_silu_epilogue: SiLU-mul into the gate_up projection ----
+
+
+def test_epilogue_before_the_norm_prologues_leaves_gate_ups_norm_to_inductor():
+    """With ``fuse_norm`` too, the norms before qkv (and the final one) go into their GEMVs; the one
+    before gate_up stays (the op has no norm prologue)."""
+    gm, results, values, expected, ctx = step(build("fullgraph", torch.bfloat16), torch.bfloat16,
+                                              {"fuse_silu_epilogue": True})
+    assert len(results["fuse_silu_epilogue"].report.fused) == LAYERS
+    assert len(results["fuse_norm_linear"].report.fused) == LAYERS + 1
+    torch.testing.assert_close(run(gm, values, ctx), expected)
+
+
+def test_float32_graphs_keep_inductors_silu_mul_after_gate_up():
+    gm, results, values, expected, ctx = step(build("qwen2", torch.float32), torch.float32, EPILOGUE_ONLY)
+    report = results["fuse_silu_epilogue"].report
+    assert not report.fused and len(report.skipped) == LAYERS and all("float32: no GEMV" in s for s in report.skipped)
+    assert not targets(gm)[linear_silu_mul]
+    torch.testing.assert_close(run(gm, values, ctx), expected)
+
+
+def test_the_epilogue_option_is_on_by_default_and_fuse_silu_needs_it_off():
+    assert FullgraphConfig().fuse_silu_epilogue  # test_passes checks where the backend runs it
+    gm, results, _, _, _ = step(build("fullgraph", torch.bfloat16), torch.bfloat16, {"fuse_norm": False})
+    assert "fuse_silu_epilogue" not in results and not targets(gm)[linear_silu_mul]
+    with pytest.raises(ValueError, match="pass fuse_silu_epilogue=False with it"):
+        FullgraphConfig.from_options({"fuse_silu": True})
+    assert FullgraphConfig.from_options({"fuse_silu": True, "fuse_silu_epilogue": False}).fuse_silu
+
+
+def test_inductor_compiles_the_epilogue_graph_to_eagers_logits():
+    compiled, _, values, expected, ctx = step(build("qwen2", torch.bfloat16), torch.bfloat16, EPILOGUE_ONLY,
+                                              compiler=lambda gm, inputs: compat.compile_fx(gm, inputs, {}))
+    torch.testing.assert_close(run(compiled, values, ctx), expected, atol=1e-2, rtol=2e-2)
+
+
+class _EpilogueSkips(nn.Module):
+    """Eight SiLU-muls: halves read again, SiLU on the second half, the projection's output read
+    again, halves of no projection, a projection's thirds (each left alone); ``up * silu(gate)``,
+    ``split(n)`` halves with the product read twice (each fused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projs = nn.ModuleList(nn.Linear(16, 32) for _ in range(5))
+        self.wide = nn.Linear(16, 48)
+
+    def forward(self, x, t):
+        g0, u0 = self.projs[0](x).chunk(2, dim=-1)
+        a = nn.functional.silu(g0) * u0 + g0
+        g1, u1 = self.projs[1](x).chunk(2, dim=-1)
+        b = nn.functional.silu(u1) * g1
+        y = self.projs[2](x)
+        g2, u2 = y.chunk(2, dim=-1)
+        c = nn.functional.silu(g2) * u2 + y[..., :16]
+        g3, u3 = t.chunk(2, dim=-1)
+        d = nn.functional.silu(g3) * u3
+        g4, u4, _ = self.wide(x).split([16, 16, 16], dim=-1)
+        e = nn.functional.silu(g4) * u4
+        g5, u5 = self.projs[3](x).chunk(2, dim=-1)
+        f = u5 * nn.functional.silu(g5)
+        g6, u6 = self.projs[4](x).split(16, dim=-1)
+        p = nn.functional.silu(g6) * u6
+        return a + b + c + d + e + f + p + p.cos()
+
+
+def test_silu_muls_whose_halves_are_read_elsewhere_or_not_a_linears_halves_are_left_alone():
+    model, (x, t) = _EpilogueSkips(), bf16_randn((3, 16), (3, 32))
+    gm, example_inputs = swapped(model, x, t)
+    report = fuse_silu_epilogue(gm)
+    assert len(report.fused) == 2 and len(report.skipped) == 5, report.summary()
+    reasons = sorted(reason.split(": ", 1)[1] for reason in report.skipped)
+    assert reasons == ["gate and up are not the first and second halves of one output"] * 2 + [
+        "the halves do not come from a fullgraph::linear", "the halves have readers besides SiLU-mul",
+        "the projection's output has readers besides its split"]
+    assert targets(gm)[linear_silu_mul] == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(*example_inputs)[0], model(x, t))

@@ -134,9 +134,11 @@ def test_swap_linear_leaves_autocast_graphs_alone():
 
 
 @pytest.mark.parametrize("device, options, names", [
-    ("cuda", {}, ["move_host_inputs", "swap_linear"]),
-    ("cuda", {"fuse_norm": True}, ["move_host_inputs", "swap_linear", "fuse_norm_linear"]),
-    ("cuda", {"cudagraph_mode": "piecewise", "fuse_norm": True}, ["move_host_inputs", "swap_linear", "fuse_norm_linear"]),
+    ("cuda", {}, ["move_host_inputs", "swap_linear", "fuse_silu_epilogue"]),
+    ("cuda", {"fuse_norm": True}, ["move_host_inputs", "swap_linear", "fuse_silu_epilogue", "fuse_norm_linear"]),
+    ("cuda", {"cudagraph_mode": "piecewise", "fuse_norm": True},
+     ["move_host_inputs", "swap_linear", "fuse_silu_epilogue", "fuse_norm_linear"]),
+    ("cuda", {"fuse_silu": True, "fuse_silu_epilogue": False}, ["move_host_inputs", "swap_linear", "fuse_silu_linear"]),
     ("cuda", {"cudagraph_mode": "none"}, ["move_host_inputs"]),  # no capture: dispatch per call
     ("cuda", {"gemv": False}, ["move_host_inputs"]),
     ("cpu", {}, []),
@@ -144,7 +146,7 @@ def test_swap_linear_leaves_autocast_graphs_alone():
 def test_linear_swap_runs_only_for_graphs_captured_on_cuda(device, options, names):
     """And CPU inputs leave graphs on CUDA only (on CPU they are where the graph computes); the
     attention swap, the grouping of query heads and the merge of linears run everywhere, the merge
-    before the linear swap; the norms fold into the swapped linears after it."""
+    before the linear swap; SiLU-mul folds into gate_up after it, then the norms into the linears they feed."""
     from fullgraph_backend.backend import graph_passes
     from fullgraph_backend.config import FullgraphConfig
 

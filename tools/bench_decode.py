@@ -17,6 +17,8 @@ Suffixes change one thing about a mode (``full+nogemv``, ``full+combo+tuned``):
   +normfuse    the backend's ``fuse_norm=True``: RMSNorms in the GEMV's prologue, not Inductor's kernels
   +nopdl       the backend's ``pdl=False``: no kernel launched with programmatic dependent launch
   +silufuse    the backend's ``fuse_silu=True``: SiLU-mul in the down projection's GEMV prologue
+  +nosiluepi   the backend's ``fuse_silu_epilogue=False``: Inductor's SiLU-mul kernel after gate_up, as before
+               session 27 (``+silufuse`` turns it off too)
   +cublasdown  one-row linears past ``gemv.LONG_K`` (the down projection) on cuBLAS's split-K
                (``gemv.MAX_K`` lowered), as before session 16 put them on the GEMV
   +segmentsdown  split-KV segments as before session 21: the bound's 128-token chunks rounded down to a
@@ -235,7 +237,7 @@ def _parse_mode(spec: str) -> tuple[str, str, list[str]]:
     return mode, impl, flags
 
 
-FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "widestages4", "alttiles", "normfuse", "silufuse",
+FLAGS = ("tuned", "cublaslt", "nogemv", "nofewrows", "widestages4", "alttiles", "normfuse", "silufuse", "nosiluepi",
          "cublasdown", "segmentsdown", "noshorttiles", "nopdl", "combo", "nocombo", "whole")
 # --alt-tiles' keys: few_rows' tiling constants by weight class (few_rows.default_tiles)
 ALT_TILES = {"narrow": "NARROW_TILES", "wide": "WIDE_TILES", "long_k": "LONG_K_TILES"}
@@ -269,6 +271,8 @@ def _compiled(model, mode: str, flags: set[str], impl: str):
                                                              "gemv": "nogemv" not in flags, "pdl": "nopdl" not in flags,
                                                              "fuse_norm": "normfuse" in flags,
                                                              "fuse_silu": "silufuse" in flags,
+                                                             "fuse_silu_epilogue":
+                                                                 not flags & {"nosiluepi", "silufuse"},
                                                              "regional_compile": "whole" not in flags})
 
 
