@@ -40,16 +40,13 @@ def fuse_silu_epilogue(gm: torch.fx.GraphModule) -> SiluEpilogueReport:
     graph = gm.graph
     for product in list(graph.nodes):
         found = silu_mul_operands(product)
-        if isinstance(found, str):
-            report.skipped.append(f"{product.name}: {found}")
-        if found is None or isinstance(found, str):
+        if found is None:
             continue
-        gate, up, silu = found
-        source = _gate_up(gate, up)
+        source = found if isinstance(found, str) else _gate_up(found[0], found[1])
         if isinstance(source, str):
             report.skipped.append(f"{product.name}: {source}")
             continue
-        halves, gate_up = source
+        (gate, up, silu), (halves, gate_up) = found, source
         with graph.inserting_before(product):
             fused = graph.call_function(linear_silu_mul, linear_args(gate_up))
         fused.meta.update(product.meta)

@@ -29,6 +29,11 @@ HF_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden
                pad_token_id=None)
 
 
+# option sets that turn one SiLU fusion on alone
+SILU_ONLY = {"fuse_norm": False, "fuse_silu": True}
+EPILOGUE_ONLY = {"fuse_norm": False, "fuse_silu_epilogue": True}
+
+
 def build(impl: str, dtype: torch.dtype, layers: int = LAYERS) -> nn.Module:
     """Our decoder ("fullgraph") or transformers' code of a family, tiny, random."""
     torch.manual_seed(0)
@@ -130,10 +135,12 @@ def test_fused_decoder_graph_is_cut_into_regions_and_computes_the_same():
     torch.testing.assert_close(run(compiled, values, ctx), expected)
 
 
-def test_inductor_compiles_the_fused_graph_to_eagers_logits():
+@pytest.mark.parametrize("impl, options", [("fullgraph", {}), ("qwen2", EPILOGUE_ONLY)])
+def test_inductor_compiles_the_fused_graph_to_eagers_logits(impl, options):
     """Inductor (CPU) calls the ops as extern kernels (their fallback: eager's ops), and computes
-    the rest in its own kernels (bfloat16 rounding where they differ from eager's)."""
-    compiled, _, values, expected, ctx = step(build("fullgraph", torch.bfloat16), torch.bfloat16,
+    the rest in its own kernels (bfloat16 rounding where they differ from eager's): the norm
+    prologues' graph, and the SiLU epilogue's."""
+    compiled, _, values, expected, ctx = step(build(impl, torch.bfloat16), torch.bfloat16, options,
                                               compiler=lambda gm, inputs: compat.compile_fx(gm, inputs, {}))
     torch.testing.assert_close(run(compiled, values, ctx), expected, atol=1e-2, rtol=2e-2)  # logits ~0.1
 
@@ -191,8 +198,9 @@ def test_norms_read_elsewhere_are_left_and_sums_read_before_the_linear_stay_adds
 
 
 # ---- fuse_silu_linear and fuse_silu_epilogue: SiLU-mul into the down projection, or into gate_up ----
-SILU_ONLY = {"fuse_norm": False, "fuse_silu": True}
-EPILOGUE_ONLY = {"fuse_norm": False, "fuse_silu_epilogue": True}
+# each SiLU fusion's options, op and what its report calls a fused pair
+SILU_FUSIONS = {"fuse_silu_linear": (SILU_ONLY, silu_mul_linear, "SiLU-mul -> fullgraph::linear"),
+                "fuse_silu_epilogue": (EPILOGUE_ONLY, linear_silu_mul, "fullgraph::linear -> SiLU-mul")}
 
 
 @pytest.mark.parametrize("impl, dtype", [("fullgraph", torch.bfloat16), ("fullgraph", torch.float16),
@@ -202,8 +210,7 @@ def test_every_silu_mul_of_the_mlp_is_fused_and_the_step_computes_the_same(fusio
     """One per layer (the halves of the merged gate_up projection: our decoder's chunk, transformers'
     merged split), into down's prologue or gate_up's epilogue; no SiLU left, three plain linears a
     layer and the LM head; logits as eager's (on CPU the op runs eager's own ops)."""
-    options, op, pairs = {"fuse_silu_linear": (SILU_ONLY, silu_mul_linear, "SiLU-mul -> fullgraph::linear"),
-                          "fuse_silu_epilogue": (EPILOGUE_ONLY, linear_silu_mul, "fullgraph::linear -> SiLU-mul")}[fusion]
+    options, op, pairs = SILU_FUSIONS[fusion]
     gm, results, values, expected, ctx = step(build(impl, dtype), dtype, options)
     report = results[fusion].report
     assert len(report.fused) == LAYERS and not report.skipped, report.summary()
@@ -223,10 +230,13 @@ def test_both_prologue_passes_together_fuse_every_pair():
     torch.testing.assert_close(run(gm, values, ctx), expected)
 
 
-def test_float32_graphs_keep_inductors_silu_mul():
-    gm, results, values, expected, ctx = step(build("llama", torch.float32), torch.float32, SILU_ONLY)
-    report = results["fuse_silu_linear"].report
+@pytest.mark.parametrize("fusion, impl", [("fuse_silu_linear", "llama"), ("fuse_silu_epilogue", "qwen2")])
+def test_float32_graphs_keep_inductors_silu_mul(fusion, impl):
+    options, op, _ = SILU_FUSIONS[fusion]
+    gm, results, values, expected, ctx = step(build(impl, torch.float32), torch.float32, options)
+    report = results[fusion].report
     assert not report.fused and len(report.skipped) == LAYERS and all("float32: no GEMV" in s for s in report.skipped)
+    assert not targets(gm)[op]
     torch.testing.assert_close(run(gm, values, ctx), expected)
 
 
@@ -279,27 +289,11 @@ def test_epilogue_before_the_norm_prologues_leaves_gate_ups_norm_to_inductor():
     torch.testing.assert_close(run(gm, values, ctx), expected)
 
 
-def test_float32_graphs_keep_inductors_silu_mul_after_gate_up():
-    gm, results, values, expected, ctx = step(build("qwen2", torch.float32), torch.float32, EPILOGUE_ONLY)
-    report = results["fuse_silu_epilogue"].report
-    assert not report.fused and len(report.skipped) == LAYERS and all("float32: no GEMV" in s for s in report.skipped)
-    assert not targets(gm)[linear_silu_mul]
-    torch.testing.assert_close(run(gm, values, ctx), expected)
-
-
 def test_the_epilogue_option_is_on_by_default_and_fuse_silu_needs_it_off():
     assert FullgraphConfig().fuse_silu_epilogue  # test_passes checks where the backend runs it
-    gm, results, _, _, _ = step(build("fullgraph", torch.bfloat16), torch.bfloat16, {"fuse_norm": False})
-    assert "fuse_silu_epilogue" not in results and not targets(gm)[linear_silu_mul]
     with pytest.raises(ValueError, match="pass fuse_silu_epilogue=False with it"):
         FullgraphConfig.from_options({"fuse_silu": True})
     assert FullgraphConfig.from_options({"fuse_silu": True, "fuse_silu_epilogue": False}).fuse_silu
-
-
-def test_inductor_compiles_the_epilogue_graph_to_eagers_logits():
-    compiled, _, values, expected, ctx = step(build("qwen2", torch.bfloat16), torch.bfloat16, EPILOGUE_ONLY,
-                                              compiler=lambda gm, inputs: compat.compile_fx(gm, inputs, {}))
-    torch.testing.assert_close(run(compiled, values, ctx), expected, atol=1e-2, rtol=2e-2)
 
 
 class _EpilogueSkips(nn.Module):

@@ -9,11 +9,11 @@ tensor-core products with the row as an operand's first column (so the weight ti
 Triton's cp.async stages), SiLU-mul, written to an I-wide buffer. A grid barrier: one counter, each
 program adds 1 and spins until the counter reaches the next multiple of the grid (no reset between
 launches, which must not overlap: one stream, no PDL), with a short ``nanosleep`` between polls.
-Phase 2, programs 0..H/rows: the down projection row-wise as the GEMV walks it, the first weight slice loaded before the barrier's wait,
-the residual add in the epilogue. Every program must be resident at once (:func:`check_resident`
-refuses a launch that would spin forever). ``phases=(1, 2)`` runs the phases as two launches, with
-no barrier: Triton's interpreter runs a grid's programs one after another (the CPU tests), and the
-GPU run times the barrier against a launch boundary.
+Phase 2, programs 0..H/rows: the down projection row-wise as the GEMV walks it, the first weight slice
+loaded before the barrier's wait, the residual add in the epilogue. Every program must be resident
+at once (:func:`check_resident` refuses a launch that would spin forever). ``phases=(1, 2)`` runs the
+phases as two launches, with no barrier: Triton's interpreter runs a grid's programs one after
+another (the CPU tests), and the GPU run times the barrier against a launch boundary.
 
 The chain it is measured against is what the default step runs at one row: Inductor's add + RMSNorm,
 the GEMV (``fullgraph_backend.gemv``, with PDL), Inductor's SiLU-mul, the GEMV for down. Both run 8
