@@ -1,11 +1,19 @@
 """Plots for docs/benchmarks.md, from the JSON the benchmark scripts write.
 
 Usage: python tools/plot_results.py RESULT.json OUT.png   (the kind is read from the JSON)
+       python tools/plot_results.py --history OUT.png DECODE.json...   (tools/bench_decode.py's runs, in order)
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+
+# issue 15's targets: the step at most this many times the floor, by batch, and this many times faster
+# than reduce-overhead at every batch
+ISSUE_15_FLOOR_TARGETS = {1: 1.35, 16: 1.5, 64: 1.5}
+ISSUE_15_SPEEDUP_TARGET = 1.3
 
 
 def _subplots(*args, **kwargs):
@@ -183,7 +191,59 @@ def plot_persistent_mlp(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def decode_history(runs: list[tuple[str, dict]]) -> dict[int, list[tuple[str, float, float | None]]]:
+    """Per batch, each labelled ``tools/bench_decode.py`` run's ``full`` step as a multiple of its HBM
+    floor and how many times faster it is than the same run's reduce-overhead (None where the run had
+    no such row): the two ratios issue 15 sets targets on, each from one run, as its targets ask."""
+    history: dict[int, list[tuple[str, float, float | None]]] = {}
+    for label, result in runs:
+        rows = [r for r in result["rows"] if "gpu_ms" in r]
+        for full in (r for r in rows if r["mode"] == "full"):
+            ro = next((r["gpu_ms"] for r in rows if r["mode"] == "reduce-overhead" and r["batch"] == full["batch"]),
+                      None)
+            history.setdefault(full["batch"], []).append(
+                (label, full["gpu_ms"] / full["floor_ms"], ro / full["gpu_ms"] if ro else None))
+    return dict(sorted(history.items()))
+
+
+def plot_decode_history(runs: list[tuple[str, dict]], path: str,
+                        floor_targets: dict[int, float], speedup_target: float) -> None:
+    """Two panels over runs: the full graph's step against the floor, and its lead over
+    reduce-overhead, one line per batch, with the targets as dashed lines of the batch's colour."""
+    history = decode_history(runs)
+    labels = [label for label, _ in runs]
+    fig, (left, right) = _subplots(1, 2, figsize=(11, 4.2))
+    for i, (batch, points) in enumerate(history.items()):
+        color = f"C{i}"
+        xs = [labels.index(label) for label, _, _ in points]
+        left.plot(xs, [x_floor for _, x_floor, _ in points], marker="o", color=color, label=f"batch {batch}")
+        led = [(labels.index(label), lead) for label, _, lead in points if lead]
+        right.plot([x for x, _ in led], [lead for _, lead in led], marker="o", color=color,
+                   label=f"batch {batch}")
+        if batch in floor_targets:
+            left.axhline(floor_targets[batch], color=color, linestyle="--", linewidth=1)
+    right.axhline(speedup_target, color="black", linestyle="--", linewidth=1, label="target, every batch")
+    left.set_ylabel("full graph step / HBM floor (dashed: target)")
+    right.set_ylabel("reduce-overhead step / full graph step")
+    for ax in (left, right):
+        ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        ax.legend(fontsize=8)
+    latest = runs[-1][1]
+    fig.suptitle(f"{latest['model']} decode, context {latest['context']}, {latest['device']}, torch {latest['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
+    if sys.argv[1] == "--history":
+        target, sources = sys.argv[2], sys.argv[3:]
+        runs = []
+        for source in sources:
+            with open(source) as f:
+                label = os.path.basename(source).removesuffix(".json").removeprefix("bench_decode_")
+                runs.append((label, json.load(f)))
+        plot_decode_history(runs, target, ISSUE_15_FLOOR_TARGETS, ISSUE_15_SPEEDUP_TARGET)
+        return
     source, target = sys.argv[1:3]
     with open(source) as f:
         result = json.load(f)
