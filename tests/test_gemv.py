@@ -37,12 +37,18 @@ def test_gemv_pdl_path_gives_the_same_bits(n, k, dtype):
     torch.testing.assert_close(plain.float(), F.linear(x.float(), weight.float(), bias.float()), atol=1e-4, rtol=1e-2)
 
 
+def _record_launches(monkeypatch, what) -> list:
+    """Patch the GEMV kernel's launch so each one first appends ``what(args, kwargs)`` of its call to the
+    returned list (which tiling, which prologue or epilogue), then launches as it would."""
+    seen = []
+    real = gemv_module._launch
+    monkeypatch.setattr(gemv_module, "_launch", lambda *args, **kw: seen.append(what(args, kw)) or real(*args, **kw))
+    return seen
+
 def test_gemv_past_long_k_takes_the_long_tiling_and_any_tiling_gives_the_linear(monkeypatch):
     """K past LONG_K (the down projection's 8960) launches with LONG_K_TILES' 1024-wide slices; a
     tiling given explicitly is used instead; every one computes F.linear."""
-    tilings = []
-    real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
+    tilings = _record_launches(monkeypatch, lambda args, kw: kw["tiles"])
     torch.manual_seed(0)
     for k in (gemv_module.LONG_K, gemv_module.LONG_K + 1000):
         x, weight = torch.randn(1, k), torch.randn(12, k)
@@ -56,9 +62,7 @@ def test_short_rows_of_narrow_outputs_take_one_slice_where_short_n_allows(monkey
     """A row that fits SHORT_TILES' one slice, with N up to SHORT_N, launches with it, SHORT_N read at
     the call (``+noshorttiles`` of tools/bench_decode.py sets it to 0); a wider N or a longer row does
     not. Each computes F.linear, K off the slice's width."""
-    tilings = []
-    real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
+    tilings = _record_launches(monkeypatch, lambda args, kw: kw["tiles"])
     torch.manual_seed(1)
     width = gemv_module.SHORT_TILES.block_k
     shapes = ((12, 1000), (12, width), (40, 1000), (12, width + 1))
@@ -320,9 +324,7 @@ def test_norm_ops_kernel_paths_on_cpu(monkeypatch, shape):
     ops do (float16: the interpreter's casts round as torch's), in x's leading shape."""
     monkeypatch.setattr(gemv_module, "_norm_kernels_take", lambda *args: True)
     monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None: x.numel() == weight.shape[1])
-    launches = []
-    real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *args, **kw: launches.append(len(args) > 5) or real(*args, **kw))
+    launches = _record_launches(monkeypatch, lambda args, kw: len(args) > 5)
     x, r, norm_weight, weight, b = _norm_case(2048, shape[-1], torch.float16, True, True, seed=3)
     x, r = x.expand(*shape) * 1, r.expand(*shape) * 1
     h = x + r
@@ -376,9 +378,7 @@ def test_silu_mul_gemv_takes_other_tilings_with_the_same_result(monkeypatch):
     """By default it launches with SILU_MUL_TILES, not the plain down's LONG_K_TILES (which made the fused
     step slower); the tiling changes which program sums what, not the products: equal within fp32
     reassociation."""
-    tilings = []
-    real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: tilings.append(kw["tiles"]) or real(*a, **kw))
+    tilings = _record_launches(monkeypatch, lambda args, kw: kw["tiles"])
     gate, up, weight = _gated_case(1, 3000, 40, torch.float32, seed=1)
     expected = silu_mul_gemv(gate, up, weight)
     assert tilings == [gemv_module.SILU_MUL_TILES] and gemv_module.SILU_MUL_TILES != gemv_module.LONG_K_TILES
@@ -425,9 +425,7 @@ def test_silu_mul_linear_kernel_paths_on_cpu(monkeypatch, shape):
     fullgraph::linear; both as the kernels compose, in the input's leading shape."""
     monkeypatch.setattr(gemv_module, "_gated_kernels_take", lambda gate, up: True)
     monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None: x.numel() == weight.shape[1])
-    launches = []
-    real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: launches.append(kw.get("up") is not None) or real(*a, **kw))
+    launches = _record_launches(monkeypatch, lambda args, kw: kw.get("up") is not None)
     gen = torch.Generator().manual_seed(len(shape))
     gate_up = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(torch.float16)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -461,10 +459,7 @@ def test_gemv_silu_mul_is_the_rows_kernels_silu_mul_of_the_gemv(n, k, bias):
 
 
 def test_gemv_silu_mul_takes_the_plain_gemvs_tiling_and_rejects_odd_rows(monkeypatch):
-    tilings = []
-    real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch",
-                        lambda *a, **kw: tilings.append((kw["tiles"], kw["paired"])) or real(*a, **kw))
+    tilings = _record_launches(monkeypatch, lambda args, kw: (kw["tiles"], kw["paired"]))
     x, weight = torch.randn(1, 64).to(torch.float16), torch.randn(4200, 64).to(torch.float16)
     assert gemv_silu_mul(x, weight).shape == (1, 2100)
     assert tilings == [(gemv_module.default_tiles(4200, 64), True)]
@@ -494,9 +489,7 @@ def test_linear_silu_mul_kernel_paths_on_cpu(monkeypatch, shape):
     kernel; both as the kernels compose, in the input's leading shape."""
     monkeypatch.setattr(gemv_module, "_gated_kernels_take", lambda gate, up: True)
     monkeypatch.setattr(gemv_module, "uses_gemv", lambda x, weight, bias=None: x.numel() == weight.shape[1])
-    launches = []
-    real = gemv_module._launch
-    monkeypatch.setattr(gemv_module, "_launch", lambda *a, **kw: launches.append(kw.get("paired")) or real(*a, **kw))
+    launches = _record_launches(monkeypatch, lambda args, kw: kw.get("paired"))
     gen = torch.Generator().manual_seed(len(shape))
     x = torch.randn(*shape, generator=gen).to(torch.float16)
     weight = (torch.randn(48, shape[-1], generator=gen) * 0.05).to(torch.float16)
